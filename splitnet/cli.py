@@ -1,0 +1,53 @@
+"""The ``splitnet`` command line: each subcommand lives in the module that owns the feature.
+
+A feature module exposes ``register(subparsers)`` which adds its parser and sets ``func`` to a
+callable taking the parsed args and returning an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# module path of every feature that adds subcommands; imported lazily so `splitnet --help` is fast
+_COMMAND_MODULES = [
+    "splitnet.runtime.cli_demo",  # demo
+    "splitnet.runtime.cli_serve",  # serve-stage
+    "splitnet.bench.cli",  # bench <suite>
+    "splitnet.codecs.cli",  # calibrate
+    "splitnet.planner.cli",  # plan, profile
+    "splitnet.wire.cli_keys",  # keys gen
+    "splitnet.lab.cli",  # lab up/down
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="splitnet", description="Edge-cloud collaborative split inference.")
+    parser.add_argument("--version", action="version", version="splitnet 0.1.0")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for mod_name in _COMMAND_MODULES:
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name and e.name.startswith("splitnet"):
+                continue  # feature not built into this release
+            raise
+        mod.register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

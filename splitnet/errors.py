@@ -1,0 +1,92 @@
+"""The splitnet error family.
+
+Every error a user can meet derives from :class:`SplitnetError`. Errors that travel between
+processes are sent as data (``{"status": "error", "code": ..., "msg": ...}``) and rebuilt on the
+other side with :func:`error_from_code`, so a remote failure raises the same type locally.
+"""
+
+from __future__ import annotations
+
+
+class SplitnetError(Exception):
+    """Base class of every error splitnet raises on purpose."""
+
+    code = "internal"
+
+
+class ConfigError(SplitnetError, ValueError):
+    """A configuration value is invalid; the message names the field and the reason."""
+
+    code = "config"
+
+
+class ProtocolError(SplitnetError):
+    """A wire message is malformed (bad version, frame count, byte count, dtype, size cap)."""
+
+    code = "protocol"
+
+
+class LimitExceeded(ProtocolError):
+    """A peer asked for more than a configured limit (header size, tensor size, requests, cache)."""
+
+    code = "limit"
+
+
+class StageUnavailable(SplitnetError):
+    """A stage did not answer within its timeout, or its process is gone."""
+
+    code = "unavailable"
+
+
+class StageError(SplitnetError):
+    """A stage received a well-formed request but failed while executing it."""
+
+    code = "stage"
+
+
+class UnknownRequest(StageError):
+    """A decode step referred to a request whose KV cache the stage does not hold."""
+
+    code = "unknown_request"
+
+
+class PlanMismatch(SplitnetError):
+    """The plan, model or codebook hash a peer expects differs from what is loaded."""
+
+    code = "plan_mismatch"
+
+
+class ModelLoadError(SplitnetError):
+    """A model directory or weight file is missing, incomplete or of an unsupported architecture."""
+
+    code = "model_load"
+
+
+class CodecError(SplitnetError):
+    """A codec was misused (not fitted, wrong shape) or its payload is inconsistent."""
+
+    code = "codec"
+
+
+class AuthError(SplitnetError):
+    """A CURVE handshake failed: wrong, missing or unauthorised key."""
+
+    code = "auth"
+
+
+_BY_CODE: dict[str, type[SplitnetError]] = {}
+
+
+def _register(cls: type[SplitnetError]) -> None:
+    _BY_CODE[cls.code] = cls
+    for sub in cls.__subclasses__():
+        _register(sub)
+
+
+_register(SplitnetError)
+
+
+def error_from_code(code: str, msg: str) -> SplitnetError:
+    """Rebuild an error sent as data by a peer; unknown codes become a plain StageError."""
+    cls = _BY_CODE.get(code, StageError)
+    return cls(msg)

@@ -1,0 +1,266 @@
+"""Wire messages: a msgpack header frame followed by raw tensor frames.
+
+Frame 0 is a msgpack map::
+
+    {"v": 1, "kind": "forward", "req": "a1b2", "seq": 0, "epoch": 0,
+     "tensors": [{"name": "hidden", "dtype": "f32", "shape": [1, 7, 384], "nbytes": 10752}, ...],
+     "meta": {...}}
+
+Frames 1..n are the tensors' raw little-endian buffers, in descriptor order, sent without copying.
+:func:`decode_message` checks the version, the kind, the frame count, every dtype against the
+allow-list, every byte count against its shape and every size against :class:`WireLimits` before
+it touches a buffer, and raises :class:`ProtocolError` (or :class:`LimitExceeded`) otherwise.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import msgpack
+import numpy as np
+
+from splitnet.errors import LimitExceeded, ProtocolError
+from splitnet.wire.dtypes import WIRE_DTYPES, wire_name_of_numpy, wire_name_of_torch
+from splitnet.wire.limits import DEFAULT_LIMITS, WireLimits
+
+PROTOCOL_VERSION = 1
+
+KINDS = frozenset(
+    {
+        "forward",  # activations for a stage (client -> stage 0, stage i -> stage i+1)
+        "result",  # output of the last stage (last stage -> client)
+        "error",  # a typed error as data
+        "ping",  # liveness probe; answered with "pong"
+        "pong",
+        "info",  # ask a stage what it serves; answered with "info_reply"
+        "info_reply",
+        "release",  # drop the KV cache of a request
+        "ack",
+    }
+)
+
+
+@dataclass(frozen=True)
+class Message:
+    """A decoded (or to-be-encoded) wire message.
+
+    ``tensors`` maps names to numpy arrays; for received messages they are zero-copy, read-only
+    views of the frames. bfloat16 tensors are held as their uint16 bit patterns with
+    ``dtypes[name] == "bf16"``; :meth:`torch` views them as ``torch.bfloat16``.
+    """
+
+    kind: str
+    req: str = ""
+    seq: int = 0
+    epoch: int = 0
+    tensors: Mapping[str, Any] = field(default_factory=dict)
+    meta: Mapping[str, Any] = field(default_factory=dict)
+    dtypes: Mapping[str, str] = field(default_factory=dict)
+
+    def torch(self, name: str):
+        """The tensor ``name`` as a torch tensor (zero-copy where the buffer allows)."""
+        import torch
+
+        arr = self.tensors[name]
+        if isinstance(arr, torch.Tensor):
+            return arr
+        if not arr.flags.writeable:
+            arr = arr.copy()  # torch wants writable memory; received frames are read-only
+        t = torch.from_numpy(arr)
+        if self.dtypes.get(name) == "bf16":
+            t = t.view(torch.bfloat16)
+        return t
+
+
+def _as_buffer(value: Any) -> tuple[str, tuple[int, ...], memoryview]:
+    """(wire dtype, shape, contiguous buffer) of a numpy array or torch tensor, copying only if
+    the input is not C-contiguous."""
+    if isinstance(value, np.ndarray):
+        arr = np.ascontiguousarray(value)
+        if arr.dtype.byteorder == ">":
+            arr = arr.astype(arr.dtype.newbyteorder("<"))
+        name = wire_name_of_numpy(arr.dtype)
+        return name, tuple(arr.shape), memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+    mod = type(value).__module__
+    if mod.startswith("torch"):
+        import torch
+
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"cannot send {type(value).__name__} as a tensor")
+        name = wire_name_of_torch(value.dtype)
+        t = value.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        t = t.contiguous()
+        shape = tuple(t.shape)
+        if t.numel() == 0:
+            return name, shape, memoryview(b"")
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        arr = t.numpy().reshape(-1).view(np.uint8)
+        return name, shape, memoryview(arr)
+    raise TypeError(f"cannot send {type(value).__name__} as a tensor; use a numpy array or torch tensor")
+
+
+def encode_message(msg: Message) -> list[Any]:
+    """Frames of ``msg``: [header bytes, buffer, buffer, ...]. Buffers are not copied."""
+    if msg.kind not in KINDS:
+        raise ValueError(f"unknown message kind {msg.kind!r}; known: {sorted(KINDS)}")
+    descs = []
+    frames: list[Any] = [b""]
+    for name, value in msg.tensors.items():
+        dtype, shape, buf = _as_buffer(value)
+        if msg.dtypes.get(name) == "bf16" and dtype == "u16":
+            dtype = "bf16"
+        descs.append({"name": name, "dtype": dtype, "shape": list(shape), "nbytes": buf.nbytes})
+        frames.append(buf)
+    header = {
+        "v": PROTOCOL_VERSION,
+        "kind": msg.kind,
+        "req": msg.req,
+        "seq": int(msg.seq),
+        "epoch": int(msg.epoch),
+        "tensors": descs,
+        "meta": dict(msg.meta),
+    }
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
+def message_nbytes(frames: Sequence[Any]) -> int:
+    """Bytes a list of frames puts on the socket (payload bytes, before ZMTP framing)."""
+    total = 0
+    for f in frames:
+        total += f.nbytes if isinstance(f, memoryview) else len(f)
+    return total
+
+
+def _unpack_header(raw: bytes, limits: WireLimits) -> dict:
+    if len(raw) > limits.max_header_bytes:
+        raise LimitExceeded(
+            f"header frame is {len(raw)} bytes, over the limit of {limits.max_header_bytes}"
+        )
+    try:
+        header = msgpack.unpackb(
+            raw,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=limits.max_str_len,
+            max_bin_len=limits.max_str_len,
+            max_array_len=limits.max_container_len,
+            max_map_len=limits.max_container_len,
+            max_ext_len=0,
+        )
+    except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError) as e:
+        raise ProtocolError(f"header frame is not valid msgpack within limits: {e}") from e
+    except Exception as e:  # msgpack raises a few other types on hostile input
+        raise ProtocolError(f"header frame could not be decoded: {type(e).__name__}: {e}") from e
+    if not isinstance(header, dict):
+        raise ProtocolError(f"header must be a msgpack map, got {type(header).__name__}")
+    return header
+
+
+def _check_field(header: dict, key: str, typ: type | tuple[type, ...]) -> Any:
+    if key not in header:
+        raise ProtocolError(f"header lacks the field {key!r}")
+    value = header[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+        raise ProtocolError(f"header field {key!r} has type {type(value).__name__}")
+    return value
+
+
+def decode_header(raw: bytes, limits: WireLimits = DEFAULT_LIMITS) -> dict:
+    """Parse and validate frame 0 alone (version, kind and field types)."""
+    header = _unpack_header(raw, limits)
+    v = header.get("v")
+    if v != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"protocol version {v!r} is not supported (this side speaks {PROTOCOL_VERSION}); "
+            "upgrade splitnet on both ends to the same release"
+        )
+    kind = _check_field(header, "kind", str)
+    if kind not in KINDS:
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    _check_field(header, "req", str)
+    _check_field(header, "seq", int)
+    _check_field(header, "epoch", int)
+    _check_field(header, "tensors", list)
+    meta = header.get("meta", {})
+    if not isinstance(meta, dict):
+        raise ProtocolError("header field 'meta' must be a map")
+    header["meta"] = meta
+    return header
+
+
+def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
+    """Validate and decode received frames (bytes, memoryview or zmq.Frame) into a Message."""
+    if not frames:
+        raise ProtocolError("empty message: expected a header frame")
+    bufs = [f.buffer if hasattr(f, "buffer") else f for f in frames]
+    header = decode_header(bytes(bufs[0]), limits)
+    descs = header["tensors"]
+    if len(descs) > limits.max_tensors:
+        raise LimitExceeded(f"{len(descs)} tensors in one message, over the limit of {limits.max_tensors}")
+    if len(bufs) != 1 + len(descs):
+        raise ProtocolError(
+            f"header describes {len(descs)} tensors but the message has {len(bufs) - 1} tensor frames"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    dtypes: dict[str, str] = {}
+    total = 0
+    for i, desc in enumerate(descs):
+        if not isinstance(desc, dict):
+            raise ProtocolError(f"tensor descriptor {i} is not a map")
+        name = desc.get("name")
+        dtype = desc.get("dtype")
+        shape = desc.get("shape")
+        nbytes = desc.get("nbytes")
+        if not isinstance(name, str) or not name:
+            raise ProtocolError(f"tensor descriptor {i} has no valid name")
+        if name in tensors:
+            raise ProtocolError(f"tensor name {name!r} appears twice")
+        if dtype not in WIRE_DTYPES:
+            raise ProtocolError(
+                f"tensor {name!r} has dtype {dtype!r}, which is not on the allow-list {sorted(WIRE_DTYPES)}"
+            )
+        if (
+            not isinstance(shape, list)
+            or len(shape) > limits.max_ndim
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
+            raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+        np_dtype = WIRE_DTYPES[dtype]
+        expected = math.prod(shape) * np_dtype.itemsize
+        if expected > limits.max_tensor_bytes:
+            raise LimitExceeded(
+                f"tensor {name!r} of shape {shape} is {expected} bytes, over the limit of {limits.max_tensor_bytes}"
+            )
+        if not isinstance(nbytes, int) or nbytes != expected:
+            raise ProtocolError(f"tensor {name!r}: descriptor says {nbytes!r} bytes, shape and dtype need {expected}")
+        buf = memoryview(bufs[1 + i])
+        if buf.nbytes != expected:
+            raise ProtocolError(f"tensor {name!r}: frame has {buf.nbytes} bytes, shape and dtype need {expected}")
+        total += expected
+        if total > limits.max_message_bytes:
+            raise LimitExceeded(f"message tensors exceed {limits.max_message_bytes} bytes")
+        arr = np.frombuffer(buf, dtype=np_dtype) if expected else np.empty(0, dtype=np_dtype)
+        tensors[name] = arr.reshape(shape)
+        dtypes[name] = dtype
+    return Message(
+        kind=header["kind"],
+        req=header["req"],
+        seq=header["seq"],
+        epoch=header["epoch"],
+        tensors=tensors,
+        meta=header["meta"],
+        dtypes=dtypes,
+    )
+
+
+def error_message(req: str, seq: int, epoch: int, code: str, msg: str, **meta: Any) -> Message:
+    """A typed error as data: ``meta = {"status": "error", "code": ..., "msg": ...}``."""
+    return Message(
+        kind="error", req=req, seq=seq, epoch=epoch, meta={"status": "error", "code": code, "msg": msg[:2000], **meta}
+    )
