@@ -1,0 +1,202 @@
+"""A model as ordered blocks (embed | block 0 .. block L-1 | head) and Stages that slice it.
+
+An :class:`Architecture` knows one model family: how to build its embed, blocks and head from a
+config, which weight names each part owns, and what crosses a cut. :class:`BlockModel` holds the
+parts that were loaded (all of them, or only one stage's) and cuts :class:`Stage` s from them.
+
+What crosses a cut is a dict of tensors: always ``"hidden"`` (B, T, C), plus whatever the family
+needs to rebuild its context on the other side (``"attention_mask"`` for padded encoders).
+Decoder stages keep their own KV cache, so positions come from the cache length.
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from splitnet.errors import ConfigError, StageError
+from splitnet.model.kv_cache import KVCache
+
+
+class Architecture(abc.ABC):
+    """One model family. Subclasses are registered in :mod:`splitnet.model.registry`."""
+
+    #: "encoder" | "decoder" | "vision" | "sequential"
+    kind: str = ""
+
+    def __init__(self, config: Mapping[str, Any]):
+        self.config = dict(config)
+
+    # --- structure -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def num_blocks(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def hidden_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def build_embed(self) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def build_block(self, index: int) -> nn.Module: ...
+
+    @abc.abstractmethod
+    def build_head(self) -> nn.Module: ...
+
+    # --- weights ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def embed_prefixes(self, names: list[str]) -> list[str]:
+        """Weight-name prefixes that the embed module loads from (first match is stripped)."""
+
+    @abc.abstractmethod
+    def block_prefix(self, names: list[str], index: int) -> str: ...
+
+    @abc.abstractmethod
+    def head_prefixes(self, names: list[str]) -> list[str]: ...
+
+    def tie_head(self, head: nn.Module, tensors: dict[str, torch.Tensor], names: list[str]) -> dict[str, torch.Tensor]:
+        """Extra tensors the head needs that live under other names (tied embeddings)."""
+        return {}
+
+    # --- data flow ---------------------------------------------------------------------------
+    def context(self, inputs: Mapping[str, torch.Tensor], past_len: int, hidden: torch.Tensor) -> dict:
+        """Per-forward context (masks, positions) rebuilt from what crossed the cut."""
+        return {"past_len": past_len}
+
+    def carry(self, ctx: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+        """Context tensors that must cross a cut beside ``hidden``."""
+        return {}
+
+    @property
+    def uses_kv_cache(self) -> bool:
+        return self.kind == "decoder"
+
+
+class Stage(nn.Module):
+    """A contiguous slice of a model: embed (if first), blocks [start, end), head (if last)."""
+
+    def __init__(self, arch: Architecture, start: int, end: int, embed: nn.Module | None, blocks: list[nn.Module], head: nn.Module | None):
+        nn.Module.__init__(self)
+        self.arch = arch
+        self.start = start
+        self.end = end
+        self.embed = embed
+        self.blocks = nn.ModuleList(blocks)
+        self.head = head
+
+    def __repr__(self) -> str:  # nn.Module's repr is too long for logs
+        parts = (["embed"] if self.embed is not None else []) + [f"blocks {self.start}..{self.end - 1}"] + (["head"] if self.head is not None else [])
+        return f"Stage({self.arch.kind}, {', '.join(parts)})"
+
+    @property
+    def is_first(self) -> bool:
+        return self.embed is not None
+
+    @property
+    def is_last(self) -> bool:
+        return self.head is not None
+
+    @torch.no_grad()
+    def forward(self, inputs: Mapping[str, torch.Tensor], cache: KVCache | None = None, *, all_logits: bool = False) -> dict[str, torch.Tensor]:
+        """Run the slice. ``inputs`` is the model input for the first stage, else what crossed the cut."""
+        past_len = cache.length if cache is not None else 0
+        if self.embed is not None:
+            h, ctx = self.embed(inputs, past_len)
+        else:
+            if "hidden" not in inputs:
+                raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
+            h = inputs["hidden"]
+            if self.arch.hidden_size > 0 and (h.dim() != 3 or h.shape[-1] != self.arch.hidden_size):
+                raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
+            param = next(self.parameters(), None)
+            if param is not None and h.is_floating_point():
+                h = h.to(param.dtype)
+            ctx = self.arch.context(inputs, past_len, h)
+        for offset, block in enumerate(self.blocks):
+            h = block(h, ctx, cache, self.start + offset)
+        if cache is not None:
+            cache.advance(h.shape[1])
+        if self.head is not None:
+            return self.head(h, ctx, all_logits=all_logits)
+        return {"hidden": h, **self.arch.carry(ctx)}
+
+
+@dataclass
+class BlockModel:
+    """The loaded parts of a model, and the means to cut stages from them.
+
+    Attributes:
+        arch: the family (structure, weights naming, cut contract).
+        name: the name it was loaded under ("minilm" or a directory path).
+        model_dir: the Hugging Face directory the weights came from.
+        embed, blocks, head: loaded modules; ``blocks`` maps block index to module (a stage-only
+            load holds just its own indices).
+        tokenizer: an object with ``encode``/``decode``/``__call__`` (may be None).
+    """
+
+    arch: Architecture
+    name: str
+    model_dir: Path | None
+    embed: nn.Module | None
+    blocks: dict[int, nn.Module]
+    head: nn.Module | None
+    tokenizer: Any = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def kind(self) -> str:
+        return self.arch.kind
+
+    @property
+    def num_blocks(self) -> int:
+        return self.arch.num_blocks
+
+    @property
+    def hidden_size(self) -> int:
+        return self.arch.hidden_size
+
+    def stage(self, start: int, end: int) -> Stage:
+        """Blocks [start, end); embed included when start == 0, head when end == num_blocks."""
+        if not 0 <= start < end <= self.num_blocks:
+            raise ConfigError(f"stage blocks [{start}, {end}) outside 0..{self.num_blocks} for {self.name}")
+        missing = [i for i in range(start, end) if i not in self.blocks]
+        if missing or (start == 0 and self.embed is None) or (end == self.num_blocks and self.head is None):
+            raise ConfigError(f"blocks {missing or ''} of {self.name} were not loaded in this process; load them with load_model(..., blocks=range({start}, {end}))")
+        return Stage(
+            self.arch,
+            start,
+            end,
+            self.embed if start == 0 else None,
+            [self.blocks[i] for i in range(start, end)],
+            self.head if end == self.num_blocks else None,
+        ).eval()
+
+    def full(self) -> Stage:
+        """The whole model as one stage (the unsplit reference)."""
+        return self.stage(0, self.num_blocks)
+
+    def tokenize(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+        if self.tokenizer is None:
+            raise ConfigError(f"{self.name} has no tokenizer; pass input_ids instead of text")
+        return self.tokenizer(texts, max_length=max_length)
+
+    def param_bytes(self, start: int, end: int) -> int:
+        return sum(p.numel() * p.element_size() for p in self.stage(start, end).parameters())
+
+    def fingerprint(self) -> str:
+        """A short hash of the config and weight file names/sizes (checked by the runtime)."""
+        h = hashlib.sha256(json.dumps(self.arch.config, sort_keys=True, default=str).encode())
+        if self.model_dir is not None:
+            for p in sorted(Path(self.model_dir).glob("*.safetensors")):
+                h.update(p.name.encode())
+                h.update(str(p.stat().st_size).encode())
+        return h.hexdigest()[:16]

@@ -1,0 +1,36 @@
+"""Per-request key/value cache of one stage: one (k, v) pair per block the stage holds."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """Keys and values of every block of one stage for one request.
+
+    Tensors are (B, n_kv_heads, T, head_size). ``length`` is the number of positions cached,
+    which is also the position of the next token this stage will see.
+    """
+
+    def __init__(self) -> None:
+        self._layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.length = 0
+        #: tokens this cache has been fed in total (evidence that decode is incremental)
+        self.tokens_computed = 0
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add new keys/values for ``layer`` and return the full (k, v) for attention."""
+        old = self._layers.get(layer)
+        if old is not None:
+            k = torch.cat([old[0], k], dim=2)  # (B, nh, T_old + T_new, hs)
+            v = torch.cat([old[1], v], dim=2)
+        self._layers[layer] = (k, v)
+        return k, v
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+        self.tokens_computed += n_tokens
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self._layers.values())

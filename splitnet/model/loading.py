@@ -1,0 +1,152 @@
+"""``load_model``: a Hugging Face directory, a built-in name or an ``nn.Sequential`` -> BlockModel.
+
+A stage process passes ``blocks=range(a, b)`` and reads only those blocks' weights (plus the
+embedding if ``a == 0`` and the head if ``b`` is the last block).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from splitnet.errors import ModelLoadError
+from splitnet.model import builtin
+from splitnet.model.bert import BertArchitecture
+from splitnet.model.blocks import Architecture, BlockModel
+from splitnet.model.gpt2 import GPT2Architecture
+from splitnet.model.llama import LlamaArchitecture
+from splitnet.model.sequential import from_sequential
+from splitnet.model.tokenizer import ByteTokenizer, HFTokenizer
+from splitnet.model.vit import ViTArchitecture
+from splitnet.model.weights import load_into, load_tensors, read_config, weight_files
+
+ARCHITECTURES: dict[str, type[Architecture]] = {
+    "bert": BertArchitecture,
+    "gpt2": GPT2Architecture,
+    "llama": LlamaArchitecture,
+    "qwen2": LlamaArchitecture,
+    "mistral": LlamaArchitecture,
+    "vit": ViTArchitecture,
+}
+
+
+def resolve_model_dir(source: str | Path) -> Path:
+    """A built-in name's directory (made on first use) or the given path, checked to exist."""
+    if isinstance(source, str) and source in builtin.BUILTIN_MODELS:
+        return builtin.materialize(source)
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model {source!r} is neither a built-in ({', '.join(sorted(builtin.BUILTIN_MODELS))}) nor a directory"
+        )
+    return path
+
+
+def architecture_for(config: dict, model_dir: Path | None = None) -> Architecture:
+    model_type = config.get("model_type")
+    cls = ARCHITECTURES.get(model_type or "")
+    if cls is None:
+        raise ModelLoadError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
+    if model_dir is not None and model_type == "bert":
+        config = dict(config)
+        config["_splitnet_pooling"] = _sentence_pooling(model_dir)
+    return cls(config)
+
+
+def _sentence_pooling(model_dir: Path) -> dict:
+    """sentence-transformers pooling settings (mean + normalise when the files say so)."""
+    pooling = {"mode": "mean", "normalize": False}
+    pool_cfg = model_dir / "1_Pooling" / "config.json"
+    if pool_cfg.is_file():
+        cfg = json.loads(pool_cfg.read_text())
+        pooling["mode"] = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
+    modules = model_dir / "modules.json"
+    if modules.is_file():
+        pooling["normalize"] = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+    return pooling
+
+
+def _tokenizer_for(config: dict, model_dir: Path):
+    if config.get("splitnet_tokenizer") == "bytes":
+        return ByteTokenizer()
+    tok = model_dir / "tokenizer.json"
+    if tok.is_file():
+        return HFTokenizer(tok, pad_id=int(config.get("pad_token_id") or 0))
+    return None
+
+
+def load_model(
+    source: str | Path | nn.Sequential,
+    *,
+    blocks: Iterable[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> BlockModel:
+    """Load a model (or only ``blocks`` of it) into a :class:`BlockModel`.
+
+    Args:
+        source: built-in name (see ``splitnet.model.builtin.BUILTIN_MODELS``), a Hugging Face
+            directory with config.json + safetensors, or an ``nn.Sequential``.
+        blocks: the block indices to load; the embedding comes with block 0 and the head with
+            the last block. ``None`` loads everything.
+        dtype: cast floating-point weights (default: as stored).
+    """
+    if isinstance(source, nn.Sequential):
+        return from_sequential(source)
+    model_dir = resolve_model_dir(source)
+    config = read_config(model_dir)
+    arch = architecture_for(config, model_dir)
+    L = arch.num_blocks
+    wanted_blocks = sorted(set(range(L) if blocks is None else blocks))
+    if any(not 0 <= i < L for i in wanted_blocks):
+        raise ModelLoadError(f"blocks {wanted_blocks} outside 0..{L - 1} of {source}")
+    names = list(weight_files(model_dir))
+
+    parts: list[tuple[str, nn.Module, dict[str, str]]] = []  # (what, module, state key -> checkpoint name)
+    embed = head = None
+    if 0 in wanted_blocks:
+        embed = arch.build_embed()
+        parts.append(("embedding", embed, _by_prefix(embed, arch.embed_prefixes(names), names)))
+    block_mods: dict[int, nn.Module] = {}
+    for i in wanted_blocks:
+        mod = arch.build_block(i)
+        block_mods[i] = mod
+        prefix = arch.block_prefix(names, i)
+        parts.append((f"block {i}", mod, {k: prefix + k for k in mod.state_dict()}))
+    if L - 1 in wanted_blocks:
+        head = arch.build_head()
+        mapping = arch.head_tensors(None, names) if hasattr(arch, "head_tensors") else {}
+        parts.append(("head", head, mapping))
+
+    needed = {full for _, _, m in parts for full in m.values()}
+    missing = sorted(needed - set(names))
+    if missing:
+        raise ModelLoadError(f"{model_dir} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    tensors = load_tensors(model_dir, needed.__contains__, dtype)
+    for what, mod, mapping in parts:
+        load_into(mod, {k: tensors[v] for k, v in mapping.items()}, "", what)
+        if dtype is not None:
+            mod.to(dtype)
+        mod.eval()
+    return BlockModel(
+        arch=arch,
+        name=str(source),
+        model_dir=model_dir,
+        embed=embed,
+        blocks=block_mods,
+        head=head,
+        tokenizer=_tokenizer_for(config, model_dir),
+    )
+
+
+def _by_prefix(module: nn.Module, prefixes: list[str], names: list[str]) -> dict[str, str]:
+    keys = list(module.state_dict())
+    for p in prefixes:
+        if all(p + k in names for k in keys):
+            return {k: p + k for k in keys}
+    # fall back to the first prefix so the error message names real missing weights
+    p = prefixes[0] if prefixes else ""
+    return {k: p + k for k in keys}
