@@ -1,0 +1,39 @@
+"""Configuration of a client session."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from splitnet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Timeouts and liveness settings of :class:`splitnet.edge.sdk.Session`.
+
+    Attributes:
+        timeout_s: longest wait for one request's result (a prefill or a decode step).
+        connect_timeout_s: longest wait for every stage to answer ``info`` at connect.
+        heartbeat_interval_s: how often each stage is pinged while a request is in flight.
+        heartbeat_liveness: missed heartbeats after which a stage is declared unavailable.
+        reply_host: address this client binds for results; stages connect back to it, so on a
+            real network it must be reachable from the last stage.
+        prefill_chunk_tokens: prompt tokens per prefill chunk (chunks flow through the stages
+            one after another, so stage i works on chunk k+1 while stage i+1 works on chunk k).
+    """
+
+    timeout_s: float = 60.0
+    connect_timeout_s: float = 30.0
+    heartbeat_interval_s: float = 1.0
+    heartbeat_liveness: int = 3
+    reply_host: str = "127.0.0.1"
+    prefill_chunk_tokens: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("timeout_s", "connect_timeout_s", "heartbeat_interval_s"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ClientConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if self.heartbeat_liveness < 1:
+            raise ConfigError("ClientConfig.heartbeat_liveness must be >= 1")
+        if self.prefill_chunk_tokens < 1:
+            raise ConfigError("ClientConfig.prefill_chunk_tokens must be >= 1")

@@ -1,0 +1,438 @@
+"""The client SDK: connect to a pipeline of stages and run ``infer`` / ``generate``.
+
+The session sends model inputs to stage 0 with a ``route`` through the other stages and a
+``reply_to`` endpoint it binds; the last stage sends the result there. While it waits, the
+session pings every stage (``heartbeat_interval_s``) and raises :class:`StageUnavailable` when
+a stage misses ``heartbeat_liveness`` pings in a row or the request outlives ``timeout_s``.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import zmq
+
+from splitnet.edge.config import ClientConfig
+from splitnet.edge.sampling import Sampler, SamplingConfig
+from splitnet.errors import ConfigError, PlanMismatch, ProtocolError, StageUnavailable, error_from_code
+from splitnet.wire import (
+    DEFAULT_LIMITS,
+    Message,
+    SocketConfig,
+    decode_message,
+    encode_message,
+    make_socket,
+    message_nbytes,
+)
+
+Key = tuple[str, int]
+
+
+@dataclass
+class GenerationResult:
+    """Tokens produced by :meth:`Session.generate` and how they were made."""
+
+    prompt_ids: list[int]
+    tokens: list[int]
+    text: str | None
+    latency_ms: float
+    ttft_ms: float
+    stats: dict = field(default_factory=dict)
+
+
+class Session:
+    """A connection to one pipeline. Use from one thread; close() (or ``with``) when done."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        config: ClientConfig | None = None,
+        *,
+        socket_config: SocketConfig | None = None,
+        tokenizer: Any = None,
+    ):
+        if not endpoints:
+            raise ConfigError("connect() needs at least one stage endpoint")
+        self.endpoints = list(endpoints)
+        self.config = config or ClientConfig()
+        self.socket_config = socket_config or SocketConfig()
+        self.ctx = zmq.Context.instance()
+        self._results = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
+        self._results.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        port = self._results.bind_to_random_port(f"tcp://{self.config.reply_host}", min_port=20000, max_port=60000)
+        self.reply_to = f"tcp://{self.config.reply_host}:{port}"
+        self._controls = []
+        for ep in self.endpoints:
+            s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+            s.connect(ep)
+            self._controls.append(s)
+        self._poller = zmq.Poller()
+        self._poller.register(self._results, zmq.POLLIN)
+        for s in self._controls:
+            self._poller.register(s, zmq.POLLIN)
+        self._pending: dict[Key, Message] = {}
+        self._result_bytes: dict[Key, int] = {}
+        self._last_seen = [time.monotonic()] * len(self.endpoints)
+        self._infos: list[dict] = []
+        self._tokenizer = tokenizer
+        self.last_stats: dict = {}
+        self.epoch = 0
+        self._closed = False
+        try:
+            self._infos = self._handshake()
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ set-up -------------
+    def _handshake(self) -> list[dict]:
+        deadline = time.monotonic() + self.config.connect_timeout_s
+        infos: dict[int, dict] = {}
+        next_try = 0.0
+        while len(infos) < len(self._controls):
+            if time.monotonic() >= next_try:  # a send before the TCP connection is up is dropped: retry
+                for i in range(len(self._controls)):
+                    if i not in infos:
+                        self._send_control(i, Message(kind="info", req=f"info-{i}"))
+                next_try = time.monotonic() + 0.2
+            if time.monotonic() > deadline:
+                missing = [f"stage {i} at {self.endpoints[i]}" for i in range(len(self.endpoints)) if i not in infos]
+                raise StageUnavailable(f"no answer within {self.config.connect_timeout_s} s from {', '.join(missing)}; is serve-stage running there?")
+            for sock, _ in self._poller.poll(100):
+                if sock is self._results:
+                    continue
+                i = self._controls.index(sock)
+                msg = decode_message(sock.recv_multipart(copy=False), DEFAULT_LIMITS)
+                if msg.kind == "info_reply":
+                    infos[i] = dict(msg.meta)
+        ordered = [infos[i] for i in range(len(self._controls))]
+        fps = {(x["model"], x["fingerprint"]) for x in ordered}
+        if len(fps) != 1:
+            raise PlanMismatch(f"stages serve different models: {sorted(fps)}; start every stage from the same model files")
+        expected = 0
+        for i, info in enumerate(ordered):
+            a, b = info["blocks"]
+            if a != expected:
+                raise PlanMismatch(f"stage {i} at {self.endpoints[i]} serves blocks {a}:{b}, but the pipeline needs it to start at block {expected}")
+            expected = b
+        if expected != ordered[0]["num_blocks"]:
+            raise PlanMismatch(f"stages cover blocks 0:{expected} of {ordered[0]['num_blocks']}; the last stage must end at the head")
+        return ordered
+
+    @property
+    def stages(self) -> list[dict]:
+        """What each stage reported at connect: endpoint, pid, blocks, model, codec."""
+        return list(self._infos)
+
+    @property
+    def kind(self) -> str:
+        return self._infos[0]["kind"]
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from splitnet.model.loading import _tokenizer_for, resolve_model_dir
+            from splitnet.model.weights import read_config
+
+            model_dir = resolve_model_dir(self._infos[0]["model"])
+            self._tokenizer = _tokenizer_for(read_config(Path(model_dir)), Path(model_dir))
+            if self._tokenizer is None:
+                raise ConfigError(f"model {self._infos[0]['model']} has no tokenizer; pass token ids")
+        return self._tokenizer
+
+    # ------------------------------------------------------------------ transport ----------
+    def _send_control(self, i: int, msg: Message) -> bool:
+        try:
+            self._controls[i].send_multipart(encode_message(msg), copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def _send_forward(self, req: str, seq: int, tensors: Mapping[str, Any], meta: dict) -> int:
+        meta = {"route": self.endpoints[1:], "reply_to": self.reply_to, **meta}
+        frames = encode_message(Message(kind="forward", req=req, seq=seq, epoch=self.epoch, tensors=tensors, meta=meta))
+        deadline = time.monotonic() + self.config.timeout_s
+        while True:
+            try:
+                self._controls[0].send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+                return message_nbytes(frames)
+            except zmq.Again:
+                if time.monotonic() > deadline:
+                    raise StageUnavailable(f"stage 0 at {self.endpoints[0]} accepts no connection; is it running?") from None
+                self._pump(50)  # keep heartbeats going while stage 0 is unreachable
+                self._check_liveness()
+
+    def _pump(self, timeout_ms: int) -> None:
+        """Receive whatever arrived within ``timeout_ms``."""
+        for sock, _ in self._poller.poll(timeout_ms):
+            frames = sock.recv_multipart(copy=False)
+            if sock is self._results:
+                body, nbytes = frames[1:], message_nbytes([f.buffer for f in frames[1:]])
+            else:
+                body, nbytes = frames, 0
+                self._last_seen[self._controls.index(sock)] = time.monotonic()
+            try:
+                msg = decode_message(body, DEFAULT_LIMITS)
+            except ProtocolError:
+                continue  # a malformed reply is dropped; the request then times out with a clear error
+            if msg.kind in ("result", "error") and msg.req:
+                self._pending[(msg.req, msg.seq)] = msg
+                self._result_bytes[(msg.req, msg.seq)] = nbytes
+                if msg.kind == "result":
+                    for t in msg.meta.get("trace", []):
+                        if isinstance(t, dict) and isinstance(t.get("stage"), int) and 0 <= t["stage"] < len(self._last_seen):
+                            self._last_seen[t["stage"]] = time.monotonic()
+
+    def _check_liveness(self) -> None:
+        now = time.monotonic()
+        limit = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+        for i, seen in enumerate(self._last_seen):
+            if now - seen > limit:
+                raise StageUnavailable(
+                    f"stage {i} at {self.endpoints[i]} missed {self.config.heartbeat_liveness} heartbeats "
+                    f"({now - seen:.1f} s silent); the process or its link is down"
+                )
+
+    def _wait_any(self, keys: set[Key], timeout_s: float | None = None) -> tuple[Key, Message]:
+        """Wait for the first of ``keys`` to complete; raise its error if it failed."""
+        timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
+        start = time.monotonic()
+        deadline = start + timeout_s
+        self._last_seen = [max(s, start) for s in self._last_seen]
+        next_ping = start
+        while True:
+            for k in keys:
+                if k in self._pending:
+                    msg = self._pending.pop(k)
+                    if msg.kind == "error":
+                        stage = msg.meta.get("stage")
+                        where = f"stage {stage}: " if stage is not None else ""
+                        raise error_from_code(str(msg.meta.get("code")), where + str(msg.meta.get("msg")))
+                    return k, msg
+            now = time.monotonic()
+            if now >= deadline:
+                silent = [i for i, s in enumerate(self._last_seen) if now - s > self.config.heartbeat_interval_s * 2]
+                who = ", ".join(f"stage {i} at {self.endpoints[i]}" for i in silent) or "the pipeline"
+                raise StageUnavailable(f"no result within {timeout_s:.1f} s from {who}")
+            if now >= next_ping:
+                for i in range(len(self._controls)):
+                    self._send_control(i, Message(kind="ping", req="hb", meta={"t": now}))
+                next_ping = now + self.config.heartbeat_interval_s
+            self._pump(max(1, int(min(next_ping - now, deadline - now, 0.05) * 1000)))
+            self._check_liveness()
+
+    def _release(self, req: str) -> None:
+        for i in range(len(self._controls)):
+            self._send_control(i, Message(kind="release", req=req))
+
+    # ------------------------------------------------------------------ encoders / vision --
+    def infer(self, inputs: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+        """Run one batch through the pipeline and return the last stage's outputs.
+
+        ``inputs`` holds model inputs (``input_ids``/``attention_mask``, ``pixel_values``, ``x``)
+        as numpy arrays or torch tensors, or ``{"text": [...]}`` for models with a tokenizer.
+        """
+        inputs = dict(inputs)
+        if "text" in inputs:
+            texts = inputs.pop("text")
+            inputs.update(self.tokenizer([texts] if isinstance(texts, str) else list(texts), max_length=int(inputs.pop("max_length", 256))))
+        req = uuid.uuid4().hex[:16]
+        t0 = time.perf_counter()
+        sent = self._send_forward(req, 0, inputs, {"cache": False})
+        key, msg = self._wait_any({(req, 0)}, timeout_s)
+        latency = (time.perf_counter() - t0) * 1e3
+        self.last_stats = self._stats(msg, sent, self._result_bytes.pop(key, 0), latency)
+        return {k: np.array(v) for k, v in msg.tensors.items()}
+
+    def _stats(self, msg: Message, sent: int, received: int, latency_ms: float) -> dict:
+        trace = list(msg.meta.get("trace", []))
+        cut_bytes = [t["in_bytes"] for t in trace[1:]]
+        return {
+            "latency_ms": latency_ms,
+            "client_to_stage0_bytes": sent,
+            "cut_bytes": cut_bytes,
+            "result_bytes": received,
+            "wire_bytes": sent + sum(cut_bytes) + received,
+            "trace": trace,
+        }
+
+    # ------------------------------------------------------------------ decoders -----------
+    def _prompt_ids(self, prompt: str | Sequence[int] | Any) -> list[int]:
+        if isinstance(prompt, str):
+            return list(self.tokenizer.encode(prompt))
+        arr = np.asarray(prompt if not hasattr(prompt, "numpy") else prompt.numpy()).reshape(-1)
+        return [int(x) for x in arr]
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        *,
+        sampling: SamplingConfig | None = None,
+        stop_token: int | None = None,
+        timeout_s: float | None = None,
+        _out: dict | None = None,
+    ) -> Iterator[int]:
+        """Yield generated token ids one at a time (prefill in chunks, then one step per token)."""
+        if self.kind != "decoder":
+            raise ConfigError(f"generate/stream need a decoder model; this pipeline serves a {self.kind}: use infer()")
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1")
+        ids = self._prompt_ids(prompt)
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        sampler = Sampler(sampling or SamplingConfig())
+        req = uuid.uuid4().hex[:16]
+        chunk = self.config.prefill_chunk_tokens
+        t0 = time.perf_counter()
+        seq = 0
+        sent = 0
+        stats = _out if _out is not None else {}
+        try:
+            starts = list(range(0, len(ids), chunk))
+            for n, s in enumerate(starts):
+                last = n == len(starts) - 1
+                piece = np.asarray([ids[s : s + chunk]], dtype=np.int64)
+                sent += self._send_forward(req, seq, {"input_ids": piece}, {"cache": True, "pos": s, "want_result": last})
+                seq += 1
+            pos = len(ids)
+            for step in range(max_new_tokens):
+                key, msg = self._wait_any({(req, seq - 1)}, timeout_s)
+                received = self._result_bytes.pop(key, 0)
+                if step == 0:
+                    stats["ttft_ms"] = (time.perf_counter() - t0) * 1e3
+                    stats["prefill"] = self._stats(msg, sent, received, stats["ttft_ms"])
+                    sent = 0
+                tok = sampler(msg.tensors["logits"][0])
+                stats.setdefault("tokens_computed", [t.get("tokens_computed") for t in msg.meta.get("trace", [])])
+                stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
+                stats.setdefault("decode_wire_bytes", 0)
+                if step:
+                    stats["decode_wire_bytes"] += self._stats(msg, sent, received, 0)["wire_bytes"]
+                yield tok
+                if step == max_new_tokens - 1 or (stop_token is not None and tok == stop_token):
+                    break
+                sent = self._send_forward(req, seq, {"input_ids": np.asarray([[tok]], dtype=np.int64)}, {"cache": True, "pos": pos})
+                seq += 1
+                pos += 1
+        finally:
+            stats["latency_ms"] = (time.perf_counter() - t0) * 1e3
+            self._release(req)
+
+    def generate(
+        self,
+        prompt: str | Sequence[int],
+        max_new_tokens: int = 32,
+        *,
+        sampling: SamplingConfig | None = None,
+        stop_token: int | None = None,
+        timeout_s: float | None = None,
+    ) -> GenerationResult:
+        """Generate ``max_new_tokens`` tokens (greedy unless ``sampling`` says otherwise)."""
+        stats: dict = {}
+        ids = self._prompt_ids(prompt)
+        tokens = list(self.stream(ids, max_new_tokens, sampling=sampling, stop_token=stop_token, timeout_s=timeout_s, _out=stats))
+        text = None
+        if self._tokenizer is not None or isinstance(prompt, str):
+            text = self.tokenizer.decode(tokens)
+        self.last_stats = stats
+        return GenerationResult(ids, tokens, text, stats.get("latency_ms", 0.0), stats.get("ttft_ms", 0.0), stats)
+
+    def generate_many(
+        self,
+        prompts: Sequence[str | Sequence[int]],
+        max_new_tokens: int = 32,
+        *,
+        sampling: SamplingConfig | None = None,
+        timeout_s: float | None = None,
+    ) -> list[list[int]]:
+        """Greedy/sampled generation for many prompts at once: while stage i runs a step of one
+        sequence, stage i+1 runs a step of another (decode pipelined across sequences)."""
+        seqs = []
+        for p in prompts:
+            ids = self._prompt_ids(p)
+            seqs.append({"req": uuid.uuid4().hex[:16], "ids": ids, "pos": len(ids), "seq": 0, "out": [], "sampler": Sampler(sampling or SamplingConfig())})
+        waiting: dict[Key, dict] = {}
+        try:
+            for s in seqs:
+                chunk = self.config.prefill_chunk_tokens
+                starts = list(range(0, len(s["ids"]), chunk))
+                for n, st in enumerate(starts):
+                    piece = np.asarray([s["ids"][st : st + chunk]], dtype=np.int64)
+                    self._send_forward(s["req"], s["seq"], {"input_ids": piece}, {"cache": True, "pos": st, "want_result": n == len(starts) - 1})
+                    s["seq"] += 1
+                waiting[(s["req"], s["seq"] - 1)] = s
+            while waiting:
+                key, msg = self._wait_any(set(waiting), timeout_s)
+                self._result_bytes.pop(key, None)
+                s = waiting.pop(key)
+                tok = s["sampler"](msg.tensors["logits"][0])
+                s["out"].append(tok)
+                if len(s["out"]) < max_new_tokens:
+                    self._send_forward(s["req"], s["seq"], {"input_ids": np.asarray([[tok]], dtype=np.int64)}, {"cache": True, "pos": s["pos"]})
+                    waiting[(s["req"], s["seq"])] = s
+                    s["seq"] += 1
+                    s["pos"] += 1
+        finally:
+            for s in seqs:
+                self._release(s["req"])
+        return [s["out"] for s in seqs]
+
+    # ------------------------------------------------------------------ lifecycle ----------
+    def ping(self, timeout_s: float = 2.0) -> list[float]:
+        """Round-trip time (ms) of a ping to every stage; raises StageUnavailable for a silent one."""
+        rtts = []
+        for i, s in enumerate(self._controls):
+            t0 = time.perf_counter()
+            if not self._send_control(i, Message(kind="ping", req=f"p{i}")):
+                raise StageUnavailable(f"stage {i} at {self.endpoints[i]} is not connected")
+            if not s.poll(int(timeout_s * 1000)):
+                raise StageUnavailable(f"stage {i} at {self.endpoints[i]} did not answer a ping within {timeout_s} s")
+            s.recv_multipart()
+            rtts.append((time.perf_counter() - t0) * 1e3)
+        return rtts
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for s in self._controls:
+            s.close(linger=0)
+        self._results.close(linger=0)
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | None = None, timeout_s: float | None = None, **kwargs: Any) -> Session:
+    """Open a :class:`Session` over stage endpoints (listed in order) or a plan file.
+
+    Args:
+        stages: ``["tcp://host:port", ...]`` or a plan (YAML/JSON path or object) whose stages
+            carry endpoints.
+        config: timeouts and heartbeat settings; ``timeout_s`` is a shortcut for its request timeout.
+    """
+    if isinstance(stages, (str, Path)) and not str(stages).startswith(("tcp://", "ipc://")):
+        from splitnet.runtime.plan_io import endpoints_from_plan
+
+        stages = endpoints_from_plan(stages)
+    elif hasattr(stages, "stages") and not isinstance(stages, (list, tuple)):
+        from splitnet.runtime.plan_io import endpoints_from_plan
+
+        stages = endpoints_from_plan(stages)
+    elif isinstance(stages, str):
+        stages = [stages]
+    config = config or ClientConfig()
+    if timeout_s is not None:
+        from dataclasses import replace
+
+        config = replace(config, timeout_s=timeout_s)
+    return Session(list(stages), config, **kwargs)

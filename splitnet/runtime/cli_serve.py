@@ -1,0 +1,92 @@
+"""``splitnet serve-stage``: run one stage worker in this process (for multi-machine use)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from splitnet.runtime.config import StageWorkerConfig
+
+
+def add_stage_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=False, help="built-in name (minilm, tiny-gpt2, ...) or Hugging Face directory")
+    p.add_argument("--blocks", help="blocks this stage serves as START:END (END exclusive), e.g. 0:2")
+    p.add_argument("--plan", help="plan file (YAML/JSON); with --stage picks model, blocks, endpoint and codec")
+    p.add_argument("--stage", type=int, default=None, help="stage index within --plan")
+    p.add_argument("--bind", default=None, help="endpoint to bind, e.g. tcp://0.0.0.0:5555 (port 0: any free port)")
+    p.add_argument("--stage-index", type=int, default=0, help="position in the pipeline (for reports)")
+    p.add_argument("--codec-out", default="", help="codec for the outgoing cut: stateless name (fp16, int8) or saved codec file")
+    p.add_argument("--codec-file", action="append", default=[], help="saved codec this stage may decode with (repeatable)")
+    p.add_argument("--ready-endpoint", default="", help=argparse.SUPPRESS)
+    p.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    p.add_argument("--max-requests", type=int, default=256, help="most concurrent KV caches")
+    p.add_argument("--max-cache-mib", type=int, default=4096, help="KV cache memory limit (MiB)")
+    p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--log-level", default="WARNING")
+
+
+def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
+    from splitnet.errors import ConfigError
+
+    model, blocks, bind, codec_out = args.model, args.blocks, args.bind, args.codec_out
+    stage_index = args.stage_index
+    codec_files = list(args.codec_file)
+    if args.plan:
+        from splitnet.runtime.plan_io import stage_from_plan
+
+        s = stage_from_plan(args.plan, args.stage)
+        model = model or s["model"]
+        blocks = blocks or f"{s['blocks'][0]}:{s['blocks'][1]}"
+        bind = bind or s.get("bind") or "tcp://0.0.0.0:0"
+        codec_out = codec_out or s.get("codec_out", "")
+        codec_files += s.get("codec_files", [])
+        stage_index = args.stage
+    if not model or not blocks:
+        raise ConfigError("serve-stage needs --model and --blocks START:END (or --plan and --stage)")
+    try:
+        start, end = (int(x) for x in blocks.split(":"))
+    except ValueError as e:
+        raise ConfigError(f"--blocks must look like START:END, got {blocks!r}") from e
+    return StageWorkerConfig(
+        model=model,
+        start_block=start,
+        end_block=end,
+        bind=bind or "tcp://127.0.0.1:0",
+        stage_index=stage_index,
+        ready_endpoint=args.ready_endpoint,
+        codec_out=codec_out,
+        codec_files=tuple(codec_files),
+        max_requests=args.max_requests,
+        max_cache_bytes=args.max_cache_mib * 1024 * 1024,
+        parent_pid=args.parent_pid,
+        torch_threads=args.torch_threads,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from splitnet.errors import SplitnetError
+    from splitnet.runtime.worker import serve_forever
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        serve_forever(config_from_args(args))
+    except SplitnetError as e:
+        print(f"splitnet serve-stage: {type(e).__name__}: {e}")
+        return 2
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve-stage", help="serve one stage of a model over ZeroMQ")
+    add_stage_arguments(p)
+    p.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m splitnet.runtime.cli_serve")
+    add_stage_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,60 @@
+"""Configuration of a stage worker."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from splitnet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class StageWorkerConfig:
+    """Everything one stage process needs.
+
+    Attributes:
+        model: built-in model name or Hugging Face directory.
+        start_block: first block this stage serves.
+        end_block: one past the last block this stage serves.
+        bind: ZeroMQ endpoint to bind; port 0 picks a free port (``tcp://127.0.0.1:0``).
+        stage_index: position of this stage in its pipeline (for reports and errors).
+        ready_endpoint: where to announce READY (a launcher's socket); "" prints READY to stdout.
+        codec_out: codec applied to ``hidden`` before sending to the next stage: a registry name
+            of a stateless codec ("fp16", "int8", ...) or a saved codec file; "" sends raw.
+        codec_files: saved codec files this stage can decode with (looked up by hash).
+        max_requests: most concurrent requests holding a KV cache.
+        max_cache_bytes: total KV cache memory this stage may hold.
+        cache_ttl_s: a KV cache idle this long is dropped.
+        queue_depth: forward messages waiting for compute before new ones are refused.
+        send_timeout_ms: a send to a peer that cannot take it fails after this long.
+        parent_pid: exit when this process is gone (0: don't watch).
+        torch_threads: intra-op threads for torch (0: leave torch's default).
+        insecure: allow plaintext sockets (otherwise CURVE keys are required when configured).
+    """
+
+    model: str
+    start_block: int
+    end_block: int
+    bind: str = "tcp://127.0.0.1:0"
+    stage_index: int = 0
+    ready_endpoint: str = ""
+    codec_out: str = ""
+    codec_files: tuple[str, ...] = field(default_factory=tuple)
+    max_requests: int = 256
+    max_cache_bytes: int = 4 * 1024**3
+    cache_ttl_s: float = 600.0
+    queue_depth: int = 1024
+    send_timeout_ms: int = 5000
+    parent_pid: int = 0
+    torch_threads: int = 0
+    insecure: bool = True
+
+    def __post_init__(self) -> None:
+        if self.start_block < 0 or self.end_block <= self.start_block:
+            raise ConfigError(f"stage blocks [{self.start_block}, {self.end_block}) are empty or negative")
+        if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"bind endpoint {self.bind!r} must start with tcp://, ipc:// or inproc://")
+        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"StageWorkerConfig.{name} must be positive")
+        if self.cache_ttl_s <= 0:
+            raise ConfigError("StageWorkerConfig.cache_ttl_s must be positive")

@@ -1,0 +1,79 @@
+"""Applying codecs to the tensors that cross a cut (``hidden``); everything else travels raw."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from splitnet.codecs.base import Codec, Payload
+from splitnet.codecs.framing import attach_payloads, check_hash, extract_payloads
+from splitnet.codecs.registry import codec_class, make_codec
+from splitnet.errors import CodecError
+
+CODED_TENSOR = "hidden"
+
+
+def load_codec_spec(spec: str) -> Codec | None:
+    """"" -> None (raw); a registry name -> that stateless codec; a path -> the saved codec."""
+    if not spec:
+        return None
+    if Path(spec).exists():
+        from splitnet.codecs import load_codec  # provided by the codecs package
+
+        return load_codec(spec)
+    cls = codec_class(spec)
+    if cls.needs_fit:
+        raise CodecError(f"codec {spec!r} must be fitted first: run `splitnet calibrate ... --codec {spec}` and pass the file")
+    return cls()
+
+
+class CutCodecs:
+    """The codec a stage encodes with, and the codecs it can decode (stateless ones by name,
+    fitted ones by codebook hash)."""
+
+    def __init__(self, codec_out: str = "", codec_files: tuple[str, ...] = ()):
+        self.out = load_codec_spec(codec_out)
+        self.by_hash: dict[str, Codec] = {}
+        for f in codec_files:
+            c = load_codec_spec(f)
+            if c is not None:
+                self.by_hash[c.codebook_hash] = c
+        if self.out is not None and self.out.codebook_hash:
+            self.by_hash.setdefault(self.out.codebook_hash, self.out)
+
+    def encode(self, outputs: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(tensors, meta) to send for a stage's outputs."""
+        tensors = dict(outputs)
+        meta: dict[str, Any] = {}
+        if self.out is not None and CODED_TENSOR in tensors:
+            h = tensors.pop(CODED_TENSOR)
+            arr = h.detach().float().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.float32)
+            attach_payloads(tensors, meta, {CODED_TENSOR: self.out.encode(arr)})
+        return tensors, meta
+
+    def decoder_for(self, p: Payload) -> Codec:
+        if p.codebook_hash:
+            c = self.by_hash.get(p.codebook_hash)
+            if c is None:
+                raise CodecError(
+                    f"no codec with codebook {p.codebook_hash[:12]} is loaded on this stage; "
+                    "start it with --codec-file pointing at the calibrated codec"
+                )
+            check_hash(c.codebook_hash, p)
+            return c
+        cls = codec_class(p.codec)
+        if cls.needs_fit:
+            raise CodecError(f"payload of fitted codec {p.codec!r} carries no codebook hash")
+        return cls()
+
+    def decode(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        raw, payloads = extract_payloads(tensors, meta)
+        for name, p in payloads.items():
+            raw[name] = self.decoder_for(p).decode(p)
+        return raw
+
+
+__all__ = ["CutCodecs", "load_codec_spec", "make_codec"]

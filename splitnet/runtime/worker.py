@@ -1,0 +1,358 @@
+"""The stage worker: one process serving one stage of a model over ZeroMQ.
+
+Threads and sockets (a socket belongs to one thread):
+
+- the I/O thread owns the bound ROUTER. It answers ``ping``/``info`` at once (so heartbeats
+  flow while a long forward runs), validates every message before use, answers malformed
+  ones with a typed error, and queues ``forward``/``release`` work for the compute thread;
+- the compute thread owns the KV caches and one DEALER per downstream peer. It runs the stage
+  and sends the outputs to the next stage in the message's ``route`` or, at the end of the
+  route, to the client's ``reply_to`` endpoint. Errors during compute go to ``reply_to`` too.
+
+Forward messages carry in ``meta``: ``route`` (endpoints still to visit after this stage),
+``reply_to`` (the client's result endpoint), ``cache`` (keep a KV cache for ``req``),
+``want_result`` (the client needs this step's output), ``all_logits`` and ``trace``
+(per-stage timings appended by each stage).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from splitnet.errors import LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
+from splitnet.model import KVCache, load_model
+from splitnet.runtime.config import StageWorkerConfig
+from splitnet.runtime.cut_codec import CutCodecs
+from splitnet.wire import (
+    DEFAULT_LIMITS,
+    Message,
+    SocketConfig,
+    WireLimits,
+    decode_message,
+    encode_message,
+    error_message,
+    make_socket,
+    message_nbytes,
+)
+
+log = logging.getLogger("splitnet.worker")
+
+_POLL_MS = 100
+_MAX_ROUTE = 64
+
+
+@dataclass
+class _Work:
+    msg: Message
+    wire_bytes: int
+    received_at: float
+
+
+class _CacheTable:
+    """KV caches by request id with count, memory and idle-time limits."""
+
+    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float):
+        self.max_requests = max_requests
+        self.max_bytes = max_bytes
+        self.ttl_s = ttl_s
+        self.caches: dict[str, KVCache] = {}
+        self.last_used: dict[str, float] = {}
+
+    def get(self, req: str, create: bool) -> KVCache:
+        self.evict_idle()
+        cache = self.caches.get(req)
+        if cache is None:
+            if not create:
+                raise UnknownRequest(f"request {req!r} has no KV cache on this stage (expired or never prefilled)")
+            if len(self.caches) >= self.max_requests:
+                raise LimitExceeded(f"stage holds {len(self.caches)} request caches, the limit is {self.max_requests}; release finished requests")
+            cache = self.caches[req] = KVCache()
+        self.last_used[req] = time.monotonic()
+        return cache
+
+    def check_memory(self, req: str) -> None:
+        total = sum(c.nbytes for c in self.caches.values())
+        if total > self.max_bytes:
+            self.drop(req)
+            raise LimitExceeded(f"KV caches use {total} bytes, over this stage's limit of {self.max_bytes}; request {req!r} dropped")
+
+    def drop(self, req: str) -> None:
+        self.caches.pop(req, None)
+        self.last_used.pop(req, None)
+
+    def evict_idle(self) -> None:
+        now = time.monotonic()
+        for req, t in list(self.last_used.items()):
+            if now - t > self.ttl_s:
+                self.drop(req)
+
+
+class StageWorker:
+    """Serve ``config``'s stage until :meth:`stop` (or SIGTERM/SIGINT in :func:`serve_forever`)."""
+
+    def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits = DEFAULT_LIMITS):
+        self.config = config
+        self.limits = limits
+        self.socket_config = socket_config or SocketConfig(send_timeout_ms=config.send_timeout_ms)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        bm = load_model(config.model, blocks=range(config.start_block, config.end_block))
+        self.model_name = config.model
+        self.fingerprint = bm.fingerprint()
+        self.kind = bm.kind
+        self.num_blocks = bm.num_blocks
+        self.stage = bm.stage(config.start_block, config.end_block)
+        self.codecs = CutCodecs(config.codec_out, config.codec_files)
+        self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s)
+        self.ctx = zmq.Context.instance()
+        self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
+        self.stop_event = threading.Event()
+        self.endpoint = ""
+        self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
+
+    # ---------------------------------------------------------------- I/O thread -----------
+    def run(self) -> None:
+        router = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
+        router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped, not raised
+        try:
+            self.endpoint = _bind(router, self.config.bind)
+            compute = threading.Thread(target=self._compute_loop, name="splitnet-compute", daemon=True)
+            compute.start()
+            self._announce_ready()
+            poller = zmq.Poller()
+            poller.register(router, zmq.POLLIN)
+            while not self.stop_event.is_set():
+                if self.config.parent_pid and not _alive(self.config.parent_pid):
+                    log.warning("parent process %d is gone; stage %d exits", self.config.parent_pid, self.config.stage_index)
+                    break
+                if not dict(poller.poll(_POLL_MS)):
+                    continue
+                frames = router.recv_multipart(copy=False)
+                self._handle(router, frames)
+        finally:
+            self.stop_event.set()
+            try:
+                self.work.put_nowait(None)
+            except queue.Full:
+                pass
+            router.close(linger=0)
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+    def _announce_ready(self) -> None:
+        info = self.info()
+        if not self.config.ready_endpoint:
+            print(f"READY {self.endpoint} pid={os.getpid()} blocks={self.config.start_block}:{self.config.end_block}", flush=True)
+            return
+        s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+        s.setsockopt(zmq.IMMEDIATE, 0)
+        try:
+            s.connect(self.config.ready_endpoint)
+            s.send_multipart(encode_message(Message(kind="info_reply", meta={"ready": True, **info})))
+        finally:
+            s.close(linger=2000)
+
+    def info(self) -> dict[str, Any]:
+        return {
+            "endpoint": self.endpoint,
+            "pid": os.getpid(),
+            "stage_index": self.config.stage_index,
+            "model": self.model_name,
+            "fingerprint": self.fingerprint,
+            "kind": self.kind,
+            "blocks": [self.config.start_block, self.config.end_block],
+            "num_blocks": self.num_blocks,
+            "codec_out": self.codecs.out.name if self.codecs.out is not None else "raw",
+            "codec_hash": self.codecs.out.codebook_hash if self.codecs.out is not None else "",
+            "cached_requests": len(self.caches.caches),
+            "stats": dict(self.stats),
+        }
+
+    def _handle(self, router: zmq.Socket, frames: list) -> None:
+        identity, body = frames[0].bytes, frames[1:]
+        try:
+            msg = decode_message(body, self.limits)
+        except ProtocolError as e:
+            self.stats["errors"] += 1
+            self._reply(router, identity, error_message("", 0, 0, e.code, str(e), stage=self.config.stage_index))
+            return
+        if msg.kind == "ping":
+            self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t")}))
+        elif msg.kind == "info":
+            self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta=self.info()))
+        elif msg.kind in ("forward", "release"):
+            try:
+                _check_forward_meta(msg) if msg.kind == "forward" else None
+            except ProtocolError as e:
+                self.stats["errors"] += 1
+                self._reply(router, identity, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
+                return
+            try:
+                self.work.put_nowait(_Work(msg, message_nbytes(body), time.monotonic()))
+            except queue.Full:
+                err = LimitExceeded(f"stage {self.config.stage_index} has {self.config.queue_depth} requests queued; retry later")
+                self._reply(router, identity, error_message(msg.req, msg.seq, msg.epoch, err.code, str(err), stage=self.config.stage_index))
+        else:
+            err = ProtocolError(f"a stage does not accept {msg.kind!r} messages")
+            self._reply(router, identity, error_message(msg.req, msg.seq, msg.epoch, err.code, str(err), stage=self.config.stage_index))
+
+    def _reply(self, router: zmq.Socket, identity: bytes, msg: Message) -> None:
+        try:
+            router.send_multipart([identity, *encode_message(msg)], copy=False)
+        except zmq.Again:
+            log.warning("reply to a slow peer dropped")
+
+    # ---------------------------------------------------------------- compute thread -------
+    def _compute_loop(self) -> None:
+        peers: dict[str, zmq.Socket] = {}
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    item = self.work.get(timeout=_POLL_MS / 1000)
+                except queue.Empty:
+                    continue
+                if item is None:
+                    break
+                msg = item.msg
+                if msg.kind == "release":
+                    self.caches.drop(msg.req)
+                    continue
+                try:
+                    self._forward(item, peers)
+                except Exception as e:  # any failure becomes a typed error for the client
+                    self.stats["errors"] += 1
+                    if not isinstance(e, SplitnetError):
+                        log.exception("stage %d failed on request %s", self.config.stage_index, msg.req)
+                        e = StageError(f"stage {self.config.stage_index} failed: {type(e).__name__}: {e}")
+                    self.caches.drop(msg.req)
+                    self._send(peers, msg.meta["reply_to"], error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
+        finally:
+            for s in peers.values():
+                s.close(linger=0)
+
+    def _forward(self, item: _Work, peers: dict[str, zmq.Socket]) -> None:
+        msg = item.msg
+        meta = msg.meta
+        t0 = time.perf_counter()
+        arrays = self.codecs.decode(msg.tensors, meta)
+        inputs = {}
+        for name, arr in arrays.items():
+            t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
+            if msg.dtypes.get(name) == "bf16":
+                t = t.view(torch.bfloat16)
+            inputs[name] = t
+        decode_ms = (time.perf_counter() - t0) * 1e3
+        cache = None
+        if meta.get("cache") and self.stage.arch.uses_kv_cache:
+            cache = self.caches.get(msg.req, create=True)
+            pos = meta.get("pos")
+            if isinstance(pos, int) and pos != cache.length:
+                raise StageError(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay from the start")
+        t1 = time.perf_counter()
+        outputs = self.stage(inputs, cache, all_logits=bool(meta.get("all_logits")))
+        compute_ms = (time.perf_counter() - t1) * 1e3
+        if cache is not None:
+            self.caches.check_memory(msg.req)
+        route = list(meta.get("route") or [])
+        t2 = time.perf_counter()
+        if route:
+            tensors, out_meta = self.codecs.encode(outputs)
+        else:
+            tensors, out_meta = dict(outputs), {}
+        encode_ms = (time.perf_counter() - t2) * 1e3
+        trace = list(meta.get("trace") or [])
+        trace.append(
+            {
+                "stage": self.config.stage_index,
+                "pid": os.getpid(),
+                "in_bytes": item.wire_bytes,
+                "queue_ms": round((t0 - item.received_at) * 1e3 if t0 > item.received_at else 0.0, 3),
+                "decode_ms": round(decode_ms, 3),
+                "compute_ms": round(compute_ms, 3),
+                "encode_ms": round(encode_ms, 3),
+                "tokens_computed": cache.tokens_computed if cache is not None else None,
+            }
+        )
+        next_meta = {k: v for k, v in meta.items() if k not in ("route", "trace", "codecs")}
+        next_meta.update(out_meta)
+        next_meta["trace"] = trace
+        self.stats["forwards"] += 1
+        if meta.get("final") and cache is not None:
+            self.caches.drop(msg.req)
+        if route:
+            next_meta["route"] = route[1:]
+            self._send(peers, route[0], Message(kind="forward", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta), reply_to=meta["reply_to"])
+        elif meta.get("want_result", True):
+            self._send(peers, meta["reply_to"], Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
+
+    def _send(self, peers: dict[str, zmq.Socket], endpoint: str, msg: Message, reply_to: str | None = None) -> None:
+        sock = peers.get(endpoint)
+        if sock is None:
+            sock = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+            sock.connect(endpoint)
+            peers[endpoint] = sock
+        frames = encode_message(msg)
+        try:
+            sock.send_multipart(frames, copy=False)
+            self.stats["bytes_out"] += message_nbytes(frames)
+        except zmq.Again:
+            if reply_to and reply_to != endpoint:
+                # the next stage is unreachable: tell the client instead of hanging it
+                err = error_message(msg.req, msg.seq, msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)
+                self._send(peers, reply_to, err)
+            else:
+                log.warning("could not deliver %s for %s to %s", msg.kind, msg.req, endpoint)
+
+
+def _check_forward_meta(msg: Message) -> None:
+    meta = msg.meta
+    reply_to = meta.get("reply_to")
+    if not isinstance(reply_to, str) or not reply_to.startswith(("tcp://", "ipc://", "inproc://")):
+        raise ProtocolError("forward message needs meta.reply_to, an endpoint string")
+    route = meta.get("route", [])
+    if not isinstance(route, list) or len(route) > _MAX_ROUTE or not all(isinstance(r, str) and r.startswith(("tcp://", "ipc://", "inproc://")) for r in route):
+        raise ProtocolError("meta.route must be a list of endpoint strings")
+    if "pos" in meta and not (isinstance(meta["pos"], int) and meta["pos"] >= 0):
+        raise ProtocolError("meta.pos must be a non-negative int")
+
+
+def _bind(sock: zmq.Socket, endpoint: str) -> str:
+    if endpoint.startswith("tcp://") and endpoint.endswith(":0"):
+        host = endpoint[len("tcp://"):-2]
+        port = sock.bind_to_random_port(f"tcp://{host}", min_port=20000, max_port=60000, max_tries=200)
+        return f"tcp://{host}:{port}"
+    sock.bind(endpoint)
+    return sock.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def serve_forever(config: StageWorkerConfig, **kwargs: Any) -> None:
+    """Run a worker in this process until SIGTERM/SIGINT; used by ``splitnet serve-stage``."""
+    worker = StageWorker(config, **kwargs)
+
+    def _stop(signum, frame):  # noqa: ARG001
+        worker.stop()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    worker.run()
