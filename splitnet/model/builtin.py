@@ -171,10 +171,12 @@ def write_random_checkpoint(config: dict, out_dir: Path, seed: int = 0) -> None:
             elif "norm" in k.lower() or k.startswith("ln_") or ".ln_" in k or "layernorm" in k:
                 t = 1.0 + torch.randn(v.shape, generator=gen) * 0.05
             elif "wte" in k or "embed_tokens" in k:
-                t = torch.randn(v.shape, generator=gen) * 0.3  # peaked logits: greedy decoding is stable
+                t = torch.randn(v.shape, generator=gen) * 0.1
             else:
                 fan_in = v.shape[0] if "c_" in k and v.dim() == 2 else (v.shape[-1] if v.dim() >= 2 else 1)
                 t = torch.randn(v.shape, generator=gen) / max(fan_in, 1) ** 0.5
+                if k.endswith(("c_proj.weight", "o_proj.weight", "down_proj.weight")):
+                    t = t / (2 * arch.num_blocks) ** 0.5  # GPT-2's scaled residual init
             tensors[prefix + k] = t.contiguous()
 
     embed_prefix = base + ("embeddings." if config["model_type"] == "vit" else "")

@@ -1,0 +1,97 @@
+"""CURVE on real stage processes: an allowed client runs a pipeline; wrong, missing and plaintext
+keys are refused with AuthError within 2 s; plaintext serving needs --insecure off loopback."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from splitnet.edge.config import ClientConfig
+from splitnet.errors import AuthError
+from splitnet.wire.security import generate_keypair
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _serve(blocks: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
+    cmd = [sys.executable, "-m", "splitnet.runtime.cli_serve", "--model", "minilm", "--blocks", blocks,
+           "--bind", "tcp://127.0.0.1:0", "--torch-threads", "1", "--parent-pid", str(os.getpid()), *extra]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = p.stdout.readline()  # READY handshake on stdout (blocks until the stage is up or exits)
+    if not line.startswith("READY"):
+        p.kill()
+        raise RuntimeError(f"stage did not start: {line!r} {p.stderr.read()}")
+    return p, line.split()[1]
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    d = tmp_path_factory.mktemp("keys")
+    generate_keypair(d, "server")
+    generate_keypair(d, "other")
+    generate_keypair(d / "allow", "client")
+    os.replace(d / "allow" / "client.key_secret", d / "client.key_secret")
+    return d
+
+
+@pytest.fixture(scope="module")
+def secure_pipeline(keys):
+    procs = []
+    try:
+        extra = ["--server-key", str(keys / "server.key_secret"), "--keys-dir", str(keys / "allow")]
+        a, ep_a = _serve("0:3", extra)
+        procs.append(a)
+        b, ep_b = _serve("3:6", extra)
+        procs.append(b)
+        yield [ep_a, ep_b], procs
+    finally:
+        for p in procs:  # kill leftovers even when a test failed
+            p.kill()
+            p.wait(timeout=10)
+
+
+def _connect(endpoints, **cfg):
+    import splitnet.edge.sdk as sdk
+
+    return sdk.connect(endpoints, config=ClientConfig(connect_timeout_s=10, timeout_s=30, **cfg))
+
+
+def test_allowed_client_runs_pipeline(secure_pipeline, keys):
+    endpoints, _ = secure_pipeline
+    with _connect(endpoints, client_key=str(keys / "client.key_secret"), server_key=str(keys / "server.key")) as s:
+        out = s.infer({"text": ["curve keeps the cut private"]})
+    assert out and all(v.size for v in out.values())
+
+
+@pytest.mark.parametrize(
+    "case, cfg",
+    [
+        ("unlisted client key", {"client_key": "other.key_secret", "server_key": "server.key"}),
+        ("wrong server key", {"client_key": "client.key_secret", "server_key": "other.key"}),
+        ("plaintext client", {}),
+    ],
+)
+def test_refused_within_2s(secure_pipeline, keys, case, cfg):
+    endpoints, procs = secure_pipeline
+    cfg = {k: str(keys / v) for k, v in cfg.items()}
+    t0 = time.monotonic()
+    with pytest.raises(AuthError) as e:
+        _connect(endpoints, **cfg)
+    elapsed = time.monotonic() - t0
+    assert elapsed <= 2.0, f"{case}: refusal took {elapsed:.2f} s"
+    assert "stage" in str(e.value) and ("key" in str(e.value) or "CURVE" in str(e.value))
+    assert all(p.poll() is None for p in procs), "a refused client must not take a stage down"
+
+
+def test_non_loopback_plaintext_needs_insecure():
+    from splitnet.errors import ConfigError
+    from splitnet.wire.security import stage_socket_config
+
+    with pytest.raises(ConfigError, match="--insecure"):
+        stage_socket_config("", "", False, "tcp://0.0.0.0:5555")
+    assert stage_socket_config("", "", True, "tcp://0.0.0.0:5555").security is None
+    assert stage_socket_config("", "", False, "tcp://127.0.0.1:0").security is None
