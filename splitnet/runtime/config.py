@@ -28,6 +28,8 @@ class StageWorkerConfig:
         send_timeout_ms: a send to a peer that cannot take it fails after this long.
         parent_pid: exit when this process is gone (0: don't watch).
         torch_threads: intra-op threads for torch (0: leave torch's default).
+        device: torch device the stage runs on ("cpu", "cuda", "cuda:1").
+        dtype: weight and activation dtype ("float32", "float16", "bfloat16").
         insecure: allow plaintext sockets (otherwise CURVE keys are required when configured).
     """
 
@@ -46,6 +48,8 @@ class StageWorkerConfig:
     send_timeout_ms: int = 5000
     parent_pid: int = 0
     torch_threads: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
     insecure: bool = True
 
     def __post_init__(self) -> None:
@@ -56,5 +60,9 @@ class StageWorkerConfig:
         for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"StageWorkerConfig.{name} must be positive")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ConfigError(f"StageWorkerConfig.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
+        if not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"StageWorkerConfig.device must be cpu or cuda[:N], got {self.device!r}")
         if self.cache_ttl_s <= 0:
             raise ConfigError("StageWorkerConfig.cache_ttl_s must be positive")
