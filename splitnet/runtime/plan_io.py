@@ -57,6 +57,11 @@ def endpoints_from_plan(plan: Any) -> list[str]:
     return [s["endpoint"] for s in stages]
 
 
+def model_hash_from_plan(plan: Any) -> str:
+    """The model fingerprint a plan was made for ("" if it does not say)."""
+    return str(_plan_dict(plan).get("model_hash") or "")
+
+
 def _cut_codecs(doc: dict) -> dict[int, dict]:
     """Cut codecs keyed by the block after which the cut lies."""
     out = {}

@@ -165,3 +165,25 @@ def test_killed_stage_during_infer(kill_leftovers):
             with pytest.raises(StageUnavailable):
                 s.infer({"text": ["the second stage is gone"]})
             assert time.monotonic() - t0 < config.timeout_s
+
+
+def test_connect_from_plan_file_checks_model_hash(minilm_pipe, tmp_path):
+    import yaml
+
+    from splitnet.model import load_model as _load
+
+    fp = _load("minilm", blocks=[0]).fingerprint()
+    plan = {
+        "model": "minilm",
+        "model_hash": fp,
+        "stages": [{"index": i, "blocks": list(b), "endpoint": ep} for i, (b, ep) in enumerate(zip([(0, 2), (2, 4), (4, 6)], minilm_pipe.endpoints))],
+        "cuts": [],
+    }
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    with splitnet.connect(path, timeout_s=30) as s:
+        assert s.infer({"text": ["from a plan"]})["embedding"].shape == (1, 384)
+    plan["model_hash"] = "0" * 16
+    path.write_text(yaml.safe_dump(plan))
+    with pytest.raises(PlanMismatch, match="model hash"):
+        splitnet.connect(path, timeout_s=30)
