@@ -15,6 +15,7 @@ it touches a buffer, and raises :class:`ProtocolError` (or :class:`LimitExceeded
 from __future__ import annotations
 
 import math
+import threading
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple, Sequence
 
@@ -121,7 +122,18 @@ def _as_buffer(value: Any) -> tuple[str, tuple[int, ...], memoryview]:
     raise TypeError(f"cannot send {type(value).__name__} as a tensor; use a numpy array or torch tensor")
 
 
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
+_LOCAL = threading.local()  # one Packer per thread: a Packer holds a buffer and is not thread-safe
+
+
+def _pack_header(header: dict) -> bytes:
+    packer = getattr(_LOCAL, "packer", None)
+    if packer is None:
+        packer = _LOCAL.packer = msgpack.Packer(use_bin_type=True, autoreset=True)
+    try:
+        return packer.pack(header)
+    except BaseException:
+        packer.reset()  # a failed pack may leave partial bytes in the buffer
+        raise
 
 
 def encode_message(msg: Message) -> list[Any]:
@@ -137,7 +149,8 @@ def encode_message(msg: Message) -> list[Any]:
             dtype = "bf16"
         descs.append({"name": name, "dtype": dtype, "shape": list(shape), "nbytes": buf.nbytes})
         frames.append(buf)
-    frames[0] = _packb(
+    try:
+        frames[0] = _pack_header(
         {
             "v": PROTOCOL_VERSION,
             "kind": msg.kind,
@@ -147,7 +160,9 @@ def encode_message(msg: Message) -> list[Any]:
             "tensors": descs,
             "meta": msg.meta if type(msg.meta) is dict else dict(msg.meta),
         }
-    )
+        )
+    except (TypeError, ValueError, OverflowError) as e:
+        raise TypeError(f"message header cannot be encoded (meta must hold only str, int64, float, bool, None, lists and maps): {e}") from e
     return frames
 
 
