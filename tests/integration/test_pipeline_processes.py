@@ -187,3 +187,12 @@ def test_connect_from_plan_file_checks_model_hash(minilm_pipe, tmp_path):
     path.write_text(yaml.safe_dump(plan))
     with pytest.raises(PlanMismatch, match="model hash"):
         splitnet.connect(path, timeout_s=30)
+
+
+def test_vit_infer_over_two_stages(kill_leftovers):
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    with launch_pipeline("tiny-vit", [3]) as pipe, splitnet.connect(pipe.endpoints, timeout_s=30) as s:
+        assert s.kind == "vision"
+        logits = s.infer({"pixel_values": x})["logits"]
+    ref = load_model("tiny-vit").full()({"pixel_values": torch.from_numpy(x)})["logits"].numpy()
+    assert logits.shape == (2, 10) and np.abs(logits - ref).max() < 1e-4
