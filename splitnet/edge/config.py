@@ -18,8 +18,13 @@ class ClientConfig:
         heartbeat_liveness: missed heartbeats after which a stage is declared unavailable.
         reply_host: address this client binds for results; stages connect back to it, so on a
             real network it must be reachable from the last stage.
+        max_recoveries: most stage replacements + replays for one request (with a recovery hook).
         prefill_chunk_tokens: prompt tokens per prefill chunk (chunks flow through the stages
             one after another, so stage i works on chunk k+1 while stage i+1 works on chunk k).
+        client_key: this client's CURVE keypair file (``NAME.key_secret`` from ``splitnet keys gen``);
+            "" connects in plaintext (a stage that requires CURVE then refuses with AuthError).
+        server_key: the stages' public key (``server.key`` file or 40 Z85 characters); needed with
+            ``client_key``.
     """
 
     timeout_s: float = 60.0
@@ -28,6 +33,9 @@ class ClientConfig:
     heartbeat_liveness: int = 3
     reply_host: str = "127.0.0.1"
     prefill_chunk_tokens: int = 64
+    max_recoveries: int = 3
+    client_key: str = ""
+    server_key: str = ""
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "connect_timeout_s", "heartbeat_interval_s"):
@@ -35,5 +43,9 @@ class ClientConfig:
                 raise ConfigError(f"ClientConfig.{name} must be positive, got {getattr(self, name)!r}")
         if self.heartbeat_liveness < 1:
             raise ConfigError("ClientConfig.heartbeat_liveness must be >= 1")
+        if self.max_recoveries < 0:
+            raise ConfigError("ClientConfig.max_recoveries must be >= 0")
         if self.prefill_chunk_tokens < 1:
             raise ConfigError("ClientConfig.prefill_chunk_tokens must be >= 1")
+        if bool(self.client_key) != bool(self.server_key):
+            raise ConfigError("ClientConfig.client_key and server_key go together (CURVE needs both)")

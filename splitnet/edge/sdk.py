@@ -12,14 +12,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import zmq
 
 from splitnet.edge.config import ClientConfig
 from splitnet.edge.sampling import Sampler, SamplingConfig
-from splitnet.errors import ConfigError, PlanMismatch, ProtocolError, StageUnavailable, error_from_code
+from splitnet.errors import ConfigError, PlanMismatch, ProtocolError, StageUnavailable, UnknownRequest, error_from_code
 from splitnet.wire import (
     DEFAULT_LIMITS,
     Message,
@@ -55,22 +55,32 @@ class Session:
         *,
         socket_config: SocketConfig | None = None,
         tokenizer: Any = None,
+        recovery: Callable[[int], str] | None = None,
     ):
+        """``recovery(stage_index) -> endpoint`` moves a dead stage to a live process (e.g.
+        :meth:`splitnet.runtime.launcher.LocalPipeline.respawn_stage`); with it, a request that
+        loses a stage is replayed from its own inputs instead of failing."""
         if not endpoints:
             raise ConfigError("connect() needs at least one stage endpoint")
         self.endpoints = list(endpoints)
         self.config = config or ClientConfig()
+        if socket_config is None and self.config.client_key:
+            from splitnet.wire.security import client_curve_config
+
+            socket_config = SocketConfig(security=client_curve_config(self.config.client_key, self.config.server_key))
         self.socket_config = socket_config or SocketConfig()
+        self._reply_key = getattr(self.socket_config.security, "public_key", None)  # the last stage needs it to reach us
+        from splitnet.wire.security import HandshakeWatch
+
+        self._watch = HandshakeWatch(secure=self.socket_config.security is not None)
         self.ctx = zmq.Context.instance()
         self._results = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
         self._results.setsockopt(zmq.ROUTER_MANDATORY, 0)
         port = self._results.bind_to_random_port(f"tcp://{self.config.reply_host}", min_port=20000, max_port=60000)
         self.reply_to = f"tcp://{self.config.reply_host}:{port}"
-        self._controls = []
-        for ep in self.endpoints:
-            s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
-            s.connect(ep)
-            self._controls.append(s)
+        self._recovery = recovery
+        self.recoveries: list[dict] = []  # what was replaced and replayed, for reports
+        self._controls = [self._open_control(ep) for ep in self.endpoints]
         self._poller = zmq.Poller()
         self._poller.register(self._results, zmq.POLLIN)
         for s in self._controls:
@@ -90,6 +100,12 @@ class Session:
             raise
 
     # ------------------------------------------------------------------ set-up -------------
+    def _open_control(self, endpoint: str) -> zmq.Socket:
+        s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+        self._watch.add(s, endpoint)  # handshake failures (wrong/missing key) surface as AuthError at connect
+        s.connect(endpoint)
+        return s
+
     def _handshake(self) -> list[dict]:
         deadline = time.monotonic() + self.config.connect_timeout_s
         infos: dict[int, dict] = {}
@@ -103,6 +119,7 @@ class Session:
             if time.monotonic() > deadline:
                 missing = [f"stage {i} at {self.endpoints[i]}" for i in range(len(self.endpoints)) if i not in infos]
                 raise StageUnavailable(f"no answer within {self.config.connect_timeout_s} s from {', '.join(missing)}; is serve-stage running there?")
+            self._watch.check()
             for sock, _ in self._poller.poll(100):
                 if sock is self._results:
                     continue
@@ -110,6 +127,7 @@ class Session:
                 msg = decode_message(sock.recv_multipart(copy=False), DEFAULT_LIMITS)
                 if msg.kind == "info_reply":
                     infos[i] = dict(msg.meta)
+        self._watch.close()
         ordered = [infos[i] for i in range(len(self._controls))]
         fps = {(x["model"], x["fingerprint"]) for x in ordered}
         if len(fps) != 1:
@@ -155,6 +173,8 @@ class Session:
 
     def _send_forward(self, req: str, seq: int, tensors: Mapping[str, Any], meta: dict) -> int:
         meta = {"route": self.endpoints[1:], "reply_to": self.reply_to, **meta}
+        if self._reply_key:
+            meta["reply_key"] = self._reply_key.decode()
         frames = encode_message(Message(kind="forward", req=req, seq=seq, epoch=self.epoch, tensors=tensors, meta=meta))
         deadline = time.monotonic() + self.config.timeout_s
         while True:
@@ -230,6 +250,49 @@ class Session:
         for i in range(len(self._controls)):
             self._send_control(i, Message(kind="release", req=req))
 
+    # ------------------------------------------------------------------ recovery -----------
+    def _silent_stages(self) -> list[int]:
+        """Stages that answer no ping within one liveness period."""
+        wait_s = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+        answered: set[int] = set()
+        deadline = time.monotonic() + wait_s
+        next_ping = 0.0
+        while len(answered) < len(self._controls) and time.monotonic() < deadline:
+            if time.monotonic() >= next_ping:
+                for i in range(len(self._controls)):
+                    if i not in answered:
+                        self._send_control(i, Message(kind="ping", req="probe"))
+                next_ping = time.monotonic() + min(0.2, wait_s / 3)
+            for sock, _ in self._poller.poll(20):
+                frames = sock.recv_multipart(copy=False)
+                if sock is not self._results:
+                    answered.add(self._controls.index(sock))
+        return [i for i in range(len(self._controls)) if i not in answered]
+
+    def _replace_stage(self, i: int, endpoint: str) -> None:
+        old = self._controls[i]
+        self._poller.unregister(old)
+        old.close(linger=0)
+        self._controls[i] = self._open_control(endpoint)
+        self._poller.register(self._controls[i], zmq.POLLIN)
+        self.endpoints[i] = endpoint
+        self._last_seen[i] = time.monotonic()
+
+    def _recover(self, cause: Exception) -> None:
+        """Move every silent stage to a live process, or re-raise ``cause`` if that can't be done."""
+        if self._recovery is None:
+            raise cause
+        t0 = time.perf_counter()
+        dead = self._silent_stages()
+        for i in dead:
+            try:
+                self._replace_stage(i, self._recovery(i))
+            except Exception as e:  # the hook failed: report both
+                raise StageUnavailable(f"stage {i} is down and could not be replaced: {e}") from cause
+        self.epoch += 1  # messages of the old pipeline generation are ignored from here on
+        self._infos = self._handshake()
+        self.recoveries.append({"cause": str(cause)[:300], "replaced": dead, "epoch": self.epoch, "recover_ms": round((time.perf_counter() - t0) * 1e3, 1)})
+
     # ------------------------------------------------------------------ encoders / vision --
     def infer(self, inputs: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Run one batch through the pipeline and return the last stage's outputs.
@@ -241,10 +304,17 @@ class Session:
         if "text" in inputs:
             texts = inputs.pop("text")
             inputs.update(self.tokenizer([texts] if isinstance(texts, str) else list(texts), max_length=int(inputs.pop("max_length", 256))))
-        req = uuid.uuid4().hex[:16]
         t0 = time.perf_counter()
-        sent = self._send_forward(req, 0, inputs, {"cache": False})
-        key, msg = self._wait_any({(req, 0)}, timeout_s)
+        for attempt in range(self.config.max_recoveries + 1):
+            req = uuid.uuid4().hex[:16]
+            sent = self._send_forward(req, 0, inputs, {"cache": False})
+            try:
+                key, msg = self._wait_any({(req, 0)}, timeout_s)
+                break
+            except StageUnavailable as e:
+                if attempt == self.config.max_recoveries:
+                    raise
+                self._recover(e)  # a stateless request is simply sent again
         latency = (time.perf_counter() - t0) * 1e3
         self.last_stats = self._stats(msg, sent, self._result_bytes.pop(key, 0), latency)
         return {k: np.array(v) for k, v in msg.tensors.items()}
@@ -287,39 +357,66 @@ class Session:
         if not ids:
             raise ConfigError("the prompt is empty")
         sampler = Sampler(sampling or SamplingConfig())
-        req = uuid.uuid4().hex[:16]
-        chunk = self.config.prefill_chunk_tokens
         t0 = time.perf_counter()
-        seq = 0
-        sent = 0
         stats = _out if _out is not None else {}
-        try:
-            starts = list(range(0, len(ids), chunk))
-            for n, s in enumerate(starts):
-                last = n == len(starts) - 1
-                piece = np.asarray([ids[s : s + chunk]], dtype=np.int64)
-                sent += self._send_forward(req, seq, {"input_ids": piece}, {"cache": True, "pos": s, "want_result": last})
+        stats["replays"] = []
+        # the replay log: every token this request has fed the pipeline, in order. A stage that
+        # is replaced (or lost its cache) gets its KV cache rebuilt by feeding the log again.
+        fed: list[int] = []
+        req = uuid.uuid4().hex[:16]
+        seq = 0
+        out: list[int] = []
+        recoveries = 0
+
+        def feed(tokens: list[int]) -> int:
+            """Send ``tokens`` (chunked) after what was fed; return the bytes sent."""
+            nonlocal seq
+            sent = 0
+            chunk = self.config.prefill_chunk_tokens
+            for s in range(0, len(tokens), chunk):
+                piece = tokens[s : s + chunk]
+                last = s + chunk >= len(tokens)
+                sent += self._send_forward(req, seq, {"input_ids": np.asarray([piece], dtype=np.int64)}, {"cache": True, "pos": len(fed), "want_result": last})
+                fed.extend(piece)
                 seq += 1
-            pos = len(ids)
-            for step in range(max_new_tokens):
-                key, msg = self._wait_any({(req, seq - 1)}, timeout_s)
+            return sent
+
+        pending = list(ids)  # tokens still to feed
+        sent = 0
+        try:
+            while len(out) < max_new_tokens:
+                try:
+                    if pending:
+                        sent = feed(pending)
+                        pending = []
+                    key, msg = self._wait_any({(req, seq - 1)}, timeout_s)
+                except (StageUnavailable, UnknownRequest) as e:
+                    if recoveries >= self.config.max_recoveries or (self._recovery is None and isinstance(e, StageUnavailable)):
+                        raise
+                    recoveries += 1
+                    t_r = time.perf_counter()
+                    if isinstance(e, StageUnavailable):
+                        self._recover(e)
+                    self._release(req)
+                    req, seq = uuid.uuid4().hex[:16], 0
+                    fed.clear()
+                    pending = list(ids) + out  # replay: rebuilds every stage's cache for this request
+                    stats["replays"].append({"after_tokens": len(out), "replayed_tokens": len(pending), "cause": type(e).__name__, "recover_ms": round((time.perf_counter() - t_r) * 1e3, 1)})
+                    continue
                 received = self._result_bytes.pop(key, 0)
-                if step == 0:
+                if not out:
                     stats["ttft_ms"] = (time.perf_counter() - t0) * 1e3
                     stats["prefill"] = self._stats(msg, sent, received, stats["ttft_ms"])
-                    sent = 0
-                tok = sampler(msg.tensors["logits"][0])
-                stats.setdefault("tokens_computed", [t.get("tokens_computed") for t in msg.meta.get("trace", [])])
-                stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
-                stats.setdefault("decode_wire_bytes", 0)
-                if step:
+                    stats["decode_wire_bytes"] = 0
+                else:
                     stats["decode_wire_bytes"] += self._stats(msg, sent, received, 0)["wire_bytes"]
+                tok = sampler(msg.tensors["logits"][0])
+                stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
+                out.append(tok)
                 yield tok
-                if step == max_new_tokens - 1 or (stop_token is not None and tok == stop_token):
+                if len(out) == max_new_tokens or (stop_token is not None and tok == stop_token):
                     break
-                sent = self._send_forward(req, seq, {"input_ids": np.asarray([[tok]], dtype=np.int64)}, {"cache": True, "pos": pos})
-                seq += 1
-                pos += 1
+                pending = [tok]
         finally:
             stats["latency_ms"] = (time.perf_counter() - t0) * 1e3
             self._release(req)
@@ -403,6 +500,7 @@ class Session:
         self._closed = True
         for s in self._controls:
             s.close(linger=0)
+        self._watch.close()
         self._results.close(linger=0)
 
     def __enter__(self) -> "Session":
@@ -420,13 +518,14 @@ def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | 
             carry endpoints.
         config: timeouts and heartbeat settings; ``timeout_s`` is a shortcut for its request timeout.
     """
-    if isinstance(stages, (str, Path)) and not str(stages).startswith(("tcp://", "ipc://")):
-        from splitnet.runtime.plan_io import endpoints_from_plan
+    expected_hash = ""
+    is_plan = (isinstance(stages, (str, Path)) and not str(stages).startswith(("tcp://", "ipc://"))) or (
+        hasattr(stages, "stages") and not isinstance(stages, (list, tuple))
+    ) or isinstance(stages, dict)
+    if is_plan:
+        from splitnet.runtime.plan_io import endpoints_from_plan, model_hash_from_plan
 
-        stages = endpoints_from_plan(stages)
-    elif hasattr(stages, "stages") and not isinstance(stages, (list, tuple)):
-        from splitnet.runtime.plan_io import endpoints_from_plan
-
+        expected_hash = model_hash_from_plan(stages)
         stages = endpoints_from_plan(stages)
     elif isinstance(stages, str):
         stages = [stages]
@@ -435,4 +534,9 @@ def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | 
         from dataclasses import replace
 
         config = replace(config, timeout_s=timeout_s)
-    return Session(list(stages), config, **kwargs)
+    session = Session(list(stages), config, **kwargs)
+    if expected_hash and session.stages[0]["fingerprint"] != expected_hash:
+        fp = session.stages[0]["fingerprint"]
+        session.close()
+        raise PlanMismatch(f"the plan was made for model hash {expected_hash}, but the stages serve {fp}; re-run `splitnet plan` for this model")
+    return session

@@ -30,10 +30,13 @@ class StageProcess:
 class LocalPipeline:
     """Stage processes started by :func:`launch_pipeline`; a context manager that stops them."""
 
-    def __init__(self, model: str, stages: list[StageProcess]):
+    def __init__(self, model: str, stages: list[StageProcess], spec: "_LaunchSpec | None" = None, codecs: Sequence[str] = ()):
         self.model = model
         self.stages = stages
-        self._finalizer = weakref.finalize(self, _terminate, [s.popen for s in stages])
+        self._spec = spec
+        self._codecs = list(codecs)
+        self._procs = [s.popen for s in stages]  # every process ever started, for shutdown
+        self._finalizer = weakref.finalize(self, _terminate, self._procs)
 
     @property
     def endpoints(self) -> list[str]:
@@ -48,6 +51,22 @@ class LocalPipeline:
         p = self.stages[index].popen
         p.send_signal(sig)
         p.wait(timeout=10)
+
+    def respawn_stage(self, index: int) -> str:
+        """Start a fresh process for stage ``index`` (same blocks, new port) and return its
+        endpoint; the old process, if still alive, is killed. Used as a recovery hook:
+        ``splitnet.connect(..., recovery=pipe.respawn_stage)``."""
+        if self._spec is None:
+            raise ConfigError("this pipeline was not started by launch_pipeline; cannot respawn stages")
+        old = self.stages[index]
+        if old.popen.poll() is None:
+            old.popen.kill()
+            old.popen.wait(timeout=10)
+        codec = self._codecs[index] if index < len(self._codecs) else ""
+        new = _spawn_stages(self._spec, [(index, old.blocks, codec)])[0]
+        self._procs.append(new.popen)
+        self.stages[index] = new
+        return new.endpoint
 
     def close(self) -> None:
         self._finalizer()
@@ -70,6 +89,64 @@ def _terminate(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait(timeout=5)
+
+
+@dataclass(frozen=True)
+class _LaunchSpec:
+    model: str
+    host: str
+    torch_threads: int
+    codec_files: tuple[str, ...]
+    extra_args: tuple[str, ...]
+    env: dict
+    ready_timeout_s: float
+
+
+def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], str]]) -> list[StageProcess]:
+    """Start one process per (index, blocks, codec) and wait for every READY handshake."""
+    ctx = zmq.Context.instance()
+    ready = make_socket(ctx, zmq.ROUTER, SocketConfig(), server=True)
+    ready_port = ready.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
+    procs: dict[int, subprocess.Popen] = {}
+    try:
+        for i, (a, b), codec in stages:
+            cmd = [
+                sys.executable, "-m", "splitnet.runtime.cli_serve",
+                "--model", spec.model,
+                "--blocks", f"{a}:{b}",
+                "--bind", f"tcp://{spec.host}:0",
+                "--stage-index", str(i),
+                "--ready-endpoint", f"tcp://127.0.0.1:{ready_port}",
+                "--parent-pid", str(os.getpid()),
+                "--torch-threads", str(spec.torch_threads),
+                *(["--codec-out", codec] if codec else []),
+                *[x for f in spec.codec_files for x in ("--codec-file", f)],
+                *spec.extra_args,
+            ]
+            procs[i] = subprocess.Popen(cmd, env={**os.environ, **spec.env})
+        infos: dict[int, dict] = {}
+        deadline = time.monotonic() + spec.ready_timeout_s
+        while len(infos) < len(procs):
+            for i, p in procs.items():
+                if p.poll() is not None and i not in infos:
+                    raise StageUnavailable(f"stage {i} exited with code {p.returncode} before READY; see its log above")
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StageUnavailable(f"stages {sorted(set(procs) - set(infos))} sent no READY within {spec.ready_timeout_s} s")
+            if ready.poll(min(200, int(left * 1000))):
+                frames = ready.recv_multipart()
+                msg = decode_message(frames[1:])
+                if msg.kind == "info_reply" and msg.meta.get("ready"):
+                    infos[int(msg.meta["stage_index"])] = dict(msg.meta)
+    except BaseException:
+        _terminate(list(procs.values()))
+        raise
+    finally:
+        ready.close(linger=0)
+    return [
+        StageProcess(index=i, blocks=tuple(blocks), endpoint=infos[i]["endpoint"], pid=infos[i]["pid"], popen=procs[i])
+        for i, blocks, _ in stages
+    ]
 
 
 def even_cuts(num_blocks: int, num_stages: int) -> list[int]:
@@ -115,47 +192,7 @@ def launch_pipeline(
     codecs = list(codecs) if codecs is not None else [""] * len(cuts)
     if len(codecs) != len(cuts):
         raise ConfigError(f"{len(codecs)} codecs given for {len(cuts)} cuts")
-    ctx = zmq.Context.instance()
-    ready = make_socket(ctx, zmq.ROUTER, SocketConfig(), server=True)
-    ready_port = ready.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
-    procs: list[subprocess.Popen] = []
-    try:
-        for i in range(len(bounds) - 1):
-            cmd = [
-                sys.executable, "-m", "splitnet.runtime.cli_serve",
-                "--model", str(model),
-                "--blocks", f"{bounds[i]}:{bounds[i + 1]}",
-                "--bind", f"tcp://{host}:0",
-                "--stage-index", str(i),
-                "--ready-endpoint", f"tcp://127.0.0.1:{ready_port}",
-                "--parent-pid", str(os.getpid()),
-                "--torch-threads", str(torch_threads),
-                *(["--codec-out", codecs[i]] if i < len(codecs) and codecs[i] else []),
-                *[a for f in codec_files for a in ("--codec-file", f)],
-                *extra_args,
-            ]
-            procs.append(subprocess.Popen(cmd, env={**os.environ, **(env or {})}))
-        infos: dict[int, dict] = {}
-        deadline = time.monotonic() + ready_timeout_s
-        while len(infos) < len(procs):
-            for i, p in enumerate(procs):
-                if p.poll() is not None and i not in infos:
-                    raise StageUnavailable(f"stage {i} (blocks {bounds[i]}:{bounds[i + 1]}) exited with code {p.returncode} before READY; see its log above")
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise StageUnavailable(f"stages {sorted(set(range(len(procs))) - set(infos))} sent no READY within {ready_timeout_s} s")
-            if ready.poll(min(200, int(left * 1000))):
-                frames = ready.recv_multipart()
-                msg = decode_message(frames[1:])
-                if msg.kind == "info_reply" and msg.meta.get("ready"):
-                    infos[int(msg.meta["stage_index"])] = dict(msg.meta)
-    except BaseException:
-        _terminate(procs)
-        raise
-    finally:
-        ready.close(linger=0)
-    stages = [
-        StageProcess(index=i, blocks=(bounds[i], bounds[i + 1]), endpoint=infos[i]["endpoint"], pid=infos[i]["pid"], popen=procs[i])
-        for i in range(len(procs))
-    ]
-    return LocalPipeline(str(model), stages)
+    spec = _LaunchSpec(str(model), host, torch_threads, tuple(codec_files), tuple(extra_args), dict(env or {}), ready_timeout_s)
+    blocks = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
+    stages = _spawn_stages(spec, [(i, b, codecs[i] if i < len(codecs) else "") for i, b in enumerate(blocks)])
+    return LocalPipeline(str(model), stages, spec, codecs)

@@ -49,6 +49,7 @@ log = logging.getLogger("splitnet.worker")
 
 _POLL_MS = 100
 _MAX_ROUTE = 64
+_MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
 
 
 @dataclass
@@ -61,9 +62,10 @@ class _Work:
 class _CacheTable:
     """KV caches by request id with count, memory and idle-time limits."""
 
-    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float):
+    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float, max_request_bytes: int | None = None):
         self.max_requests = max_requests
         self.max_bytes = max_bytes
+        self.max_request_bytes = max_request_bytes or max_bytes
         self.ttl_s = ttl_s
         self.caches: dict[str, KVCache] = {}
         self.last_used: dict[str, float] = {}
@@ -81,6 +83,10 @@ class _CacheTable:
         return cache
 
     def check_memory(self, req: str) -> None:
+        own = self.caches[req].nbytes if req in self.caches else 0
+        if own > self.max_request_bytes:
+            self.drop(req)
+            raise LimitExceeded(f"request {req!r} holds {own} bytes of KV cache, over the per-request limit of {self.max_request_bytes}; it was dropped")
         total = sum(c.nbytes for c in self.caches.values())
         if total > self.max_bytes:
             self.drop(req)
@@ -100,7 +106,7 @@ class _CacheTable:
 class StageWorker:
     """Serve ``config``'s stage until :meth:`stop` (or SIGTERM/SIGINT in :func:`serve_forever`)."""
 
-    def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits = DEFAULT_LIMITS):
+    def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits = DEFAULT_LIMITS, max_request_cache_bytes: int | None = None):
         self.config = config
         self.limits = limits
         self.socket_config = socket_config or SocketConfig(send_timeout_ms=config.send_timeout_ms)
@@ -111,9 +117,13 @@ class StageWorker:
         self.fingerprint = bm.fingerprint()
         self.kind = bm.kind
         self.num_blocks = bm.num_blocks
-        self.stage = bm.stage(config.start_block, config.end_block)
+        self.device = torch.device(config.device)
+        self.dtype = getattr(torch, config.dtype)
+        self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
-        self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s)
+        self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes)
+        self._peer_keys: dict[str, bytes] = {}  # CURVE server key per downstream endpoint (compute thread)
+        self._sock_keys: dict[str, bytes | None] = {}  # key each open downstream socket was made with
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
         self.stop_event = threading.Event()
@@ -124,9 +134,9 @@ class StageWorker:
     def run(self) -> None:
         router = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped, not raised
+        compute = threading.Thread(target=self._compute_loop, name="splitnet-compute", daemon=True)
         try:
             self.endpoint = _bind(router, self.config.bind)
-            compute = threading.Thread(target=self._compute_loop, name="splitnet-compute", daemon=True)
             compute.start()
             self._announce_ready()
             poller = zmq.Poller()
@@ -145,6 +155,8 @@ class StageWorker:
                 self.work.put_nowait(None)
             except queue.Full:
                 pass
+            if compute.is_alive():
+                compute.join(timeout=10)  # let an in-flight forward finish before the process exits
             router.close(linger=0)
 
     def stop(self) -> None:
@@ -155,7 +167,7 @@ class StageWorker:
         if not self.config.ready_endpoint:
             print(f"READY {self.endpoint} pid={os.getpid()} blocks={self.config.start_block}:{self.config.end_block}", flush=True)
             return
-        s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+        s = make_socket(self.ctx, zmq.DEALER, SocketConfig(send_timeout_ms=self.socket_config.send_timeout_ms))  # the local launcher's socket is plaintext
         s.setsockopt(zmq.IMMEDIATE, 0)
         try:
             s.connect(self.config.ready_endpoint)
@@ -229,6 +241,7 @@ class StageWorker:
                     self.caches.drop(msg.req)
                     continue
                 try:
+                    self._note_peer_keys(msg.meta)
                     self._forward(item, peers)
                 except Exception as e:  # any failure becomes a typed error for the client
                     self.stats["errors"] += 1
@@ -251,16 +264,22 @@ class StageWorker:
             t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
             if msg.dtypes.get(name) == "bf16":
                 t = t.view(torch.bfloat16)
-            inputs[name] = t
+            if t.is_floating_point():
+                t = t.to(self.dtype)
+            inputs[name] = t.to(self.device, non_blocking=True)
         decode_ms = (time.perf_counter() - t0) * 1e3
         cache = None
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
             cache = self.caches.get(msg.req, create=True)
             pos = meta.get("pos")
             if isinstance(pos, int) and pos != cache.length:
-                raise StageError(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay from the start")
+                self.caches.drop(msg.req)
+                raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
         t1 = time.perf_counter()
         outputs = self.stage(inputs, cache, all_logits=bool(meta.get("all_logits")))
+        last = not meta.get("route")
+        # frames leave from host memory; the client gets float32 logits/embeddings whatever the stage dtype
+        outputs = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in outputs.items()}
         compute_ms = (time.perf_counter() - t1) * 1e3
         if cache is not None:
             self.caches.check_memory(msg.req)
@@ -292,15 +311,31 @@ class StageWorker:
             self.caches.drop(msg.req)
         if route:
             next_meta["route"] = route[1:]
+            if meta.get("route_keys"):
+                next_meta["route_keys"] = list(meta["route_keys"])[1:]
             self._send(peers, route[0], Message(kind="forward", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta), reply_to=meta["reply_to"])
         elif meta.get("want_result", True):
             self._send(peers, meta["reply_to"], Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
 
     def _send(self, peers: dict[str, zmq.Socket], endpoint: str, msg: Message, reply_to: str | None = None) -> None:
         sock = peers.get(endpoint)
+        key = self._peer_keys.get(endpoint)
+        if sock is not None and key is not None and self._sock_keys.get(endpoint) != key:
+            peers.pop(endpoint).close(linger=0)  # another peer (new key) took over this endpoint
+            sock = None
         if sock is None:
+            if len(peers) >= _MAX_PEERS:  # reply_to comes from peers: bound the sockets it can make us open
+                peers.pop(next(iter(peers))).close(linger=0)
             sock = make_socket(self.ctx, zmq.DEALER, self.socket_config)
-            sock.connect(endpoint)
+            self._sock_keys[endpoint] = key
+            try:
+                if key is not None and self.socket_config.security is not None:
+                    sock.curve_serverkey = key
+                sock.connect(endpoint)
+            except zmq.ZMQError as e:
+                sock.close(linger=0)
+                log.warning("cannot connect to %s (%s); %s for %s dropped", endpoint, e, msg.kind, msg.req)
+                return
             peers[endpoint] = sock
         frames = encode_message(msg)
         try:
@@ -314,6 +349,22 @@ class StageWorker:
             else:
                 log.warning("could not deliver %s for %s to %s", msg.kind, msg.req, endpoint)
 
+    def _note_peer_keys(self, meta: Any) -> None:
+        """Remember the CURVE server keys a client sent for its result socket and the next stage."""
+        if self.socket_config.security is None:
+            return
+        if isinstance(meta.get("reply_key"), str):
+            self._set_peer_key(meta["reply_to"], meta["reply_key"].encode())
+        route, keys = meta.get("route") or [], meta.get("route_keys") or []
+        if route and keys:
+            self._set_peer_key(route[0], keys[0].encode())
+
+    def _set_peer_key(self, endpoint: str, key: bytes) -> None:
+        self._peer_keys.pop(endpoint, None)  # re-insert: the newest keys are kept when over the cap
+        self._peer_keys[endpoint] = key
+        while len(self._peer_keys) > _MAX_PEERS:
+            self._peer_keys.pop(next(iter(self._peer_keys)))
+
 
 def _check_forward_meta(msg: Message) -> None:
     meta = msg.meta
@@ -325,6 +376,12 @@ def _check_forward_meta(msg: Message) -> None:
         raise ProtocolError("meta.route must be a list of endpoint strings")
     if "pos" in meta and not (isinstance(meta["pos"], int) and meta["pos"] >= 0):
         raise ProtocolError("meta.pos must be a non-negative int")
+    keys = [meta["reply_key"]] if "reply_key" in meta else []
+    route_keys = meta.get("route_keys", [])
+    if not isinstance(route_keys, list) or len(route_keys) > len(route):
+        raise ProtocolError("meta.route_keys must be a list with at most one key per route entry")
+    if not all(isinstance(k, str) and len(k) == 40 and k.isascii() for k in keys + route_keys):
+        raise ProtocolError("meta.reply_key and meta.route_keys must hold 40-character Z85 CURVE public keys")
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:

@@ -91,7 +91,7 @@ def test_generate_many_equals_one_at_a_time(gpt_pipe):
 def test_decode_step_without_prefill_is_a_typed_error(gpt_pipe):
     with splitnet.connect(gpt_pipe.endpoints, timeout_s=10) as s:
         s._send_forward("nosuchreq", 0, {"input_ids": np.array([[1]])}, {"cache": True, "pos": 5})
-        with pytest.raises(splitnet.StageError, match="position 5"):
+        with pytest.raises(UnknownRequest, match="position 5"):
             s._wait_any({("nosuchreq", 0)})
         assert UnknownRequest.code == "unknown_request"
 

@@ -1,0 +1,57 @@
+"""Fault-tolerant replay: a stage killed mid-generation is moved to a new process, the request's
+own inputs are replayed to rebuild the KV caches, and the tokens equal a run without faults."""
+
+from __future__ import annotations
+
+import pytest
+
+import splitnet
+from splitnet.edge.config import ClientConfig
+from splitnet.edge.sampling import SamplingConfig
+from splitnet.errors import StageUnavailable
+from splitnet.runtime.launcher import launch_pipeline
+
+pytestmark = pytest.mark.timeout(240)
+
+FAST = ClientConfig(timeout_s=30, heartbeat_interval_s=0.3, heartbeat_liveness=3, prefill_chunk_tokens=8)
+
+
+@pytest.mark.parametrize("victim,sampling", [(0, None), (2, SamplingConfig(temperature=1.0, top_k=40, seed=3))])
+def test_generation_survives_a_killed_stage(kill_leftovers, victim, sampling):
+    prompt = "def replay(log):\n    for token in log:"
+    with launch_pipeline("tiny-gpt2", [2, 4]) as pipe:
+        with splitnet.connect(pipe.endpoints, config=FAST) as s:
+            expected = s.generate(prompt, 24, sampling=sampling).tokens
+        with splitnet.connect(pipe.endpoints, config=FAST, recovery=pipe.respawn_stage) as s:
+            old_pid = pipe.stages[victim].pid
+            got, stats = [], {}
+            for tok in s.stream(prompt, 24, sampling=sampling, _out=stats):
+                got.append(tok)
+                if len(got) == 10:
+                    pipe.kill_stage(victim)
+            assert got == expected
+            assert len(stats["replays"]) == 1 and stats["replays"][0]["after_tokens"] == 10
+            assert s.recoveries[0]["replaced"] == [victim] and s.epoch == 1
+            assert pipe.stages[victim].pid != old_pid
+            # every stage's cache now holds the whole request exactly once
+            assert stats["tokens_computed"] == [len(s.tokenizer.encode(prompt)) + 23] * 3
+
+
+def test_infer_is_resent_after_recovery(kill_leftovers):
+    with launch_pipeline("minilm", [3]) as pipe:
+        with splitnet.connect(pipe.endpoints, config=FAST, recovery=pipe.respawn_stage) as s:
+            before = s.infer({"text": ["same input"]})["embedding"]
+            pipe.kill_stage(1)
+            after = s.infer({"text": ["same input"]})["embedding"]
+            assert abs(before - after).max() < 1e-6
+            assert s.recoveries and s.recoveries[0]["replaced"] == [1]
+
+
+def test_without_a_recovery_hook_the_error_is_raised(kill_leftovers):
+    with launch_pipeline("tiny-gpt2", [3]) as pipe:
+        with splitnet.connect(pipe.endpoints, config=FAST) as s:
+            gen = s.stream("abc", 50)
+            next(gen)
+            pipe.kill_stage(1)
+            with pytest.raises(StageUnavailable):
+                list(gen)
