@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 
 from splitnet.runtime.config import StageWorkerConfig
 
@@ -22,7 +23,13 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-requests", type=int, default=256, help="most concurrent KV caches")
     p.add_argument("--max-cache-mib", type=int, default=4096, help="KV cache memory limit (MiB)")
     p.add_argument("--torch-threads", type=int, default=0, help="torch intra-op threads (0: default)")
+    p.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"], help="weight/activation dtype")
     p.add_argument("--log-level", default="WARNING")
+    p.add_argument("--server-key", default=os.environ.get("SPLITNET_SERVER_KEY", ""), help="this stage's CURVE keypair (NAME.key_secret from `splitnet keys gen`; env SPLITNET_SERVER_KEY)")
+    p.add_argument("--keys-dir", default=os.environ.get("SPLITNET_KEYS_DIR", ""), help="allow-list: directory of client public keys *.key (env SPLITNET_KEYS_DIR)")
+    p.add_argument("--insecure", action="store_true", help="serve plaintext without authentication (warns; needed for a non-loopback bind without --server-key)")
+    p.add_argument("--max-request-cache-mib", type=int, default=0, help="KV cache memory limit per request (MiB; 0: same as --max-cache-mib)")
 
 
 def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
@@ -60,6 +67,8 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         max_cache_bytes=args.max_cache_mib * 1024 * 1024,
         parent_pid=args.parent_pid,
         torch_threads=args.torch_threads,
+        device=args.device,
+        dtype=args.dtype,
     )
 
 
@@ -69,7 +78,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        serve_forever(config_from_args(args))
+        from splitnet.wire.security import stage_socket_config
+
+        config = config_from_args(args)
+        sock_cfg = stage_socket_config(args.server_key, args.keys_dir, args.insecure, config.bind, config.send_timeout_ms)
+        serve_forever(config, socket_config=sock_cfg, max_request_cache_bytes=args.max_request_cache_mib * 1024 * 1024 or None)
     except SplitnetError as e:
         print(f"splitnet serve-stage: {type(e).__name__}: {e}")
         return 2
