@@ -50,6 +50,7 @@ log = logging.getLogger("splitnet.worker")
 _POLL_MS = 100
 _MAX_ROUTE = 64
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
+_BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
 
 
 @dataclass
@@ -124,6 +125,7 @@ class StageWorker:
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes)
         self._peer_keys: dict[str, bytes] = {}  # CURVE server key per downstream endpoint (compute thread)
         self._sock_keys: dict[str, bytes | None] = {}  # key each open downstream socket was made with
+        self._banned: dict[str, float] = {}  # endpoint -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
         self.stop_event = threading.Event()
@@ -339,9 +341,16 @@ class StageWorker:
             peers[endpoint] = sock
         frames = encode_message(msg)
         try:
+            if self._banned.get(endpoint, 0.0) > time.monotonic():
+                raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
             sock.send_multipart(frames, copy=False)
             self.stats["bytes_out"] += message_nbytes(frames)
         except zmq.Again:
+            if self._banned.get(endpoint, 0.0) <= time.monotonic():
+                self._banned.pop(endpoint, None)
+                self._banned[endpoint] = time.monotonic() + _BAN_S
+                while len(self._banned) > _MAX_PEERS:
+                    self._banned.pop(next(iter(self._banned)))
             if reply_to and reply_to != endpoint:
                 # the next stage is unreachable: tell the client instead of hanging it
                 err = error_message(msg.req, msg.seq, msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)

@@ -1,0 +1,192 @@
+"""The link emulator: a TCP relay that adds delay, jitter and loss the kernel cannot add here.
+
+This kernel has no ``netem`` qdisc, so rate is shaped by ``tc tbf`` on the veth pairs and the rest
+is added in user space: the relay listens in the *sending* host's namespace, forwards every
+connection to the target across the (rate-shaped) veth link and holds each chunk of the byte
+stream, in each direction, until ``delay_ms`` plus a jitter sample (uniform in +-``jitter_ms``)
+after it arrived. A TCP stream cannot reorder, so a chunk never leaves before the one ahead of it.
+
+Loss is modelled by its effect on TCP, since the relay sees a reliable byte stream: every
+``mss_bytes`` segment of a chunk is lost with probability ``loss_pct``/100 and each lost segment
+delays the chunk (and, by ordering, everything behind it) by one retransmission,
+``loss_penalty_ms`` (default: one round trip of the emulated link, ``2 * delay_ms``, at least
+``min_rto_ms`` = 5 ms). This is fast-retransmit recovery; it does not model cwnd halving.
+
+Run as ``python -m splitnet.lab.relay --listen HOST:PORT --target HOST:PORT [--delay-ms ...]``;
+it prints ``RELAY host:port`` once listening (port 0 picks one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass
+
+from splitnet.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Impairment:
+    """What the relay adds to each direction of a link.
+
+    Attributes:
+        delay_ms: one-way delay added to every chunk.
+        jitter_ms: half-width of the uniform jitter added to the delay.
+        loss_pct: probability (percent) that an ``mss_bytes`` segment is lost and retransmitted.
+        loss_penalty_ms: extra delay per lost segment; None: ``max(2 * delay_ms, min_rto_ms)``.
+        mss_bytes: segment size used to count segments per chunk.
+        min_rto_ms: lower bound of the default loss penalty.
+        seed: random seed (reproducible jitter and loss).
+    """
+
+    delay_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+    loss_penalty_ms: float | None = None
+    mss_bytes: int = 1448
+    min_rto_ms: float = 5.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.delay_ms < 0 or self.jitter_ms < 0 or self.jitter_ms > self.delay_ms + 1e-9:
+            raise ConfigError(f"relay delay_ms ({self.delay_ms}) and jitter_ms ({self.jitter_ms}) must be >= 0, jitter <= delay")
+        if not 0 <= self.loss_pct < 100:
+            raise ConfigError(f"relay loss_pct must be in [0, 100), got {self.loss_pct}")
+        if self.mss_bytes <= 0:
+            raise ConfigError("relay mss_bytes must be positive")
+
+    @property
+    def penalty_ms(self) -> float:
+        return self.loss_penalty_ms if self.loss_penalty_ms is not None else max(2 * self.delay_ms, self.min_rto_ms)
+
+    @property
+    def is_null(self) -> bool:
+        return self.delay_ms == 0 and self.jitter_ms == 0 and self.loss_pct == 0
+
+
+_CHUNK = 256 * 1024
+
+
+class _Pipe:
+    """One direction of one connection: read chunks, release each at its due time, in order."""
+
+    def __init__(self, imp: Impairment, rng: random.Random):
+        self.imp = imp
+        self.rng = rng
+        self.last_due = 0.0
+        self.stats = {"chunks": 0, "bytes": 0, "lost_segments": 0}
+
+    def due(self, nbytes: int) -> float:
+        imp = self.imp
+        extra = imp.delay_ms + (self.rng.uniform(-imp.jitter_ms, imp.jitter_ms) if imp.jitter_ms else 0.0)
+        if imp.loss_pct:
+            segs = -(-nbytes // imp.mss_bytes)
+            lost = sum(1 for _ in range(segs) if self.rng.random() * 100 < imp.loss_pct)
+            self.stats["lost_segments"] += lost
+            extra += lost * imp.penalty_ms
+        due = max(time.monotonic() + extra / 1e3, self.last_due)  # a byte stream keeps its order
+        self.last_due = due
+        return due
+
+    async def run(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        q: asyncio.Queue = asyncio.Queue(maxsize=64)  # back-pressure: at most 64 chunks in flight
+
+        async def pump_in() -> None:
+            try:
+                while True:
+                    data = await reader.read(_CHUNK)
+                    if not data:
+                        break
+                    await q.put((self.due(len(data)), data))
+            finally:
+                await q.put(None)
+
+        async def pump_out() -> None:
+            while True:
+                item = await q.get()
+                if item is None:
+                    break
+                due, data = item
+                wait = due - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)  # the emulated delay itself, not synchronisation
+                writer.write(data)
+                await writer.drain()
+                self.stats["chunks"] += 1
+                self.stats["bytes"] += len(data)
+            if writer.can_write_eof():
+                writer.write_eof()
+
+        await asyncio.gather(pump_in(), pump_out())
+
+
+async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairment, ready) -> None:
+    rng = random.Random(imp.seed)
+
+    async def handle(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        try:
+            t_reader, t_writer = await asyncio.wait_for(asyncio.open_connection(*target), timeout=10)
+        except (OSError, asyncio.TimeoutError):
+            c_writer.close()
+            return
+        for w in (c_writer, t_writer):
+            sock = w.get_extra_info("socket")
+            if sock is not None:
+                import socket
+
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await asyncio.gather(
+                _Pipe(imp, random.Random(rng.random())).run(c_reader, t_writer),
+                _Pipe(imp, random.Random(rng.random())).run(t_reader, c_writer),
+            )
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            for w in (c_writer, t_writer):
+                w.close()
+
+    server = await asyncio.start_server(handle, listen[0], listen[1])
+    host, port = server.sockets[0].getsockname()[:2]
+    ready(host, port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with server:
+        await stop.wait()
+
+
+def _hostport(s: str) -> tuple[str, int]:
+    s = s.removeprefix("tcp://")
+    host, _, port = s.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"expected HOST:PORT, got {s!r}")
+    return host, int(port)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m splitnet.lab.relay", description=__doc__.splitlines()[0])
+    p.add_argument("--listen", required=True, help="HOST:PORT to accept on (port 0: any)")
+    p.add_argument("--target", required=True, help="HOST:PORT to forward to")
+    p.add_argument("--delay-ms", type=float, default=0.0)
+    p.add_argument("--jitter-ms", type=float, default=0.0)
+    p.add_argument("--loss-pct", type=float, default=0.0)
+    p.add_argument("--loss-penalty-ms", type=float, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    imp = Impairment(a.delay_ms, a.jitter_ms, a.loss_pct, a.loss_penalty_ms, seed=a.seed)
+
+    def ready(host: str, port: int) -> None:
+        print(f"RELAY {host}:{port}", flush=True)
+
+    asyncio.run(_serve(_hostport(a.listen), _hostport(a.target), imp, ready))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
