@@ -152,7 +152,7 @@ def fuzz_decoder(n: int, seed: int = 0) -> dict:
 class _Worker:
     def __init__(self) -> None:
         cmd = [sys.executable, "-m", "splitnet.runtime.cli_serve", "--model", "minilm", "--blocks", "0:1",
-               "--bind", "tcp://127.0.0.1:0", "--torch-threads", "1", "--parent-pid", str(os.getpid()), "--max-requests", "64"]
+               "--bind", "tcp://127.0.0.1:0", "--torch-threads", "1", "--parent-pid", str(os.getpid()), "--max-requests", "64", "--insecure"]
         self.p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         line = self.p.stdout.readline()
         if not line.startswith("READY"):

@@ -34,7 +34,7 @@ BUILTIN_CONFIGS: dict[str, dict] = {
         "n_ctx": 1024,
         "layer_norm_epsilon": 1e-5,
         "activation_function": "gelu_new",
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": False,  # untied: random tied weights make greedy decoding repeat one token
         **_BYTE_LM,
     },
     "tiny-llama": {

@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
     model = args.model or ("tiny-gpt2" if args.generate else "minilm")
     if not args.json:
-        print(f"splitnet demo: starting {args.stages} stage processes for {model} on 127.0.0.1 ...", flush=True)
+        print(f"splitnet demo: starting {args.stages} stage processes for {model} on 127.0.0.1 (plaintext, loopback only) ...", flush=True)
     try:
         t0 = time.perf_counter()
         from splitnet.model.loading import architecture_for, resolve_model_dir
@@ -57,7 +57,8 @@ def run(args: argparse.Namespace) -> int:
 
         L = architecture_for(read_config(resolve_model_dir(model))).num_blocks
         cuts = even_cuts(L, args.stages)
-        with launch_pipeline(model, cuts, codecs=[args.codec] * len(cuts)) as pipe:
+        # local stages on 127.0.0.1 serve plaintext (--insecure); their own logs stay quiet
+        with launch_pipeline(model, cuts, codecs=[args.codec] * len(cuts), extra_args=["--log-level", "ERROR"]) as pipe:
             startup_s = time.perf_counter() - t0
             with splitnet.connect(pipe.endpoints, timeout_s=60) as session:
                 doc = _generate(session, model, args) if args.generate else _infer(session, model, args)
@@ -119,6 +120,7 @@ def _reference_generate(model: str, prompt_ids: list[int], n: int) -> tuple[list
     try:
         import transformers
 
+        transformers.utils.logging.disable_progress_bar()
         ref = transformers.AutoModelForCausalLM.from_pretrained(str(resolve_model_dir(model))).eval()
         with torch.no_grad():
             out = ref.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)

@@ -123,6 +123,8 @@ def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], st
                 *[x for f in spec.codec_files for x in ("--codec-file", f)],
                 *spec.extra_args,
             ]
+            if "--server-key" not in spec.extra_args:
+                cmd.append("--insecure")  # local stages without keys: plaintext, stated explicitly
             procs[i] = subprocess.Popen(cmd, env={**os.environ, **spec.env})
         infos: dict[int, dict] = {}
         deadline = time.monotonic() + spec.ready_timeout_s

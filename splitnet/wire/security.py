@@ -369,7 +369,7 @@ def stage_socket_config(
     server_key: str, keys_dir: str, insecure: bool, bind: str, send_timeout_ms: int = 5000
 ) -> "SocketConfig":
     """The socket settings of ``splitnet serve-stage``: CURVE from ``--server-key``/``--keys-dir``,
-    plaintext only with ``--insecure`` (warned) or when bound to loopback only (warned)."""
+    plaintext only with ``--insecure`` (warned)."""
     from splitnet.wire.sockets import SocketConfig
 
     if server_key:
@@ -380,14 +380,16 @@ def stage_socket_config(
         if not keys_dir:
             log.warning("no --keys-dir: only peers holding this stage's own keypair may connect")
         return SocketConfig(send_timeout_ms=send_timeout_ms, security=server_curve_config(server_key, keys_dir or None))
-    host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
-    loopback = bind.startswith(("ipc://", "inproc://")) or host.startswith("127.") or host in ("localhost", "[::1]")
-    if not insecure and not loopback:
+    if not insecure:
         raise ConfigError(
             f"refusing to serve {bind} without authentication: pass --server-key KEY.key_secret and --keys-dir DIR "
             "(see `splitnet keys gen`), or --insecure to accept plaintext from anyone who can reach the port"
         )
-    log.warning(INSECURE_WARNING if insecure else "serving plaintext on loopback only (no --server-key)")
-    if insecure:
+    host = bind.split("://", 1)[-1].rsplit(":", 1)[0]
+    loopback = bind.startswith(("ipc://", "inproc://")) or host.startswith("127.") or host in ("localhost", "[::1]")
+    if loopback:
+        log.warning("serving plaintext (--insecure) on loopback %s", bind)
+    else:
+        log.warning(INSECURE_WARNING)
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
     return SocketConfig(send_timeout_ms=send_timeout_ms)

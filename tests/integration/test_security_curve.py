@@ -1,5 +1,5 @@
 """CURVE on real stage processes: an allowed client runs a pipeline; wrong, missing and plaintext
-keys are refused with AuthError within 2 s; plaintext serving needs --insecure off loopback."""
+keys are refused with AuthError within 2 s; plaintext serving needs --insecure."""
 
 from __future__ import annotations
 
@@ -87,11 +87,13 @@ def test_refused_within_2s(secure_pipeline, keys, case, cfg):
     assert all(p.poll() is None for p in procs), "a refused client must not take a stage down"
 
 
-def test_non_loopback_plaintext_needs_insecure():
+def test_plaintext_needs_insecure():
     from splitnet.errors import ConfigError
     from splitnet.wire.security import stage_socket_config
 
     with pytest.raises(ConfigError, match="--insecure"):
         stage_socket_config("", "", False, "tcp://0.0.0.0:5555")
     assert stage_socket_config("", "", True, "tcp://0.0.0.0:5555").security is None
-    assert stage_socket_config("", "", False, "tcp://127.0.0.1:0").security is None
+    with pytest.raises(ConfigError, match="--insecure"):  # loopback too: plaintext is always explicit
+        stage_socket_config("", "", False, "tcp://127.0.0.1:0")
+    assert stage_socket_config("", "", True, "tcp://127.0.0.1:0").security is None

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.timeout(120)
 
 def _start(blocks: str, index: int) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen(
-        [sys.executable, "-m", "splitnet.cli", "serve-stage", "--model", "minilm", "--blocks", blocks, "--bind", "tcp://127.0.0.1:0", "--stage-index", str(index)],
+        [sys.executable, "-m", "splitnet.cli", "serve-stage", "--model", "minilm", "--blocks", blocks, "--bind", "tcp://127.0.0.1:0", "--stage-index", str(index), "--insecure"],
         stdout=subprocess.PIPE,
         text=True,
     )
