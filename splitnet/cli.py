@@ -14,6 +14,7 @@ import sys
 _COMMAND_MODULES = [
     "splitnet.runtime.cli_demo",  # demo
     "splitnet.runtime.cli_serve",  # serve-stage
+    "splitnet.cloud.server",  # serve (all stages of a plan on one device, supervised)
     "splitnet.bench.cli",  # bench <suite>
     "splitnet.codecs.cli",  # calibrate
     "splitnet.planner.cli",  # plan, profile

@@ -22,6 +22,7 @@ context, one ZAP domain per bound socket). ZeroMQ itself stays silent when a han
 from __future__ import annotations
 
 import itertools
+import errno
 import logging
 import os
 import sys
@@ -302,7 +303,8 @@ class HandshakeWatch:
 
     def _on_event(self, event: int, value: int, ep: str) -> None:
         if event == zmq.EVENT_CONNECTED:
-            self._state.setdefault(ep, "connected")
+            if self._state.get(ep) != "ok":
+                self._state[ep] = "connected"
         elif event == zmq.EVENT_HANDSHAKE_SUCCEEDED:
             self._state[ep] = "ok"
         elif event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
@@ -323,6 +325,11 @@ class HandshakeWatch:
                     f"the CURVE handshake with {ep} failed (errno {value}): the stage could not read this client's "
                     "HELLO, so the server key this client uses is not the stage's (--server-key); check both key files"
                 )
+            if value == errno.ECONNRESET:
+                # the peer's kernel reset the connection (a stage dying or restarting as we connect):
+                # no verdict on keys; the connection is retried and silence is reported by timeouts
+                self._state[ep] = "reset"
+                return
             raise AuthError(self._mismatch(ep) + f" (handshake failed, errno {value})")
         elif event == zmq.EVENT_DISCONNECTED and self._state.get(ep) == "connected":
             # the peer hung up before the handshake finished: it could not decrypt our HELLO
