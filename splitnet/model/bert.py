@@ -120,14 +120,6 @@ class MeanPoolHead(nn.Module):
 class BertArchitecture(Architecture):
     kind = "encoder"
 
-    @property
-    def num_blocks(self) -> int:
-        return self.config["num_hidden_layers"]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config["hidden_size"]
-
     def build_embed(self) -> nn.Module:
         return BertEmbeddings(self.config)
 

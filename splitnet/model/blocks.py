@@ -34,14 +34,18 @@ class Architecture(abc.ABC):
     def __init__(self, config: Mapping[str, Any]):
         self.config = dict(config)
 
+    #: config keys of the block count and the width of the residual stream
+    num_blocks_key: str = "num_hidden_layers"
+    hidden_size_key: str = "hidden_size"
+
     # --- structure -------------------------------------------------------------------------
     @property
-    @abc.abstractmethod
-    def num_blocks(self) -> int: ...
+    def num_blocks(self) -> int:
+        return int(self.config[self.num_blocks_key])
 
     @property
-    @abc.abstractmethod
-    def hidden_size(self) -> int: ...
+    def hidden_size(self) -> int:
+        return int(self.config[self.hidden_size_key])
 
     @abc.abstractmethod
     def build_embed(self) -> nn.Module: ...

@@ -90,13 +90,8 @@ class LMHead(nn.Module):
 class GPT2Architecture(Architecture):
     kind = "decoder"
 
-    @property
-    def num_blocks(self) -> int:
-        return self.config["n_layer"]
-
-    @property
-    def hidden_size(self) -> int:
-        return self.config["n_embd"]
+    num_blocks_key = "n_layer"
+    hidden_size_key = "n_embd"
 
     def build_embed(self):
         return GPT2Embed(self.config)

@@ -107,14 +107,6 @@ class LlamaBlock(nn.Module):
 class LlamaArchitecture(Architecture):
     kind = "decoder"
 
-    @property
-    def num_blocks(self):
-        return self.config["num_hidden_layers"]
-
-    @property
-    def hidden_size(self):
-        return self.config["hidden_size"]
-
     def build_embed(self):
         return LlamaEmbed(self.config)
 

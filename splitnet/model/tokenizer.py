@@ -7,6 +7,17 @@ from pathlib import Path
 import torch
 
 
+def pad_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad token id lists to the longest: ``input_ids`` and ``attention_mask`` (B, T)."""
+    T = max(1, max(len(i) for i in ids))
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for b, seq in enumerate(ids):
+        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[b, : len(seq)] = 1
+    return {"input_ids": input_ids, "attention_mask": mask}
+
+
 class HFTokenizer:
     """Wraps ``tokenizers.Tokenizer`` from a tokenizer.json; pads to the longest in a batch."""
 
@@ -21,14 +32,7 @@ class HFTokenizer:
 
     def __call__(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
         encs = self.tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
-        ids = [e.ids[:max_length] for e in encs]
-        T = max(1, max(len(i) for i in ids))
-        input_ids = torch.full((len(ids), T), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, seq in enumerate(ids):
-            input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[b, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return pad_batch([e.ids[:max_length] for e in encs], self.pad_id)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -44,14 +48,7 @@ class ByteTokenizer:
     vocab_size = 257
 
     def __call__(self, texts: list[str], max_length: int = 1024) -> dict[str, torch.Tensor]:
-        ids = [self.encode(t)[:max_length] for t in texts]
-        T = max(1, max(len(i) for i in ids))
-        input_ids = torch.zeros((len(ids), T), dtype=torch.long)
-        mask = torch.zeros((len(ids), T), dtype=torch.long)
-        for b, seq in enumerate(ids):
-            input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
-            mask[b, : len(seq)] = 1
-        return {"input_ids": input_ids, "attention_mask": mask}
+        return pad_batch([self.encode(t)[:max_length] for t in texts], 0)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

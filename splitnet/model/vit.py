@@ -93,14 +93,6 @@ class ViTHead(nn.Module):
 class ViTArchitecture(Architecture):
     kind = "vision"
 
-    @property
-    def num_blocks(self):
-        return self.config["num_hidden_layers"]
-
-    @property
-    def hidden_size(self):
-        return self.config["hidden_size"]
-
     def build_embed(self):
         return ViTEmbed(self.config)
 
