@@ -145,11 +145,13 @@ class Lab:
             raise LabError(f"{host}: `{' '.join(cmd)}` exited {r.returncode}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")
         return r
 
-    def spawn(self, host: str, cmd: Sequence[str], *, ready_prefix: str, timeout_s: float = 120, env: Mapping[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    def spawn(self, host: str, cmd: Sequence[str], *, ready_prefix: str, timeout_s: float = 120, env: Mapping[str, str] | None = None, stdin: bool = False) -> tuple[subprocess.Popen, str]:
         """Start a long-running ``cmd`` in ``host``; wait for a stdout line starting with
-        ``ready_prefix`` (a READY handshake) and return (process, that line). The lab stops it."""
+        ``ready_prefix`` (a READY handshake) and return (process, that line). The lab stops it.
+        ``stdin``: give the process a pipe on stdin (``p.stdin``) to send it commands."""
         p = subprocess.Popen(
-            self.netns_cmd(host, cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            self.netns_cmd(host, cmd), stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
             env={**os.environ, **(env or {})}, start_new_session=True,
         )
         self.procs.append(p)
@@ -174,29 +176,68 @@ class Lab:
 
     def start_stage(self, host: str, model: str, blocks: tuple[int, int], *, stage_index: int = 0, extra_args: Sequence[str] = (), port: int = 0) -> str:
         """Start ``splitnet serve-stage`` in ``host`` bound to the host's address; return its endpoint."""
+        return self.stage_process(host, model, blocks, stage_index=stage_index, extra_args=extra_args, port=port)[1]
+
+    def stage_process(self, host: str, model: str, blocks: tuple[int, int], *, stage_index: int = 0, extra_args: Sequence[str] = (), port: int = 0) -> tuple[subprocess.Popen, str]:
+        """Like :meth:`start_stage`, and also return the process (to :meth:`stop` it early)."""
         cmd = [
             sys.executable, "-m", "splitnet.runtime.cli_serve", "--model", model, "--blocks", f"{blocks[0]}:{blocks[1]}",
             "--bind", f"tcp://{self.addr(host)}:{port}", "--stage-index", str(stage_index), "--torch-threads", "1", *extra_args,
         ]
-        _, line = self.spawn(host, cmd, ready_prefix="READY")
-        return line.split()[1]
+        p, line = self.spawn(host, cmd, ready_prefix="READY")
+        return p, line.split()[1]
 
     def expose(self, endpoint: str, *, src: str, dst: str) -> str:
         """An endpoint that ``src`` uses to reach ``endpoint`` (served in ``dst``) through the link
         src<->dst with its delay/jitter/loss: a relay in ``src`` when the link is impaired, else
         ``endpoint`` itself (rate is shaped in the kernel either way)."""
+        return self.relay(endpoint, src=src, dst=dst)[1]
+
+    def relay(self, endpoint: str, *, src: str, dst: str) -> tuple[subprocess.Popen | None, str]:
+        """Like :meth:`expose`, and also return the relay process (None when none was needed), so
+        that a caller who changes the link (:meth:`set_link`) can :meth:`stop` the old relay."""
         if src == dst:
-            return endpoint
+            return None, endpoint
         spec = self.link(src, dst).spec
         if not spec.impaired:
-            return endpoint
+            return None, endpoint
         cmd = [
             sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{self.addr(src)}:0", "--target", endpoint,
             "--delay-ms", str(spec.delay_ms), "--jitter-ms", str(spec.jitter_ms), "--loss-pct", str(spec.loss_pct),
             "--seed", str(len(self.procs)),
         ]
-        _, line = self.spawn(src, cmd, ready_prefix="RELAY", timeout_s=30)
-        return "tcp://" + line.split()[1]
+        p, line = self.spawn(src, cmd, ready_prefix="RELAY", timeout_s=30)
+        return p, "tcp://" + line.split()[1]
+
+    def set_link(self, a: str, b: str, spec: LinkSpec) -> None:
+        """Reshape the link a<->b in place (tbf replaced on both ends; no rate: tbf removed). Relays
+        already started keep their old delay: stop them and expose again."""
+        ln = self.link(a, b)
+        for h, dev in ((ln.a, ln.dev_a), (ln.b, ln.dev_b)):
+            if spec.rate_mbit > 0:
+                _tbf(self.ns[h], dev, spec)
+            else:
+                _sh("ip", "netns", "exec", self.ns[h], "tc", "qdisc", "del", "dev", dev, "root", check=False)
+        ln.spec = spec
+
+    def stop(self, procs: Sequence[subprocess.Popen | None]) -> None:
+        """Stop some of the processes this lab started (SIGTERM, then SIGKILL after 5 s)."""
+        mine = [p for p in procs if p is not None and p in self.procs]
+        for p in mine:
+            if p.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGTERM)
+        for p in mine:
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(p.pid, signal.SIGKILL)
+                p.wait(timeout=5)
+            for f in (p.stdin, p.stdout, p.stderr):
+                if f:
+                    f.close()
+            self.procs.remove(p)
 
     def pipeline(self, model: str, placement: Sequence[tuple[str, tuple[int, int]]], *, client_host: str, extra_args: Sequence[str] = ()) -> list[str]:
         """Start one stage per ``(host, blocks)`` and return the endpoints a client in
@@ -219,7 +260,7 @@ class Lab:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait(timeout=5)
-            for f in (p.stdout, p.stderr):
+            for f in (p.stdin, p.stdout, p.stderr):
                 if f:
                     f.close()
         self.procs.clear()
@@ -235,7 +276,7 @@ def _tbf(ns: str, dev: str, spec: LinkSpec) -> None:
         return
     rate_bytes_s = spec.rate_mbit * 1e6 / 8
     burst = int(spec.burst_kbyte * 1024) if spec.burst_kbyte else max(16 * 1024, int(rate_bytes_s * 0.01))
-    _sh("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf",
+    _sh("ip", "netns", "exec", ns, "tc", "qdisc", "replace", "dev", dev, "root", "tbf",
         "rate", f"{spec.rate_mbit}mbit", "burst", str(burst), "latency", "200ms")
 
 
