@@ -16,20 +16,31 @@ from splitnet.errors import CodecError, ProtocolError
 PART_SEP = "."
 
 
-def payload_wire_nbytes(p: Payload) -> int:
-    """Exact bytes ``p`` adds to a message: frames + tensor descriptors + header entry + key."""
+CODECS_KEY = "codecs"
+
+
+def payload_wire_nbytes(p: Payload, name: str = "x") -> int:
+    """Exact bytes ``p`` adds to a message when attached as tensor ``name``: part frames, their
+    tensor descriptors, the header entry with its key, and the ``meta["codecs"]`` map that holds it.
+
+    For a message carrying one payload this is exact to the byte (tests/unit/test_codec_wire.py
+    checks it on a real socket); a second payload in the same message shares the ``codecs`` key,
+    so the sum over payloads over-counts by 8 bytes each, never under-counts. The default name
+    "x" is the shortest possible; a tensor named ``hidden`` costs 5 bytes more per part + 5.
+    """
     from splitnet.wire.dtypes import wire_name_of_numpy
 
-    total = packed_size("x") + packed_size(p.header_entry())  # map key is the tensor name
+    total = packed_size(CODECS_KEY) + 1  # "codecs" key + its (fix)map header
+    total += packed_size(name) + packed_size(p.header_entry())  # map key is the tensor name
     for part, arr in p.parts.items():
-        desc = {"name": f"x{PART_SEP}{part}", "dtype": wire_name_of_numpy(arr.dtype), "shape": list(arr.shape), "nbytes": arr.nbytes}
+        desc = {"name": f"{name}{PART_SEP}{part}", "dtype": wire_name_of_numpy(arr.dtype), "shape": list(arr.shape), "nbytes": arr.nbytes}
         total += packed_size(desc) + arr.nbytes
     return total
 
 
 def attach_payloads(tensors: dict[str, Any], meta: dict[str, Any], payloads: Mapping[str, Payload]) -> None:
     """Add ``payloads`` to a message's tensors and meta in place."""
-    codecs = meta.setdefault("codecs", {})
+    codecs = meta.setdefault(CODECS_KEY, {})
     for name, p in payloads.items():
         codecs[name] = p.header_entry()
         for part, arr in p.parts.items():
@@ -38,7 +49,7 @@ def attach_payloads(tensors: dict[str, Any], meta: dict[str, Any], payloads: Map
 
 def extract_payloads(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, Payload]]:
     """Split a received message's tensors into (raw tensors, payloads by name)."""
-    entries = meta.get("codecs") or {}
+    entries = meta.get(CODECS_KEY) or {}
     if not isinstance(entries, dict):
         raise ProtocolError("meta.codecs must be a map")
     raw: dict[str, np.ndarray] = {}

@@ -42,3 +42,16 @@ def codec_class(name: str) -> type[Codec]:
 def make_codec(name: str, **config: Any) -> Codec:
     """A new, unfitted codec ``name`` built with ``config``."""
     return codec_class(name)(**config)
+
+
+for _name, _mod in {
+    "fp32": "splitnet.codecs.scalar",
+    "fp16": "splitnet.codecs.scalar",
+    "int8": "splitnet.codecs.scalar",
+    "int4": "splitnet.codecs.scalar",
+    "topk": "splitnet.codecs.scalar",
+    "pq": "splitnet.codecs.vq",
+    "rvq": "splitnet.codecs.vq",
+    "alignedvq": "splitnet.codecs.alignedvq",
+}.items():
+    register_lazy(_name, _mod)

@@ -1,0 +1,409 @@
+"""AlignedVQ: align the features, vector-quantize them, and count every byte the receiver needs.
+
+Encode (edge side, numpy only)::
+
+    x (N, C)
+      -> [norm="token"]  z = (x - mu_t) / sd_t     per-token LayerNorm-style alignment; mu_t and
+                                                     log sd_t are scalar-quantised to ``side_bits``
+                                                     each and sent (the receiver undoes the alignment)
+      -> y = ((z - m) * w) @ P                        per-channel centring, sensitivity weights w
+                                                     (optional, e.g. from the next stage's Jacobian)
+                                                     and a PCA projection to ``dim`` components
+      -> greedy residual VQ over ``stages`` codebooks of ``nbits`` bits (faiss k-means codebooks)
+      -> one bit-packed frame: stages*nbits bits per token + 2*side_bits bits per token
+
+Decode (cloud side): ``z_hat = b + sum_s E_s[code_s]`` with tables E_s (K, C) that map each code
+straight back to channel space, then ``x_hat = z_hat * sd_t + mu_t``. With ``refine > 0`` the tables
+are re-fitted by least squares on the calibration codes (block coordinate descent, closed form): a
+receiver-side "aligned fine-tuning" that costs no wire bytes and no decode time.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import numpy as np
+
+from splitnet.codecs.base import Payload
+from splitnet.codecs.bitpack import BitReader, BitWriter, read_fields
+from splitnet.codecs.entropy import Huffman, huffman_lengths
+from splitnet.codecs.registry import register_codec
+from splitnet.codecs.scalar import as_tokens, check_payload, part
+from splitnet.codecs.vq import _check_int, _faiss, _FittedCodec, _nearest, _progress, _subsample
+from splitnet.errors import CodecError
+
+_EPS = 1e-6
+
+
+@register_codec
+class AlignedVQCodec(_FittedCodec):
+    """Aligned residual VQ (see the module docstring).
+
+    Args:
+        stages: residual codebooks per token.
+        nbits: bits per codebook index (codebook size 2**nbits).
+        dim: PCA components the VQ works in (0 = all channels, no projection).
+        norm: "token" (per-token alignment, side info sent) or "none" (features that already
+            leave a LayerNorm, e.g. a post-LN BERT block, need none).
+        side_bits: bits for each of the per-token mean and log-std (norm="token").
+        refine: least-squares refinement sweeps of the decoder tables (0 = training-free decoder).
+        entropy: "none" or "zlib" (compress the packed frame; kept only when it is smaller).
+        niter, max_train, seed: k-means iterations, calibration tokens used, RNG seed.
+    """
+
+    name = "alignedvq"
+
+    def __init__(
+        self,
+        stages: int = 3,
+        nbits: int = 12,
+        dim: int = 0,
+        norm: str = "none",
+        side_bits: int = 8,
+        refine: int = 2,
+        entropy: str = "none",
+        niter: int = 20,
+        max_train: int = 200_000,
+        seed: int = 0,
+        anchor_bits: int = 0,
+    ) -> None:
+        super().__init__()
+        self.stages = _check_int("alignedvq.stages", stages, 0, 64)
+        self.anchor_bits = _check_int("alignedvq.anchor_bits", anchor_bits, 0, 16)
+        self.nbits = _check_int("alignedvq.nbits", nbits, 1, 16)
+        self.dim = _check_int("alignedvq.dim", dim, 0, 1 << 16)
+        if norm not in ("token", "none"):
+            raise ValueError(f"alignedvq.norm must be 'token' or 'none', got {norm!r}")
+        if entropy not in ("none", "zlib", "huffman"):
+            raise ValueError(f"alignedvq.entropy must be 'none', 'zlib' or 'huffman', got {entropy!r}")
+        self.norm, self.entropy = norm, entropy
+        self.side_bits = _check_int("alignedvq.side_bits", side_bits, 1, 16)
+        self._huffman = None
+        self.refine = _check_int("alignedvq.refine", refine, 0, 100)
+        self.niter, self.max_train, self.seed = int(niter), int(max_train), int(seed)
+
+    # -- state -----------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        return {
+            "stages": self.stages, "nbits": self.nbits, "dim": self.dim, "norm": self.norm,
+            "side_bits": self.side_bits, "refine": self.refine, "entropy": self.entropy,
+            "niter": self.niter, "max_train": self.max_train, "seed": self.seed, "anchor_bits": self.anchor_bits,
+        }
+
+    def _arrays(self) -> dict[str, np.ndarray]:
+        out = {"center": self.center, "weight": self.weight, "proj": self.proj, "codebooks": self.codebooks,
+               "tables": self.tables, "bias": self.bias, "side_range": self.side_range}
+        if self.anchor_bits:
+            out.update(anchor_codebook=self.anchor_cb, anchor_table=self.anchor_tab)
+            if self._huffman is not None:
+                out["anchor_code_lengths"] = self._huffman.lengths.astype(np.int32)
+        return out
+
+    def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        f32 = lambda k: np.ascontiguousarray(arrays[k], dtype=np.float32)  # noqa: E731
+        self.center, self.weight, self.proj = f32("center"), f32("weight"), f32("proj")  # (C,), (C,), (C, d)
+        self.codebooks, self.tables, self.bias = f32("codebooks"), f32("tables"), f32("bias")  # (S,K,d), (S,K,C), (C,)
+        self.side_range = f32("side_range")  # (4,): mean lo, hi, log-std lo, hi
+        c, k = self.center.shape[0], 1 << self.nbits
+        d = self.proj.shape[1]
+        if self.proj.shape[0] != c or self.codebooks.shape != (self.stages, k, d) or self.tables.shape != (self.stages, k, c):
+            raise ValueError(f"alignedvq arrays are inconsistent with stages={self.stages} nbits={self.nbits}")
+        if self.anchor_bits:
+            self.anchor_cb, self.anchor_tab = f32("anchor_codebook"), f32("anchor_table")  # (A, d), (A, C)
+            a = self.anchor_cb.shape[0]
+            if not 1 < a <= 1 << self.anchor_bits or self.anchor_cb.shape[1] != d or self.anchor_tab.shape != (a, c):
+                raise ValueError("alignedvq anchor arrays are inconsistent with anchor_bits")
+            self._huffman = None
+            if self.entropy == "huffman":
+                lengths = np.asarray(arrays["anchor_code_lengths"]).astype(np.int64)
+                if lengths.shape != (a,):
+                    raise ValueError("alignedvq anchor code lengths do not match the anchor codebook")
+                self._huffman = Huffman(lengths)
+                self._huffman._table()
+        self._identity = d == c and np.array_equal(self.proj, np.eye(c, dtype=np.float32))
+        self._levels()
+
+    def _levels(self) -> None:
+        """Codebooks in encode order as (codebook in VQ space, its squared norms, decoder table, bits)."""
+        lv = []
+        if self.anchor_bits:
+            lv.append([self.anchor_cb, (self.anchor_cb**2).sum(-1), self.anchor_tab, self.anchor_bits])
+        for s in range(self.stages):
+            lv.append([self.codebooks[s], (self.codebooks[s] ** 2).sum(-1), self.tables[s], self.nbits])
+        self.levels = lv
+
+    @property
+    def bits_per_token(self) -> int:
+        return self.anchor_bits + self.stages * self.nbits + (2 * self.side_bits if self.norm == "token" else 0)
+
+    # -- alignment -------------------------------------------------------------------------
+    def _side_levels(self) -> int:
+        return (1 << self.side_bits) - 1
+
+    def _quantize_side(self, v: np.ndarray, lo: float, hi: float) -> tuple[np.ndarray, np.ndarray]:
+        step = (hi - lo) / self._side_levels() if hi > lo else 1.0
+        q = np.clip(np.rint((v - lo) / step), 0, self._side_levels()).astype(np.uint32)
+        return q, (lo + q * step).astype(np.float32)
+
+    def _dequantize_side(self, q: np.ndarray, lo: float, hi: float) -> np.ndarray:
+        step = (hi - lo) / self._side_levels() if hi > lo else 1.0
+        return (lo + q.astype(np.float32) * step).astype(np.float32)
+
+    def _align(self, t: np.ndarray):
+        """(z, side codes or None, mu_hat, sd_hat) for tokens t (N, C)."""
+        if self.norm == "none":
+            return t, None, None, None
+        mu = t.mean(axis=1)
+        lsd = np.log(t.std(axis=1) + _EPS)
+        r = self.side_range
+        qm, mu_hat = self._quantize_side(mu, float(r[0]), float(r[1]))
+        qs, lsd_hat = self._quantize_side(lsd, float(r[2]), float(r[3]))
+        sd_hat = np.exp(lsd_hat)
+        z = (t - mu_hat[:, None]) / sd_hat[:, None]
+        return z, (qm, qs), mu_hat, sd_hat
+
+    def _project(self, z: np.ndarray) -> np.ndarray:
+        y = (z - self.center) * self.weight
+        return y if self._identity else y @ self.proj  # (N, C) -> (N, d)
+
+    def _codes(self, y: np.ndarray) -> np.ndarray:
+        """Greedy residual assignment over all levels: (N, d) -> (N, L)."""
+        r = y.copy()
+        codes = np.empty((y.shape[0], len(self.levels)), dtype=np.int64)
+        for i, (cb, sq, _, _) in enumerate(self.levels):
+            codes[:, i] = _nearest(r, cb, sq)
+            r -= cb[codes[:, i]]
+        return codes
+
+    def _reconstruct(self, codes: np.ndarray) -> np.ndarray:
+        out = np.broadcast_to(self.bias, (codes.shape[0], self.bias.shape[0])).copy()
+        for i, (_, _, tab, _) in enumerate(self.levels):
+            out += tab[codes[:, i]]
+        return out
+
+    # -- fit -------------------------------------------------------------------------------
+    def fit(self, features, *, progress: bool = True, channel_weights: np.ndarray | None = None,
+            anchor_labels: np.ndarray | None = None, min_anchor_count: int = 2):
+        """Learn alignment, projection and codebooks from (N, C) calibration features.
+
+        ``channel_weights`` (C,) scales each channel's squared error in the VQ objective, e.g. the
+        mean squared Jacobian of the next stage's output w.r.t. that channel.
+
+        ``anchor_labels`` (N,) integer labels of the calibration tokens (e.g. their input token ids)
+        add an *anchor* codebook before the residual stages: the mean feature of every label seen
+        at least ``min_anchor_count`` times. The encoder never needs labels: it sends the nearest
+        anchor's index (``anchor_bits`` = ceil(log2(#anchors)) bits), like any other codebook.
+        """
+        x, _ = as_tokens(features)
+        if anchor_labels is not None:
+            lab = np.asarray(anchor_labels).reshape(-1)
+            if lab.shape[0] != x.shape[0]:
+                raise ValueError(f"anchor_labels has {lab.shape[0]} entries for {x.shape[0]} calibration tokens")
+            if self.max_train and x.shape[0] > self.max_train:
+                keep = np.sort(np.random.default_rng(self.seed).choice(x.shape[0], self.max_train, replace=False))
+                x, lab = x[keep], lab[keep]
+        elif self.stages == 0:
+            raise CodecError("alignedvq with stages=0 needs anchor_labels at fit")
+        x = _subsample(x, self.max_train, self.seed)
+        n, c = x.shape
+        faiss = _faiss()
+        k = 1 << self.nbits
+        if n < k:
+            raise CodecError(f"alignedvq: {n} calibration tokens cannot fit {k} centroids; give at least {k} (ideally 39x)")
+        total = 1 + self.stages
+        with _progress(total, f"alignedvq fit {self.stages}x{self.nbits} bit dim={self.dim or c}", progress) as bar:
+            # alignment statistics
+            if self.norm == "token":
+                mu = x.mean(axis=1)
+                lsd = np.log(x.std(axis=1) + _EPS)
+                self.side_range = np.array(
+                    [*np.quantile(mu, [0.001, 0.999]), *np.quantile(lsd, [0.001, 0.999])], dtype=np.float32
+                )
+                z = (x - mu[:, None]) / np.exp(lsd)[:, None]
+            else:
+                self.side_range = np.zeros(4, dtype=np.float32)
+                z = x
+            self.center = z.mean(axis=0).astype(np.float32)
+            if channel_weights is None:
+                self.weight = np.ones(c, dtype=np.float32)
+            else:
+                w = np.asarray(channel_weights, dtype=np.float64).reshape(-1)
+                if w.shape != (c,) or not np.all(np.isfinite(w)) or np.any(w < 0):
+                    raise ValueError(f"channel_weights must be {c} finite non-negative values")
+                w = np.sqrt(w / w.mean())
+                self.weight = np.maximum(w, 1e-3).astype(np.float32)
+            zc = (z - self.center) * self.weight
+            d = self.dim if 0 < self.dim < c else c
+            if d < c:
+                cov = (zc.T.astype(np.float64) @ zc) / n
+                evals, evecs = np.linalg.eigh(cov)
+                self.proj = np.ascontiguousarray(evecs[:, ::-1][:, :d], dtype=np.float32)  # (C, d) leading components
+            else:
+                self.proj = np.eye(c, dtype=np.float32)
+            self._identity = d == c
+            y = zc if self._identity else zc @ self.proj
+            back = self.proj.T if not self._identity else None  # (d, C)
+            r = np.ascontiguousarray(y, dtype=np.float32)
+            self.anchor_bits = 0
+            if anchor_labels is not None:
+                uniq, inv, cnt = np.unique(lab, return_inverse=True, return_counts=True)
+                sums = np.zeros((len(uniq), d), dtype=np.float64)
+                np.add.at(sums, inv, r)
+                keep = cnt >= min_anchor_count
+                if keep.sum() > 1 << 16:
+                    keep &= cnt >= np.sort(cnt)[-(1 << 16)]
+                anchors = (sums[keep] / cnt[keep, None]).astype(np.float32)
+                if anchors.shape[0] < 2:
+                    raise CodecError("alignedvq: fewer than 2 anchor labels occur often enough; give more calibration text")
+                self.anchor_bits = int(anchors.shape[0] - 1).bit_length()
+                self.anchor_cb = anchors
+                self.anchor_tab = (anchors if back is None else anchors @ back) / self.weight
+                a = _nearest(r, anchors, (anchors**2).sum(-1))  # what the encoder will pick, no labels
+                r = r - anchors[a]
+                self._huffman = None
+                if self.entropy == "huffman":
+                    self._huffman = Huffman(huffman_lengths(np.bincount(a, minlength=anchors.shape[0])))
+                    self._huffman._table()
+            bar.update()
+            # residual k-means, one codebook per stage
+            self.codebooks = np.zeros((self.stages, k, d), dtype=np.float32)
+            codes = np.empty((n, self.stages), dtype=np.int64)
+            for s in range(self.stages):
+                km = faiss.Kmeans(d, k, niter=self.niter, seed=self.seed + s, verbose=False,
+                                  max_points_per_centroid=max(256, n // k + 1))
+                km.train(r)
+                self.codebooks[s] = km.centroids
+                _, a = km.index.search(r, 1)
+                codes[:, s] = a[:, 0]
+                r = r - self.codebooks[s][codes[:, s]]
+                bar.update()
+            # decoder tables: codebooks mapped back to channel space
+            self.tables = np.empty((self.stages, k, c), dtype=np.float32)
+            for s in range(self.stages):
+                t = self.codebooks[s] if back is None else self.codebooks[s] @ back
+                self.tables[s] = t / self.weight
+            self.bias = self.center.copy()
+            self._levels()
+        self._mark_fitted()
+        if self.refine:
+            self.refine_decoder(x, self.refine, progress=progress)
+        return self
+
+    def refine_decoder(self, features, sweeps: int = 2, *, progress: bool = True) -> "AlignedVQCodec":
+        """Receiver-side "aligned fine-tuning" in closed form: re-fit each decoder table row as the
+        mean target of the calibration tokens that the encoder maps to it (block coordinate descent
+        over stages, ``sweeps`` passes). The encoder and the wire format are unchanged."""
+        self._require_fit()
+        x, _ = as_tokens(features)
+        x = _subsample(x, self.max_train, self.seed)
+        z, _, _, _ = self._align(x)
+        codes = self._codes(self._project(z))  # the codes the encoder really sends
+        c = self.bias.shape[0]
+        pred = self._reconstruct(codes)
+        with _progress(sweeps, "alignedvq refine", progress) as bar:
+            for _ in range(sweeps):
+                for i, level in enumerate(self.levels):
+                    tab = level[2]
+                    pred -= tab[codes[:, i]]
+                    resid = z - pred  # what level i should explain, (N, C)
+                    counts = np.bincount(codes[:, i], minlength=tab.shape[0])
+                    order = np.argsort(codes[:, i], kind="stable")
+                    starts = np.flatnonzero(np.r_[1, np.diff(codes[order, i])])
+                    sums = np.add.reduceat(resid[order].astype(np.float64), starts, axis=0)
+                    used = counts > 0
+                    tab[used] = (sums / counts[used, None]).astype(np.float32)
+                    pred += tab[codes[:, i]]
+                shift = (z - pred).mean(axis=0).astype(np.float32)
+                self.bias = self.bias + shift
+                pred += shift
+                bar.update()
+        self.refine = int(sweeps)
+        self._mark_fitted()
+        return self
+
+    def truncated(self, stages: int) -> "AlignedVQCodec":
+        """A codec using only the first ``stages`` codebooks (a lower rate) with the training-free
+        decoder; residual codebooks are nested, so no refit is needed."""
+        self._require_fit()
+        if not (0 if self.anchor_bits else 1) <= stages <= self.stages:
+            raise ValueError(f"stages must be in {0 if self.anchor_bits else 1}..{self.stages}")
+        cfg = {**self._config(), "stages": stages, "refine": 0}
+        arrays = {k: v.copy() for k, v in self._arrays().items()}
+        arrays.update(codebooks=self.codebooks[:stages].copy(), tables=self.tables[:stages].copy())
+        if self.refine:
+            raise CodecError("truncate a codec fitted with refine=0, then call refine_decoder() on the result")
+        return type(self).from_state(arrays, cfg)
+
+    # -- encode / decode -------------------------------------------------------------------
+    def encode(self, x) -> Payload:
+        self._require_fit()
+        t, shape = as_tokens(x)
+        self._check_width(t.shape[1], self.center.shape[0])
+        z, side, _, _ = self._align(t)
+        codes = self._codes(self._project(z))
+        w = BitWriter()
+        huff = self._huffman if self.anchor_bits else None
+        if self.anchor_bits and huff is None:
+            w.add(codes[:, 0], self.anchor_bits)
+        if self.stages:
+            w.add(codes[:, 1 if self.anchor_bits else 0 :], self.nbits)
+        if side is not None:
+            w.add(side[0], self.side_bits)
+            w.add(side[1], self.side_bits)
+        if huff is not None:
+            w.add_bits(huff.encode_bits(codes[:, 0]))  # variable-length anchor codes go last
+        buf = w.getvalue()
+        meta: dict[str, Any] = {}
+        if self.entropy == "zlib":
+            packed = zlib.compress(buf.tobytes(), 9)
+            if len(packed) < buf.nbytes:
+                buf, meta = np.frombuffer(packed, dtype=np.uint8), {"z": 1}
+        return Payload(self.name, self.codebook_hash, shape, "float32", {"b": buf}, meta)
+
+    def decode(self, payload: Payload) -> np.ndarray:
+        self._require_fit()
+        n, c = check_payload(self, payload)
+        self._check_width(c, self.center.shape[0])
+        buf = part(payload, "b")
+        huff = self._huffman if self.anchor_bits else None
+        fields = [(n, 0 if huff is not None else self.anchor_bits), (n * self.stages, self.nbits if self.stages else 0)]
+        if self.norm == "token":
+            fields += [(n, self.side_bits), (n, self.side_bits)]
+        if payload.meta.get("z"):
+            want = (sum(a * b for a, b in fields) + 7) // 8
+            try:
+                d = zlib.decompressobj()
+                raw = d.decompress(np.ascontiguousarray(buf).tobytes(), want)
+            except zlib.error as e:
+                raise CodecError(f"alignedvq payload is not valid zlib data: {e}") from e
+            if len(raw) != want or d.unconsumed_tail:
+                raise CodecError(f"alignedvq payload inflates to the wrong size (want {want} bytes)")
+            buf = np.frombuffer(raw, dtype=np.uint8)
+        if huff is not None:
+            bits = np.unpackbits(np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1), bitorder="little")
+            fixed, pos = read_fields(bits, fields)
+            anchor, used = huff.decode_bits(bits[pos:], n)
+            if (pos + used + 7) // 8 != buf.size:
+                raise CodecError(f"alignedvq payload has {buf.size} bytes, its fields need {(pos + used + 7) // 8}")
+            fixed.insert(0, anchor)
+            rd = iter(fixed)
+            read = lambda: next(rd)  # noqa: E731
+        else:
+            read = BitReader(buf, fields).read
+        parts = []
+        if self.anchor_bits:
+            a = read()
+            if a.size and a.max() >= self.anchor_cb.shape[0]:
+                raise CodecError("alignedvq payload names an anchor beyond the codebook")
+            parts.append(a[:, None])
+        if self.stages:
+            parts.append(read().reshape(n, self.stages))
+        codes = np.concatenate(parts, axis=1).astype(np.int64) if parts else np.zeros((n, 0), np.int64)
+        out = self._reconstruct(codes)
+        if self.norm == "token":
+            r = self.side_range
+            mu = self._dequantize_side(read(), float(r[0]), float(r[1]))
+            sd = np.exp(self._dequantize_side(read(), float(r[2]), float(r[3])))
+            out = out * sd[:, None] + mu[:, None]
+        return out.reshape(payload.shape)
