@@ -93,11 +93,13 @@ def _infer(session, model: str, args) -> dict:
     bm = load_model(model)
     ref = bm.full()(bm.tokenize(SENTENCES, max_length=256))["embedding"].numpy()
     diff = float(np.abs(out["embedding"] - ref).max())
+    cos = (out["embedding"] * ref).sum(-1) / (np.linalg.norm(out["embedding"], axis=-1) * np.linalg.norm(ref, axis=-1))
     tol = args.tolerance if not args.codec else max(args.tolerance, 5e-2)
     return {
         "task": f"embed {len(SENTENCES)} sentences",
         "outputs_match": bool(diff <= tol),
         "max_abs_diff": diff,
+        "min_cosine": float(cos.min()),
         "tolerance": tol,
         "output_shape": list(out["embedding"].shape),
         "wire_bytes": stats["wire_bytes"],
@@ -176,7 +178,7 @@ def _report(doc: dict) -> str:
         lines.append(f"task       {doc['task']}")
         lines.append(f"bytes      client->stage0 {doc['client_to_stage0_bytes']} B; per cut {cuts}; result {doc['result_bytes']} B; total {doc['wire_bytes']} B")
         lines.append(f"latency    {doc['latency_ms']} ms (median of {len(doc['latency_ms_runs'])})   startup {doc['startup_s']} s")
-        lines.append(f"check      max |split - unsplit| = {doc['max_abs_diff']:.2e} (tolerance {doc['tolerance']:.0e})")
+        lines.append(f"check      max |split - unsplit| = {doc['max_abs_diff']:.2e} (tolerance {doc['tolerance']:.0e}), min cosine {doc['min_cosine']:.6f}")
     else:
         kv = doc["kv_cache"]
         lines.append(f"task       {doc['task']} from a {doc['prompt_tokens']}-token prompt")

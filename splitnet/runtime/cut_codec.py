@@ -11,6 +11,7 @@ import torch
 from splitnet.codecs.base import Codec, Payload
 from splitnet.codecs.framing import attach_payloads, check_hash, extract_payloads
 from splitnet.codecs.registry import codec_class, make_codec
+from splitnet.codecs.tokens import gather_tokens, scatter_tokens
 from splitnet.errors import CodecError
 
 CODED_TENSOR = "hidden"
@@ -51,6 +52,11 @@ class CutCodecs:
         if self.out is not None and CODED_TENSOR in tensors:
             h = tensors.pop(CODED_TENSOR)
             arr = h.detach().float().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.float32)
+            mask = tensors.get("attention_mask")
+            if mask is not None and arr.ndim == 3 and tuple(mask.shape) == arr.shape[:2] and not bool((mask != 0).all()):
+                # padding never crosses the wire: encode only real tokens; the mask travels anyway
+                arr = gather_tokens(arr, mask)
+                meta["packed_tokens"] = True
             attach_payloads(tensors, meta, {CODED_TENSOR: self.out.encode(arr)})
         return tensors, meta
 
@@ -73,6 +79,10 @@ class CutCodecs:
         raw, payloads = extract_payloads(tensors, meta)
         for name, p in payloads.items():
             raw[name] = self.decoder_for(p).decode(p)
+        if meta.get("packed_tokens") and CODED_TENSOR in raw:
+            if "attention_mask" not in raw:
+                raise CodecError("packed tokens arrived without the attention_mask needed to unpack them")
+            raw[CODED_TENSOR] = scatter_tokens(raw[CODED_TENSOR], raw["attention_mask"])
         return raw
 
 

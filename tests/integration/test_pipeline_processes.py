@@ -196,3 +196,19 @@ def test_vit_infer_over_two_stages(kill_leftovers):
         logits = s.infer({"pixel_values": x})["logits"]
     ref = load_model("tiny-vit").full()({"pixel_values": torch.from_numpy(x)})["logits"].numpy()
     assert logits.shape == (2, 10) and np.abs(logits - ref).max() < 1e-4
+
+
+@pytest.mark.parametrize("codec,tol", [("fp16", 1e-3), ("int8", 2e-2)])
+def test_codecs_on_cuts_send_fewer_bytes_and_skip_padding(kill_leftovers, codec, tol):
+    texts = ["a long sentence that sets the padded length of this batch quite far out", "short"]
+    bm = load_model("minilm")
+    ref = bm.full()(bm.tokenize(texts))["embedding"].numpy()
+    n_real = int(bm.tokenize(texts)["attention_mask"].sum())
+    with launch_pipeline("minilm", [3], codecs=[codec]) as pipe, splitnet.connect(pipe.endpoints, timeout_s=30) as s:
+        assert s.stages[0]["codec_out"] == codec
+        out = s.infer({"text": texts})["embedding"]
+        cut = s.last_stats["cut_bytes"][0]
+    assert np.abs(out - ref).max() < tol
+    bytes_per_value = {"fp16": 2, "int8": 1}[codec]
+    # only real tokens cross the cut (plus per-token side info, the mask and headers)
+    assert n_real * 384 * bytes_per_value < cut < n_real * 384 * bytes_per_value + n_real * 8 + 2000
