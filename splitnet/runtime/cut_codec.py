@@ -58,6 +58,7 @@ class CutCodecs:
                 arr = gather_tokens(arr, mask)
                 meta["packed_tokens"] = True
             attach_payloads(tensors, meta, {CODED_TENSOR: self.out.encode(arr)})
+        _compact_mask(tensors, meta)
         return tensors, meta
 
     def decoder_for(self, p: Payload) -> Codec:
@@ -77,6 +78,7 @@ class CutCodecs:
 
     def decode(self, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> dict[str, np.ndarray]:
         raw, payloads = extract_payloads(tensors, meta)
+        _expand_mask(raw, meta)
         for name, p in payloads.items():
             raw[name] = self.decoder_for(p).decode(p)
         if meta.get("packed_tokens") and CODED_TENSOR in raw:
@@ -84,6 +86,36 @@ class CutCodecs:
                 raise CodecError("packed tokens arrived without the attention_mask needed to unpack them")
             raw[CODED_TENSOR] = scatter_tokens(raw[CODED_TENSOR], raw["attention_mask"])
         return raw
+
+
+def _compact_mask(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Send an attention mask as what it costs least: per-sequence lengths (int32) when every
+    row is right-padded (ones, then zeros), else one byte per position."""
+    mask = tensors.get("attention_mask")
+    if mask is None:
+        return
+    m = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) != 0
+    if m.ndim != 2:
+        return
+    lengths = m.sum(1)
+    if np.array_equal(m, np.arange(m.shape[1])[None, :] < lengths[:, None]):
+        del tensors["attention_mask"]
+        tensors["lengths"] = lengths.astype(np.int32)
+        meta["mask_len"] = int(m.shape[1])
+    else:
+        tensors["attention_mask"] = m.astype(np.uint8)
+
+
+def _expand_mask(raw: dict[str, np.ndarray], meta: Mapping[str, Any]) -> None:
+    """Rebuild the (B, T) int64 attention mask the stage expects from what crossed the cut."""
+    if "lengths" in raw:
+        T = meta.get("mask_len")
+        lengths = raw.pop("lengths")
+        if type(T) is not int or T < 0 or lengths.ndim != 1 or (lengths < 0).any() or (lengths > T).any():
+            raise CodecError("a cut sent sequence lengths without a valid meta.mask_len")
+        raw["attention_mask"] = (np.arange(T)[None, :] < lengths.astype(np.int64)[:, None]).astype(np.int64)
+    elif "attention_mask" in raw and raw["attention_mask"].dtype != np.int64:
+        raw["attention_mask"] = raw["attention_mask"].astype(np.int64)
 
 
 __all__ = ["CutCodecs", "load_codec_spec", "make_codec"]

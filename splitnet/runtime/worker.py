@@ -305,7 +305,7 @@ class StageWorker:
                 "tokens_computed": cache.tokens_computed if cache is not None else None,
             }
         )
-        next_meta = {k: v for k, v in meta.items() if k not in ("route", "trace", "codecs", "packed_tokens")}
+        next_meta = {k: v for k, v in meta.items() if k not in ("route", "trace", "codecs", "packed_tokens", "mask_len")}
         next_meta.update(out_meta)
         next_meta["trace"] = trace
         self.stats["forwards"] += 1
