@@ -82,7 +82,7 @@ class Message(NamedTuple):
 _NUMPY_WIRE_CACHE: dict[np.dtype, str] = {}
 
 
-def _numpy_buffer(arr: np.ndarray) -> tuple[str, tuple[int, ...], memoryview]:
+def _numpy_buffer(arr: np.ndarray) -> tuple[str, tuple[int, ...], Any]:
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr)  # the only copy: non-contiguous inputs
     dt = arr.dtype
@@ -93,10 +93,12 @@ def _numpy_buffer(arr: np.ndarray) -> tuple[str, tuple[int, ...], memoryview]:
         name = wire_name_of_numpy(arr.dtype)
         if dt.byteorder != ">":
             _NUMPY_WIRE_CACHE[dt] = name
-    return name, arr.shape, memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
+    if not arr.size:
+        return name, arr.shape, b""
+    return name, arr.shape, arr if arr.ndim else arr.reshape(1)  # the array itself is the frame (buffer protocol)
 
 
-def _as_buffer(value: Any) -> tuple[str, tuple[int, ...], memoryview]:
+def _as_buffer(value: Any) -> tuple[str, tuple[int, ...], Any]:
     """(wire dtype, shape, contiguous buffer) of a numpy array or torch tensor, copying only if
     the input is not C-contiguous (or not in host memory)."""
     if isinstance(value, np.ndarray):
@@ -147,7 +149,7 @@ def encode_message(msg: Message) -> list[Any]:
         dtype, shape, buf = _as_buffer(value)
         if dtype == "u16" and bf16 and bf16.get(name) == "bf16":
             dtype = "bf16"
-        descs.append({"name": name, "dtype": dtype, "shape": list(shape), "nbytes": buf.nbytes})
+        descs.append({"name": name, "dtype": dtype, "shape": list(shape), "nbytes": buf.nbytes if type(buf) is not bytes else 0})
         frames.append(buf)
     try:
         frames[0] = _pack_header(
@@ -170,7 +172,8 @@ def message_nbytes(frames: Sequence[Any]) -> int:
     """Bytes a list of frames puts on the socket (payload bytes, before ZMTP framing)."""
     total = 0
     for f in frames:
-        total += f.nbytes if isinstance(f, memoryview) else len(f)
+        n = getattr(f, "nbytes", None)  # memoryview, numpy array
+        total += n if n is not None else len(f)
     return total
 
 
@@ -272,9 +275,14 @@ def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -
             raise ProtocolError(
                 f"tensor {name!r} has dtype {dtype!r}, which is not on the allow-list {sorted(WIRE_DTYPES)}"
             )
-        if type(shape) is not list or len(shape) > limits.max_ndim or not all(type(d) is int and d >= 0 for d in shape):
+        if type(shape) is not list or len(shape) > limits.max_ndim:
             raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
-        expected = math.prod(shape) * np_dtype.itemsize
+        count = 1
+        for d in shape:
+            if type(d) is not int or d < 0:
+                raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+            count *= d
+        expected = count * np_dtype.itemsize
         if expected > limits.max_tensor_bytes:
             raise LimitExceeded(
                 f"tensor {name!r} of shape {shape} is {expected} bytes, over the limit of {limits.max_tensor_bytes}"
@@ -287,8 +295,7 @@ def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -
         total += expected
         if total > limits.max_message_bytes:
             raise LimitExceeded(f"message tensors exceed {limits.max_message_bytes} bytes")
-        arr = np.frombuffer(buf, dtype=np_dtype) if expected else np.empty(0, dtype=np_dtype)
-        tensors[name] = arr.reshape(shape)
+        tensors[name] = np.ndarray(shape, dtype=np_dtype, buffer=buf) if expected else np.empty(shape, dtype=np_dtype)
         dtypes[name] = dtype
     return Message(header["kind"], header["req"], header["seq"], header["epoch"], tensors, header["meta"], dtypes)
 

@@ -57,7 +57,6 @@ def test_big_endian_numpy_is_sent_little_endian():
 def test_buffers_are_not_copied_on_encode():
     a = np.arange(1 << 16, dtype=np.float32)
     frames = encode_message(Message(kind="forward", tensors={"a": a}))
-    assert isinstance(frames[1], memoryview)
     assert np.shares_memory(np.frombuffer(frames[1], dtype=np.float32), a)
 
 
