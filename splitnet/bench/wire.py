@@ -49,10 +49,10 @@ while True:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rtt-iters", type=int, default=3000, help="round trips per RTT measurement")
-    p.add_argument("--tput-messages", type=int, default=300, help="4 MiB messages per throughput measurement")
+    p.add_argument("--rtt-iters", type=int, default=1000, help="round trips per RTT measurement")
+    p.add_argument("--tput-messages", type=int, default=150, help="4 MiB messages per throughput measurement")
     p.add_argument("--window", type=int, default=4, help="messages in flight during the throughput run")
-    p.add_argument("--repeats", type=int, default=3, help="alternating repeats of each measurement (median kept)")
+    p.add_argument("--repeats", type=int, default=9, help="alternating repeats of each measurement (median kept)")
 
 
 def _start(mode: str, tmpdir: str) -> tuple[subprocess.Popen, str]:
