@@ -405,26 +405,18 @@ def netns_runner(model: str = "minilm", num_blocks: int = 6, vocab: int = 30522,
 def _ask(proc, cmd: dict, timeout_s: float) -> dict:
     """Send one JSON command line to the client process and wait (bounded) for its JSON answer."""
     import json
-    import selectors
+
+    from splitnet.lab.netns import read_line
 
     proc.stdin.write(json.dumps(cmd) + "\n")
     proc.stdin.flush()
-    sel = selectors.DefaultSelector()
-    sel.register(proc.stdout, selectors.EVENT_READ)
-    deadline = time.monotonic() + timeout_s
     try:
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"netns client gave no answer within {timeout_s} s")
-            if sel.select(min(left, 1.0)):
-                line = proc.stdout.readline()
-                if not line:
-                    raise RuntimeError(f"netns client exited ({proc.poll()}): {proc.stderr.read()[-3000:]}")
-                if line.startswith("{"):
-                    return json.loads(line)
-    finally:
-        sel.close()
+        line = read_line(proc, lambda ln: ln.startswith("{"), timeout_s)
+    except TimeoutError:
+        raise TimeoutError(f"netns client gave no answer within {timeout_s} s") from None
+    except EOFError as e:
+        raise RuntimeError(f"netns client exited ({proc.poll()}): {e}") from None
+    return json.loads(line)
 
 
 def _client_main(argv: list[str] | None = None) -> int:

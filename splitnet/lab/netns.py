@@ -35,6 +35,31 @@ STATE_DIR = Path("/run/splitnet-lab")
 SUBNET = "10.213"
 
 
+def read_line(proc: subprocess.Popen, accept, timeout_s: float) -> str:
+    """The first line ``proc`` prints on stdout that ``accept(line)`` takes, within ``timeout_s``.
+
+    Raises TimeoutError on silence and EOFError (with the tail of stderr) if the process exits."""
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    try:
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no answer within {timeout_s} s")
+            if sel.select(min(left, 1.0)):
+                line = proc.stdout.readline()
+                if accept(line):
+                    return line
+                if not line and proc.poll() is not None:
+                    err = proc.stderr.read()[-3000:] if proc.stderr else ""
+                    raise EOFError(err)
+    finally:
+        sel.close()
+
+
 class LabError(SplitnetError):
     """Building or using a lab failed (not root, no ``ip``/``tc``, a command failed)."""
 
@@ -155,24 +180,16 @@ class Lab:
             env={**os.environ, **(env or {})}, start_new_session=True,
         )
         self.procs.append(p)
-        import selectors
+        def starts(line: str) -> bool:
+            return line.startswith(ready_prefix)
 
-        sel = selectors.DefaultSelector()
-        sel.register(p.stdout, selectors.EVENT_READ)
-        deadline = time.monotonic() + timeout_s
         try:
-            while True:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise StageUnavailable(f"{host}: `{' '.join(cmd[:6])} ...` printed no {ready_prefix} within {timeout_s} s")
-                if sel.select(min(left, 1.0)):
-                    line = p.stdout.readline()
-                    if line.startswith(ready_prefix):
-                        return p, line.strip()
-                    if not line and p.poll() is not None:
-                        raise StageUnavailable(f"{host}: `{' '.join(cmd[:6])} ...` exited {p.returncode} before {ready_prefix}: {p.stderr.read()[-3000:]}")
-        finally:
-            sel.close()
+            line = read_line(p, starts, timeout_s)
+        except TimeoutError:
+            raise StageUnavailable(f"{host}: `{' '.join(cmd[:6])} ...` printed no {ready_prefix} within {timeout_s} s") from None
+        except EOFError as e:
+            raise StageUnavailable(f"{host}: `{' '.join(cmd[:6])} ...` exited {p.returncode} before {ready_prefix}: {e}") from None
+        return p, line.strip()
 
     def start_stage(self, host: str, model: str, blocks: tuple[int, int], *, stage_index: int = 0, extra_args: Sequence[str] = (), port: int = 0) -> str:
         """Start ``splitnet serve-stage`` in ``host`` bound to the host's address; return its endpoint."""
@@ -227,9 +244,10 @@ class Lab:
             if p.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 5
         for p in mine:
             try:
-                p.wait(timeout=5)
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, signal.SIGKILL)
@@ -248,22 +266,7 @@ class Lab:
         return [self.expose(ep, src=s, dst=h) for ep, s, (h, _) in zip(raw, senders, placement)]
 
     def stop_processes(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGTERM)  # its own session: the ip-netns-exec'd python
-        deadline = time.monotonic() + 5
-        for p in self.procs:
-            try:
-                p.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(p.pid, signal.SIGKILL)
-                p.wait(timeout=5)
-            for f in (p.stdin, p.stdout, p.stderr):
-                if f:
-                    f.close()
-        self.procs.clear()
+        self.stop(list(self.procs))
 
     def close(self) -> None:
         self.stop_processes()
