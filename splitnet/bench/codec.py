@@ -53,14 +53,33 @@ def _wilson_pt(p: float, n: int) -> float:
     return float(100 * 1.96 * math.sqrt(max(p * (1 - p), 1e-12) / n))
 
 
+def _mask_side_bytes(lens: np.ndarray) -> int:
+    """Bytes the runtime adds to a cut message so the receiver can unpack the packed real tokens
+    of these sequences: what :class:`splitnet.runtime.cut_codec.CutCodecs` sends for their
+    attention mask (nothing without padding, else per-sequence lengths), measured as the
+    difference between two encoded messages."""
+    from splitnet.runtime.cut_codec import _compact_mask
+    from splitnet.wire import Message, encode_message, message_nbytes
+
+    lens = np.asarray(lens)
+    mask = (np.arange(int(lens.max()))[None, :] < lens[:, None]).astype(np.int64)
+    tensors: dict[str, Any] = {"attention_mask": mask}
+    meta: dict[str, Any] = {} if mask.all() else {"packed_tokens": True}
+    _compact_mask(tensors, meta)
+    return message_nbytes(encode_message(Message(kind="forward", tensors=tensors, meta=meta))) - message_nbytes(
+        encode_message(Message(kind="forward"))
+    )
+
+
 def _codec_pass(codec: Codec, tokens: np.ndarray, lens: np.ndarray) -> dict[str, Any]:
-    """Encode per message (MESSAGE_SEQS sequences) and per request (one sequence); decode all."""
+    """Encode per message (MESSAGE_SEQS sequences) and per request (one sequence); decode all.
+    Bytes include what the receiver needs besides the payload (sequence lengths)."""
     offs = np.concatenate([[0], np.cumsum(lens)])
     msg_bytes, out = 0, []
     for i in range(0, len(lens), MESSAGE_SEQS):
         x = tokens[offs[i] : offs[min(i + MESSAGE_SEQS, len(lens))]]
         p = codec.encode(x)
-        msg_bytes += p.nbytes
+        msg_bytes += p.nbytes + _mask_side_bytes(lens[i : i + MESSAGE_SEQS])
         out.append(codec.decode(p))
     req_bytes, enc_s, dec_s = 0, 0.0, 0.0
     for j in range(len(lens)):
@@ -71,7 +90,7 @@ def _codec_pass(codec: Codec, tokens: np.ndarray, lens: np.ndarray) -> dict[str,
         codec.decode(p)
         dec_s += time.perf_counter() - t1
         enc_s += t1 - t0
-        req_bytes += p.nbytes
+        req_bytes += p.nbytes + _mask_side_bytes(lens[j : j + 1])
     n_tok = int(lens.sum())
     return {
         "decoded": np.concatenate(out),

@@ -97,6 +97,9 @@ def _compact_mask(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     m = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) != 0
     if m.ndim != 2:
         return
+    if m.all():
+        del tensors["attention_mask"]  # no padding: the receiving stage assumes every position is real
+        return
     lengths = m.sum(1)
     if np.array_equal(m, np.arange(m.shape[1])[None, :] < lengths[:, None]):
         del tensors["attention_mask"]

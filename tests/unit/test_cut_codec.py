@@ -38,3 +38,16 @@ def test_other_masks_travel_as_bytes():
 def test_bad_lengths_are_refused():
     with pytest.raises(CodecError, match="mask_len"):
         CutCodecs().decode({"hidden": np.zeros((1, 2, 4), np.float32), "lengths": np.array([3], np.int32)}, {"mask_len": 2})
+
+
+def test_mask_without_padding_is_not_sent_and_the_stage_assumes_it():
+    from splitnet.model import load_model
+
+    bm = load_model("minilm")
+    batch = bm.tokenize(["no padding here"])
+    h = bm.stage(0, 3)(batch)
+    tensors, meta = CutCodecs().encode(h)
+    assert set(tensors) == {"hidden"}
+    back = CutCodecs().decode({k: np.asarray(v) for k, v in tensors.items()}, meta)
+    out = bm.stage(3, 6)({k: torch.from_numpy(np.array(v)) for k, v in back.items()})["embedding"]
+    assert torch.allclose(out, bm.full()(batch)["embedding"], atol=1e-6)
