@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"quick": quick, "cuts": cuts, "eval_items": n_eval, **cfg,
                    "bytes": "Payload.nbytes: part frames + descriptors + header entry (incl. codebook hash); "
                             f"headline per message of {MESSAGE_SEQS} sequences, *_per_request with one message per sequence",
-                   "padding": "only real tokens (attention_mask == 1) are encoded; the mask travels separately",
+                   "padding": "only real tokens (attention_mask == 1) are encoded; the sequence lengths the receiver needs to unpack them are counted in the bytes",
                    "encode_ms/decode_ms": "MiniLM: mean per request (one docstring); ViT: one payload of all test images"},
         "minilm": info,
         "results": results,
