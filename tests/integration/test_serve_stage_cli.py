@@ -19,10 +19,11 @@ def _start(blocks: str, index: int) -> tuple[subprocess.Popen, str]:
     p = subprocess.Popen(
         [sys.executable, "-m", "splitnet.cli", "serve-stage", "--model", "minilm", "--blocks", blocks, "--bind", "tcp://127.0.0.1:0", "--stage-index", str(index), "--insecure"],
         stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
     line = p.stdout.readline()  # blocks until READY (the process prints it once bound and loaded)
-    assert line.startswith("READY "), line
+    assert line.startswith("READY "), (line, p.poll(), p.stderr.read() if p.poll() is not None else "")
     return p, line.split()[1]
 
 
@@ -41,7 +42,8 @@ def test_serve_stage_by_hand_then_sigterm(kill_leftovers):
         for p in procs:
             p.send_signal(signal.SIGTERM)
         for p in procs:
-            assert p.wait(timeout=20) == 0
+            code = p.wait(timeout=20)
+            assert code == 0, (code, p.stderr.read()[-3000:])
     finally:
         for p in procs:
             if p.poll() is None:
