@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 from splitnet.runtime.config import StageWorkerConfig
 
@@ -86,7 +87,13 @@ def run(args: argparse.Namespace) -> int:
     except SplitnetError as e:
         print(f"splitnet serve-stage: {type(e).__name__}: {e}")
         return 2
-    return 0
+    # The worker has closed its sockets and joined its compute thread. Leave without running C++
+    # static destructors: torch's and libzmq's background threads can abort an orderly interpreter
+    # exit ("terminate called without an active exception"), turning a clean stop into SIGABRT.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
