@@ -190,14 +190,19 @@ def _ping(ctrl: zmq.Socket, timeout_ms: int = 3000) -> bool:
     return False
 
 
-def fuzz_worker(w: _Worker, n: int, seed: int = 0) -> dict:
-    rng = random.Random(seed + 1)
+def _client_sockets(w: _Worker) -> tuple[zmq.Socket, zmq.Socket, str]:
+    """A control DEALER connected to the worker, and a result ROUTER the worker can reply to."""
     ctx = zmq.Context.instance()
     ctrl = make_socket(ctx, zmq.DEALER, SocketConfig())
     ctrl.connect(w.endpoint)
     results = make_socket(ctx, zmq.ROUTER, SocketConfig(), server=True)
     port = results.bind_to_random_port("tcp://127.0.0.1")
-    reply_to = f"tcp://127.0.0.1:{port}"
+    return ctrl, results, f"tcp://127.0.0.1:{port}"
+
+
+def fuzz_worker(w: _Worker, n: int, seed: int = 0) -> dict:
+    rng = random.Random(seed + 1)
+    ctrl, results, reply_to = _client_sockets(w)
     poller = zmq.Poller()
     poller.register(ctrl, zmq.POLLIN)
     poller.register(results, zmq.POLLIN)
@@ -236,12 +241,7 @@ def fuzz_worker(w: _Worker, n: int, seed: int = 0) -> dict:
 
 def rss_growth(w: _Worker, n: int, warmup: int = 500) -> dict:
     rng = random.Random(7)
-    ctx = zmq.Context.instance()
-    ctrl = make_socket(ctx, zmq.DEALER, SocketConfig())
-    ctrl.connect(w.endpoint)
-    results = make_socket(ctx, zmq.ROUTER, SocketConfig(), server=True)
-    port = results.bind_to_random_port("tcp://127.0.0.1")
-    reply_to = f"tcp://127.0.0.1:{port}"
+    ctrl, results, reply_to = _client_sockets(w)
     _ping(ctrl)
 
     def burst(k: int) -> int:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from splitnet.documents import read_document
 from splitnet.errors import ConfigError
 
 PLAN_VERSION = 1
@@ -279,14 +280,7 @@ class Plan:
 def load_plan(path: str | Path) -> Plan:
     """Read and validate a plan file (YAML, or JSON when the name ends in .json)."""
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"plan file {str(p)!r}: {e.strerror or e}") from e
-    try:
-        data = json.loads(text) if p.suffix == ".json" else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError) as e:
-        raise ConfigError(f"plan file {str(p)!r} does not parse: {e}") from e
+    data = read_document(p, "plan")
     try:
         return Plan.from_dict(data)
     except ConfigError as e:

@@ -16,6 +16,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from splitnet.documents import read_document
 from splitnet.errors import ConfigError
 
 GIB = 1024**3
@@ -544,25 +545,13 @@ class ModelProfile:
 
 
 # ----------------------------------------------------------------------------- YAML
-def _read_yaml(path: str | Path, what: str) -> Any:
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{what} file {str(p)!r}: {e.strerror or e}") from e
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{what} file {str(p)!r} is not valid YAML: {e}") from e
-
-
 def _write_yaml(path: str | Path, data: Any) -> None:
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
 
 
 def load_fleet(path: str | Path) -> Fleet:
     try:
-        return Fleet.from_dict(_read_yaml(path, "fleet"))
+        return Fleet.from_dict(read_document(path, "fleet"))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 
@@ -573,7 +562,7 @@ def save_fleet(fleet: Fleet, path: str | Path) -> None:
 
 def load_model_profile(path: str | Path) -> ModelProfile:
     try:
-        return ModelProfile.from_dict(_read_yaml(path, "model profile"))
+        return ModelProfile.from_dict(read_document(path, "model profile"))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
 

@@ -7,10 +7,9 @@ and checks them so that a hand-edited plan fails with a clear message.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
+from splitnet.documents import read_document
 from splitnet.errors import ConfigError, PlanMismatch
 
 
@@ -19,17 +18,9 @@ def _plan_dict(plan: Any) -> dict:
         return plan
     if hasattr(plan, "to_dict"):
         return plan.to_dict()
-    path = Path(plan)
-    if not path.is_file():
-        raise ConfigError(f"plan file {path} does not exist")
-    text = path.read_text()
-    if path.suffix == ".json":
-        return json.loads(text)
-    import yaml
-
-    doc = yaml.safe_load(text)
+    doc = read_document(plan, "plan")
     if not isinstance(doc, dict):
-        raise ConfigError(f"plan file {path} is not a mapping")
+        raise ConfigError(f"plan file {plan} is not a mapping")
     return doc
 
 
