@@ -19,10 +19,10 @@ from splitnet.errors import ConfigError, SplitnetError
 
 def stage_commands(plan_path: str, device: str, host: str, passthrough: list[str]) -> dict[str, list[str]]:
     """One ``serve-stage`` command line per stage of ``plan_path`` placed on ``device``."""
-    from splitnet.runtime.plan_io import _plan_dict, _stages
+    from splitnet.runtime.plan_io import plan_document, plan_stages
 
-    doc = _plan_dict(plan_path)
-    stages = _stages(doc)
+    doc = plan_document(plan_path)
+    stages = plan_stages(doc)
     mine = [(i, s) for i, s in enumerate(stages) if s.get("device") == device]
     if not mine:
         known = sorted({str(s.get("device")) for s in stages})

@@ -13,7 +13,7 @@ from splitnet.documents import read_document
 from splitnet.errors import ConfigError, PlanMismatch
 
 
-def _plan_dict(plan: Any) -> dict:
+def plan_document(plan: Any) -> dict:
     if isinstance(plan, dict):
         return plan
     if hasattr(plan, "to_dict"):
@@ -24,7 +24,7 @@ def _plan_dict(plan: Any) -> dict:
     return doc
 
 
-def _stages(doc: dict) -> list[dict]:
+def plan_stages(doc: dict) -> list[dict]:
     stages = doc.get("stages")
     if not isinstance(stages, list) or not stages:
         raise ConfigError("plan has no 'stages' list")
@@ -41,7 +41,7 @@ def _stages(doc: dict) -> list[dict]:
 
 def endpoints_from_plan(plan: Any) -> list[str]:
     """Stage endpoints, in order, from a plan whose stages have ``endpoint`` set."""
-    stages = _stages(_plan_dict(plan))
+    stages = plan_stages(plan_document(plan))
     missing = [i for i, s in enumerate(stages) if not s.get("endpoint")]
     if missing:
         raise ConfigError(f"plan stages {missing} have no 'endpoint'; fill them in (tcp://host:port of each serve-stage)")
@@ -50,7 +50,7 @@ def endpoints_from_plan(plan: Any) -> list[str]:
 
 def model_hash_from_plan(plan: Any) -> str:
     """The model fingerprint a plan was made for ("" if it does not say)."""
-    return str(_plan_dict(plan).get("model_hash") or "")
+    return str(plan_document(plan).get("model_hash") or "")
 
 
 def _cut_codecs(doc: dict) -> dict[int, dict]:
@@ -64,8 +64,8 @@ def _cut_codecs(doc: dict) -> dict[int, dict]:
 
 def stage_from_plan(plan: Any, index: int | None) -> dict:
     """Model, blocks, bind address and codecs for stage ``index`` of a plan."""
-    doc = _plan_dict(plan)
-    stages = _stages(doc)
+    doc = plan_document(plan)
+    stages = plan_stages(doc)
     if index is None or not 0 <= index < len(stages):
         raise ConfigError(f"--stage must be an index in 0..{len(stages) - 1} of the plan")
     s = stages[index]
