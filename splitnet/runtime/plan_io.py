@@ -14,6 +14,7 @@ from splitnet.errors import ConfigError, PlanMismatch
 
 
 def plan_document(plan: Any) -> dict:
+    """A plan as a mapping: given as a dict, an object with to_dict(), or a YAML/JSON file."""
     if isinstance(plan, dict):
         return plan
     if hasattr(plan, "to_dict"):
