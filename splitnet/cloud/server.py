@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -51,6 +52,7 @@ def run(args: argparse.Namespace) -> int:
         passthrough += ["--keys-dir", args.keys_dir]
     if args.insecure:
         passthrough += ["--insecure"]
+    passthrough += ["--transport", args.transport]
     for extra in ("device_torch", "dtype"):
         value = getattr(args, extra)
         if value:
@@ -83,6 +85,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-key", default="", help="CURVE secret key file of this node")
     p.add_argument("--keys-dir", default="", help="directory of allowed client public keys")
     p.add_argument("--insecure", action="store_true", help="serve plaintext (warned)")
+    p.add_argument("--transport", choices=("sealed", "curvezmq"), default=os.environ.get("SPLITNET_TRANSPORT", "sealed"), help="secure transport with keys (see serve-stage --transport)")
     p.add_argument("--torch-device", dest="device_torch", default="", help="torch device for the stages (cpu, cuda)")
     p.add_argument("--dtype", default="", help="float32, float16 or bfloat16")
     p.add_argument("--max-restarts", type=int, default=5, help="restarts per stage within 5 minutes before giving up")

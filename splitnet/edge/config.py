@@ -25,6 +25,8 @@ class ClientConfig:
             "" connects in plaintext (a stage that requires CURVE then refuses with AuthError).
         server_key: the stages' public key (``server.key`` file or 40 Z85 characters); needed with
             ``client_key``.
+        transport: how keyed links are protected, the same as the stages' ``--transport``:
+            ``"sealed"`` (AEGIS-256 sealing by splitnet, the default) or ``"curvezmq"`` (libzmq CURVE).
     """
 
     timeout_s: float = 60.0
@@ -36,6 +38,7 @@ class ClientConfig:
     max_recoveries: int = 3
     client_key: str = ""
     server_key: str = ""
+    transport: str = "sealed"
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "connect_timeout_s", "heartbeat_interval_s"):
@@ -49,3 +52,5 @@ class ClientConfig:
             raise ConfigError("ClientConfig.prefill_chunk_tokens must be >= 1")
         if bool(self.client_key) != bool(self.server_key):
             raise ConfigError("ClientConfig.client_key and server_key go together (CURVE needs both)")
+        if self.transport not in ("sealed", "curvezmq"):
+            raise ConfigError(f"ClientConfig.transport must be 'sealed' or 'curvezmq', got {self.transport!r}")

@@ -8,6 +8,7 @@ a stage misses ``heartbeat_liveness`` pings in a row or the request outlives ``t
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -29,6 +30,9 @@ from splitnet.wire import (
     make_socket,
     message_nbytes,
 )
+from splitnet.wire.sealed import SealRejected
+
+log = logging.getLogger("splitnet.sdk")
 
 Key = tuple[str, int]
 
@@ -67,7 +71,7 @@ class Session:
         if socket_config is None and self.config.client_key:
             from splitnet.wire.security import client_curve_config
 
-            socket_config = SocketConfig(security=client_curve_config(self.config.client_key, self.config.server_key))
+            socket_config = SocketConfig(security=client_curve_config(self.config.client_key, self.config.server_key, transport=self.config.transport))
         self.socket_config = socket_config or SocketConfig()
         self._reply_key = getattr(self.socket_config.security, "public_key", None)  # the last stage needs it to reach us
         from splitnet.wire.security import HandshakeWatch
@@ -127,6 +131,9 @@ class Session:
                 msg = decode_message(sock.recv_multipart(copy=False), DEFAULT_LIMITS)
                 if msg.kind == "info_reply":
                     infos[i] = dict(msg.meta)
+                elif msg.kind == "error" and msg.meta.get("code") in ("auth", "protocol"):
+                    # a refusal (wrong or missing keys, another protocol): no point in waiting
+                    raise error_from_code(str(msg.meta.get("code")), f"stage {i} at {self.endpoints[i]} refused this client: {msg.meta.get('msg')}")
         self._watch.close()
         ordered = [infos[i] for i in range(len(self._controls))]
         fps = {(x["model"], x["fingerprint"]) for x in ordered}
@@ -190,7 +197,11 @@ class Session:
     def _pump(self, timeout_ms: int) -> None:
         """Receive whatever arrived within ``timeout_ms``."""
         for sock, _ in self._poller.poll(timeout_ms):
-            frames = sock.recv_multipart(copy=False)
+            try:
+                frames = sock.recv_multipart(copy=False)
+            except SealRejected as e:  # not from a peer holding the keys: dropped
+                log.warning("dropped a message that failed authentication: %s", e)
+                continue
             if sock is self._results:
                 body, nbytes = frames[1:], message_nbytes([f.buffer for f in frames[1:]])
             else:
@@ -264,7 +275,10 @@ class Session:
                         self._send_control(i, Message(kind="ping", req="probe"))
                 next_ping = time.monotonic() + min(0.2, wait_s / 3)
             for sock, _ in self._poller.poll(20):
-                frames = sock.recv_multipart(copy=False)
+                try:
+                    sock.recv_multipart(copy=False)
+                except SealRejected:
+                    continue
                 if sock is not self._results:
                     answered.add(self._controls.index(sock))
         return [i for i in range(len(self._controls)) if i not in answered]

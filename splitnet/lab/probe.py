@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--client-key", default="")
     p.add_argument("--server-key", default="")
+    p.add_argument("--transport", default="sealed", choices=("sealed", "curvezmq"))
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--no-reference", action="store_true", help="skip the local whole-model check")
 
@@ -41,7 +42,7 @@ def run(a: argparse.Namespace) -> int:
     from splitnet.edge.config import ClientConfig
     from splitnet.errors import SplitnetError
 
-    cfg = ClientConfig(reply_host=a.reply_host, timeout_s=a.timeout_s, connect_timeout_s=a.timeout_s, client_key=a.client_key, server_key=a.server_key)
+    cfg = ClientConfig(reply_host=a.reply_host, timeout_s=a.timeout_s, connect_timeout_s=a.timeout_s, client_key=a.client_key, server_key=a.server_key, transport=a.transport)
     out: dict = {"ok": False}
     try:
         t0 = time.perf_counter()

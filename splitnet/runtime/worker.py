@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import zmq
 
-from splitnet.errors import LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
+from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
 from splitnet.model import KVCache, load_model
 from splitnet.runtime.config import StageWorkerConfig
 from splitnet.runtime.cut_codec import CutCodecs
@@ -44,6 +44,8 @@ from splitnet.wire import (
     make_socket,
     message_nbytes,
 )
+from splitnet.wire.sealed import SealRejected
+from splitnet.wire.security import set_peer_key
 
 log = logging.getLogger("splitnet.worker")
 
@@ -149,7 +151,14 @@ class StageWorker:
                     break
                 if not dict(poller.poll(_POLL_MS)):
                     continue
-                frames = router.recv_multipart(copy=False)
+                try:
+                    frames = router.recv_multipart(copy=False)
+                except SealRejected as e:  # the sealed transport could not authenticate it: say why, keep serving
+                    self.stats["errors"] += 1
+                    log.warning("refused a message: %s", e)
+                    if e.identity:
+                        self._reply(router, e.identity, error_message("", 0, 0, e.code, str(e), stage=self.config.stage_index))
+                    continue
                 self._handle(router, frames)
         finally:
             self.stop_event.set()
@@ -197,7 +206,7 @@ class StageWorker:
         identity, body = frames[0].bytes, frames[1:]
         try:
             msg = decode_message(body, self.limits)
-        except ProtocolError as e:
+        except (ProtocolError, AuthError) as e:
             self.stats["errors"] += 1
             self._reply(router, identity, error_message("", 0, 0, e.code, str(e), stage=self.config.stage_index))
             return
@@ -332,7 +341,7 @@ class StageWorker:
             self._sock_keys[endpoint] = key
             try:
                 if key is not None and self.socket_config.security is not None:
-                    sock.curve_serverkey = key
+                    set_peer_key(sock, key)
                 sock.connect(endpoint)
             except zmq.ZMQError as e:
                 sock.close(linger=0)

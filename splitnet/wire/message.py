@@ -22,11 +22,13 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import msgpack
 import numpy as np
 
-from splitnet.errors import LimitExceeded, ProtocolError
+from splitnet.errors import AuthError, LimitExceeded, ProtocolError
 from splitnet.wire.dtypes import WIRE_DTYPES, wire_name_of_numpy, wire_name_of_torch
 from splitnet.wire.limits import DEFAULT_LIMITS, WireLimits
 
 PROTOCOL_VERSION = 1
+
+_SEALED_MAGIC, _SEALED_ENVELOPE_BYTES = b"SNS1", 107  # splitnet.wire.sealed's envelope (not imported: no cycle)
 
 KINDS = frozenset(
     {
@@ -248,6 +250,11 @@ def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -
         raise ProtocolError("empty message: expected a header frame")
     first = frames[0]
     raw = first.bytes if hasattr(first, "bytes") else bytes(first)
+    if len(raw) == _SEALED_ENVELOPE_BYTES and raw[:4] == _SEALED_MAGIC:
+        raise AuthError(
+            "the peer seals its messages with keys (sealed transport) but this side runs without keys "
+            "(--insecure): give both sides keys, or neither"
+        )
     header = decode_header(raw, limits)
     descs = header["tensors"]
     if len(descs) > limits.max_tensors:

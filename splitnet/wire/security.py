@@ -47,6 +47,9 @@ INSECURE_WARNING = (
 
 _Z85_KEY_LEN = 40
 
+#: secure transports: splitnet's own AEGIS-256 sealing with the CURVE keys, or libzmq's CurveZMQ
+TRANSPORTS = ("sealed", "curvezmq")
+
 
 # ---------------------------------------------------------------------- keys ---------------------
 @dataclass(frozen=True)
@@ -207,6 +210,10 @@ class CurveConfig:
         allow_dir: directory of ``*.key`` files allowed to connect to sockets this side binds.
         allow_keys: further public keys allowed to connect (Z85 bytes).
         allow_self: also allow this side's own public key.
+        transport: ``"sealed"`` (default): splitnet seals every message with AEGIS-256 under a
+            session key derived by X25519 from these keys (:mod:`splitnet.wire.sealed`), over a
+            plain ZeroMQ connection; ``"curvezmq"``: libzmq's own CURVE handshake and
+            encryption, with ZAP authentication. Both ends of a link must use the same one.
     """
 
     keypair: KeyPair
@@ -214,10 +221,17 @@ class CurveConfig:
     allow_dir: str | None = None
     allow_keys: tuple[bytes, ...] = ()
     allow_self: bool = True
+    transport: str = "sealed"
 
     def __post_init__(self) -> None:
         if self.keypair.secret is None:
             raise ConfigError("CurveConfig.keypair needs its secret half (the .key_secret file)")
+        if self.transport not in TRANSPORTS:
+            raise ConfigError(f"unknown secure transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
+        if self.transport == "sealed":
+            from splitnet.wire.sodium import sodium
+
+            sodium()  # fail at configuration time, with the fix, if libsodium lacks AEGIS-256
         if self.server_key is not None:
             KeyPair(self.server_key)
 
@@ -235,8 +249,27 @@ class CurveConfig:
             extra.add(self.keypair.public)
         return AllowList(self.allow_dir, extra)
 
+    @property
+    def socket_class(self) -> type:
+        """The socket class :func:`~splitnet.wire.sockets.make_socket` must create."""
+        if self.transport == "sealed":
+            from splitnet.wire.sealed import SealedSocket
+
+            return SealedSocket
+        return zmq.Socket
+
     def __call__(self, sock: zmq.Socket, server: bool) -> None:
         """Configure ``sock`` (the ``SocketConfig.security`` hook)."""
+        if self.transport == "sealed":
+            from splitnet.wire.sealed import SealedSocket, SealState
+
+            if not isinstance(sock, SealedSocket):
+                raise ConfigError("a sealed-transport socket must be made by make_socket (it needs SealedSocket)")
+            sock.seal = SealState(
+                self.keypair.secret, self.keypair.public, server=server, router=sock.type == zmq.ROUTER,  # type: ignore[arg-type]
+                allow=self.allow_list() if server else None, peer_key_z85=None if server else self.peer_key,
+            )
+            return
         sock.curve_secretkey = self.keypair.secret
         sock.curve_publickey = self.keypair.public
         if server:
@@ -246,16 +279,25 @@ class CurveConfig:
             sock.curve_serverkey = self.peer_key
 
 
-def server_curve_config(server_key_file: str, keys_dir: str | None) -> CurveConfig:
-    """A stage's CURVE settings from ``--server-key`` and ``--keys-dir``."""
-    return CurveConfig(keypair=load_keypair(server_key_file), allow_dir=keys_dir)
+def set_peer_key(sock: zmq.Socket, key: bytes) -> None:
+    """Point a connecting socket at a peer with public key ``key`` (Z85), before ``connect``."""
+    seal = getattr(sock, "seal", None)
+    if seal is not None:
+        seal.set_peer(key)
+    else:
+        sock.curve_serverkey = key
 
 
-def client_curve_config(client_key_file: str, server_key: str | bytes, extra_trusted: Iterable[bytes] = ()) -> CurveConfig:
+def server_curve_config(server_key_file: str, keys_dir: str | None, transport: str = "sealed") -> CurveConfig:
+    """A stage's CURVE settings from ``--server-key``, ``--keys-dir`` and ``--transport``."""
+    return CurveConfig(keypair=load_keypair(server_key_file), allow_dir=keys_dir, transport=transport)
+
+
+def client_curve_config(client_key_file: str, server_key: str | bytes, extra_trusted: Iterable[bytes] = (), transport: str = "sealed") -> CurveConfig:
     """A client's CURVE settings: its keypair, the stages' public key; results accepted only from
     stages holding that key (or ``extra_trusted``)."""
     server = load_public_key(server_key)
-    return CurveConfig(keypair=load_keypair(client_key_file), server_key=server, allow_keys=(server, *extra_trusted), allow_self=False)
+    return CurveConfig(keypair=load_keypair(client_key_file), server_key=server, allow_keys=(server, *extra_trusted), allow_self=False, transport=transport)
 
 
 # ---------------------------------------------------------------------- handshake monitor --------
@@ -373,7 +415,7 @@ def wait_handshake(watch: HandshakeWatch, endpoints: list[str], timeout_s: float
 
 
 def stage_socket_config(
-    server_key: str, keys_dir: str, insecure: bool, bind: str, send_timeout_ms: int = 5000
+    server_key: str, keys_dir: str, insecure: bool, bind: str, send_timeout_ms: int = 5000, transport: str = "sealed"
 ) -> "SocketConfig":
     """The socket settings of ``splitnet serve-stage``: CURVE from ``--server-key``/``--keys-dir``,
     plaintext only with ``--insecure`` (warned)."""
@@ -386,7 +428,7 @@ def stage_socket_config(
             raise ConfigError(f"--keys-dir {keys_dir} is not a directory of client public keys")
         if not keys_dir:
             log.warning("no --keys-dir: only peers holding this stage's own keypair may connect")
-        return SocketConfig(send_timeout_ms=send_timeout_ms, security=server_curve_config(server_key, keys_dir or None))
+        return SocketConfig(send_timeout_ms=send_timeout_ms, security=server_curve_config(server_key, keys_dir or None, transport))
     if not insecure:
         raise ConfigError(
             f"refusing to serve {bind} without authentication: pass --server-key KEY.key_secret and --keys-dir DIR "

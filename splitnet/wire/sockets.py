@@ -55,7 +55,8 @@ def make_socket(
     ctx: zmq.Context, kind: int, config: SocketConfig = DEFAULT_SOCKET_CONFIG, *, server: bool = False
 ) -> zmq.Socket:
     """A new socket of ``kind`` with ``config`` applied. ``server`` marks the binding side (CURVE)."""
-    sock = ctx.socket(kind)
+    socket_class = getattr(config.security, "socket_class", None)  # the sealed transport wraps send/recv
+    sock = ctx.socket(kind, socket_class=socket_class) if socket_class is not None else ctx.socket(kind)
     sock.setsockopt(zmq.LINGER, config.linger_ms)
     sock.setsockopt(zmq.SNDHWM, config.send_hwm)
     sock.setsockopt(zmq.RCVHWM, config.recv_hwm)

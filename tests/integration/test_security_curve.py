@@ -38,16 +38,16 @@ def keys(tmp_path_factory):
     return d
 
 
-@pytest.fixture(scope="module")
-def secure_pipeline(keys):
+@pytest.fixture(scope="module", params=["sealed", "curvezmq"])
+def secure_pipeline(keys, request):
     procs = []
     try:
-        extra = ["--server-key", str(keys / "server.key_secret"), "--keys-dir", str(keys / "allow")]
+        extra = ["--server-key", str(keys / "server.key_secret"), "--keys-dir", str(keys / "allow"), "--transport", request.param]
         a, ep_a = _serve("0:3", extra)
         procs.append(a)
         b, ep_b = _serve("3:6", extra)
         procs.append(b)
-        yield [ep_a, ep_b], procs
+        yield [ep_a, ep_b], procs, request.param
     finally:
         for p in procs:  # kill leftovers even when a test failed
             p.kill()
@@ -61,8 +61,8 @@ def _connect(endpoints, **cfg):
 
 
 def test_allowed_client_runs_pipeline(secure_pipeline, keys):
-    endpoints, _ = secure_pipeline
-    with _connect(endpoints, client_key=str(keys / "client.key_secret"), server_key=str(keys / "server.key")) as s:
+    endpoints, _, transport = secure_pipeline
+    with _connect(endpoints, client_key=str(keys / "client.key_secret"), server_key=str(keys / "server.key"), transport=transport) as s:
         out = s.infer({"text": ["curve keeps the cut private"]})
     assert out and all(v.size for v in out.values())
 
@@ -76,8 +76,10 @@ def test_allowed_client_runs_pipeline(secure_pipeline, keys):
     ],
 )
 def test_refused_within_2s(secure_pipeline, keys, case, cfg):
-    endpoints, procs = secure_pipeline
+    endpoints, procs, transport = secure_pipeline
     cfg = {k: str(keys / v) for k, v in cfg.items()}
+    if cfg:
+        cfg["transport"] = transport
     t0 = time.monotonic()
     with pytest.raises(AuthError) as e:
         _connect(endpoints, **cfg)
