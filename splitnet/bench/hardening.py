@@ -132,6 +132,45 @@ def fuzz_input(rng: random.Random, reply_to: str = "tcp://127.0.0.1:1") -> list[
     return [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 128))) for _ in range(rng.randint(1, 3))]
 
 
+def fuzz_sealed(n: int, seed: int = 0) -> dict:
+    """Hostile input to the sealed transport's opener (a stage's side): valid sealed messages with
+    flipped, cut, added or dropped bytes and frames, replays, and random frames. Every one must be
+    refused with :class:`~splitnet.wire.sealed.SealRejected` or opened intact."""
+    from splitnet.wire.sealed import SealState
+    from splitnet.wire.security import generate_keypair, load_keypair
+
+    d = tempfile.mkdtemp(prefix="splitnet-fuzz-keys-")
+    generate_keypair(d, "server")
+    generate_keypair(d, "client")
+    srv, cli = load_keypair(f"{d}/server.key_secret"), load_keypair(f"{d}/client.key_secret")
+    client = SealState(cli.secret, cli.public, server=False, router=False, peer_key_z85=srv.public)
+    server = SealState(srv.secret, srv.public, server=True, router=True, allow={cli.public})
+    rng = random.Random(seed)
+    counts = {"inputs": 0, "opened": 0, "typed_errors": 0, "crashes": 0, "crash_examples": []}
+    previous: list[bytes] = []
+    for _ in range(n):
+        sealed = [bytes(f) for f in client.seal(_valid(rng, "tcp://127.0.0.1:1"), None)]
+        r = rng.random()
+        if r < 0.1 and previous:
+            frames = previous  # a replay
+        elif r < 0.9:
+            frames = _mutate_bytes(rng, sealed)
+        else:
+            frames = fuzz_input(rng)
+        previous = sealed
+        counts["inputs"] += 1
+        try:
+            server.open(frames, b"fuzz", copy=False)
+            counts["opened"] += 1
+        except SplitnetError:
+            counts["typed_errors"] += 1
+        except Exception as e:
+            counts["crashes"] += 1
+            if len(counts["crash_examples"]) < 5:
+                counts["crash_examples"].append(f"{type(e).__name__}: {e}")
+    return counts
+
+
 def fuzz_decoder(n: int, seed: int = 0) -> dict:
     rng = random.Random(seed)
     counts = {"inputs": 0, "ok": 0, "typed_errors": 0, "crashes": 0, "crash_examples": []}
@@ -330,6 +369,7 @@ def run(args: argparse.Namespace) -> dict:
     n_rss = args.rss_requests if args.rss_requests is not None else (1000 if quick else 10_000)
     t0 = time.perf_counter()
     dec = fuzz_decoder(n_dec, args.seed)
+    sealed = fuzz_sealed(max(1, n_dec // 5), args.seed)
     w = _Worker()
     try:
         wrk = fuzz_worker(w, n_wrk, args.seed)
@@ -338,23 +378,24 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         w.close()
     cur = curve_overhead(n=20 if quick else 60)
-    crashes = dec["crashes"] + wrk["crashes"]
+    crashes = dec["crashes"] + wrk["crashes"] + sealed["crashes"]
     return {
         "config": {"quick": quick, "decoder_inputs": n_dec, "worker_inputs": n_wrk, "rss_requests": n_rss, "seed": args.seed,
                    "worker": "serve-stage minilm blocks 0:1, torch 1 thread", "fuzz_limits": _FUZZ_LIMITS.__dict__},
-        "inputs_tried": dec["inputs"] + wrk["inputs"],
-        "typed_errors": dec["typed_errors"] + wrk["typed_errors"],
+        "inputs_tried": dec["inputs"] + wrk["inputs"] + sealed["inputs"],
+        "typed_errors": dec["typed_errors"] + wrk["typed_errors"] + sealed["typed_errors"],
         "crashes": crashes,
         "worker_alive_after": bool(wrk["worker_alive_after"] and alive),
         "rss_growth_pct": rss["rss_growth_pct"],
         "curve_overhead_pct": cur["sealed_overhead_pct"],  # keyed links as splitnet runs them by default
         "curvezmq_overhead_pct": cur["curvezmq_overhead_pct"],
         "decoder": dec,
+        "sealed_opener": sealed,
         "worker": wrk,
         "rss": rss,
         "curve": cur,
         "baseline": {"plaintext_mib_s": cur["plain_mib_s"]},
-        "goals": {"crashes_zero": crashes == 0, "inputs_ge_100k": dec["inputs"] + wrk["inputs"] >= 100_000,
+        "goals": {"crashes_zero": crashes == 0, "inputs_ge_100k": dec["inputs"] + wrk["inputs"] + sealed["inputs"] >= 100_000,
                   "rss_growth_le_5": rss["rss_growth_pct"] <= 5, "curve_overhead_le_50": cur["sealed_overhead_pct"] <= 50,
                   "curvezmq_overhead_le_50": cur["curvezmq_overhead_pct"] <= 50},
         "elapsed_s": round(time.perf_counter() - t0, 1),

@@ -25,6 +25,13 @@ from splitnet.errors import ConfigError
 KEY_BYTES = 32
 
 
+def new_buffer(nbytes: int) -> np.ndarray:
+    """A writable uint8 array for sealed/opened frames. Backed by a bytearray (calloc), not
+    ``np.empty``: numpy asks for transparent huge pages on large arrays, and first-touch faults
+    on fresh huge pages (with compaction) measured 3-5 ms per 4 MiB here, against ~1 ms."""
+    return np.frombuffer(bytearray(nbytes), np.uint8)
+
+
 class _Sodium:
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
@@ -69,20 +76,23 @@ class _Sodium:
         return out.raw
 
     # -- AEGIS-256 ---------------------------------------------------------------------------
-    def seal(self, plain: np.ndarray, ad: bytes, nonce: bytes, key: bytes) -> np.ndarray:
-        """``plain`` (uint8, contiguous) encrypted and tagged: a new array of len + tag_bytes."""
-        out = np.empty(plain.nbytes + self.tag_bytes, np.uint8)
+    def seal(self, plain: np.ndarray, ad: bytes, nonce: bytes, key: bytes, out: np.ndarray | None = None) -> np.ndarray:
+        """``plain`` (uint8, contiguous) encrypted and tagged into ``out`` (len + tag_bytes; a new
+        array when None)."""
+        if out is None:
+            out = new_buffer(plain.nbytes + self.tag_bytes)
         n = ctypes.c_ulonglong()
         rc = self._enc(out.ctypes.data, ctypes.byref(n), plain.ctypes.data, plain.nbytes, ad, len(ad), None, nonce, key)
         if rc != 0 or n.value != out.nbytes:
             raise RuntimeError("crypto_aead_aegis256_encrypt failed")
         return out
 
-    def open(self, sealed: np.ndarray, ad: bytes, nonce: bytes, key: bytes) -> np.ndarray | None:
-        """The plaintext of ``sealed``, or None when the tag does not verify."""
+    def open(self, sealed: np.ndarray, ad: bytes, nonce: bytes, key: bytes, out: np.ndarray | None = None) -> np.ndarray | None:
+        """The plaintext of ``sealed`` (into ``out`` when given), or None when the tag does not verify."""
         if sealed.nbytes < self.tag_bytes:
             return None
-        out = np.empty(sealed.nbytes - self.tag_bytes, np.uint8)
+        if out is None:
+            out = np.empty(sealed.nbytes - self.tag_bytes, np.uint8)
         n = ctypes.c_ulonglong()
         rc = self._dec(out.ctypes.data, ctypes.byref(n), None, sealed.ctypes.data, sealed.nbytes, ad, len(ad), nonce, key)
         return out if rc == 0 else None
