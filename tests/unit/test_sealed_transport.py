@@ -192,3 +192,33 @@ def test_stage_answers_a_refused_client_and_keeps_serving(ctx, keys):
     good.send_multipart(encode_message(Message("info", req="j")))
     frames = _recv(r)
     assert decode_message(frames[1:]).req == "j"
+
+
+def test_pooled_buffers_are_never_reused_while_referenced(keys):
+    """Opened frames come from a reuse pool: a message the reader still holds must keep its bytes
+    while later messages are opened, and a released buffer is taken again."""
+    c, s = _states(keys)
+    big = [np.full(1 << 17, i, np.uint8) for i in range(12)]
+    held = [decode_message(s.open(c.seal(encode_message(Message("forward", tensors={"h": b})), None), b"id", copy=False)) for b in big]
+    for i, m in enumerate(held):
+        assert (m.tensors["h"] == i).all(), f"message {i} was overwritten by a later one"
+    pooled = {b.ctypes.data for b in s.open_pool.bufs}  # addresses only: a reference would pin them
+    assert len(pooled) == 8
+    del held, m
+    again = s.open(c.seal([b"x" * (1 << 17)], None), b"id", copy=False)
+    assert np.frombuffer(again[0].buffer, np.uint8).ctypes.data in pooled, "a released buffer was not reused"
+
+
+def test_send_pool_bounds_in_flight_buffers():
+    from splitnet.wire.sealed import _BufferPool
+
+    pool = _BufferPool(max_buffers=2, min_bytes=16)
+    a, b = pool.get(64), pool.get(64)
+    t0 = time.monotonic()
+    assert pool.get(64, wait_s=0.05) is None  # both in flight: waits, then gives up (unpooled)
+    assert time.monotonic() - t0 >= 0.05
+    del a
+    c = pool.get(64, wait_s=1.0)
+    assert c is not None and len(pool.bufs) == 2 and np.shares_memory(c, pool.bufs[0])
+    assert pool.get(8) is None  # small frames are not pooled (pyzmq copies them anyway)
+    del b, c
