@@ -461,37 +461,81 @@ class Session:
         *,
         sampling: SamplingConfig | None = None,
         timeout_s: float | None = None,
+        on_token: Callable[[int, int], None] | None = None,
+        _out: dict | None = None,
     ) -> list[list[int]]:
         """Greedy/sampled generation for many prompts at once: while stage i runs a step of one
-        sequence, stage i+1 runs a step of another (decode pipelined across sequences)."""
+        sequence, stage i+1 runs a step of another (decode pipelined across sequences).
+
+        ``on_token(index, token)`` is called as each token arrives (``index`` into ``prompts``).
+        With a recovery hook, a stage lost mid-way is replaced and every unfinished sequence is
+        replayed from its own log (prompt + tokens so far), as :meth:`stream` does: the tokens
+        equal those of a run without faults, and none is produced twice.
+        """
+        if self.kind != "decoder":
+            raise ConfigError(f"generate_many needs a decoder model; this pipeline serves a {self.kind}: use infer()")
+        if max_new_tokens < 1:
+            raise ConfigError("max_new_tokens must be >= 1")
         seqs = []
-        for p in prompts:
+        for i, p in enumerate(prompts):
             ids = self._prompt_ids(p)
-            seqs.append({"req": uuid.uuid4().hex[:16], "ids": ids, "pos": len(ids), "seq": 0, "out": [], "sampler": Sampler(sampling or SamplingConfig())})
+            if not ids:
+                raise ConfigError(f"prompt {i} is empty")
+            seqs.append({"i": i, "req": "", "ids": ids, "pos": 0, "seq": 0, "out": [], "sampler": Sampler(sampling or SamplingConfig())})
+        stats = _out if _out is not None else {}
+        stats["replays"] = []
         waiting: dict[Key, dict] = {}
+        chunk = self.config.prefill_chunk_tokens
+
+        def feed(s: dict, tokens: list[int]) -> None:
+            """Send ``tokens`` after what sequence ``s`` has fed (chunked); await the last chunk."""
+            for k in range(0, len(tokens), chunk):
+                piece = np.asarray([tokens[k : k + chunk]], dtype=np.int64)
+                self._send_forward(s["req"], s["seq"], {"input_ids": piece}, {"cache": True, "pos": s["pos"] + k, "want_result": k + chunk >= len(tokens)})
+                s["seq"] += 1
+            s["pos"] += len(tokens)
+            waiting[(s["req"], s["seq"] - 1)] = s
+
+        def restart(s: dict) -> None:
+            """A new request for ``s`` fed with its whole log: every stage's cache is rebuilt."""
+            s["req"], s["seq"], s["pos"] = uuid.uuid4().hex[:16], 0, 0
+            feed(s, s["ids"] + s["out"])
+
+        recoveries = 0
         try:
             for s in seqs:
-                chunk = self.config.prefill_chunk_tokens
-                starts = list(range(0, len(s["ids"]), chunk))
-                for n, st in enumerate(starts):
-                    piece = np.asarray([s["ids"][st : st + chunk]], dtype=np.int64)
-                    self._send_forward(s["req"], s["seq"], {"input_ids": piece}, {"cache": True, "pos": st, "want_result": n == len(starts) - 1})
-                    s["seq"] += 1
-                waiting[(s["req"], s["seq"] - 1)] = s
+                restart(s)
             while waiting:
-                key, msg = self._wait_any(set(waiting), timeout_s)
+                try:
+                    key, msg = self._wait_any(set(waiting), timeout_s)
+                except (StageUnavailable, UnknownRequest) as e:
+                    if recoveries >= self.config.max_recoveries or (self._recovery is None and isinstance(e, StageUnavailable)):
+                        raise
+                    recoveries += 1
+                    t_r = time.perf_counter()
+                    if isinstance(e, StageUnavailable):
+                        self._recover(e)
+                    live = list(waiting.values())
+                    waiting.clear()
+                    for s in live:
+                        self._release(s["req"])
+                        restart(s)
+                    stats["replays"].append({"sequences": len(live), "replayed_tokens": sum(len(s["ids"]) + len(s["out"]) for s in live),
+                                             "cause": type(e).__name__, "recover_ms": round((time.perf_counter() - t_r) * 1e3, 1)})
+                    continue
                 self._result_bytes.pop(key, None)
                 s = waiting.pop(key)
                 tok = s["sampler"](msg.tensors["logits"][0])
                 s["out"].append(tok)
+                stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
+                if on_token is not None:
+                    on_token(s["i"], tok)
                 if len(s["out"]) < max_new_tokens:
-                    self._send_forward(s["req"], s["seq"], {"input_ids": np.asarray([[tok]], dtype=np.int64)}, {"cache": True, "pos": s["pos"]})
-                    waiting[(s["req"], s["seq"])] = s
-                    s["seq"] += 1
-                    s["pos"] += 1
+                    feed(s, [tok])
         finally:
             for s in seqs:
-                self._release(s["req"])
+                if s["req"]:
+                    self._release(s["req"])
         return [s["out"] for s in seqs]
 
     # ------------------------------------------------------------------ lifecycle ----------
