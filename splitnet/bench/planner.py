@@ -457,7 +457,7 @@ def _client_run(cmd: dict, reply_host: str, vocab: int) -> dict:
     comp: dict[int, list[list[float]]] = {T: [] for T in tokens}  # per request: each stage's compute ms
     relay = None
     try:
-        with sdk.connect(cmd["endpoints"], config=ClientConfig(reply_host=reply_host, timeout_s=60, connect_timeout_s=30)) as s:
+        with sdk.connect(cmd["endpoints"], config=ClientConfig(reply_via="bind", reply_host=reply_host, timeout_s=60, connect_timeout_s=30)) as s:
             if cmd["reply_delay_ms"] > 0:
                 relay = subprocess.Popen([sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{reply_host}:0",
                                           "--target", s.reply_to, "--delay-ms", str(cmd["reply_delay_ms"])],

@@ -16,8 +16,11 @@ class ClientConfig:
         connect_timeout_s: longest wait for every stage to answer ``info`` at connect.
         heartbeat_interval_s: how often each stage is pinged while a request is in flight.
         heartbeat_liveness: missed heartbeats after which a stage is declared unavailable.
-        reply_host: address this client binds for results; stages connect back to it, so on a
-            real network it must be reachable from the last stage.
+        reply_via: how results come back: ``"connection"`` (default) over the connection this
+            client opened to the last stage, so the client needs no open port and works behind
+            NAT; ``"bind"``: the client binds ``reply_host`` and the last stage connects to it.
+        reply_host: address this client binds for results with ``reply_via="bind"``; it must be
+            reachable from the last stage.
         max_recoveries: most stage replacements + replays for one request (with a recovery hook).
         prefill_chunk_tokens: prompt tokens per prefill chunk (chunks flow through the stages
             one after another, so stage i works on chunk k+1 while stage i+1 works on chunk k).
@@ -33,6 +36,7 @@ class ClientConfig:
     connect_timeout_s: float = 30.0
     heartbeat_interval_s: float = 1.0
     heartbeat_liveness: int = 3
+    reply_via: str = "connection"
     reply_host: str = "127.0.0.1"
     prefill_chunk_tokens: int = 64
     max_recoveries: int = 3
@@ -52,5 +56,7 @@ class ClientConfig:
             raise ConfigError("ClientConfig.prefill_chunk_tokens must be >= 1")
         if bool(self.client_key) != bool(self.server_key):
             raise ConfigError("ClientConfig.client_key and server_key go together (CURVE needs both)")
+        if self.reply_via not in ("connection", "bind"):
+            raise ConfigError(f"ClientConfig.reply_via must be 'connection' or 'bind', got {self.reply_via!r}")
         if self.transport not in ("sealed", "curvezmq"):
             raise ConfigError(f"ClientConfig.transport must be 'sealed' or 'curvezmq', got {self.transport!r}")

@@ -1,7 +1,9 @@
 """The client SDK: connect to a pipeline of stages and run ``infer`` / ``generate``.
 
-The session sends model inputs to stage 0 with a ``route`` through the other stages and a
-``reply_to`` endpoint it binds; the last stage sends the result there. While it waits, the
+The session connects to every stage (no port of its own: it works behind NAT) and sends model
+inputs to stage 0 with a ``route`` through the other stages. The last stage sends the result back
+over the session's own connection to it (``reply_to = "peer:<routing id>"``), or, with
+``ClientConfig(reply_via="bind")``, to an endpoint the session binds. While it waits, the
 session pings every stage (``heartbeat_interval_s``) and raises :class:`StageUnavailable` when
 a stage misses ``heartbeat_liveness`` pings in a row or the request outlives ``timeout_s``.
 """
@@ -20,7 +22,7 @@ import zmq
 
 from splitnet.edge.config import ClientConfig
 from splitnet.edge.sampling import Sampler, SamplingConfig
-from splitnet.errors import ConfigError, PlanMismatch, ProtocolError, StageUnavailable, UnknownRequest, error_from_code
+from splitnet.errors import AuthError, ConfigError, PlanMismatch, ProtocolError, StageUnavailable, UnknownRequest, error_from_code
 from splitnet.wire import (
     DEFAULT_LIMITS,
     Message,
@@ -78,15 +80,22 @@ class Session:
 
         self._watch = HandshakeWatch(secure=self.socket_config.security is not None)
         self.ctx = zmq.Context.instance()
-        self._results = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
-        self._results.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        port = self._results.bind_to_random_port(f"tcp://{self.config.reply_host}", min_port=20000, max_port=60000)
-        self.reply_to = f"tcp://{self.config.reply_host}:{port}"
+        self._routing_id = uuid.uuid4().hex.encode()  # this session's id on every stage's ROUTER
+        self._results: zmq.Socket | None = None
+        if self.config.reply_via == "bind":
+            self._results = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
+            self._results.setsockopt(zmq.ROUTER_MANDATORY, 0)
+            port = self._results.bind_to_random_port(f"tcp://{self.config.reply_host}", min_port=20000, max_port=60000)
+            self.reply_to = f"tcp://{self.config.reply_host}:{port}"
+        else:
+            self.reply_to = "peer:" + self._routing_id.decode()
+            self._reply_key = None  # results come back on connections this session opened
         self._recovery = recovery
         self.recoveries: list[dict] = []  # what was replaced and replayed, for reports
         self._controls = [self._open_control(ep) for ep in self.endpoints]
         self._poller = zmq.Poller()
-        self._poller.register(self._results, zmq.POLLIN)
+        if self._results is not None:
+            self._poller.register(self._results, zmq.POLLIN)
         for s in self._controls:
             self._poller.register(s, zmq.POLLIN)
         self._pending: dict[Key, Message] = {}
@@ -106,6 +115,7 @@ class Session:
     # ------------------------------------------------------------------ set-up -------------
     def _open_control(self, endpoint: str) -> zmq.Socket:
         s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+        s.setsockopt(zmq.ROUTING_ID, self._routing_id)  # the stage replies (and the last stage returns results) to this id
         self._watch.add(s, endpoint)  # handshake failures (wrong/missing key) surface as AuthError at connect
         s.connect(endpoint)
         return s
@@ -203,21 +213,26 @@ class Session:
                 log.warning("dropped a message that failed authentication: %s", e)
                 continue
             if sock is self._results:
-                body, nbytes = frames[1:], message_nbytes([f.buffer for f in frames[1:]])
+                body = frames[1:]
             else:
-                body, nbytes = frames, 0
+                body = frames
                 self._last_seen[self._controls.index(sock)] = time.monotonic()
-            try:
-                msg = decode_message(body, DEFAULT_LIMITS)
-            except ProtocolError:
-                continue  # a malformed reply is dropped; the request then times out with a clear error
-            if msg.kind in ("result", "error") and msg.req:
-                self._pending[(msg.req, msg.seq)] = msg
-                self._result_bytes[(msg.req, msg.seq)] = nbytes
-                if msg.kind == "result":
-                    for t in msg.meta.get("trace", []):
-                        if isinstance(t, dict) and isinstance(t.get("stage"), int) and 0 <= t["stage"] < len(self._last_seen):
-                            self._last_seen[t["stage"]] = time.monotonic()
+            self._store(body)
+
+    def _store(self, body: list) -> Message | None:
+        """Decode a received message; keep results and errors for :meth:`_wait_any`."""
+        try:
+            msg = decode_message(body, DEFAULT_LIMITS)
+        except (ProtocolError, AuthError):
+            return None  # a malformed reply is dropped; the request then times out with a clear error
+        if msg.kind in ("result", "error") and msg.req:
+            self._pending[(msg.req, msg.seq)] = msg
+            self._result_bytes[(msg.req, msg.seq)] = message_nbytes([getattr(f, "buffer", f) for f in body])
+            if msg.kind == "result":
+                for t in msg.meta.get("trace", []):
+                    if isinstance(t, dict) and isinstance(t.get("stage"), int) and 0 <= t["stage"] < len(self._last_seen):
+                        self._last_seen[t["stage"]] = time.monotonic()
+        return msg
 
     def _check_liveness(self) -> None:
         now = time.monotonic()
@@ -276,9 +291,10 @@ class Session:
                 next_ping = time.monotonic() + min(0.2, wait_s / 3)
             for sock, _ in self._poller.poll(20):
                 try:
-                    sock.recv_multipart(copy=False)
+                    frames = sock.recv_multipart(copy=False)
                 except SealRejected:
                     continue
+                self._store(frames[1:] if sock is self._results else frames)  # results still count
                 if sock is not self._results:
                     answered.add(self._controls.index(sock))
         return [i for i in range(len(self._controls)) if i not in answered]
@@ -546,9 +562,17 @@ class Session:
             t0 = time.perf_counter()
             if not self._send_control(i, Message(kind="ping", req=f"p{i}")):
                 raise StageUnavailable(f"stage {i} at {self.endpoints[i]} is not connected")
-            if not s.poll(int(timeout_s * 1000)):
-                raise StageUnavailable(f"stage {i} at {self.endpoints[i]} did not answer a ping within {timeout_s} s")
-            s.recv_multipart()
+            deadline = t0 + timeout_s
+            while True:  # results may share this connection: keep them, wait for the pong
+                left = deadline - time.perf_counter()
+                if left <= 0 or not s.poll(max(1, int(left * 1000))):
+                    raise StageUnavailable(f"stage {i} at {self.endpoints[i]} did not answer a ping within {timeout_s} s")
+                try:
+                    msg = self._store(s.recv_multipart(copy=False))
+                except SealRejected:
+                    continue
+                if msg is not None and msg.kind == "pong":
+                    break
             rtts.append((time.perf_counter() - t0) * 1e3)
         return rtts
 
@@ -559,7 +583,8 @@ class Session:
         for s in self._controls:
             s.close(linger=0)
         self._watch.close()
-        self._results.close(linger=0)
+        if self._results is not None:
+            self._results.close(linger=0)
 
     def __enter__(self) -> "Session":
         return self

@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import re
 import signal
 import threading
 import time
@@ -48,6 +49,11 @@ from splitnet.wire.sealed import SealRejected
 from splitnet.wire.security import set_peer_key
 
 log = logging.getLogger("splitnet.worker")
+
+#: ``meta.reply_to`` of a client that takes results over its own connection to each stage (no
+#: inbound port, so it works behind NAT): "peer:" + the routing id its sockets connect with
+PEER_REPLY_PREFIX = "peer:"
+_PEER_REPLY = re.compile(r"peer:[0-9a-f]{8,64}")
 
 _POLL_MS = 100
 _MAX_ROUTE = 64
@@ -133,11 +139,16 @@ class StageWorker:
         self.stop_event = threading.Event()
         self.endpoint = ""
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
+        # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
+        # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
+        self._replies_endpoint = f"inproc://splitnet-replies-{id(self):x}"
 
     # ---------------------------------------------------------------- I/O thread -----------
     def run(self) -> None:
         router = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped, not raised
+        replies = self.ctx.socket(zmq.PULL)
+        replies.bind(self._replies_endpoint)
         compute = threading.Thread(target=self._compute_loop, name="splitnet-compute", daemon=True)
         try:
             self.endpoint = _bind(router, self.config.bind)
@@ -145,11 +156,17 @@ class StageWorker:
             self._announce_ready()
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
+            poller.register(replies, zmq.POLLIN)
             while not self.stop_event.is_set():
                 if self.config.parent_pid and not _alive(self.config.parent_pid):
                     log.warning("parent process %d is gone; stage %d exits", self.config.parent_pid, self.config.stage_index)
                     break
-                if not dict(poller.poll(_POLL_MS)):
+                ready = dict(poller.poll(_POLL_MS))
+                if not ready:
+                    continue
+                if replies in ready:
+                    self._relay_replies(router, replies)
+                if router not in ready:
                     continue
                 try:
                     frames = router.recv_multipart(copy=False)
@@ -169,6 +186,21 @@ class StageWorker:
             if compute.is_alive():
                 compute.join(timeout=10)  # let an in-flight forward finish before the process exits
             router.close(linger=0)
+            replies.close(linger=0)
+
+    def _relay_replies(self, router: zmq.Socket, replies: zmq.Socket) -> None:
+        """Send what the compute thread queued for clients reached over their own connection."""
+        for _ in range(64):  # bounded: the ROUTER's requests get their turn
+            try:
+                frames = replies.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                router.send_multipart(frames, copy=False)
+            except zmq.Again:
+                log.warning("reply to a slow client dropped")
+            except SplitnetError as e:  # e.g. the sealed transport has no session for that client
+                log.warning("reply to %r dropped: %s", frames[0].bytes[:40], e)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -239,6 +271,9 @@ class StageWorker:
     # ---------------------------------------------------------------- compute thread -------
     def _compute_loop(self) -> None:
         peers: dict[str, zmq.Socket] = {}
+        self._to_io = self.ctx.socket(zmq.PUSH)  # this thread's end of the replies pipe
+        self._to_io.setsockopt(zmq.SNDTIMEO, self.socket_config.send_timeout_ms)
+        self._to_io.connect(self._replies_endpoint)
         try:
             while not self.stop_event.is_set():
                 try:
@@ -264,6 +299,7 @@ class StageWorker:
         finally:
             for s in peers.values():
                 s.close(linger=0)
+            self._to_io.close(linger=0)
 
     def _forward(self, item: _Work, peers: dict[str, zmq.Socket]) -> None:
         msg = item.msg
@@ -329,6 +365,14 @@ class StageWorker:
             self._send(peers, meta["reply_to"], Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
 
     def _send(self, peers: dict[str, zmq.Socket], endpoint: str, msg: Message, reply_to: str | None = None) -> None:
+        if endpoint.startswith(PEER_REPLY_PREFIX):  # the client's own connection to this stage
+            frames = encode_message(msg)
+            try:
+                self._to_io.send_multipart([endpoint[len(PEER_REPLY_PREFIX):].encode(), *frames], copy=False)
+                self.stats["bytes_out"] += message_nbytes(frames)
+            except zmq.Again:
+                log.warning("could not hand %s for %s to the I/O thread", msg.kind, msg.req)
+            return
         sock = peers.get(endpoint)
         key = self._peer_keys.get(endpoint)
         if sock is not None and key is not None and self._sock_keys.get(endpoint) != key:
@@ -387,8 +431,8 @@ class StageWorker:
 def _check_forward_meta(msg: Message) -> None:
     meta = msg.meta
     reply_to = meta.get("reply_to")
-    if not isinstance(reply_to, str) or not reply_to.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ProtocolError("forward message needs meta.reply_to, an endpoint string")
+    if not isinstance(reply_to, str) or not (reply_to.startswith(("tcp://", "ipc://", "inproc://")) or _PEER_REPLY.fullmatch(reply_to)):
+        raise ProtocolError("forward message needs meta.reply_to: an endpoint string, or 'peer:' + the client's routing id (8-64 hex digits)")
     route = meta.get("route", [])
     if not isinstance(route, list) or len(route) > _MAX_ROUTE or not all(isinstance(r, str) and r.startswith(("tcp://", "ipc://", "inproc://")) for r in route):
         raise ProtocolError("meta.route must be a list of endpoint strings")

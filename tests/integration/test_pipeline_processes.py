@@ -56,6 +56,36 @@ def test_minilm_split_equals_unsplit(minilm_pipe):
     assert [t["stage"] for t in stats["trace"]] == [0, 1, 2]
 
 
+@pytest.mark.parametrize("reply_via", ["connection", "bind"])
+def test_results_come_back_either_way(minilm_pipe, reply_via):
+    """Default: over the client's own connection to the last stage (no port bound on the client,
+    so it works behind NAT); "bind": the last stage connects back to an endpoint the client binds."""
+    with splitnet.connect(minilm_pipe.endpoints, config=ClientConfig(timeout_s=30, reply_via=reply_via)) as s:
+        assert s.reply_to.startswith("peer:" if reply_via == "connection" else "tcp://127.0.0.1:")
+        assert (s._results is None) == (reply_via == "connection")
+        out = s.infer({"text": ["results find their way home"]})["embedding"]
+        assert out.shape == (1, 384) and s.last_stats["result_bytes"] > 384 * 4
+        assert len(s.ping()) == 3
+
+
+def test_a_result_for_an_unknown_peer_is_dropped_and_the_stage_serves_on(minilm_pipe):
+    """A forward whose reply_to names a routing id nobody connected with: the last stage drops the
+    result (nothing to send it to) and keeps serving."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.connect(minilm_pipe.endpoints[0])
+    try:
+        ids = np.array([[101, 7592, 102]], dtype=np.int64)
+        msg = Message(kind="forward", req="ghost", tensors={"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                      meta={"route": minilm_pipe.endpoints[1:], "reply_to": "peer:" + "ab" * 16, "cache": False})
+        sock.send_multipart(encode_message(msg))
+        time.sleep(0.5)
+        with splitnet.connect(minilm_pipe.endpoints, timeout_s=30) as s:
+            assert s.infer({"text": ["still serving"]})["embedding"].shape == (1, 384)
+    finally:
+        sock.close(linger=0)
+
+
 def test_generate_matches_unsplit_greedy_and_uses_kv_cache(gpt_pipe):
     prompt = list(b"import os\nprint(")
     bm = load_model("tiny-gpt2")
