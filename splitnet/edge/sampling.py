@@ -1,8 +1,14 @@
-"""Next-token choice from logits: greedy, or seeded temperature / top-k sampling."""
+"""Next-token choice from logits: greedy, or seeded temperature / top-k sampling.
+
+The last stage need not send whole logits (4 x vocab bytes a position, 200 KB for GPT-2): with
+:func:`head_request` the client asks for what its sampler needs: the argmax (greedy) or the
+top-k logits and their ids (top-k sampling). :meth:`Sampler.pick` reads any of the three and,
+for the same seed, picks the same token as from whole logits."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -46,3 +52,28 @@ class Sampler:
         p = np.exp(z - z.max())
         p /= p.sum()
         return int(self.rng.choice(p.size, p=p))
+
+    def pick(self, tensors: Mapping[str, Any], position: int | None = None) -> int:
+        """The next token from a last stage's outputs (``logits``, ``argmax`` or ``topk_*``) for
+        sequence 0, at ``position`` when the stage returned every position (``all_logits``)."""
+        if "argmax" in tensors:
+            a = np.asarray(tensors["argmax"])[0]
+            return int(a if position is None else a[position])
+        if "topk_values" in tensors:
+            vals, idx = np.asarray(tensors["topk_values"])[0], np.asarray(tensors["topk_indices"])[0]
+            if position is not None:
+                vals, idx = vals[position], idx[position]
+            full = np.full(int(np.asarray(tensors["vocab"]).reshape(-1)[0]), -np.inf)
+            full[idx] = vals
+            return self(full)
+        logits = np.asarray(tensors["logits"])[0]
+        return self(logits if position is None else logits[position])
+
+
+def head_request(config: SamplingConfig) -> dict:
+    """``meta`` asking the last stage for just what sampling with ``config`` needs."""
+    if config.temperature == 0:
+        return {"head": "argmax"}
+    if config.top_k > 0:
+        return {"head": "topk", "top_k": int(config.top_k)}
+    return {}

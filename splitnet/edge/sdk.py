@@ -21,7 +21,8 @@ import numpy as np
 import zmq
 
 from splitnet.edge.config import ClientConfig
-from splitnet.edge.sampling import Sampler, SamplingConfig
+from splitnet.edge.draft import DraftModel
+from splitnet.edge.sampling import Sampler, SamplingConfig, head_request
 from splitnet.errors import AuthError, ConfigError, PlanMismatch, ProtocolError, StageUnavailable, UnknownRequest, error_from_code
 from splitnet.wire import (
     DEFAULT_LIMITS,
@@ -376,48 +377,69 @@ class Session:
         sampling: SamplingConfig | None = None,
         stop_token: int | None = None,
         timeout_s: float | None = None,
+        draft: DraftModel | None = None,
+        speculate_tokens: int = 4,
         _out: dict | None = None,
     ) -> Iterator[int]:
-        """Yield generated token ids one at a time (prefill in chunks, then one step per token)."""
+        """Yield generated token ids one at a time (prefill in chunks, then one step per token).
+
+        With ``draft`` (a :class:`~splitnet.edge.draft.DraftModel` on this device), each step
+        sends the last token plus ``speculate_tokens`` draft proposals; the pipeline scores them
+        in one pass and returns its greedy choice at every position; the longest agreeing prefix
+        and the pipeline's next token are kept, and the stages drop the rest of their caches on
+        the next step. The tokens are exactly those of greedy decoding without a draft.
+        """
         if self.kind != "decoder":
             raise ConfigError(f"generate/stream need a decoder model; this pipeline serves a {self.kind}: use infer()")
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
+        sampling = sampling or SamplingConfig()
+        if draft is not None and sampling.temperature != 0:
+            raise ConfigError("speculative decoding with a draft model is greedy only (temperature 0) in this release")
+        if draft is not None and speculate_tokens < 1:
+            raise ConfigError("speculate_tokens must be >= 1")
         ids = self._prompt_ids(prompt)
         if not ids:
             raise ConfigError("the prompt is empty")
-        sampler = Sampler(sampling or SamplingConfig())
+        sampler = Sampler(sampling)
+        head = head_request(sampling)
         t0 = time.perf_counter()
         stats = _out if _out is not None else {}
         stats["replays"] = []
-        # the replay log: every token this request has fed the pipeline, in order. A stage that
-        # is replaced (or lost its cache) gets its KV cache rebuilt by feeding the log again.
+        # the replay log: every token this request has fed the pipeline and kept, in order. A
+        # stage that is replaced (or lost its cache) gets its KV cache rebuilt by feeding it again.
         fed: list[int] = []
         req = uuid.uuid4().hex[:16]
         seq = 0
         out: list[int] = []
         recoveries = 0
+        spec = {"steps": 0, "proposed": 0, "accepted": 0} if draft is not None else None
 
-        def feed(tokens: list[int]) -> int:
-            """Send ``tokens`` (chunked) after what was fed; return the bytes sent."""
+        def feed(tokens: list[int], extra: dict | None = None) -> int:
+            """Send ``tokens`` (chunked) after what was kept; return the bytes sent."""
             nonlocal seq
             sent = 0
             chunk = self.config.prefill_chunk_tokens
             for s in range(0, len(tokens), chunk):
                 piece = tokens[s : s + chunk]
                 last = s + chunk >= len(tokens)
-                sent += self._send_forward(req, seq, {"input_ids": np.asarray([piece], dtype=np.int64)}, {"cache": True, "pos": len(fed), "want_result": last})
+                meta = {"cache": True, "pos": len(fed), "want_result": last, "rewind": True, **head, **(extra or {})}
+                sent += self._send_forward(req, seq, {"input_ids": np.asarray([piece], dtype=np.int64)}, meta)
                 fed.extend(piece)
                 seq += 1
             return sent
 
         pending = list(ids)  # tokens still to feed
+        proposals: list[int] = []  # draft tokens sent after ``pending`` in this step
         sent = 0
         try:
             while len(out) < max_new_tokens:
                 try:
                     if pending:
-                        sent = feed(pending)
+                        proposals = []
+                        if spec is not None and out:  # decode step: speculate
+                            proposals = draft.propose(ids + out, min(speculate_tokens, max_new_tokens - len(out) - 1))
+                        sent = feed(pending + proposals, {"all_logits": True} if proposals else None)
                         pending = []
                     key, msg = self._wait_any({(req, seq - 1)}, timeout_s)
                 except (StageUnavailable, UnknownRequest) as e:
@@ -440,15 +462,31 @@ class Session:
                     stats["decode_wire_bytes"] = 0
                 else:
                     stats["decode_wire_bytes"] += self._stats(msg, sent, received, 0)["wire_bytes"]
-                tok = sampler(msg.tensors["logits"][0])
                 stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
-                out.append(tok)
-                yield tok
-                if len(out) == max_new_tokens or (stop_token is not None and tok == stop_token):
-                    break
-                pending = [tok]
+                if proposals:
+                    # position j of the reply is the pipeline's choice after pending + proposals[:j]
+                    n_ok = 0
+                    while n_ok < len(proposals) and sampler.pick(msg.tensors, n_ok) == proposals[n_ok]:
+                        n_ok += 1
+                    new = proposals[:n_ok] + [sampler.pick(msg.tensors, n_ok)]
+                    del fed[len(fed) - (len(proposals) - n_ok):]  # rejected: the stages rewind on the next step
+                    spec["steps"] += 1
+                    spec["proposed"] += len(proposals)
+                    spec["accepted"] += n_ok
+                else:
+                    new = [sampler.pick(msg.tensors)]
+                for tok in new:
+                    out.append(tok)
+                    yield tok
+                    if len(out) == max_new_tokens or (stop_token is not None and tok == stop_token):
+                        return
+                pending = [out[-1]]
         finally:
             stats["latency_ms"] = (time.perf_counter() - t0) * 1e3
+            if spec is not None:
+                spec["acceptance"] = round(spec["accepted"] / spec["proposed"], 4) if spec["proposed"] else None
+                spec["tokens_per_step"] = round((len(out) - 1) / spec["steps"], 3) if spec["steps"] else None
+                stats["speculative"] = spec
             self._release(req)
 
     def generate(
@@ -459,11 +497,15 @@ class Session:
         sampling: SamplingConfig | None = None,
         stop_token: int | None = None,
         timeout_s: float | None = None,
+        draft: DraftModel | None = None,
+        speculate_tokens: int = 4,
     ) -> GenerationResult:
-        """Generate ``max_new_tokens`` tokens (greedy unless ``sampling`` says otherwise)."""
+        """Generate ``max_new_tokens`` tokens (greedy unless ``sampling`` says otherwise; with a
+        ``draft`` model, speculatively: see :meth:`stream`)."""
         stats: dict = {}
         ids = self._prompt_ids(prompt)
-        tokens = list(self.stream(ids, max_new_tokens, sampling=sampling, stop_token=stop_token, timeout_s=timeout_s, _out=stats))
+        tokens = list(self.stream(ids, max_new_tokens, sampling=sampling, stop_token=stop_token, timeout_s=timeout_s,
+                                  draft=draft, speculate_tokens=speculate_tokens, _out=stats))
         text = None
         if self._tokenizer is not None or isinstance(prompt, str):
             text = self.tokenizer.decode(tokens)
@@ -502,12 +544,13 @@ class Session:
         stats["replays"] = []
         waiting: dict[Key, dict] = {}
         chunk = self.config.prefill_chunk_tokens
+        head = head_request(sampling or SamplingConfig())
 
         def feed(s: dict, tokens: list[int]) -> None:
             """Send ``tokens`` after what sequence ``s`` has fed (chunked); await the last chunk."""
             for k in range(0, len(tokens), chunk):
                 piece = np.asarray([tokens[k : k + chunk]], dtype=np.int64)
-                self._send_forward(s["req"], s["seq"], {"input_ids": piece}, {"cache": True, "pos": s["pos"] + k, "want_result": k + chunk >= len(tokens)})
+                self._send_forward(s["req"], s["seq"], {"input_ids": piece}, {"cache": True, "pos": s["pos"] + k, "want_result": k + chunk >= len(tokens), **head})
                 s["seq"] += 1
             s["pos"] += len(tokens)
             waiting[(s["req"], s["seq"] - 1)] = s
@@ -541,7 +584,7 @@ class Session:
                     continue
                 self._result_bytes.pop(key, None)
                 s = waiting.pop(key)
-                tok = s["sampler"](msg.tensors["logits"][0])
+                tok = s["sampler"].pick(msg.tensors)
                 s["out"].append(tok)
                 stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
                 if on_token is not None:

@@ -27,6 +27,15 @@ class KVCache:
         self._layers[layer] = (k, v)
         return k, v
 
+    def truncate(self, length: int) -> None:
+        """Forget every position from ``length`` on (speculative tokens the verifier rejected)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length == self.length:
+            return
+        self._layers = {i: (k[:, :, :length].contiguous(), v[:, :, :length].contiguous()) for i, (k, v) in self._layers.items()}
+        self.length = length
+
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
         self.tokens_computed += n_tokens

@@ -319,12 +319,16 @@ class StageWorker:
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
             cache = self.caches.get(msg.req, create=True)
             pos = meta.get("pos")
+            if isinstance(pos, int) and pos < cache.length and meta.get("rewind"):
+                cache.truncate(pos)  # the client rejected speculative tokens past ``pos``
             if isinstance(pos, int) and pos != cache.length:
                 self.caches.drop(msg.req)
                 raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
         t1 = time.perf_counter()
         outputs = self.stage(inputs, cache, all_logits=bool(meta.get("all_logits")))
         last = not meta.get("route")
+        if last and "logits" in outputs and meta.get("head", "logits") != "logits":
+            outputs = _reduce_logits(outputs["logits"], meta)
         # frames leave from host memory; the client gets float32 logits/embeddings whatever the stage dtype
         outputs = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in outputs.items()}
         compute_ms = (time.perf_counter() - t1) * 1e3
@@ -428,6 +432,17 @@ class StageWorker:
             self._peer_keys.pop(next(iter(self._peer_keys)))
 
 
+def _reduce_logits(logits: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:
+    """What the client asked the last stage to send back instead of whole logits (``meta.head``):
+    ``"argmax"`` (greedy: 8 bytes a position instead of 4 x vocab) or ``"topk"`` (the ``top_k``
+    largest logits and their token ids, all that top-k sampling needs)."""
+    vocab = torch.tensor([logits.shape[-1]], dtype=torch.int64)
+    if meta["head"] == "argmax":
+        return {"argmax": logits.argmax(dim=-1).to(torch.int64), "vocab": vocab}
+    values, indices = torch.topk(logits.float(), k=min(int(meta["top_k"]), logits.shape[-1]), dim=-1)
+    return {"topk_values": values, "topk_indices": indices.to(torch.int64), "vocab": vocab}
+
+
 def _check_forward_meta(msg: Message) -> None:
     meta = msg.meta
     reply_to = meta.get("reply_to")
@@ -438,6 +453,11 @@ def _check_forward_meta(msg: Message) -> None:
         raise ProtocolError("meta.route must be a list of endpoint strings")
     if "pos" in meta and not (isinstance(meta["pos"], int) and meta["pos"] >= 0):
         raise ProtocolError("meta.pos must be a non-negative int")
+    head = meta.get("head", "logits")
+    if head not in ("logits", "argmax", "topk"):
+        raise ProtocolError("meta.head must be 'logits', 'argmax' or 'topk'")
+    if head == "topk" and not (isinstance(meta.get("top_k"), int) and 1 <= meta["top_k"] <= 1024):
+        raise ProtocolError("meta.head 'topk' needs meta.top_k, an int in 1..1024")
     keys = [meta["reply_key"]] if "reply_key" in meta else []
     route_keys = meta.get("route_keys", [])
     if not isinstance(route_keys, list) or len(route_keys) > len(route):
