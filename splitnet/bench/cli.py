@@ -14,6 +14,7 @@ SUITES = {
     "planner": "splitnet.bench.planner",
     "hardening": "splitnet.bench.hardening",
     "pipeline": "splitnet.bench.pipeline",
+    "speculative": "splitnet.bench.speculative",
 }
 
 

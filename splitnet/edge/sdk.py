@@ -413,7 +413,7 @@ class Session:
         seq = 0
         out: list[int] = []
         recoveries = 0
-        spec = {"steps": 0, "proposed": 0, "accepted": 0} if draft is not None else None
+        spec = {"steps": 0, "round_trips": 0, "proposed": 0, "accepted": 0} if draft is not None else None
 
         def feed(tokens: list[int], extra: dict | None = None) -> int:
             """Send ``tokens`` (chunked) after what was kept; return the bytes sent."""
@@ -475,6 +475,8 @@ class Session:
                     spec["accepted"] += n_ok
                 else:
                     new = [sampler.pick(msg.tensors)]
+                if spec is not None and out:
+                    spec["round_trips"] += 1  # decode steps, with or without proposals
                 for tok in new:
                     out.append(tok)
                     yield tok
@@ -485,7 +487,7 @@ class Session:
             stats["latency_ms"] = (time.perf_counter() - t0) * 1e3
             if spec is not None:
                 spec["acceptance"] = round(spec["accepted"] / spec["proposed"], 4) if spec["proposed"] else None
-                spec["tokens_per_step"] = round((len(out) - 1) / spec["steps"], 3) if spec["steps"] else None
+                spec["tokens_per_step"] = round((len(out) - 1) / spec["round_trips"], 3) if spec["round_trips"] else None
                 stats["speculative"] = spec
             self._release(req)
 
