@@ -20,6 +20,8 @@ _COMMAND_MODULES = [
     "splitnet.planner.cli",  # plan, profile
     "splitnet.wire.cli_keys",  # keys gen
     "splitnet.lab.cli",  # lab up/down
+    "splitnet.model.cli_train_lm",  # train-lm
+    "splitnet.model.cli_export",  # export-onnx
 ]
 
 

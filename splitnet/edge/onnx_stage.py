@@ -40,6 +40,11 @@ class OnnxStage:
         self.num_blocks = int(meta["splitnet.num_blocks"])
         self._out_names = json.loads(meta["splitnet.outputs"])
         self._inputs = {i.name: i.type for i in self.session.get_inputs()}
+        self.tokenizer = _tokenizer(meta, path)
+
+    @property
+    def is_first(self) -> bool:
+        return self.blocks[0] == 0
 
     def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = sorted(set(self._inputs) - set(inputs))
@@ -52,3 +57,20 @@ class OnnxStage:
             feed[name] = np.ascontiguousarray(arr, dtype=want)
         outs = self.session.run(list(self._out_names), feed)
         return {self._out_names[k]: v for k, v in zip(self._out_names, outs)}
+
+
+def _tokenizer(meta: Mapping[str, str], path: Path):
+    """The tokenizer exported with a first stage (torch-free), or None."""
+    spec = meta.get("splitnet.tokenizer", "")
+    if spec == "bytes":
+        from splitnet.model.tokenizer import ByteTokenizer
+
+        return ByteTokenizer()
+    if spec.startswith("file:"):
+        from splitnet.model.tokenizer import HFTokenizer
+
+        f = path.with_name(spec[len("file:"):])
+        if not f.is_file():
+            raise ModelLoadError(f"{path} expects its tokenizer at {f}; copy it along with the .onnx file")
+        return HFTokenizer(f, pad_id=int(meta.get("splitnet.pad_id", "0")))
+    return None

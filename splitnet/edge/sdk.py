@@ -63,14 +63,25 @@ class Session:
         socket_config: SocketConfig | None = None,
         tokenizer: Any = None,
         recovery: Callable[[int], str] | None = None,
+        local_stage: Any = None,
     ):
         """``recovery(stage_index) -> endpoint`` moves a dead stage to a live process (e.g.
         :meth:`splitnet.runtime.launcher.LocalPipeline.respawn_stage`); with it, a request that
-        loses a stage is replayed from its own inputs instead of failing."""
+        loses a stage is replayed from its own inputs instead of failing.
+
+        ``local_stage`` runs the first blocks on this device (an
+        :class:`~splitnet.edge.onnx_stage.OnnxStage`: onnxruntime, no torch); the endpoints then
+        serve the blocks after it, and only the cut's features leave the device."""
         if not endpoints:
             raise ConfigError("connect() needs at least one stage endpoint")
         self.endpoints = list(endpoints)
         self.config = config or ClientConfig()
+        self._local = local_stage
+        if local_stage is not None:
+            if local_stage.blocks[0] != 0:
+                raise ConfigError(f"a local stage must start at block 0; this one holds blocks {local_stage.blocks}")
+            if local_stage.kind == "decoder":
+                raise ConfigError("local decoder stages need a KV-cache export, which splitnet does not have yet; run decoders remotely")
         if socket_config is None and self.config.client_key:
             from splitnet.wire.security import client_curve_config
 
@@ -148,9 +159,11 @@ class Session:
         self._watch.close()
         ordered = [infos[i] for i in range(len(self._controls))]
         fps = {(x["model"], x["fingerprint"]) for x in ordered}
+        if self._local is not None:
+            fps.add((self._local.model, self._local.fingerprint))
         if len(fps) != 1:
-            raise PlanMismatch(f"stages serve different models: {sorted(fps)}; start every stage from the same model files")
-        expected = 0
+            raise PlanMismatch(f"stages serve different models: {sorted(fps)}; start every stage (and export the local one) from the same model files")
+        expected = self._local.blocks[1] if self._local is not None else 0
         for i, info in enumerate(ordered):
             a, b = info["blocks"]
             if a != expected:
@@ -171,6 +184,8 @@ class Session:
 
     @property
     def tokenizer(self):
+        if self._tokenizer is None and self._local is not None:
+            self._tokenizer = self._local.tokenizer  # exported with it: no model files, no torch
         if self._tokenizer is None:
             from splitnet.model.loading import _tokenizer_for, resolve_model_dir
             from splitnet.model.weights import read_config
@@ -334,8 +349,16 @@ class Session:
         inputs = dict(inputs)
         if "text" in inputs:
             texts = inputs.pop("text")
-            inputs.update(self.tokenizer([texts] if isinstance(texts, str) else list(texts), max_length=int(inputs.pop("max_length", 256))))
+            texts, max_length = [texts] if isinstance(texts, str) else list(texts), int(inputs.pop("max_length", 256))
+            try:
+                inputs.update(self.tokenizer(texts, max_length=max_length, numpy=True))  # numpy: no torch needed here
+            except TypeError:  # a caller's own tokenizer without the numpy option
+                inputs.update(self.tokenizer(texts, max_length=max_length))
         t0 = time.perf_counter()
+        local_ms = None
+        if self._local is not None:
+            inputs = self._local({k: np.asarray(v) for k, v in inputs.items()})  # only the cut leaves the device
+            local_ms = (time.perf_counter() - t0) * 1e3
         for attempt in range(self.config.max_recoveries + 1):
             req = uuid.uuid4().hex[:16]
             sent = self._send_forward(req, 0, inputs, {"cache": False})
@@ -348,6 +371,8 @@ class Session:
                 self._recover(e)  # a stateless request is simply sent again
         latency = (time.perf_counter() - t0) * 1e3
         self.last_stats = self._stats(msg, sent, self._result_bytes.pop(key, 0), latency)
+        if local_ms is not None:
+            self.last_stats["local_ms"] = local_ms
         return {k: np.array(v) for k, v in msg.tensors.items()}
 
     def _stats(self, msg: Message, sent: int, received: int, latency_ms: float) -> dict:

@@ -1,8 +1,35 @@
-"""Models as ordered blocks, cut into stages (see :mod:`splitnet.model.blocks`)."""
+"""Models as ordered blocks, cut into stages (see :mod:`splitnet.model.blocks`).
 
-from splitnet.model.blocks import Architecture, BlockModel, Stage
-from splitnet.model.builtin import BUILTIN_MODELS
-from splitnet.model.kv_cache import KVCache
-from splitnet.model.loading import load_model, resolve_model_dir
+The names below are imported on first use (PEP 562), so that torch-free parts of this package
+(:mod:`splitnet.model.tokenizer`) can be used on an edge device without torch installed.
+"""
 
-__all__ = ["Architecture", "BlockModel", "BUILTIN_MODELS", "KVCache", "Stage", "load_model", "resolve_model_dir"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "Architecture": "splitnet.model.blocks",
+    "BlockModel": "splitnet.model.blocks",
+    "Stage": "splitnet.model.blocks",
+    "BUILTIN_MODELS": "splitnet.model.builtin",
+    "KVCache": "splitnet.model.kv_cache",
+    "load_model": "splitnet.model.loading",
+    "resolve_model_dir": "splitnet.model.loading",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    mod = _EXPORTS.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'splitnet.model' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

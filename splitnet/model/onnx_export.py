@@ -9,6 +9,7 @@ The file carries its stage description in ONNX metadata (``splitnet.*`` keys), w
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Mapping
@@ -47,6 +48,22 @@ def example_inputs(bm: BlockModel, start: int) -> dict[str, torch.Tensor]:
     if first is None:
         raise ConfigError("exporting a later stage needs the blocks before it loaded, to make example inputs")
     return dict(first(example_inputs(bm, 0)))
+
+
+def _tokenizer_meta(bm: BlockModel, path: Path) -> dict[str, str]:
+    """Ship the first stage's tokenizer with it, so the edge needs neither torch nor the model dir:
+    byte-level ones are named, a tokenizer.json is copied next to the ONNX file."""
+    from splitnet.model.tokenizer import ByteTokenizer, HFTokenizer
+
+    tok = bm.tokenizer
+    if isinstance(tok, ByteTokenizer):
+        return {"splitnet.tokenizer": "bytes"}
+    src = Path(bm.model_dir) / "tokenizer.json" if bm.model_dir else None
+    if isinstance(tok, HFTokenizer) and src is not None and src.is_file():
+        dst = path.with_name(path.stem + ".tokenizer.json")
+        shutil.copyfile(src, dst)
+        return {"splitnet.tokenizer": "file:" + dst.name, "splitnet.pad_id": str(tok.pad_id)}
+    return {}
 
 
 def export_stage_onnx(
@@ -100,6 +117,7 @@ def export_stage_onnx(
         "splitnet.num_blocks": str(bm.num_blocks),
         "splitnet.outputs": json.dumps(dict(zip(out_names, output_names))),
     }
+    meta.update(_tokenizer_meta(bm, path))
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v

@@ -1,21 +1,29 @@
-"""Tokenizers: the HF ``tokenizers`` library (tokenizer.json) and a byte-level one for built-in LMs."""
+"""Tokenizers: the HF ``tokenizers`` library (tokenizer.json) and a byte-level one for built-in LMs.
+
+Neither needs torch: ``numpy=True`` returns numpy arrays (an edge device running its stage on
+onnxruntime); the default returns torch tensors for torch stages."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import torch
+import numpy as np
 
 
-def pad_batch(ids: list[list[int]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad token id lists to the longest: ``input_ids`` and ``attention_mask`` (B, T)."""
+def pad_batch(ids: list[list[int]], pad_id: int, numpy: bool = False) -> dict[str, Any]:
+    """Right-pad token id lists to the longest: ``input_ids`` and ``attention_mask`` (B, T), int64."""
     T = max(1, max(len(i) for i in ids))
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    input_ids = np.full((len(ids), T), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), T), dtype=np.int64)
     for b, seq in enumerate(ids):
-        input_ids[b, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        input_ids[b, : len(seq)] = seq
         mask[b, : len(seq)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
+    if numpy:
+        return {"input_ids": input_ids, "attention_mask": mask}
+    import torch
+
+    return {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
 
 
 class HFTokenizer:
@@ -30,9 +38,9 @@ class HFTokenizer:
         self.tok.no_padding()
         self.tok.no_truncation()
 
-    def __call__(self, texts: list[str], max_length: int = 128) -> dict[str, torch.Tensor]:
+    def __call__(self, texts: list[str], max_length: int = 128, numpy: bool = False) -> dict[str, Any]:
         encs = self.tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
-        return pad_batch([e.ids[:max_length] for e in encs], self.pad_id)
+        return pad_batch([e.ids[:max_length] for e in encs], self.pad_id, numpy)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids
@@ -47,8 +55,8 @@ class ByteTokenizer:
     eos_id = 256
     vocab_size = 257
 
-    def __call__(self, texts: list[str], max_length: int = 1024) -> dict[str, torch.Tensor]:
-        return pad_batch([self.encode(t)[:max_length] for t in texts], 0)
+    def __call__(self, texts: list[str], max_length: int = 1024, numpy: bool = False) -> dict[str, Any]:
+        return pad_batch([self.encode(t)[:max_length] for t in texts], 0, numpy)
 
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
