@@ -1,4 +1,8 @@
-"""Run an exported stage with onnxruntime: numpy in, numpy out, no torch import."""
+"""Run an exported stage with onnxruntime: numpy in, numpy out, no torch import.
+
+A decoder stage keeps one KV cache per request here (numpy arrays fed back as ``past_*``
+inputs); ``pos`` says where a call's tokens start, so a cache is trimmed when the client rejected
+speculative tokens, and a request is forgotten with :meth:`OnnxStage.release`."""
 
 from __future__ import annotations
 
@@ -41,12 +45,51 @@ class OnnxStage:
         self._out_names = json.loads(meta["splitnet.outputs"])
         self._inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.tokenizer = _tokenizer(meta, path)
+        self.kv_layers: list[int] = json.loads(meta.get("splitnet.kv_layers", "[]"))
+        self._past = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith("past_")}
+        self._inputs = {k: v for k, v in self._inputs.items() if k not in self._past}
+        self._present = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
+        self.caches: dict[str, list[np.ndarray]] = {}
+        self.max_requests = 64
 
     @property
     def is_first(self) -> bool:
         return self.blocks[0] == 0
 
-    def __call__(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    @property
+    def uses_kv_cache(self) -> bool:
+        return bool(self.kv_layers)
+
+    def cache_length(self, request: str) -> int:
+        c = self.caches.get(request)
+        return int(c[0].shape[2]) if c else 0
+
+    def release(self, request: str) -> None:
+        self.caches.pop(request, None)
+
+    def __call__(self, inputs: Mapping[str, np.ndarray], *, request: str | None = None, pos: int | None = None) -> dict[str, np.ndarray]:
+        """Outputs of the stage for ``inputs``; a decoder stage extends ``request``'s cache from
+        position ``pos`` (default: its end; earlier positions are dropped first)."""
+        if not self.kv_layers:
+            return self._run(inputs, {})
+        if request is None:
+            raise StageError("a decoder stage needs a request id to keep its KV cache under")
+        batch = int(np.asarray(next(iter(inputs.values()))).shape[0])
+        cache = self.caches.get(request)
+        if cache is None:
+            if len(self.caches) >= self.max_requests:
+                self.caches.pop(next(iter(self.caches)))
+            cache = [np.zeros((batch, int(s[1]), 0, int(s[3])), np.float32) for s in self._past.values()]
+        length = int(cache[0].shape[2])
+        if pos is not None and pos != length:
+            if not 0 <= pos < length:
+                raise StageError(f"request {request!r} continues at position {pos} but the local cache holds {length}; replay it from its first token")
+            cache = [c[:, :, :pos] for c in cache]
+        outs = self._run(inputs, dict(zip(self._past, cache)))
+        self.caches[request] = [outs.pop(n) for n in self._present]
+        return outs
+
+    def _run(self, inputs: Mapping[str, np.ndarray], past: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         missing = sorted(set(self._inputs) - set(inputs))
         if missing:
             raise StageError(f"ONNX stage {self.blocks} needs inputs {missing}, got {sorted(inputs)}")
@@ -55,8 +98,10 @@ class OnnxStage:
             arr = np.asarray(inputs[name])
             want = np.int64 if "int64" in typ else np.float32 if "float" in typ else arr.dtype
             feed[name] = np.ascontiguousarray(arr, dtype=want)
-        outs = self.session.run(list(self._out_names), feed)
-        return {self._out_names[k]: v for k, v in zip(self._out_names, outs)}
+        feed.update(past)
+        names = list(self._out_names) + self._present
+        outs = self.session.run(names, feed)
+        return {self._out_names.get(k, k): v for k, v in zip(names, outs)}
 
 
 def _tokenizer(meta: Mapping[str, str], path: Path):

@@ -80,8 +80,9 @@ class Session:
         if local_stage is not None:
             if local_stage.blocks[0] != 0:
                 raise ConfigError(f"a local stage must start at block 0; this one holds blocks {local_stage.blocks}")
-            if local_stage.kind == "decoder":
-                raise ConfigError("local decoder stages need a KV-cache export, which splitnet does not have yet; run decoders remotely")
+            if local_stage.kind == "decoder" and not getattr(local_stage, "uses_kv_cache", False):
+                raise ConfigError("a local decoder stage must carry its KV cache (export it again with this splitnet: `splitnet export-onnx`)")
+        self.local_ms = 0.0  # time spent in the local stage, all calls
         if socket_config is None and self.config.client_key:
             from splitnet.wire.security import client_curve_config
 
@@ -204,7 +205,20 @@ class Session:
         except zmq.Again:
             return False
 
+    def _run_local(self, req: str, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
+        """The local stage's outputs (what crosses the first cut) for model inputs ``tensors``."""
+        t0 = time.perf_counter()
+        arrays = {k: np.asarray(v) for k, v in tensors.items()}
+        if getattr(self._local, "uses_kv_cache", False):
+            out = self._local(arrays, request=req, pos=meta.get("pos"))
+        else:
+            out = self._local(arrays)
+        self.local_ms += (time.perf_counter() - t0) * 1e3
+        return out
+
     def _send_forward(self, req: str, seq: int, tensors: Mapping[str, Any], meta: dict) -> int:
+        if self._local is not None:
+            tensors = self._run_local(req, tensors, meta)  # only the cut leaves the device
         meta = {"route": self.endpoints[1:], "reply_to": self.reply_to, **meta}
         if self._reply_key:
             meta["reply_key"] = self._reply_key.decode()
@@ -289,6 +303,8 @@ class Session:
             self._check_liveness()
 
     def _release(self, req: str) -> None:
+        if self._local is not None and hasattr(self._local, "release"):
+            self._local.release(req)
         for i in range(len(self._controls)):
             self._send_control(i, Message(kind="release", req=req))
 
@@ -355,10 +371,7 @@ class Session:
             except TypeError:  # a caller's own tokenizer without the numpy option
                 inputs.update(self.tokenizer(texts, max_length=max_length))
         t0 = time.perf_counter()
-        local_ms = None
-        if self._local is not None:
-            inputs = self._local({k: np.asarray(v) for k, v in inputs.items()})  # only the cut leaves the device
-            local_ms = (time.perf_counter() - t0) * 1e3
+        local_before = self.local_ms
         for attempt in range(self.config.max_recoveries + 1):
             req = uuid.uuid4().hex[:16]
             sent = self._send_forward(req, 0, inputs, {"cache": False})
@@ -371,8 +384,8 @@ class Session:
                 self._recover(e)  # a stateless request is simply sent again
         latency = (time.perf_counter() - t0) * 1e3
         self.last_stats = self._stats(msg, sent, self._result_bytes.pop(key, 0), latency)
-        if local_ms is not None:
-            self.last_stats["local_ms"] = local_ms
+        if self._local is not None:
+            self.last_stats["local_ms"] = self.local_ms - local_before
         return {k: np.array(v) for k, v in msg.tensors.items()}
 
     def _stats(self, msg: Message, sent: int, received: int, latency_ms: float) -> dict:

@@ -1,7 +1,10 @@
 """Export a stage to ONNX so an edge device can run it with onnxruntime and no torch.
 
-Stateless stages (encoders, ViT, ``nn.Sequential``) are supported; decoder stages keep a KV
-cache across calls and are not exported yet (they raise :class:`ConfigError`).
+Stateless stages (encoders, ViT, ``nn.Sequential``) map inputs to outputs. Decoder stages take
+their KV cache as inputs and return it grown: ``past_key_<i>``/``past_value_<i>`` (B, kv heads,
+P, head size) in, ``present_key_<i>``/``present_value_<i>`` (P + T positions) out, for every
+block ``i`` they hold; the runner keeps the cache between calls (and trims it for speculative
+decoding), so the graph itself is stateless.
 The file carries its stage description in ONNX metadata (``splitnet.*`` keys), which
 :class:`splitnet.edge.onnx_stage.OnnxStage` reads back.
 """
@@ -35,9 +38,35 @@ class _Positional(nn.Module):
         return tuple(out[n] for n in self.output_names)
 
 
+class _DecoderPositional(nn.Module):
+    """A decoder stage as a stateless graph: the KV cache comes in as tensors and goes out grown."""
+
+    def __init__(self, stage: Stage, input_names: list[str], output_names: list[str], layers: list[int]):
+        super().__init__()
+        self.stage = stage
+        self.input_names = input_names
+        self.output_names = output_names
+        self.layers = layers
+
+    def forward(self, *args):
+        from splitnet.model.kv_cache import KVCache
+
+        n = len(self.input_names)
+        inputs, past = dict(zip(self.input_names, args[:n])), args[n:]
+        cache = KVCache()
+        for j, layer in enumerate(self.layers):
+            cache._layers[layer] = (past[2 * j], past[2 * j + 1])
+        cache.length = past[0].shape[2]  # traced: the graph reads the past length from the input shape
+        out = self.stage(inputs, cache)
+        present = [t for layer in self.layers for t in cache._layers[layer]]
+        return (*(out[k] for k in self.output_names), *present)
+
+
 def example_inputs(bm: BlockModel, start: int) -> dict[str, torch.Tensor]:
     """Small inputs of the right kinds for tracing the stage that starts at ``start``."""
     if start == 0:
+        if bm.kind == "decoder":
+            return {"input_ids": torch.tensor([[5, 17, 42]], dtype=torch.long)}
         if bm.kind == "encoder":
             return bm.tokenize(["an example sentence for tracing the stage", "short"])
         if bm.kind == "vision":
@@ -76,9 +105,9 @@ def export_stage_onnx(
     opset: int = 17,
 ) -> Path:
     """Write blocks [start, end) of ``bm`` to ``path`` as ONNX with dynamic batch/sequence axes."""
-    if bm.kind == "decoder":
-        raise ConfigError("decoder stages hold a KV cache and cannot be exported to ONNX yet; serve them with torch")
     stage = bm.stage(start, end)
+    if bm.kind == "decoder":
+        return _export_decoder(bm, stage, start, end, Path(path), inputs, opset)
     inputs = dict(inputs) if inputs is not None else example_inputs(bm, start)
     input_names = sorted(inputs)
     outputs = stage(inputs)
@@ -106,6 +135,11 @@ def export_stage_onnx(
             opset_version=opset,
             dynamo=False,
         )
+    _write_metadata(bm, start, end, path, out_names, output_names)
+    return path
+
+
+def _write_metadata(bm: BlockModel, start: int, end: int, path: Path, out_names: list[str], output_names: list[str], extra: dict[str, str] | None = None) -> None:
     import onnx
 
     model = onnx.load(str(path))
@@ -116,10 +150,46 @@ def export_stage_onnx(
         "splitnet.blocks": json.dumps([start, end]),
         "splitnet.num_blocks": str(bm.num_blocks),
         "splitnet.outputs": json.dumps(dict(zip(out_names, output_names))),
+        **(extra or {}),
     }
     meta.update(_tokenizer_meta(bm, path))
     for k, v in meta.items():
         entry = model.metadata_props.add()
         entry.key, entry.value = k, v
     onnx.save(model, str(path))
+
+
+def _export_decoder(bm: BlockModel, stage: Stage, start: int, end: int, path: Path, inputs: Mapping[str, torch.Tensor] | None, opset: int) -> Path:
+    from splitnet.model.kv_cache import KVCache
+
+    inputs = dict(inputs) if inputs is not None else example_inputs(bm, start)
+    input_names = sorted(inputs)
+    probe = KVCache()
+    with torch.no_grad():
+        first = stage(inputs, probe)  # fills a cache: its shapes are the past's shapes
+    layers = sorted(probe._layers)
+    output_names = sorted(first)
+    # trace with a non-empty past and more than one new token, so no shape is taken for a constant
+    past = [t for layer in layers for t in probe._layers[layer]]
+    past_names = [f"past_{kind}_{layer}" for layer in layers for kind in ("key", "value")]
+    present_names = [f"present_{kind}_{layer}" for layer in layers for kind in ("key", "value")]
+    seq_axis = "tokens"
+    dyn: dict[str, dict[int, str]] = {n: {0: "batch", 1: seq_axis} for n in input_names}
+    dyn.update({n: {0: "batch", 1: seq_axis} if first[n].dim() >= 3 else {0: "batch"} for n in output_names})
+    dyn.update({n: {0: "batch", 2: "past"} for n in past_names})
+    dyn.update({n: {0: "batch", 2: "total"} for n in present_names})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            _DecoderPositional(stage, input_names, output_names, layers).eval(),
+            (*(inputs[n] for n in input_names), *past),
+            str(path),
+            input_names=input_names + past_names,
+            output_names=output_names + present_names,
+            dynamic_axes=dyn,
+            opset_version=opset,
+            dynamo=False,
+        )
+    _write_metadata(bm, start, end, path, output_names, output_names, {"splitnet.kv_layers": json.dumps(layers)})
     return path

@@ -88,3 +88,41 @@ def test_local_stage_must_match_the_served_model(cloud, tmp_path):
         splitnet.connect(eps, local_stage=OnnxStage(other), timeout_s=30)
     with pytest.raises(ConfigError):
         splitnet.connect(eps, local_stage=type("S", (), {"blocks": (2, 4), "kind": "encoder"})(), timeout_s=30)
+
+
+_GEN_CLIENT = r"""
+import json, sys
+sys.modules["torch"] = None
+import splitnet
+from splitnet.edge.onnx_stage import OnnxStage
+local = OnnxStage(sys.argv[1], threads=1)
+with splitnet.connect(sys.argv[2].split(","), local_stage=local, timeout_s=60) as s:
+    r = s.generate(sys.argv[3], 20)
+    print(json.dumps({"tokens": r.tokens, "cached": list(local.caches)}))
+"""
+
+
+def test_decoder_edge_stage_with_its_kv_cache_on_onnxruntime(tmp_path):
+    """tiny-gpt2 blocks 0:2 on onnxruntime (KV cache fed back as tensors) + 2:4 and 4:6 served:
+    greedy tokens, plain and speculative, equal those of the all-torch pipeline."""
+    import splitnet
+    from splitnet.edge.draft import DraftModel
+    from splitnet.edge.onnx_stage import OnnxStage
+    from splitnet.runtime.launcher import launch_pipeline
+
+    path = export_stage_onnx(load_model("tiny-gpt2"), 0, 2, tmp_path / "g0.onnx")
+    prompt = "def local(stage):\n    return"
+    with launch_pipeline("tiny-gpt2", [2, 4]) as pipe:
+        with splitnet.connect(pipe.endpoints, timeout_s=30) as s:
+            want = s.generate(prompt, 20).tokens
+        cloud_eps = pipe.endpoints[1:]
+        local = OnnxStage(path, threads=1)
+        with splitnet.connect(cloud_eps, local_stage=local, timeout_s=30) as s:
+            assert s.generate(prompt, 20).tokens == want
+            spec = s.generate(prompt, 20, draft=DraftModel("tiny-gpt2"), speculate_tokens=3)
+            assert spec.tokens == want and spec.stats["speculative"]["acceptance"] == 1.0
+        assert not local.caches, "released requests must leave no local cache behind"
+        r = subprocess.run([sys.executable, "-c", _GEN_CLIENT, str(path), ",".join(cloud_eps), prompt], capture_output=True, text=True, timeout=180)
+        assert r.returncode == 0, r.stderr[-3000:]
+        doc = json.loads(r.stdout.strip().splitlines()[-1])
+        assert doc["tokens"] == want and doc["cached"] == []

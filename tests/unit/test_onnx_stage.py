@@ -12,7 +12,7 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from splitnet.edge.onnx_stage import OnnxStage  # noqa: E402
-from splitnet.errors import ConfigError  # noqa: E402
+from splitnet.errors import StageError  # noqa: E402
 from splitnet.model import load_model  # noqa: E402
 from splitnet.model.onnx_export import export_stage_onnx  # noqa: E402
 
@@ -46,6 +46,32 @@ def test_onnx_stage_runs_without_torch(tmp_path):
     assert "(1, 17, 64)" in r.stdout
 
 
-def test_decoder_export_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="KV cache"):
-        export_stage_onnx(load_model("tiny-gpt2"), 0, 2, tmp_path / "x.onnx")
+def test_decoder_stage_carries_its_kv_cache(tmp_path):
+    """A decoder stage's cache goes in as past_* tensors and comes out grown; the runner keeps it
+    per request, trims it when asked to continue from an earlier position, and matches torch."""
+    import torch
+
+    from splitnet.model import KVCache
+
+    bm = load_model("tiny-gpt2")
+    st = OnnxStage(export_stage_onnx(bm, 0, 2, tmp_path / "g0.onnx"))
+    assert st.uses_kv_cache and st.kv_layers == [0, 1] and st.tokenizer is not None
+    ref, cache = bm.stage(0, 2), KVCache()
+
+    def both(ids, pos=None):
+        a = st({"input_ids": np.array(ids)}, request="r", pos=pos)["hidden"]
+        if pos is not None and pos < cache.length:
+            cache.truncate(pos)
+        b = ref({"input_ids": torch.tensor(ids)}, cache)["hidden"].numpy()
+        return float(np.abs(a - b).max())
+
+    assert both([[3, 9, 27, 81, 4]], pos=0) < 1e-5  # prefill from an empty cache
+    assert both([[11]]) < 1e-5 and both([[12]]) < 1e-5  # one token at a time
+    assert st.cache_length("r") == 7
+    assert both([[50, 51]], pos=6) < 1e-5 and st.cache_length("r") == 8  # rejected token 12 dropped
+    with pytest.raises(StageError, match="position 9"):
+        st({"input_ids": np.array([[1]])}, request="r", pos=9)
+    with pytest.raises(StageError, match="request id"):
+        st({"input_ids": np.array([[1]])})
+    st.release("r")
+    assert st.cache_length("r") == 0
