@@ -28,16 +28,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _prompts(n: int, tokenizer) -> list[list[int]]:
-    """Code prompts from held-out stdlib files (``train_lm``'s evaluation split when available)."""
-    try:
-        from splitnet.model.train_lm import heldout_files  # type: ignore[attr-defined]
+    """Code prompts from the stdlib files ``stdlib-gpt`` was not trained on (``train_lm``'s held-out split)."""
+    from splitnet.model.train_lm import heldout_files
 
-        files = list(heldout_files())
-    except (ImportError, AttributeError):
-        import sysconfig
-        from pathlib import Path
-
-        files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[-50:]
+    files = heldout_files()
     out = []
     for f in files:
         text = open(f, encoding="utf-8", errors="replace").read()

@@ -8,6 +8,9 @@
   checkpoint. Byte-level tokenizer for the LMs.
 - ``gpt2-124m``, ``qwen2-0.5b``: the real sizes of those architectures with random weights,
   for timing (large: made on first use).
+- ``stdlib-gpt`` (target) and ``stdlib-gpt-draft`` (draft): GPT-2-architecture byte-level LMs
+  *trained* by the project on Python's standard-library source on first use (a few minutes on a
+  CPU; see :mod:`splitnet.model.train_lm`), for perplexity and speculative-decoding figures.
 """
 
 from __future__ import annotations
@@ -113,7 +116,16 @@ BUILTIN_CONFIGS: dict[str, dict] = {
     },
 }
 
-BUILTIN_MODELS = frozenset({"minilm", *BUILTIN_CONFIGS})
+#: trained built-ins: ``splitnet.model.train_lm.LMRecipe`` fields (hashed into the cache key, so
+#: editing a recipe retrains). Both use the byte tokenizer, as speculative decoding needs.
+TRAINED_LMS: dict[str, dict] = {
+    # ~2.8M params; ~3-4 min on 2 CPU cores (the width was chosen over 256 for a better loss in that budget)
+    "stdlib-gpt": {"n_layer": 6, "n_embd": 192, "n_head": 6, "context_tokens": 256, "steps": 450, "batch_size": 4, "lr": 2e-3, "warmup_steps": 30},
+    # ~0.5M params; well under a minute on 2 CPU cores
+    "stdlib-gpt-draft": {"n_layer": 2, "n_embd": 128, "n_head": 4, "context_tokens": 256, "steps": 300, "batch_size": 4, "lr": 3e-3, "warmup_steps": 30},
+}
+
+BUILTIN_MODELS = frozenset({"minilm", *BUILTIN_CONFIGS, *TRAINED_LMS})
 
 
 def cache_dir() -> Path:
@@ -134,6 +146,10 @@ def materialize(name: str) -> Path:
     """The directory of built-in ``name``, writing it on first use (atomically)."""
     if name == "minilm":
         return minilm_dir()
+    if name in TRAINED_LMS:
+        from splitnet.model.train_lm import materialize_trained
+
+        return materialize_trained(name)[0]
     config = BUILTIN_CONFIGS[name]
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     target = cache_dir() / "models" / f"{name}-{digest}"
