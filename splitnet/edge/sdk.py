@@ -355,6 +355,17 @@ class Session:
         self._infos = self._handshake()
         self.recoveries.append({"cause": str(cause)[:300], "replaced": dead, "epoch": self.epoch, "recover_ms": round((time.perf_counter() - t0) * 1e3, 1)})
 
+    def _recover_for_replay(self, cause: StageUnavailable | UnknownRequest, recoveries: int) -> int:
+        """Before a request is replayed from its log: re-raise ``cause`` when the replay budget is
+        spent (or a stage is down and there is no recovery hook), else replace lost stages.
+        Returns the new count of recoveries. (A stage that merely lost the request's cache,
+        ``UnknownRequest``, needs no replacement: the replay alone rebuilds it.)"""
+        if recoveries >= self.config.max_recoveries or (self._recovery is None and isinstance(cause, StageUnavailable)):
+            raise cause
+        if isinstance(cause, StageUnavailable):
+            self._recover(cause)
+        return recoveries + 1
+
     # ------------------------------------------------------------------ encoders / vision --
     def infer(self, inputs: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
         """Run one batch through the pipeline and return the last stage's outputs.
@@ -481,12 +492,8 @@ class Session:
                         pending = []
                     key, msg = self._wait_any({(req, seq - 1)}, timeout_s)
                 except (StageUnavailable, UnknownRequest) as e:
-                    if recoveries >= self.config.max_recoveries or (self._recovery is None and isinstance(e, StageUnavailable)):
-                        raise
-                    recoveries += 1
                     t_r = time.perf_counter()
-                    if isinstance(e, StageUnavailable):
-                        self._recover(e)
+                    recoveries = self._recover_for_replay(e, recoveries)
                     self._release(req)
                     req, seq = uuid.uuid4().hex[:16], 0
                     fed.clear()
@@ -608,12 +615,8 @@ class Session:
                 try:
                     key, msg = self._wait_any(set(waiting), timeout_s)
                 except (StageUnavailable, UnknownRequest) as e:
-                    if recoveries >= self.config.max_recoveries or (self._recovery is None and isinstance(e, StageUnavailable)):
-                        raise
-                    recoveries += 1
                     t_r = time.perf_counter()
-                    if isinstance(e, StageUnavailable):
-                        self._recover(e)
+                    recoveries = self._recover_for_replay(e, recoveries)
                     live = list(waiting.values())
                     waiting.clear()
                     for s in live:
