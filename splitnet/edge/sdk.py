@@ -64,6 +64,7 @@ class Session:
         tokenizer: Any = None,
         recovery: Callable[[int], str] | None = None,
         local_stage: Any = None,
+        local_codec: str = "",
     ):
         """``recovery(stage_index) -> endpoint`` moves a dead stage to a live process (e.g.
         :meth:`splitnet.runtime.launcher.LocalPipeline.respawn_stage`); with it, a request that
@@ -71,7 +72,8 @@ class Session:
 
         ``local_stage`` runs the first blocks on this device (an
         :class:`~splitnet.edge.onnx_stage.OnnxStage`: onnxruntime, no torch); the endpoints then
-        serve the blocks after it, and only the cut's features leave the device."""
+        serve the blocks after it, and only the cut's features leave the device, encoded with
+        ``local_codec`` (a codec name such as ``"fp16"``, or a calibrated codec file; "" sends fp32)."""
         if not endpoints:
             raise ConfigError("connect() needs at least one stage endpoint")
         self.endpoints = list(endpoints)
@@ -82,7 +84,14 @@ class Session:
                 raise ConfigError(f"a local stage must start at block 0; this one holds blocks {local_stage.blocks}")
             if local_stage.kind == "decoder" and not getattr(local_stage, "uses_kv_cache", False):
                 raise ConfigError("a local decoder stage must carry its KV cache (export it again with this splitnet: `splitnet export-onnx`)")
-        self.local_ms = 0.0  # time spent in the local stage, all calls
+        self.local_ms = 0.0  # time spent in the local stage (and its codec), all calls
+        self._local_codec = None
+        if local_codec:
+            if local_stage is None:
+                raise ConfigError("local_codec encodes what a local stage sends; pass local_stage too")
+            from splitnet.runtime.cut_codec import CutCodecs
+
+            self._local_codec = CutCodecs(local_codec)
         if socket_config is None and self.config.client_key:
             from splitnet.wire.security import client_curve_config
 
@@ -205,20 +214,25 @@ class Session:
         except zmq.Again:
             return False
 
-    def _run_local(self, req: str, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> dict[str, Any]:
-        """The local stage's outputs (what crosses the first cut) for model inputs ``tensors``."""
+    def _run_local(self, req: str, tensors: Mapping[str, Any], meta: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """What crosses the first cut for model inputs ``tensors``: the local stage's outputs,
+        encoded with the local codec, and the ``meta`` entries the next stage needs to decode them."""
         t0 = time.perf_counter()
         arrays = {k: np.asarray(v) for k, v in tensors.items()}
         if getattr(self._local, "uses_kv_cache", False):
             out = self._local(arrays, request=req, pos=meta.get("pos"))
         else:
             out = self._local(arrays)
+        codec_meta: dict[str, Any] = {}
+        if self._local_codec is not None:
+            out, codec_meta = self._local_codec.encode(out)
         self.local_ms += (time.perf_counter() - t0) * 1e3
-        return out
+        return out, codec_meta
 
     def _send_forward(self, req: str, seq: int, tensors: Mapping[str, Any], meta: dict) -> int:
         if self._local is not None:
-            tensors = self._run_local(req, tensors, meta)  # only the cut leaves the device
+            tensors, codec_meta = self._run_local(req, tensors, meta)  # only the cut leaves the device
+            meta = {**meta, **codec_meta}
         meta = {"route": self.endpoints[1:], "reply_to": self.reply_to, **meta}
         if self._reply_key:
             meta["reply_key"] = self._reply_key.decode()

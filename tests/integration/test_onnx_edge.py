@@ -126,3 +126,20 @@ def test_decoder_edge_stage_with_its_kv_cache_on_onnxruntime(tmp_path):
         assert r.returncode == 0, r.stderr[-3000:]
         doc = json.loads(r.stdout.strip().splitlines()[-1])
         assert doc["tokens"] == want and doc["cached"] == []
+
+
+def test_local_cut_is_encoded_with_the_local_codec(cloud):
+    """The edge encodes what it sends (here fp16): about half the bytes, same embedding within fp16 error."""
+    import splitnet
+    from splitnet.edge.onnx_stage import OnnxStage
+
+    path, eps = cloud
+    sent = {}
+    outs = {}
+    for codec in ("", "fp16"):
+        with splitnet.connect(eps, local_stage=OnnxStage(path, threads=1), local_codec=codec, timeout_s=60) as s:
+            outs[codec] = s.infer({"text": TEXTS})["embedding"]
+            sent[codec] = s.last_stats["client_to_stage0_bytes"]
+    assert sent["fp16"] < 0.55 * sent[""]
+    cos = (outs[""] * outs["fp16"]).sum(1) / np.linalg.norm(outs[""], axis=1) / np.linalg.norm(outs["fp16"], axis=1)
+    assert cos.min() > 0.999
