@@ -16,6 +16,13 @@ Decode (cloud side): ``z_hat = b + sum_s E_s[code_s]`` with tables E_s (K, C) th
 straight back to channel space, then ``x_hat = z_hat * sd_t + mu_t``. With ``refine > 0`` the tables
 are re-fitted by least squares on the calibration codes (block coordinate descent, closed form): a
 receiver-side "aligned fine-tuning" that costs no wire bytes and no decode time.
+
+Learned variant (:meth:`AlignedVQCodec.tune`): a small transformer adapter
+(:mod:`splitnet.codecs.adapter`) that sees the decoded features of every token of a sequence and
+corrects each one, trained on calibration features together with the decoder tables (gradient
+descent, the encoder's codes fixed). It runs on the receiving side, inside ``decode``
+(``z_hat -> adapter(z_hat) -> x_hat``, numpy; torch only to train it) and needs the sequence
+lengths of packed tokens (``decode(payload, lengths=...)``); payload and encoder are unchanged.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from splitnet.codecs import adapter as _adapter
 from splitnet.codecs.base import Payload
 from splitnet.codecs.bitpack import BitReader, BitWriter, read_fields
 from splitnet.codecs.entropy import Huffman, huffman_lengths
@@ -50,6 +58,9 @@ class AlignedVQCodec(_FittedCodec):
         refine: least-squares refinement sweeps of the decoder tables (0 = training-free decoder).
         entropy: "none" or "zlib" (compress the packed frame; kept only when it is smaller).
         niter, max_train, seed: k-means iterations, calibration tokens used, RNG seed.
+        anchor_bits: set by ``fit(..., anchor_labels=...)``; 0 = no anchor codebook.
+        adapter: set by :meth:`tune`: the receiver-side adapter's shape and how it was trained
+            (None = training-free / closed-form decoder only).
     """
 
     name = "alignedvq"
@@ -67,6 +78,7 @@ class AlignedVQCodec(_FittedCodec):
         max_train: int = 200_000,
         seed: int = 0,
         anchor_bits: int = 0,
+        adapter: dict | None = None,
     ) -> None:
         super().__init__()
         self.stages = _check_int("alignedvq.stages", stages, 0, 64)
@@ -82,6 +94,10 @@ class AlignedVQCodec(_FittedCodec):
         self._huffman = None
         self.refine = _check_int("alignedvq.refine", refine, 0, 100)
         self.niter, self.max_train, self.seed = int(niter), int(max_train), int(seed)
+        if adapter is not None and not isinstance(adapter, dict):
+            raise ValueError(f"alignedvq.adapter must be a dict or None, got {type(adapter).__name__}")
+        self.adapter = dict(adapter) if adapter else None
+        self._adapter_module = None
 
     # -- state -----------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -89,7 +105,11 @@ class AlignedVQCodec(_FittedCodec):
             "stages": self.stages, "nbits": self.nbits, "dim": self.dim, "norm": self.norm,
             "side_bits": self.side_bits, "refine": self.refine, "entropy": self.entropy,
             "niter": self.niter, "max_train": self.max_train, "seed": self.seed, "anchor_bits": self.anchor_bits,
-        }
+        } | ({"adapter": dict(self.adapter)} if self.adapter else {})  # key absent = no adapter (hashes of older files hold)
+
+    def _adapter_config(self) -> "_adapter.AdapterConfig":
+        keys = ("width", "layers", "heads", "ffn", "max_positions")
+        return _adapter.AdapterConfig(**{k: self.adapter[k] for k in keys if k in self.adapter})
 
     def _arrays(self) -> dict[str, np.ndarray]:
         out = {"center": self.center, "weight": self.weight, "proj": self.proj, "codebooks": self.codebooks,
@@ -98,6 +118,8 @@ class AlignedVQCodec(_FittedCodec):
             out.update(anchor_codebook=self.anchor_cb, anchor_table=self.anchor_tab)
             if self._huffman is not None:
                 out["anchor_code_lengths"] = self._huffman.lengths.astype(np.int32)
+        if self._adapter_module is not None:
+            out.update({_adapter.PREFIX + k: v for k, v in self._adapter_module.p.items()})
         return out
 
     def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -122,6 +144,11 @@ class AlignedVQCodec(_FittedCodec):
                 self._huffman = Huffman(lengths)
                 self._huffman._table()
         self._identity = d == c and np.array_equal(self.proj, np.eye(c, dtype=np.float32))
+        self._adapter_module = None
+        if self.adapter:
+            self._adapter_module = _adapter.NumpyAdapter(c, self._adapter_config(), arrays)
+        elif any(k.startswith(_adapter.PREFIX) for k in arrays):
+            raise ValueError("alignedvq arrays hold adapter weights but the config names no adapter")
         self._levels()
 
     def _levels(self) -> None:
@@ -196,6 +223,7 @@ class AlignedVQCodec(_FittedCodec):
         anchor's index (``anchor_bits`` = ceil(log2(#anchors)) bits), like any other codebook.
         """
         x, _ = as_tokens(features)
+        self.adapter, self._adapter_module = None, None  # a refit starts from a training-free decoder
         if anchor_labels is not None:
             lab = np.asarray(anchor_labels).reshape(-1)
             if lab.shape[0] != x.shape[0]:
@@ -295,6 +323,8 @@ class AlignedVQCodec(_FittedCodec):
         mean target of the calibration tokens that the encoder maps to it (block coordinate descent
         over stages, ``sweeps`` passes). The encoder and the wire format are unchanged."""
         self._require_fit()
+        if self.adapter:
+            raise CodecError("refine_decoder() must come before tune(): the adapter was trained on these tables")
         x, _ = as_tokens(features)
         x = _subsample(x, self.max_train, self.seed)
         z, _, _, _ = self._align(x)
@@ -331,9 +361,58 @@ class AlignedVQCodec(_FittedCodec):
         cfg = {**self._config(), "stages": stages, "refine": 0}
         arrays = {k: v.copy() for k, v in self._arrays().items()}
         arrays.update(codebooks=self.codebooks[:stages].copy(), tables=self.tables[:stages].copy())
-        if self.refine:
-            raise CodecError("truncate a codec fitted with refine=0, then call refine_decoder() on the result")
+        if self.refine or self.adapter:
+            raise CodecError("truncate a codec fitted with refine=0 and no adapter, then refine_decoder()/tune() the result")
         return type(self).from_state(arrays, cfg)
+
+    # -- learned receiver-side adapter ("aligned fine-tuning") -------------------------------
+    @property
+    def needs_lengths(self) -> bool:
+        """Whether decode() wants the sequence lengths of packed tokens (the adapter attends
+        within a sequence)."""
+        return self._adapter_module is not None
+
+    def tune(self, features, lengths, *, adapter: "_adapter.AdapterConfig | None" = None, steps: int = 300,
+             tune_tables: bool = True, batch_tokens: int = 4096, lr: float = 2e-3, table_lr: float = 3e-4,
+             tail=None, tail_weight: float = 0.0, progress: bool = True) -> dict[str, Any]:
+        """Train a receiver-side context adapter (and, with ``tune_tables``, the decoder tables
+        with it) on calibration ``features`` (N, C): the real tokens of sequences with
+        ``lengths`` tokens each, in order. The encoder, its codebooks and the wire format are
+        unchanged. ``tail`` (optional): a differentiable ``tail(hidden (B,T,C), mask (B,T)) ->
+        (B, D)`` (e.g. the next stages of the model, frozen) whose output cosine is added to the
+        loss with ``tail_weight``. Returns the training report (also kept in the config)."""
+        import torch
+
+        self._require_fit()
+        if self.adapter:
+            raise CodecError("this codec already has an adapter; tune a copy fitted without one")
+        if tail is not None and self.norm != "none":
+            raise ValueError("a tail loss needs norm='none' (the adapter works in the aligned space)")
+        x, _ = as_tokens(features)
+        self._check_width(x.shape[1], self.center.shape[0])
+        lens = _adapter.split_lengths(x.shape[0], lengths)
+        cfg = adapter or _adapter.AdapterConfig()
+        z, _, _, _ = self._align(x)
+        codes = self._codes(self._project(z))  # what the encoder really sends
+        dec = _adapter.TableDecoder(self.bias, [lv[2] for lv in self.levels], trainable=tune_tables)
+        module = _adapter.build_adapter(x.shape[1], cfg)
+        report = _adapter.train_adapter(module, dec, codes, z, lens, steps=steps, batch_tokens=batch_tokens, lr=lr,
+                                        table_lr=table_lr, tail=tail, tail_weight=tail_weight, seed=self.seed,
+                                        progress=progress)
+        if tune_tables:
+            with torch.no_grad():
+                self.bias = dec.bias.detach().numpy().copy()
+                tabs = [t.detach().numpy().copy() for t in dec.tables]
+            if self.anchor_bits:
+                self.anchor_tab = tabs.pop(0)
+            self.tables = np.stack(tabs) if tabs else np.zeros((0, 1 << self.nbits, x.shape[1]), np.float32)
+        self._adapter_module = _adapter.NumpyAdapter(x.shape[1], cfg, _adapter.adapter_arrays(module))
+        self.adapter = {**cfg.as_dict(), "steps": report["steps"], "tables_tuned": bool(tune_tables),
+                        "calibration_tokens": report["calibration_tokens"],
+                        "calibration_sequences": report["calibration_sequences"], "tail_weight": float(tail_weight) if tail else 0.0}
+        self._levels()
+        self._mark_fitted()
+        return report
 
     # -- encode / decode -------------------------------------------------------------------
     def encode(self, x) -> Payload:
@@ -361,7 +440,9 @@ class AlignedVQCodec(_FittedCodec):
                 buf, meta = np.frombuffer(packed, dtype=np.uint8), {"z": 1}
         return Payload(self.name, self.codebook_hash, shape, "float32", {"b": buf}, meta)
 
-    def decode(self, payload: Payload) -> np.ndarray:
+    def decode(self, payload: Payload, *, lengths=None) -> np.ndarray:
+        """Rebuild the tensor. With an adapter, ``lengths`` splits packed (N, C) tokens into
+        sequences (None: one sequence; a (B, T, C) payload is B sequences of T tokens)."""
         self._require_fit()
         n, c = check_payload(self, payload)
         self._check_width(c, self.center.shape[0])
@@ -401,6 +482,10 @@ class AlignedVQCodec(_FittedCodec):
             parts.append(read().reshape(n, self.stages))
         codes = np.concatenate(parts, axis=1).astype(np.int64) if parts else np.zeros((n, 0), np.int64)
         out = self._reconstruct(codes)
+        if self._adapter_module is not None and n:
+            if lengths is None and len(payload.shape) == 3:
+                lengths = np.full(payload.shape[0], payload.shape[1])
+            out = _adapter.apply_adapter(self._adapter_module, out, _adapter.split_lengths(n, lengths))
         if self.norm == "token":
             r = self.side_range
             mu = self._dequantize_side(read(), float(r[0]), float(r[1]))

@@ -54,6 +54,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-tokens", type=int, default=200_000, help="calibration tokens to use")
     p.add_argument("--anchors", action="store_true",
                    help="alignedvq: add an anchor codebook of per-token-id mean features (ids used at fit only)")
+    p.add_argument("--adapter-steps", type=int, default=0,
+                   help="alignedvq: then train the receiver-side context adapter and decoder tables for N steps "
+                        "on the same calibration sequences (0 = training-free decoder)")
     p.add_argument("--out", required=True, help="output codec file (a .json manifest is written next to it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_calibrate)
@@ -84,22 +87,33 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise ValueError(f"--split-after must be in 1..{bm.num_blocks - 1} for {args.model}")
         task = load_doc_task()
         texts = list(task.train_text)
-        feats = [extract(bm, texts, [args.split_after], emb=True, tag="train", progress=not args.quiet)[f"h{args.split_after}"]]
+        tr = extract(bm, texts, [args.split_after], emb=True, tag="train", progress=not args.quiet)
+        feats, lens = [tr[f"h{args.split_after}"]], [tr["lens"]]
         ids = [token_ids(bm, texts)]
         n = feats[0].shape[0]
         if n < args.max_tokens and codec.needs_fit:
             n_chunks = int((args.max_tokens - n) / 100) + 1  # code chunks average ~110 tokens
             code = task.code_chunks[:n_chunks]
-            feats.append(extract(bm, code, [args.split_after], emb=False, tag="code", progress=not args.quiet)[f"h{args.split_after}"])
+            cf = extract(bm, code, [args.split_after], emb=False, tag="code", progress=not args.quiet)
+            feats.append(cf[f"h{args.split_after}"])
+            lens.append(cf["lens"])
             ids.append(token_ids(bm, code))
-        cal = np.concatenate(feats)[: args.max_tokens]
+        lens_all = np.concatenate(lens)
+        n_seq = int(np.searchsorted(np.cumsum(lens_all), args.max_tokens, side="right"))  # whole sequences only
+        cal_lens = lens_all[:n_seq]
+        cal = np.concatenate(feats)[: int(cal_lens.sum())]
         t1 = time.perf_counter()
         if args.anchors:
             if args.codec != "alignedvq":
                 raise ValueError("--anchors applies to --codec alignedvq only")
-            codec.fit(cal, progress=not args.quiet, anchor_labels=np.concatenate(ids)[: args.max_tokens])
+            codec.fit(cal, progress=not args.quiet, anchor_labels=np.concatenate(ids)[: cal.shape[0]])
         else:
             codec.fit(cal, progress=not args.quiet)
+        tuning = None
+        if args.adapter_steps:
+            if args.codec != "alignedvq" or args.adapter_steps < 0:
+                raise ValueError("--adapter-steps takes a positive step count and applies to --codec alignedvq only")
+            tuning = codec.tune(cal, cal_lens, steps=args.adapter_steps, progress=not args.quiet)
         t2 = time.perf_counter()
         manifest = save_codec(codec, args.out)
     except (ValueError, SplitnetError) as e:
@@ -110,7 +124,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         "out": str(args.out), "manifest": str(manifest), "codec": codec.name, "config": codec.state()[1],
         "codebook_hash": codec.codebook_hash, "model": args.model, "split_after": args.split_after,
         "calibration_tokens": int(cal.shape[0]), "features_s": round(t1 - t0, 2), "fit_s": round(t2 - t1, 2),
-        "wire_bytes_per_token_1000": p.nbytes / 1000, "ratio_vs_fp32_1000": (1000 * cal.shape[1] * 4) / p.nbytes,
+        "adapter_training": tuning, "wire_bytes_per_token_1000": p.nbytes / 1000, "ratio_vs_fp32_1000": (1000 * cal.shape[1] * 4) / p.nbytes,
     }
     print(json.dumps(summary, indent=2))
     return 0

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-import torch
 
 from splitnet.codecs.base import Codec, Payload
 from splitnet.codecs.framing import attach_payloads, check_hash, extract_payloads
@@ -51,7 +50,7 @@ class CutCodecs:
         meta: dict[str, Any] = {}
         if self.out is not None and CODED_TENSOR in tensors:
             h = tensors.pop(CODED_TENSOR)
-            arr = h.detach().float().cpu().numpy() if isinstance(h, torch.Tensor) else np.asarray(h, np.float32)
+            arr = h.detach().float().cpu().numpy() if hasattr(h, "detach") else np.asarray(h, np.float32)  # torch or numpy: no torch import here (edge devices)
             mask = tensors.get("attention_mask")
             if mask is not None and arr.ndim == 3 and tuple(mask.shape) == arr.shape[:2] and not bool((mask != 0).all()):
                 # padding never crosses the wire: encode only real tokens; the mask travels anyway
@@ -80,7 +79,12 @@ class CutCodecs:
         raw, payloads = extract_payloads(tensors, meta)
         _expand_mask(raw, meta)
         for name, p in payloads.items():
-            raw[name] = self.decoder_for(p).decode(p)
+            codec = self.decoder_for(p)
+            if getattr(codec, "needs_lengths", False) and meta.get("packed_tokens") and "attention_mask" in raw:
+                # a context adapter attends within each sequence: tell it where packed sequences end
+                raw[name] = codec.decode(p, lengths=raw["attention_mask"].astype(bool).sum(1))
+            else:
+                raw[name] = codec.decode(p)
         if meta.get("packed_tokens") and CODED_TENSOR in raw:
             if "attention_mask" not in raw:
                 raise CodecError("packed tokens arrived without the attention_mask needed to unpack them")
@@ -94,7 +98,7 @@ def _compact_mask(tensors: dict[str, Any], meta: dict[str, Any]) -> None:
     mask = tensors.get("attention_mask")
     if mask is None:
         return
-    m = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) != 0
+    m = (mask.detach().cpu().numpy() if hasattr(mask, "detach") else np.asarray(mask)) != 0
     if m.ndim != 2:
         return
     if m.all():
