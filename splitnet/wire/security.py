@@ -269,6 +269,7 @@ class CurveConfig:
                 self.keypair.secret, self.keypair.public, server=server, router=sock.type == zmq.ROUTER,  # type: ignore[arg-type]
                 allow=self.allow_list() if server else None, peer_key_z85=None if server else self.peer_key,
             )
+            sock.seal.send_wait_s = max(0, sock.getsockopt(zmq.SNDTIMEO)) / 1000
             return
         sock.curve_secretkey = self.keypair.secret
         sock.curve_publickey = self.keypair.public
