@@ -4,7 +4,8 @@ Stage processes run on this host; every link (client -> stage 0 -> ... -> last s
 goes through the link emulator (:mod:`splitnet.lab.relay`) with the given one-way delay, so each
 decode step costs one pipeline round trip. Plain greedy decoding (one token per round trip) is
 measured in the same run, on the same prompts, and speculative tokens are checked to be equal to
-it. Acceptance is measured on held-out text the models were not trained on.
+it. Acceptance is measured on held-out text the models were not trained on. The default models
+are trained on first use (about 4 minutes on 2 cores, then cached; see docs/models.md).
 """
 
 from __future__ import annotations
