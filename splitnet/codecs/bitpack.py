@@ -20,6 +20,10 @@ def packed_nbytes(n: int, width: int) -> int:
     return (n * width + 7) // 8
 
 
+#: widths that are whole bytes: plain little-endian integers, no bit shuffling
+_BYTE_ALIGNED = {8: "<u1", 16: "<u2", 32: "<u4"}
+
+
 def _check_width(width: int) -> None:
     if not isinstance(width, (int, np.integer)) or not 1 <= width <= MAX_WIDTH:
         raise ValueError(f"bit width must be an int in 1..{MAX_WIDTH}, got {width!r}")
@@ -35,12 +39,8 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
         raise TypeError(f"pack_bits needs integers, got {v.dtype}")
     if v.dtype.kind == "i" and v.min() < 0 or int(v.max()) >> width:
         raise ValueError(f"values do not fit in {width} bits (range {int(v.min())}..{int(v.max())})")
-    if width == 8:
-        return v.astype(np.uint8)
-    if width == 16:
-        return v.astype("<u2").view(np.uint8)
-    if width == 32:
-        return v.astype("<u4").view(np.uint8)
+    if width in _BYTE_ALIGNED:
+        return v.astype(_BYTE_ALIGNED[width]).view(np.uint8)
     v = v.astype(np.uint32 if width <= 32 else np.uint64, copy=False)
     bits = ((v[:, None] >> np.arange(width, dtype=np.uint32)) & 1).astype(np.uint8)  # (n, width), LSB first
     return np.packbits(bits.reshape(-1), bitorder="little")
@@ -58,12 +58,8 @@ def unpack_bits(buf: np.ndarray, width: int, n: int) -> np.ndarray:
         raise CodecError(f"packed buffer has {b.size} bytes, {n} values of {width} bits need {need}")
     if n == 0:
         return np.zeros(0, dtype=np.uint32)
-    if width == 8:
-        return b.astype(np.uint32)
-    if width == 16:
-        return b.view("<u2").astype(np.uint32)
-    if width == 32:
-        return b.view("<u4").astype(np.uint32)
+    if width in _BYTE_ALIGNED:
+        return b.view(_BYTE_ALIGNED[width]).astype(np.uint32)
     bits = np.unpackbits(b, count=n * width, bitorder="little").reshape(n, width)  # (n, width)
     weights = (np.uint32(1) << np.arange(width, dtype=np.uint32))
     return (bits.astype(np.uint32) * weights).sum(axis=1, dtype=np.uint32)

@@ -45,6 +45,14 @@ def _check_int(name: str, value: Any, lo: int, hi: int) -> int:
     return int(value)
 
 
+def _codebook_array(arrays: dict[str, np.ndarray], name: str, count: int, nbits: int, width: str) -> np.ndarray:
+    """``arrays[name]`` as float32 (count, 2**nbits, width), or ValueError naming the shape the config needs."""
+    a = np.ascontiguousarray(arrays[name], dtype=np.float32)
+    if a.ndim != 3 or a.shape[:2] != (count, 1 << nbits):
+        raise ValueError(f"{name} have shape {a.shape}, config needs ({count}, {1 << nbits}, {width})")
+    return a
+
+
 def _nearest(x: np.ndarray, cb: np.ndarray, cb_sqnorm: np.ndarray, chunk: int = 4096) -> np.ndarray:
     """Index of the nearest row of ``cb`` (K, d) for every row of ``x`` (N, d)."""
     out = np.empty(x.shape[0], dtype=np.int64)
@@ -125,9 +133,7 @@ class PQCodec(_FittedCodec):
         return {"centroids": self.centroids}
 
     def _load_arrays(self, arrays):
-        self.centroids = np.ascontiguousarray(arrays["centroids"], dtype=np.float32)  # (m, K, dsub)
-        if self.centroids.ndim != 3 or self.centroids.shape[:2] != (self.m, 1 << self.nbits):
-            raise ValueError(f"centroids have shape {self.centroids.shape}, config needs ({self.m}, {1 << self.nbits}, dsub)")
+        self.centroids = _codebook_array(arrays, "centroids", self.m, self.nbits, "dsub")  # (m, K, dsub)
         self._sq = (self.centroids**2).sum(-1)
 
     def fit(self, features, *, progress: bool = True):
@@ -214,9 +220,7 @@ class RVQCodec(_FittedCodec):
         return {"codebooks": self.codebooks}
 
     def _load_arrays(self, arrays):
-        self.codebooks = np.ascontiguousarray(arrays["codebooks"], dtype=np.float32)  # (stages, K, C)
-        if self.codebooks.ndim != 3 or self.codebooks.shape[:2] != (self.stages, 1 << self.nbits):
-            raise ValueError(f"codebooks have shape {self.codebooks.shape}, config needs ({self.stages}, {1 << self.nbits}, C)")
+        self.codebooks = _codebook_array(arrays, "codebooks", self.stages, self.nbits, "C")  # (stages, K, C)
         self._rq = None
 
     def fit(self, features, *, progress: bool = True):

@@ -549,11 +549,16 @@ def _write_yaml(path: str | Path, data: Any) -> None:
     Path(path).write_text(yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=110))
 
 
-def load_fleet(path: str | Path) -> Fleet:
+def _load_document(cls: Any, path: str | Path, what: str) -> Any:
+    """``cls.from_dict`` of the document at ``path``; a validation error names the file."""
     try:
-        return Fleet.from_dict(read_document(path, "fleet"))
+        return cls.from_dict(read_document(path, what))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
+
+
+def load_fleet(path: str | Path) -> Fleet:
+    return _load_document(Fleet, path, "fleet")
 
 
 def save_fleet(fleet: Fleet, path: str | Path) -> None:
@@ -561,10 +566,7 @@ def save_fleet(fleet: Fleet, path: str | Path) -> None:
 
 
 def load_model_profile(path: str | Path) -> ModelProfile:
-    try:
-        return ModelProfile.from_dict(read_document(path, "model profile"))
-    except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+    return _load_document(ModelProfile, path, "model profile")
 
 
 def save_model_profile(profile: ModelProfile, path: str | Path) -> None:
