@@ -4,7 +4,6 @@ tokenizer), the rest of the model in stage processes; only the cut's features le
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,22 +12,12 @@ import pytest
 
 from splitnet.model import load_model
 from splitnet.model.onnx_export import export_stage_onnx
+from stage_processes import serve_stage
 
 pytest.importorskip("onnxruntime")
 pytestmark = pytest.mark.timeout(240)
 
 TEXTS = ["the edge runs its stage without torch", "features cross the cut", "x"]
-
-
-def _serve(blocks: str) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "splitnet.runtime.cli_serve", "--model", "minilm", "--blocks", blocks,
-           "--bind", "tcp://127.0.0.1:0", "--torch-threads", "1", "--parent-pid", str(os.getpid()), "--insecure"]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stdout.readline()
-    if not line.startswith("READY"):
-        p.kill()
-        raise RuntimeError(f"stage did not start: {line!r} {p.stderr.read()}")
-    return p, line.split()[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +27,7 @@ def cloud(tmp_path_factory):
     procs = []
     try:
         for blocks in ("2:4", "4:6"):
-            p, ep = _serve(blocks)
+            p, ep = serve_stage(blocks, ["--insecure"])
             procs.append((p, ep))
         yield path, [ep for _, ep in procs]
     finally:

@@ -4,8 +4,6 @@ keys are refused with AuthError within 2 s; plaintext serving needs --insecure."
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 import time
 
 import pytest
@@ -13,19 +11,9 @@ import pytest
 from splitnet.edge.config import ClientConfig
 from splitnet.errors import AuthError
 from splitnet.wire.security import generate_keypair
+from stage_processes import serve_stage
 
 pytestmark = pytest.mark.timeout(120)
-
-
-def _serve(blocks: str, extra: list[str]) -> tuple[subprocess.Popen, str]:
-    cmd = [sys.executable, "-m", "splitnet.runtime.cli_serve", "--model", "minilm", "--blocks", blocks,
-           "--bind", "tcp://127.0.0.1:0", "--torch-threads", "1", "--parent-pid", str(os.getpid()), *extra]
-    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    line = p.stdout.readline()  # READY handshake on stdout (blocks until the stage is up or exits)
-    if not line.startswith("READY"):
-        p.kill()
-        raise RuntimeError(f"stage did not start: {line!r} {p.stderr.read()}")
-    return p, line.split()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,9 +31,9 @@ def secure_pipeline(keys, request):
     procs = []
     try:
         extra = ["--server-key", str(keys / "server.key_secret"), "--keys-dir", str(keys / "allow"), "--transport", request.param]
-        a, ep_a = _serve("0:3", extra)
+        a, ep_a = serve_stage("0:3", extra)
         procs.append(a)
-        b, ep_b = _serve("3:6", extra)
+        b, ep_b = serve_stage("3:6", extra)
         procs.append(b)
         yield [ep_a, ep_b], procs, request.param
     finally:
