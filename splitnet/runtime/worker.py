@@ -174,7 +174,7 @@ class StageWorker:
                     self.stats["errors"] += 1
                     log.warning("refused a message: %s", e)
                     if e.identity:
-                        self._reply(router, e.identity, error_message("", 0, 0, e.code, str(e), stage=self.config.stage_index))
+                        self._refuse(router, e.identity, e)
                     continue
                 self._handle(router, frames)
         finally:
@@ -240,7 +240,7 @@ class StageWorker:
             msg = decode_message(body, self.limits)
         except (ProtocolError, AuthError) as e:
             self.stats["errors"] += 1
-            self._reply(router, identity, error_message("", 0, 0, e.code, str(e), stage=self.config.stage_index))
+            self._refuse(router, identity, e)
             return
         if msg.kind == "ping":
             self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t")}))
@@ -251,16 +251,21 @@ class StageWorker:
                 _check_forward_meta(msg) if msg.kind == "forward" else None
             except ProtocolError as e:
                 self.stats["errors"] += 1
-                self._reply(router, identity, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
+                self._refuse(router, identity, e, msg)
                 return
             try:
                 self.work.put_nowait(_Work(msg, message_nbytes(body), time.monotonic()))
             except queue.Full:
                 err = LimitExceeded(f"stage {self.config.stage_index} has {self.config.queue_depth} requests queued; retry later")
-                self._reply(router, identity, error_message(msg.req, msg.seq, msg.epoch, err.code, str(err), stage=self.config.stage_index))
+                self._refuse(router, identity, err, msg)
         else:
             err = ProtocolError(f"a stage does not accept {msg.kind!r} messages")
-            self._reply(router, identity, error_message(msg.req, msg.seq, msg.epoch, err.code, str(err), stage=self.config.stage_index))
+            self._refuse(router, identity, err, msg)
+
+    def _refuse(self, router: zmq.Socket, identity: bytes, err: SplitnetError, msg: Message | None = None) -> None:
+        """Answer ``identity`` with ``err`` as a typed error message (about ``msg`` when it was decoded)."""
+        req, seq, epoch = (msg.req, msg.seq, msg.epoch) if msg is not None else ("", 0, 0)
+        self._reply(router, identity, error_message(req, seq, epoch, err.code, str(err), stage=self.config.stage_index))
 
     def _reply(self, router: zmq.Socket, identity: bytes, msg: Message) -> None:
         try:
@@ -369,8 +374,8 @@ class StageWorker:
             self._send(peers, meta["reply_to"], Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
 
     def _send(self, peers: dict[str, zmq.Socket], endpoint: str, msg: Message, reply_to: str | None = None) -> None:
+        frames = encode_message(msg)
         if endpoint.startswith(PEER_REPLY_PREFIX):  # the client's own connection to this stage
-            frames = encode_message(msg)
             try:
                 self._to_io.send_multipart([endpoint[len(PEER_REPLY_PREFIX):].encode(), *frames], copy=False)
                 self.stats["bytes_out"] += message_nbytes(frames)
@@ -396,7 +401,6 @@ class StageWorker:
                 log.warning("cannot connect to %s (%s); %s for %s dropped", endpoint, e, msg.kind, msg.req)
                 return
             peers[endpoint] = sock
-        frames = encode_message(msg)
         try:
             if self._banned.get(endpoint, 0.0) > time.monotonic():
                 raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
