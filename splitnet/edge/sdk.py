@@ -39,6 +39,8 @@ log = logging.getLogger("splitnet.sdk")
 
 Key = tuple[str, int]
 
+_DROPPED = object()  # Session._receive: a message that failed authentication
+
 
 @dataclass
 class GenerationResult:
@@ -251,17 +253,21 @@ class Session:
     def _pump(self, timeout_ms: int) -> None:
         """Receive whatever arrived within ``timeout_ms``."""
         for sock, _ in self._poller.poll(timeout_ms):
-            try:
-                frames = sock.recv_multipart(copy=False)
-            except SealRejected as e:  # not from a peer holding the keys: dropped
-                log.warning("dropped a message that failed authentication: %s", e)
-                continue
-            if sock is self._results:
-                body = frames[1:]
-            else:
-                body = frames
-                self._last_seen[self._controls.index(sock)] = time.monotonic()
-            self._store(body)
+            self._receive(sock)
+
+    def _receive(self, sock: zmq.Socket) -> Message | None | object:
+        """Take one message off ``sock`` (a control socket or the bound results socket) and
+        :meth:`_store` it. Returns what ``_store`` does, or ``_DROPPED`` for a message that failed
+        authentication (dropped; it says nothing about the stage)."""
+        try:
+            frames = sock.recv_multipart(copy=False)
+        except SealRejected as e:  # not from a peer holding the keys
+            log.warning("dropped a message that failed authentication: %s", e)
+            return _DROPPED
+        if sock is self._results:
+            return self._store(frames[1:])
+        self._last_seen[self._controls.index(sock)] = time.monotonic()
+        return self._store(frames)
 
     def _store(self, body: list) -> Message | None:
         """Decode a received message; keep results and errors for :meth:`_wait_any`."""
@@ -336,12 +342,7 @@ class Session:
                         self._send_control(i, Message(kind="ping", req="probe"))
                 next_ping = time.monotonic() + min(0.2, wait_s / 3)
             for sock, _ in self._poller.poll(20):
-                try:
-                    frames = sock.recv_multipart(copy=False)
-                except SealRejected:
-                    continue
-                self._store(frames[1:] if sock is self._results else frames)  # results still count
-                if sock is not self._results:
+                if self._receive(sock) is not _DROPPED and sock is not self._results:  # results still count
                     answered.add(self._controls.index(sock))
         return [i for i in range(len(self._controls)) if i not in answered]
 
@@ -667,11 +668,8 @@ class Session:
                 left = deadline - time.perf_counter()
                 if left <= 0 or not s.poll(max(1, int(left * 1000))):
                     raise StageUnavailable(f"stage {i} at {self.endpoints[i]} did not answer a ping within {timeout_s} s")
-                try:
-                    msg = self._store(s.recv_multipart(copy=False))
-                except SealRejected:
-                    continue
-                if msg is not None and msg.kind == "pong":
+                msg = self._receive(s)
+                if isinstance(msg, Message) and msg.kind == "pong":
                     break
             rtts.append((time.perf_counter() - t0) * 1e3)
         return rtts
