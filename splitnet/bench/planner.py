@@ -445,11 +445,11 @@ def _client_main(argv: list[str] | None = None) -> int:
 def _client_run(cmd: dict, reply_host: str, vocab: int) -> dict:
     """Connect, route results back through a delay relay in this host (the return link's RTT/2),
     run warm-up + timed requests round-robin over the token counts."""
-    import selectors
     import subprocess
 
     import splitnet.edge.sdk as sdk
     from splitnet.edge.config import ClientConfig
+    from splitnet.lab.relay import start_relay
 
     tokens = [int(T) for T in cmd["tokens"]]
     inputs = _inputs(tokens, vocab)
@@ -459,16 +459,7 @@ def _client_run(cmd: dict, reply_host: str, vocab: int) -> dict:
     try:
         with sdk.connect(cmd["endpoints"], config=ClientConfig(reply_via="bind", reply_host=reply_host, timeout_s=60, connect_timeout_s=30)) as s:
             if cmd["reply_delay_ms"] > 0:
-                relay = subprocess.Popen([sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{reply_host}:0",
-                                          "--target", s.reply_to, "--delay-ms", str(cmd["reply_delay_ms"])],
-                                         stdout=subprocess.PIPE, text=True)
-                sel = selectors.DefaultSelector()
-                sel.register(relay.stdout, selectors.EVENT_READ)
-                line = relay.stdout.readline() if sel.select(30) else ""
-                sel.close()
-                if not line.startswith("RELAY"):
-                    raise RuntimeError(f"reply relay did not start: {line!r}")
-                s.reply_to = "tcp://" + line.split()[1]  # the last stage now reaches us through the relay
+                relay, s.reply_to = start_relay(reply_host, s.reply_to, cmd["reply_delay_ms"])  # the last stage now reaches us through the relay
             for r in range(int(cmd["warmup"]) + int(cmd["repeats"])):
                 for T in tokens:
                     s.infer(inputs[T])

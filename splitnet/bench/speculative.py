@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import subprocess
-import sys
 import time
 
 
@@ -48,17 +47,13 @@ def _prompts(n: int, tokenizer) -> list[list[int]]:
 def _relays(endpoints: list[str], delay_ms: float) -> tuple[list[str], list[subprocess.Popen]]:
     if delay_ms <= 0:
         return list(endpoints), []
+    from splitnet.lab.relay import start_relay
+
     eps, procs = [], []
     for ep in endpoints:
-        target = ep[len("tcp://"):]
-        p = subprocess.Popen([sys.executable, "-m", "splitnet.lab.relay", "--listen", "127.0.0.1:0", "--target", target, "--delay-ms", str(delay_ms)],
-                             stdout=subprocess.PIPE, text=True)
-        line = p.stdout.readline().split()
-        if not line or line[0] != "RELAY":
-            p.kill()
-            raise RuntimeError(f"link emulator did not start for {ep}")
+        p, relayed = start_relay("127.0.0.1", ep, delay_ms)
         procs.append(p)
-        eps.append("tcp://" + line[1])
+        eps.append(relayed)
     return eps, procs
 
 

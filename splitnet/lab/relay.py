@@ -161,6 +161,24 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
         await stop.wait()
 
 
+def start_relay(listen_host: str, target: str, delay_ms: float, timeout_s: float = 30.0) -> tuple["subprocess.Popen", str]:
+    """Start a relay process on this host in front of ``target`` (``tcp://host:port``) that adds
+    ``delay_ms`` each way; return it and the endpoint to use instead. Raises RuntimeError when it
+    does not report ``RELAY`` within ``timeout_s``."""
+    import selectors
+    import subprocess
+
+    p = subprocess.Popen([sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{listen_host}:0",
+                          "--target", target, "--delay-ms", str(delay_ms)], stdout=subprocess.PIPE, text=True)
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        line = p.stdout.readline() if sel.select(timeout_s) else ""
+    if not line.startswith("RELAY"):
+        p.kill()
+        raise RuntimeError(f"the link emulator in front of {target} did not start: {line!r}")
+    return p, "tcp://" + line.split()[1]
+
+
 def _hostport(s: str) -> tuple[str, int]:
     s = s.removeprefix("tcp://")
     host, _, port = s.rpartition(":")
