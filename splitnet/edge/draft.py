@@ -55,9 +55,7 @@ class DraftModel:
             if a != b:
                 break
             common += 1
-        if common == len(context) and common == len(self._fed) and self._next >= 0:
-            pass  # the cache already ends at the context: its next token is known
-        else:
+        if not (common == len(context) == len(self._fed) and self._next >= 0):  # else the cache ends at the context
             if common == len(context):
                 common -= 1  # re-feed the last context token to get the logits after it
             self._cache.truncate(common)
