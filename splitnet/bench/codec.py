@@ -123,7 +123,8 @@ def _minilm(args, cfg: dict, cuts: list[int], n_eval: int, progress: bool) -> tu
     n_train = cfg["n_train"] or len(task.train_text)
     tr = extract(bm, task.train_text[:n_train], cuts, emb=True, tag="train", progress=progress)
     ev = extract(bm, task.eval_text[:n_eval], cuts, emb=True, tag="eval", progress=progress)
-    code = extract(bm, task.code_chunks[: cfg["n_code"]], cuts, emb=False, tag="code", progress=progress) if cfg["n_code"] else None
+    extra = (list(task.other_text) + list(task.code_chunks[: cfg["n_code"]])) if cfg["n_code"] else []  # unlabelled calibration text
+    code = extract(bm, extra, cuts, emb=False, tag="calibration", progress=progress) if extra else None
     ytr = np.array(task.train_label[:n_train])
     yev = np.array(task.eval_label[:n_eval])
     probe = LogisticRegression(max_iter=3000, C=10.0).fit(tr["emb"], ytr)
@@ -137,13 +138,14 @@ def _minilm(args, cfg: dict, cuts: list[int], n_eval: int, progress: bool) -> tu
         "eval_tokens": int(ev["lens"].sum()), "baseline_accuracy": base_acc,
         "baseline_ci95_pt": _wilson_pt(base_acc, n_eval),
         "calibration_tokens": {}, "message_seqs": MESSAGE_SEQS,
-        "calibration_text": "train-split docstrings" + (" + docstring-free stdlib source chunks" if code else ""),
+        "calibration_text": "train-split docstrings" + (f" + {len(task.other_text)} docstrings of packages outside the classes"
+                                                        f" + {cfg['n_code']} docstring-free stdlib source chunks" if code else ""),
     }
     results = []
     cal_ids = token_ids(bm, task.train_text[:n_train])
     cal_lens = tr["lens"] if code is None else np.concatenate([tr["lens"], code["lens"]])
     if code is not None:
-        cal_ids = np.concatenate([cal_ids, token_ids(bm, task.code_chunks[: cfg["n_code"]])])
+        cal_ids = np.concatenate([cal_ids, token_ids(bm, extra)])
     for cut in cuts:
         cal = tr[f"h{cut}"] if code is None else np.concatenate([tr[f"h{cut}"], code[f"h{cut}"]])
         assert cal.shape[0] == cal_ids.shape[0], "token ids and features are out of step"

@@ -5,8 +5,9 @@ library (the ``test`` package and ``site-packages`` excluded), labelled with the
 module they come from. The ``n_classes`` largest labels are kept. Items are split at random (fixed
 seed) into a train part and a held-out eval part.
 
-Calibration text for codecs is the train docstrings plus source-code chunks with every docstring
-removed, so no evaluation text is ever seen by a codec.
+Calibration text for codecs is the train docstrings, the docstrings of packages outside the task's
+classes, and source-code chunks with every docstring removed, so no evaluation text is ever seen by
+a codec.
 """
 
 from __future__ import annotations
@@ -33,9 +34,11 @@ class DocTask:
     eval_text: list[str]
     eval_label: list[int]
     code_chunks: list[str]  # docstring-free source chunks (calibration only)
+    other_text: list[str]  # docstrings of packages outside ``classes`` (calibration only)
 
     def calibration_text(self, n_code: int) -> list[str]:
-        return list(self.train_text) + list(self.code_chunks[:n_code])
+        """Unlabelled text a codec may learn from: never an evaluation item."""
+        return list(self.train_text) + list(self.other_text) + list(self.code_chunks[:n_code])
 
 
 def _scan(root: str, min_chars: int, chunk_lines: int):
@@ -74,7 +77,7 @@ def _scan(root: str, min_chars: int, chunk_lines: int):
 def load_doc_task(n_classes: int = 30, n_eval: int = 3000, min_chars: int = 30, seed: int = 0, chunk_lines: int = 12) -> DocTask:
     """Build (or read from the cache) the stdlib docstring classification task."""
     root = sysconfig.get_paths()["stdlib"]
-    key = hashlib.sha256(json.dumps([root, n_classes, n_eval, min_chars, seed, chunk_lines, 1]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([root, n_classes, n_eval, min_chars, seed, chunk_lines, 2]).encode()).hexdigest()[:16]
     cache = CACHE_DIR / f"stdlib_docs_{key}.json"
     if cache.is_file():
         d = json.loads(cache.read_text())
@@ -96,6 +99,7 @@ def load_doc_task(n_classes: int = 30, n_eval: int = 3000, min_chars: int = 30, 
         train_text=[t for t, _ in tr], train_label=[y for _, y in tr],
         eval_text=[t for t, _ in ev], eval_label=[y for _, y in ev],
         code_chunks=chunks,
+        other_text=sorted(t for t, lab in docs.items() if lab not in classes),
     )
     CACHE_DIR.mkdir(parents=True, exist_ok=True)
     cache.write_text(json.dumps(task.__dict__))
