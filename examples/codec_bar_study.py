@@ -86,11 +86,9 @@ def _anchor_predictor(d, cal, x, steps: int, max_train: int, tail=None, tail_wei
 
 
 def _predict(c, x, lens):
-    """What the receiver predicts from the anchors alone: adapter(anchor tables), per sequence."""
-    from splitnet.codecs.adapter import apply_adapter
-
-    codes = c._codes(c._project(x))
-    return apply_adapter(c._adapter_module, c._reconstruct(codes), np.asarray(lens))
+    """What the receiver predicts from the anchors alone: the anchor-only codec's decode
+    (adapter over the anchor tables), per sequence."""
+    return c.decode(c.encode(x), lengths=lens)
 
 
 def _residual_rows(score, rc, re_, pred_ev, anchor_bits, max_train, back=lambda v: v, label=""):
@@ -118,6 +116,7 @@ def _sensitivity(d, n_seq: int = 256, probes: int = 8) -> np.ndarray:
     random projections; the 1/T of mean pooling is undone so long and short texts weigh alike."""
     import torch
 
+    from splitnet.codecs.adapter import pad_sequences
     from splitnet.model.blocks import Stage
 
     bm, cal, lens = d["bm"], d["cal"], d["cal_lens"]
@@ -128,13 +127,9 @@ def _sensitivity(d, n_seq: int = 256, probes: int = 8) -> np.ndarray:
     m_acc, n = torch.zeros(cal.shape[1], cal.shape[1], dtype=torch.float64), 0
     for i in range(0, len(pick), 32):
         idx = pick[i : i + 32]
-        t = int(lens[idx].max())
-        h = torch.zeros(len(idx), t, cal.shape[1])
-        mask = torch.zeros(len(idx), t, dtype=torch.long)
-        for r, j in enumerate(idx):
-            h[r, : lens[j]] = torch.from_numpy(cal[offs[j] : offs[j + 1]])
-            mask[r, : lens[j]] = 1
-        h.requires_grad_(True)
+        padded, real = pad_sequences(np.concatenate([cal[offs[j] : offs[j + 1]] for j in idx]), lens[idx])
+        h = torch.from_numpy(padded).requires_grad_(True)  # (B, T, C)
+        mask = torch.from_numpy(real.astype(np.int64))  # (B, T)
         emb = Stage.forward.__wrapped__(tail, {"hidden": h, "attention_mask": mask})["embedding"]  # the undecorated forward: gradients on
         for _ in range(probes):
             (g,) = torch.autograd.grad((emb * torch.randn_like(emb)).sum(), h, retain_graph=True)

@@ -123,7 +123,7 @@ def _minilm(args, cfg: dict, cuts: list[int], n_eval: int, progress: bool) -> tu
     n_train = cfg["n_train"] or len(task.train_text)
     tr = extract(bm, task.train_text[:n_train], cuts, emb=True, tag="train", progress=progress)
     ev = extract(bm, task.eval_text[:n_eval], cuts, emb=True, tag="eval", progress=progress)
-    extra = (list(task.other_text) + list(task.code_chunks[: cfg["n_code"]])) if cfg["n_code"] else []  # unlabelled calibration text
+    extra = task.unlabelled_text(cfg["n_code"]) if cfg["n_code"] else []  # --quick: train docstrings only
     code = extract(bm, extra, cuts, emb=False, tag="calibration", progress=progress) if extra else None
     ytr = np.array(task.train_label[:n_train])
     yev = np.array(task.eval_label[:n_eval])

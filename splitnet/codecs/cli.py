@@ -3,8 +3,9 @@
     splitnet calibrate --model minilm --split-after 2 --codec alignedvq --rate 3x12 --out cut2.codec
 
 Calibration text is the train split of the stdlib-docstring task, the docstrings of packages
-outside its classes, and docstring-free stdlib source (never the benchmark's evaluation docstrings). Writes ``OUT`` (safetensors) and ``OUT.json``
-(manifest with the sha256 the runtime checks) and prints a JSON summary.
+outside its classes, and docstring-free stdlib source (never the benchmark's evaluation
+docstrings). Writes ``OUT`` (safetensors) and ``OUT.json`` (manifest with the sha256 the runtime
+checks) and prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -86,7 +87,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         if not 0 < args.split_after < bm.num_blocks:
             raise ValueError(f"--split-after must be in 1..{bm.num_blocks - 1} for {args.model}")
         task = load_doc_task()
-        texts = list(task.train_text) + list(task.other_text)  # never an evaluation docstring
+        texts = task.calibration_text(n_code=0)  # docstrings; source chunks below if more tokens are wanted
         tr = extract(bm, texts, [args.split_after], emb=False, tag="calibration", progress=not args.quiet)
         feats, lens = [tr[f"h{args.split_after}"]], [tr["lens"]]
         ids = [token_ids(bm, texts)]

@@ -36,9 +36,14 @@ class DocTask:
     code_chunks: list[str]  # docstring-free source chunks (calibration only)
     other_text: list[str]  # docstrings of packages outside ``classes`` (calibration only)
 
+    def unlabelled_text(self, n_code: int) -> list[str]:
+        """Calibration text beside the train docstrings: other packages' docstrings, then
+        ``n_code`` source chunks."""
+        return list(self.other_text) + list(self.code_chunks[:n_code])
+
     def calibration_text(self, n_code: int) -> list[str]:
-        """Unlabelled text a codec may learn from: never an evaluation item."""
-        return list(self.train_text) + list(self.other_text) + list(self.code_chunks[:n_code])
+        """All text a codec may learn from (train docstrings first): never an evaluation item."""
+        return list(self.train_text) + self.unlabelled_text(n_code)
 
 
 def _scan(root: str, min_chars: int, chunk_lines: int):
