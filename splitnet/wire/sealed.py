@@ -172,15 +172,16 @@ def _open(key: bytes, env: bytes, frames: Sequence[Any], copy: bool, pool: _Buff
     prefix = env[-28:]
     out: list[Any] = []
     for i, f in enumerate(frames):
+        nonce = prefix + struct.pack("<I", i)
         if len(f) < _SMALL_BYTES:
-            small = na.open_bytes(f.bytes if hasattr(f, "bytes") else bytes(f), env, prefix + struct.pack("<I", i), key)
+            small = na.open_bytes(f.bytes if hasattr(f, "bytes") else bytes(f), env, nonce, key)
             if small is None:
                 return None
             out.append(small if copy else OpenedFrame(small))
             continue
         sealed = _as_u8(f)
         buf = pool.get(sealed.nbytes - na.tag_bytes) if pool is not None and not copy and sealed.nbytes >= na.tag_bytes else None
-        plain = na.open(sealed, env, prefix + struct.pack("<I", i), key, buf)
+        plain = na.open(sealed, env, nonce, key, buf)
         if plain is None:
             return None
         out.append(plain.tobytes() if copy else OpenedFrame(plain))
