@@ -43,11 +43,11 @@ class OnnxStage:
         self.blocks = tuple(json.loads(meta["splitnet.blocks"]))
         self.num_blocks = int(meta["splitnet.num_blocks"])
         self._out_names = json.loads(meta["splitnet.outputs"])
-        self._inputs = {i.name: i.type for i in self.session.get_inputs()}
         self.tokenizer = _tokenizer(meta, path)
         self.kv_layers: list[int] = json.loads(meta.get("splitnet.kv_layers", "[]"))
-        self._past = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith("past_")}
-        self._inputs = {k: v for k, v in self._inputs.items() if k not in self._past}
+        graph_inputs = self.session.get_inputs()
+        self._past = {i.name: i.shape for i in graph_inputs if i.name.startswith("past_")}  # the KV cache, fed back
+        self._inputs = {i.name: i.type for i in graph_inputs if i.name not in self._past}  # what callers pass
         self._present = [o.name for o in self.session.get_outputs() if o.name.startswith("present_")]
         self.caches: dict[str, list[np.ndarray]] = {}
         self.max_requests = 64
