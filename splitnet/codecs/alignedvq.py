@@ -59,6 +59,11 @@ class AlignedVQCodec(_FittedCodec):
         entropy: "none" or "zlib" (compress the packed frame; kept only when it is smaller).
         niter, max_train, seed: k-means iterations, calibration tokens used, RNG seed.
         anchor_bits: set by ``fit(..., anchor_labels=...)``; 0 = no anchor codebook.
+        anchor_contexts: at most this many anchors per label (1 = the label's mean only). A label
+            seen often enough gets ``min(anchor_contexts, count // anchor_context_points)`` anchors,
+            the k-means centroids of its calibration features: the same token in different
+            contexts. Costs about log2 of that many extra (Huffman-coded) bits per token.
+        anchor_context_points: calibration tokens per context anchor (k-means needs a few dozen).
         adapter: set by :meth:`tune`: the receiver-side adapter's shape and how it was trained
             (None = training-free / closed-form decoder only).
     """
@@ -78,11 +83,15 @@ class AlignedVQCodec(_FittedCodec):
         max_train: int = 200_000,
         seed: int = 0,
         anchor_bits: int = 0,
+        anchor_contexts: int = 1,
+        anchor_context_points: int = 40,
         adapter: dict | None = None,
     ) -> None:
         super().__init__()
         self.stages = _check_int("alignedvq.stages", stages, 0, 64)
         self.anchor_bits = _check_int("alignedvq.anchor_bits", anchor_bits, 0, 16)
+        self.anchor_contexts = _check_int("alignedvq.anchor_contexts", anchor_contexts, 1, 256)
+        self.anchor_context_points = _check_int("alignedvq.anchor_context_points", anchor_context_points, 1, 1 << 20)
         self.nbits = _check_int("alignedvq.nbits", nbits, 1, 16)
         self.dim = _check_int("alignedvq.dim", dim, 0, 1 << 16)
         if norm not in ("token", "none"):
@@ -105,7 +114,9 @@ class AlignedVQCodec(_FittedCodec):
             "stages": self.stages, "nbits": self.nbits, "dim": self.dim, "norm": self.norm,
             "side_bits": self.side_bits, "refine": self.refine, "entropy": self.entropy,
             "niter": self.niter, "max_train": self.max_train, "seed": self.seed, "anchor_bits": self.anchor_bits,
-        } | ({"adapter": dict(self.adapter)} if self.adapter else {})  # key absent = no adapter (hashes of older files hold)
+        } | ({"anchor_contexts": self.anchor_contexts, "anchor_context_points": self.anchor_context_points}
+             if self.anchor_contexts > 1 else {}) | (  # keys absent = defaults (hashes of older files hold)
+            {"adapter": dict(self.adapter)} if self.adapter else {})
 
     def _adapter_config(self) -> "_adapter.AdapterConfig":
         keys = ("width", "layers", "heads", "ffn", "max_positions")
@@ -237,7 +248,7 @@ class AlignedVQCodec(_FittedCodec):
         n, c = x.shape
         faiss = _faiss()
         k = 1 << self.nbits
-        if n < k:
+        if self.stages and n < k:  # an anchor-only codec fits no residual codebook
             raise CodecError(f"alignedvq: {n} calibration tokens cannot fit {k} centroids; give at least {k} (ideally 39x)")
         total = 1 + self.stages
         with _progress(total, f"alignedvq fit {self.stages}x{self.nbits} bit dim={self.dim or c}", progress) as bar:
@@ -275,13 +286,7 @@ class AlignedVQCodec(_FittedCodec):
             r = np.ascontiguousarray(y, dtype=np.float32)
             self.anchor_bits = 0
             if anchor_labels is not None:
-                uniq, inv, cnt = np.unique(lab, return_inverse=True, return_counts=True)
-                sums = np.zeros((len(uniq), d), dtype=np.float64)
-                np.add.at(sums, inv, r)
-                keep = cnt >= min_anchor_count
-                if keep.sum() > 1 << 16:
-                    keep &= cnt >= np.sort(cnt)[-(1 << 16)]
-                anchors = (sums[keep] / cnt[keep, None]).astype(np.float32)
+                anchors = self._anchor_codebook(r, lab, min_anchor_count)
                 if anchors.shape[0] < 2:
                     raise CodecError("alignedvq: fewer than 2 anchor labels occur often enough; give more calibration text")
                 self.anchor_bits = int(anchors.shape[0] - 1).bit_length()
@@ -317,6 +322,34 @@ class AlignedVQCodec(_FittedCodec):
         if self.refine:
             self.refine_decoder(x, self.refine, progress=progress)
         return self
+
+    def _anchor_codebook(self, r: np.ndarray, lab: np.ndarray, min_count: int) -> np.ndarray:
+        """(A, d) anchors: the mean of every label seen ``min_count`` times, or, for labels seen at
+        least ``2 * anchor_context_points`` times with ``anchor_contexts > 1``, k-means centroids of
+        that label's features (at most 2**16 anchors in all; the most frequent labels win)."""
+        uniq, inv, cnt = np.unique(lab, return_inverse=True, return_counts=True)
+        per = np.where(cnt >= min_count, 1, 0)
+        if self.anchor_contexts > 1:
+            split = cnt >= 2 * self.anchor_context_points
+            per[split] = np.minimum(self.anchor_contexts, cnt[split] // self.anchor_context_points)
+        order = np.argsort(-cnt, kind="stable")
+        over = np.cumsum(per[order]) > 1 << 16
+        per[order[over]] = 0
+        sums = np.zeros((len(uniq), r.shape[1]), dtype=np.float64)
+        np.add.at(sums, inv, r)
+        out = [(sums[per == 1] / cnt[per == 1, None]).astype(np.float32)]
+        many = np.nonzero(per > 1)[0]
+        if many.size:
+            faiss = _faiss()
+            by_label = np.argsort(inv, kind="stable")
+            starts = np.concatenate([[0], np.cumsum(cnt)])
+            for j in many:
+                pts = np.ascontiguousarray(r[by_label[starts[j] : starts[j + 1]]], dtype=np.float32)
+                km = faiss.Kmeans(r.shape[1], int(per[j]), niter=max(self.niter, 10), seed=self.seed + int(j), verbose=False,
+                                  min_points_per_centroid=1, max_points_per_centroid=1 << 30)
+                km.train(pts)
+                out.append(km.centroids.astype(np.float32))
+        return np.concatenate(out)
 
     def refine_decoder(self, features, sweeps: int = 2, *, progress: bool = True) -> "AlignedVQCodec":
         """Receiver-side "aligned fine-tuning" in closed form: re-fit each decoder table row as the

@@ -80,3 +80,28 @@ def test_anchor_labels_must_match(labelled):
         make_codec("alignedvq", stages=1, nbits=4, niter=2).fit(x, progress=False, anchor_labels=lab[:-1])
     with pytest.raises(CodecError):
         make_codec("alignedvq", stages=0, nbits=4, niter=2).fit(x, progress=False)
+
+
+def test_anchor_contexts_split_a_label_seen_in_two_contexts(tmp_path):
+    """A token seen in two contexts (two feature clusters) gets two anchors; rarer ones keep one."""
+    rng = np.random.default_rng(1)
+    n = 4000
+    lab = rng.choice(3, n, p=[0.6, 0.3, 0.1])
+    ctx = rng.integers(0, 2, n)  # label 0 comes in two contexts far apart
+    base = rng.standard_normal((3, 16)).astype(np.float32) * 4
+    shift = np.where((lab == 0) & (ctx == 1), 6.0, 0.0)[:, None] * np.eye(16, dtype=np.float32)[0]
+    x = (base[lab] + shift + 0.1 * rng.standard_normal((n, 16))).astype(np.float32)
+    one = make_codec("alignedvq", stages=0, niter=5, refine=0, entropy="huffman").fit(x, progress=False, anchor_labels=lab)
+    two = make_codec("alignedvq", stages=0, niter=5, refine=0, entropy="huffman", anchor_contexts=2,
+                     anchor_context_points=500).fit(x, progress=False, anchor_labels=lab)
+    assert one.anchor_cb.shape[0] == 3
+    assert two.anchor_cb.shape[0] == 5  # labels 0 (~2400 tokens) and 1 (~1200) split; label 2 (~400 < 2 x 500) does not
+    err = lambda c: float(((c.decode(c.encode(x)) - x) ** 2).mean())  # noqa: E731
+    assert err(two) < 0.1 * err(one)
+    assert "anchor_contexts" not in one._config() and two._config()["anchor_contexts"] == 2  # old manifests hash alike
+    save_codec(two, tmp_path / "ctx.codec")
+    back = load_codec(tmp_path / "ctx.codec", expected_hash=two.codebook_hash)
+    p = two.encode(x[:100])
+    np.testing.assert_array_equal(back.decode(p), two.decode(p))
+    with pytest.raises(ValueError):
+        make_codec("alignedvq", stages=0, anchor_contexts=0)
