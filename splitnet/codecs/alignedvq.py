@@ -57,7 +57,8 @@ class AlignedVQCodec(_FittedCodec):
         side_bits: bits for each of the per-token mean and log-std (norm="token").
         refine: least-squares refinement sweeps of the decoder tables (0 = training-free decoder).
         entropy: "none" or "zlib" (compress the packed frame; kept only when it is smaller).
-        niter, max_train, seed: k-means iterations, calibration tokens used, RNG seed.
+        niter, max_train, seed: k-means iterations, calibration tokens the k-means stages see (0 = all;
+            anchors, being per-label means or per-label k-means, use every token), RNG seed.
         anchor_bits: set by ``fit(..., anchor_labels=...)``; 0 = no anchor codebook.
         anchor_contexts: at most this many anchors per label (1 = the label's mean only). A label
             seen often enough gets ``min(anchor_contexts, count // anchor_context_points)`` anchors,
@@ -239,9 +240,7 @@ class AlignedVQCodec(_FittedCodec):
             lab = np.asarray(anchor_labels).reshape(-1)
             if lab.shape[0] != x.shape[0]:
                 raise ValueError(f"anchor_labels has {lab.shape[0]} entries for {x.shape[0]} calibration tokens")
-            if self.max_train and x.shape[0] > self.max_train:
-                keep = np.sort(np.random.default_rng(self.seed).choice(x.shape[0], self.max_train, replace=False))
-                x, lab = x[keep], lab[keep]
+            x_all = np.ascontiguousarray(x, dtype=np.float32)  # anchors are means: every calibration token counts
         elif self.stages == 0:
             raise CodecError("alignedvq with stages=0 needs anchor_labels at fit")
         x = _subsample(x, self.max_train, self.seed)
@@ -260,9 +259,11 @@ class AlignedVQCodec(_FittedCodec):
                     [*np.quantile(mu, [0.001, 0.999]), *np.quantile(lsd, [0.001, 0.999])], dtype=np.float32
                 )
                 z = (x - mu[:, None]) / np.exp(lsd)[:, None]
+                aligned = lambda t: (t - t.mean(1, keepdims=True)) / (t.std(1, keepdims=True) + _EPS)  # noqa: E731
             else:
                 self.side_range = np.zeros(4, dtype=np.float32)
                 z = x
+                aligned = lambda t: t  # noqa: E731
             self.center = z.mean(axis=0).astype(np.float32)
             if channel_weights is None:
                 self.weight = np.ones(c, dtype=np.float32)
@@ -286,7 +287,9 @@ class AlignedVQCodec(_FittedCodec):
             r = np.ascontiguousarray(y, dtype=np.float32)
             self.anchor_bits = 0
             if anchor_labels is not None:
-                anchors = self._anchor_codebook(r, lab, min_anchor_count)
+                r_all = self._project(aligned(x_all)).astype(np.float32)
+                anchors = self._anchor_codebook(r_all, lab, min_anchor_count)
+                del r_all
                 if anchors.shape[0] < 2:
                     raise CodecError("alignedvq: fewer than 2 anchor labels occur often enough; give more calibration text")
                 self.anchor_bits = int(anchors.shape[0] - 1).bit_length()

@@ -1,0 +1,34 @@
+"""The codec benchmark's ``goals`` block judges the issue's bars from the rows of one run."""
+
+from splitnet.bench.codec import _goals
+
+
+def _row(cut, codec, ratio, cos, dacc, kind=None, acc=0.75):
+    r = {"model": "minilm", "split_after": cut, "codec": codec, "setting": f"{codec} {ratio}x", "ratio_vs_fp32": ratio,
+         "wire_bytes_per_token": 1536 / ratio, "fidelity": {"cosine": cos},
+         "task": {"accuracy": acc + dacc / 100, "accuracy_delta_pt": dacc, "ci95_pt": 0.9}}
+    if kind:
+        r["tuning"] = {"kind": kind}
+    return r
+
+
+def test_moonshot_is_judged_per_cut_and_only_on_learned_rows_for_the_learned_goal():
+    rows = [_row(2, "alignedvq", 1100, 0.95, -0.5, "learned"), _row(4, "alignedvq", 1100, 0.91, -2.0, "learned"),
+            _row(4, "alignedvq", 1200, 0.90, -0.9, "closed-form")]
+    g = _goals(rows, [])
+    assert g["moonshot_1000x_dacc-1.0_learned"] is True
+    assert g["moonshot_1000x_dacc-1.0_learned_by_cut"] == {"2": True, "4": False}
+    assert g["moonshot_1000x_dacc-1.0_any"] is True  # the closed-form cut-4 row passes the 'any' goal
+    assert g["alignedvq_300x_cos098_dacc-0.5"] is False
+    assert g["best_learned_alignedvq_at_1000x"]["split_after"] == 2
+
+
+def test_equal_bytes_counts_rates_where_alignedvq_beats_every_cheaper_or_equal_rival():
+    rows = [_row(2, "rvq", 330, 0.94, -0.6), _row(2, "alignedvq", 329, 0.95, -0.2),  # wins (rival at ~equal bytes)
+            _row(2, "pq", 924, 0.85, -4.3), _row(2, "alignedvq", 923, 0.84, -4.0),  # loses on cosine
+            _row(2, "int4", 8, 0.994, -0.1), _row(2, "alignedvq", 8.1, 0.999, 0.0)]  # wins
+    g = _goals(rows, [])
+    assert g["alignedvq_rates_beating_int4_pq_rvq_at_equal_or_more_bytes"] == 2
+    assert g["equal_bytes_goal_3_rates"] is False
+    timing = [{"codec": "alignedvq", "config": {"stages": 3, "nbits": 12}, "encode_ms": 19.0, "decode_ms": 2.5}]
+    assert _goals(rows, timing)["timing_577x1024_enc20ms_dec2ms"] == {"no adapter 3x12": False}
