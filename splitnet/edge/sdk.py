@@ -10,6 +10,7 @@ a stage misses ``heartbeat_liveness`` pings in a row or the request outlives ``t
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 import uuid
@@ -392,10 +393,8 @@ class Session:
         if "text" in inputs:
             texts = inputs.pop("text")
             texts, max_length = [texts] if isinstance(texts, str) else list(texts), int(inputs.pop("max_length", 256))
-            try:
-                inputs.update(self.tokenizer(texts, max_length=max_length, numpy=True))  # numpy: no torch needed here
-            except TypeError:  # a caller's own tokenizer without the numpy option
-                inputs.update(self.tokenizer(texts, max_length=max_length))
+            numpy_flag = {"numpy": True} if _has_parameter(self.tokenizer, "numpy") else {}  # numpy: no torch needed here
+            inputs.update(self.tokenizer(texts, max_length=max_length, **numpy_flag))
         t0 = time.perf_counter()
         local_before = self.local_ms
         for attempt in range(self.config.max_recoveries + 1):
@@ -721,3 +720,13 @@ def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | 
         session.close()
         raise PlanMismatch(f"the plan was made for model hash {expected_hash}, but the stages serve {fp}; re-run `splitnet plan` for this model")
     return session
+
+
+def _has_parameter(fn: Any, name: str) -> bool:
+    """Whether callable ``fn`` names parameter ``name`` (a caller's own tokenizer may not have
+    splitnet's ``numpy`` option; asking its signature, not catching TypeError, keeps errors raised
+    inside the tokenizer visible)."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # builtins without a signature
+        return False
