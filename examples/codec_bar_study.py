@@ -17,6 +17,9 @@ docstrings), and prints one line per decode:
   of the residual; exact [CLS]/[SEP] features).
 * ``tail``: anchor + 2x12 with tables and adapter trained through the frozen next stages
   (``AlignedVQCodec.tune(tail=...)``), MSE + ``--tail-weight`` x (1 - cosine of the embeddings).
+* ``contexts``: anchor-only codecs (the ~1000x rows) with ``--contexts`` anchors per frequent token
+  id (``anchor_contexts``), closed-form and learned; ``--cut 4`` for the cut where the plain anchor
+  row misses the moonshot.
 
 Run: ``python examples/codec_bar_study.py predictive`` (2-core VM: about 5 min; ``tail`` about
 10 min). Results and their reading are in docs/codecs.md ("The 300x bar: what was tried").
@@ -40,15 +43,16 @@ def _load(args):
     task = load_doc_task(n_eval=3000)
     bm = load_model("minilm")
     cal_text = list(task.train_text) + list(task.code_chunks[: args.code_chunks])
-    tr = extract(bm, task.train_text, [2], emb=True, tag="train", progress=True)
-    ev = extract(bm, task.eval_text[: args.eval_items], [2], emb=True, tag="eval", progress=True)
-    code = extract(bm, task.code_chunks[: args.code_chunks], [2], emb=False, tag="code", progress=True)
+    tr = extract(bm, task.train_text, [args.cut], emb=True, tag="train", progress=True)
+    ev = extract(bm, task.eval_text[: args.eval_items], [args.cut], emb=True, tag="eval", progress=True)
+    code = extract(bm, task.code_chunks[: args.code_chunks], [args.cut], emb=False, tag="code", progress=True)
     probe = LogisticRegression(max_iter=3000, C=10.0).fit(tr["emb"], np.array(task.train_label))
+    h = f"h{args.cut}"
     return {
-        "bm": bm, "probe": probe,
-        "cal": np.concatenate([tr["h2"], code["h2"]]), "cal_lens": np.concatenate([tr["lens"], code["lens"]]),
+        "bm": bm, "probe": probe, "cut": args.cut,
+        "cal": np.concatenate([tr[h], code[h]]), "cal_lens": np.concatenate([tr["lens"], code["lens"]]),
         "cal_ids": token_ids(bm, cal_text),
-        "x": ev["h2"], "lens": ev["lens"], "emb": ev["emb"], "y": np.array(task.eval_label[: args.eval_items]),
+        "x": ev[h], "lens": ev["lens"], "emb": ev["emb"], "y": np.array(task.eval_label[: args.eval_items]),
     }
 
 
@@ -63,7 +67,7 @@ class _Scorer:
 
     def __call__(self, decoded: np.ndarray, name: str, bits: float | None = None) -> None:
         d = self.d
-        emb = self.run_tail(d["bm"], 2, decoded, d["lens"])
+        emb = self.run_tail(d["bm"], d["cut"], decoded, d["lens"])
         cos = float(np.mean(np.sum(emb * d["emb"], axis=1) / np.linalg.norm(emb, axis=1)))
         dacc = 100 * float((d["probe"].predict(emb) == d["y"]).mean() - self.base.mean())
         x = d["x"]
@@ -120,7 +124,7 @@ def _sensitivity(d, n_seq: int = 256, probes: int = 8) -> np.ndarray:
     from splitnet.model.blocks import Stage
 
     bm, cal, lens = d["bm"], d["cal"], d["cal_lens"]
-    tail = bm.stage(2, bm.num_blocks)
+    tail = bm.stage(d["cut"], bm.num_blocks)
     offs = np.concatenate([[0], np.cumsum(lens)])
     pick = np.random.default_rng(0).choice(len(lens), min(n_seq, len(lens)), replace=False)
     torch.manual_seed(0)
@@ -174,7 +178,7 @@ def oracle(d, args, score):
 def tail(d, args, score):
     from splitnet.model.blocks import Stage
 
-    stage = d["bm"].stage(2, d["bm"].num_blocks)
+    stage = d["bm"].stage(d["cut"], d["bm"].num_blocks)
     for p in stage.parameters():
         p.requires_grad_(False)
     fn = lambda h, m: Stage.forward.__wrapped__(stage, {"hidden": h, "attention_mask": m})["embedding"]  # noqa: E731
@@ -185,9 +189,29 @@ def tail(d, args, score):
     score(c.decode(p, lengths=d["lens"]), f"anchor + 2x12, learned with tail loss x{args.tail_weight} ({args.steps} steps)", bits)
 
 
+def contexts(d, args, score):
+    """Anchor-only codecs with 1 or more context anchors per frequent token id, closed-form and learned."""
+    from splitnet.codecs import make_codec
+
+    for n_ctx in args.contexts:
+        c = make_codec("alignedvq", stages=0, refine=0, entropy="huffman", niter=10, max_train=args.max_train,
+                       anchor_contexts=n_ctx, anchor_context_points=args.context_points)
+        c.fit(d["cal"], progress=False, anchor_labels=d["cal_ids"]).refine_decoder(d["cal"], 2, progress=False)
+        p = c.encode(d["x"])
+        bits = 8 * p.nbytes / d["x"].shape[0]
+        label = f"anchors, {n_ctx} context(s) per id >= {2 * args.context_points} tokens ({c.anchor_cb.shape[0]} anchors)"
+        score(c.decode(p), f"{label}, closed form", bits)
+        c.tune(d["cal"], d["cal_lens"], steps=args.steps, batch_tokens=4096, progress=False)
+        score(c.decode(c.encode(d["x"]), lengths=d["lens"]), f"{label}, learned ({args.steps} steps)", bits)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=["predictive", "metric", "oracle", "tail"])
+    p.add_argument("experiment", choices=["predictive", "metric", "oracle", "tail", "contexts"])
+    p.add_argument("--cut", type=int, default=2, help="MiniLM block the features leave (2 or 4)")
+    p.add_argument("--contexts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
+                   help="experiment 'contexts': anchors per frequent token id, comma-separated")
+    p.add_argument("--context-points", type=int, default=20, help="experiment 'contexts': calibration tokens per context anchor")
     p.add_argument("--eval-items", type=int, default=1000, help="held-out docstrings scored (the first N of 3000)")
     p.add_argument("--code-chunks", type=int, default=800, help="docstring-free source chunks added to the calibration text")
     p.add_argument("--max-train", type=int, default=100_000, help="calibration tokens k-means sees (as the full bench)")
