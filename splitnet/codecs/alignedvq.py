@@ -243,6 +243,8 @@ class AlignedVQCodec(_FittedCodec):
             x_all = np.ascontiguousarray(x, dtype=np.float32)  # anchors are means: every calibration token counts
         elif self.stages == 0:
             raise CodecError("alignedvq with stages=0 needs anchor_labels at fit")
+        elif self.anchor_contexts > 1:
+            raise CodecError(f"alignedvq.anchor_contexts={self.anchor_contexts} needs anchor_labels at fit (e.g. the calibration token ids)")
         x = _subsample(x, self.max_train, self.seed)
         n, c = x.shape
         faiss = _faiss()

@@ -82,6 +82,8 @@ def _calibrate(args: argparse.Namespace) -> int:
         if args.codec in ("alignedvq", "rvq", "pq"):
             config.setdefault("max_train", args.max_tokens)
         codec = make_codec(args.codec, **config)
+        if int(config.get("anchor_contexts", 1)) > 1 and not args.anchors:
+            raise ValueError("anchor_contexts needs --anchors (context anchors split the per-token-id anchors)")
         t0 = time.perf_counter()
         bm = load_model(args.model)
         if not 0 < args.split_after < bm.num_blocks:

@@ -105,3 +105,5 @@ def test_anchor_contexts_split_a_label_seen_in_two_contexts(tmp_path):
     np.testing.assert_array_equal(back.decode(p), two.decode(p))
     with pytest.raises(ValueError):
         make_codec("alignedvq", stages=0, anchor_contexts=0)
+    with pytest.raises(CodecError, match="needs anchor_labels"):
+        make_codec("alignedvq", stages=1, nbits=4, niter=2, anchor_contexts=2).fit(x, progress=False)
