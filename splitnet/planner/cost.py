@@ -172,14 +172,16 @@ def tables(model: ModelProfile, fleet: Fleet, wl: Workload) -> Tables:
     bw = np.full((D, D), np.nan)
     prop = np.full((D, D), np.nan)
     lovh = np.full((D, D), np.nan)
+    lbytes = np.zeros((D, D))  # transport bytes per message (e.g. the sealed envelope)
     names = [d.name for d in fleet.devices]
     for i, x in enumerate(names):
         for j, y in enumerate(names):
             if i != j and (ln := fleet.link(x, y)) is not None:
                 bw[i, j], prop[i, j], lovh[i, j] = ln.bandwidth_mbit_s, ln.rtt_ms / 2.0, ln.overhead_ms
+                lbytes[i, j] = ln.bytes_per_message
     has = ~np.isnan(bw)
     bwz = np.where(has, bw, 1.0)
-    wire = nbytes[:, :, None, None] * 8.0 / (bwz[None, None] * 1e3)  # bytes -> ms
+    wire = (nbytes[:, :, None, None] + wl.messages * lbytes[None, None]) * 8.0 / (bwz[None, None] * 1e3)  # bytes -> ms
     link_busy = wire + wl.messages * np.where(has, lovh, 0.0)[None, None]
     link_lat = link_busy + wl.messages * np.where(has, prop, 0.0)[None, None]
     ok = allowed[:, :, None, None] & has[None, None]
@@ -187,7 +189,7 @@ def tables(model: ModelProfile, fleet: Fleet, wl: Workload) -> Tables:
     link_lat = np.where(ok, link_lat, INF)
 
     rb = _return_bytes(model, wl)
-    ret_wire = rb * 8.0 / (bwz * 1e3)
+    ret_wire = (rb + wl.messages * lbytes) * 8.0 / (bwz * 1e3)
     ret_busy = np.where(has, ret_wire + wl.messages * np.where(has, lovh, 0.0), INF)
     ret_lat = np.where(has, ret_busy + wl.messages * np.where(has, prop, 0.0), INF)
     np.fill_diagonal(ret_busy, 0.0)
@@ -265,6 +267,7 @@ def evaluate(model: ModelProfile, fleet: Fleet, wl: Workload, asg: Assignment) -
             reasons.append(f"no link {devs[i].name}->{devs[i + 1].name}")
             t, busy = INF, INF
         else:
+            nb += wl.messages * ln.bytes_per_message
             busy = nb * 8.0 / (ln.bandwidth_mbit_s * 1e3) + wl.messages * ln.overhead_ms
             t = busy + wl.messages * ln.rtt_ms / 2.0
         link_ms.append(t)
@@ -280,6 +283,7 @@ def evaluate(model: ModelProfile, fleet: Fleet, wl: Workload, asg: Assignment) -
             reasons.append(f"no link {devs[-1].name}->{devs[0].name} to return the output")
             ret_t = ret_busy = INF
         else:
+            rb += wl.messages * ln.bytes_per_message
             ret_busy = rb * 8.0 / (ln.bandwidth_mbit_s * 1e3) + wl.messages * ln.overhead_ms
             ret_t = ret_busy + wl.messages * ln.rtt_ms / 2.0
     lat += ret_t

@@ -148,6 +148,9 @@ class LinkProfile:
         bandwidth_mbit_s: usable bandwidth in megabits (10^6 bit) per second.
         rtt_ms: round-trip time; one message pays ``rtt_ms / 2``.
         overhead_ms: fixed time per message on top of the propagation delay (syscalls, copies).
+        bytes_per_message: bytes the transport adds to every message on this link, beyond the
+            splitnet message itself (e.g. the sealed transport: a 107-byte envelope plus a 32-byte
+            tag per frame, about 170 bytes for a two-frame cut message; 0 for plain ZeroMQ).
         symmetric: the same figures hold for dst -> src.
         uplink: this link is the edge uplink that ``--sweep-bandwidth`` varies.
     """
@@ -157,6 +160,7 @@ class LinkProfile:
     bandwidth_mbit_s: float
     rtt_ms: float = 0.0
     overhead_ms: float = 0.0
+    bytes_per_message: float = 0.0
     symmetric: bool = True
     uplink: bool = False
 
@@ -170,13 +174,16 @@ class LinkProfile:
                                                           lo=0, lo_open=True))
         object.__setattr__(self, "rtt_ms", _num(w, "rtt_ms", self.rtt_ms, lo=0))
         object.__setattr__(self, "overhead_ms", _num(w, "overhead_ms", self.overhead_ms, lo=0))
+        object.__setattr__(self, "bytes_per_message", _num(w, "bytes_per_message", self.bytes_per_message, lo=0))
         for b in ("symmetric", "uplink"):
             if not isinstance(getattr(self, b), bool):
                 _fail(w, b, f"must be true or false, got {getattr(self, b)!r}")
 
     def ms_for(self, nbytes: float, messages: float = 1.0) -> float:
-        """Time to move ``nbytes`` in ``messages`` messages over this link."""
-        return nbytes * 8.0 / (self.bandwidth_mbit_s * 1e3) + messages * (self.rtt_ms / 2.0 + self.overhead_ms)
+        """Time to move ``nbytes`` (splitnet messages) in ``messages`` messages over this link,
+        with the transport's own ``bytes_per_message``."""
+        wire = nbytes + messages * self.bytes_per_message
+        return wire * 8.0 / (self.bandwidth_mbit_s * 1e3) + messages * (self.rtt_ms / 2.0 + self.overhead_ms)
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "link") -> "LinkProfile":

@@ -58,7 +58,8 @@ def random_instance(rng: random.Random, devices: int, blocks: int, codecs: int =
             if rng.random() < link_prob:
                 sym = rng.random() < 0.7
                 links.append(LinkProfile(f"d{i}", f"d{j}", rng.choice([1, 5, 15, 100, 1000]), rng.uniform(0, 80),
-                                         overhead_ms=rng.choice([0.0, 0.3]), symmetric=sym))
+                                         overhead_ms=rng.choice([0.0, 0.3]), symmetric=sym,
+                                         bytes_per_message=rng.choice([0.0, 0.0, 171.0])))
                 if not sym:
                     links.append(LinkProfile(f"d{j}", f"d{i}", rng.choice([1, 5, 15, 100, 1000]), rng.uniform(0, 80),
                                              symmetric=False))

@@ -146,6 +146,21 @@ def test_cost_model_by_hand():
     assert ev.bottleneck == "link edge->cloud"
 
 
+def test_transport_bytes_per_message_count_on_the_link_and_the_return():
+    m, plain = _model(n=2, ms=1.0), _fleet(bw=8.0, rtt=10.0)
+    sealed = Fleet(plain.devices, (LinkProfile("edge", "cloud", 8.0, 10.0, bytes_per_message=1000.0),))
+    asg = Assignment([("edge", 0, 1), ("cloud", 1, 2)], ["none"])
+    for wl in (Workload(prefill_tokens=100), Workload(prefill_tokens=16, decode_steps=4)):
+        a, b = evaluate(m, plain, wl, asg), evaluate(m, sealed, wl, asg)
+        assert b.per_link_bytes[0] - a.per_link_bytes[0] == 1000.0 * wl.messages
+        assert b.return_bytes - a.return_bytes == 1000.0 * wl.messages
+        assert math.isclose(b.per_link_ms[0] - a.per_link_ms[0], wl.messages * 1000 * 8 / 8e3)  # 1 ms per message at 8 Mbit/s
+        s = solve_tables(tables(m, sealed, wl), "latency")
+        assert math.isclose(s.latency_ms, evaluate(m, sealed, wl, s.assignment).latency_ms, rel_tol=1e-9)
+    with pytest.raises(ConfigError, match="bytes_per_message"):
+        LinkProfile("edge", "cloud", 8.0, bytes_per_message=-1)
+
+
 def test_decode_steps_add_messages():
     m, f = _model(n=2), _fleet(rtt=10.0)
     asg = Assignment([("edge", 0, 1), ("cloud", 1, 2)], ["none"])
