@@ -38,6 +38,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpu": cpu,
         "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),  # e.g. under taskset
         "gpu": gpu,
         "versions": {d: _version(d) for d in ("splitnet", "torch", "numpy", "pyzmq", "msgpack", "faiss-cpu", "onnxruntime", "transformers")},
     }
