@@ -44,6 +44,11 @@ from splitnet.errors import CodecError
 _EPS = 1e-6
 
 
+def _token_stats(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-token mean and log standard deviation of (N, C) tokens: the alignment's side information."""
+    return t.mean(axis=1), np.log(t.std(axis=1) + _EPS)
+
+
 @register_codec
 class AlignedVQCodec(_FittedCodec):
     """Aligned residual VQ (see the module docstring).
@@ -193,14 +198,20 @@ class AlignedVQCodec(_FittedCodec):
         """(z, side codes or None, mu_hat, sd_hat) for tokens t (N, C)."""
         if self.norm == "none":
             return t, None, None, None
-        mu = t.mean(axis=1)
-        lsd = np.log(t.std(axis=1) + _EPS)
+        mu, lsd = _token_stats(t)
         r = self.side_range
         qm, mu_hat = self._quantize_side(mu, float(r[0]), float(r[1]))
         qs, lsd_hat = self._quantize_side(lsd, float(r[2]), float(r[3]))
         sd_hat = np.exp(lsd_hat)
         z = (t - mu_hat[:, None]) / sd_hat[:, None]
         return z, (qm, qs), mu_hat, sd_hat
+
+    def _exact_align(self, t: np.ndarray) -> np.ndarray:
+        """What :meth:`_align` gives with exact, unquantized statistics: calibration tokens only."""
+        if self.norm == "none":
+            return t
+        mu, lsd = _token_stats(t)
+        return (t - mu[:, None]) / np.exp(lsd)[:, None]
 
     def _project(self, z: np.ndarray) -> np.ndarray:
         y = (z - self.center) * self.weight
@@ -255,17 +266,13 @@ class AlignedVQCodec(_FittedCodec):
         with _progress(total, f"alignedvq fit {self.stages}x{self.nbits} bit dim={self.dim or c}", progress) as bar:
             # alignment statistics
             if self.norm == "token":
-                mu = x.mean(axis=1)
-                lsd = np.log(x.std(axis=1) + _EPS)
+                mu, lsd = _token_stats(x)
                 self.side_range = np.array(
                     [*np.quantile(mu, [0.001, 0.999]), *np.quantile(lsd, [0.001, 0.999])], dtype=np.float32
                 )
-                z = (x - mu[:, None]) / np.exp(lsd)[:, None]
-                aligned = lambda t: (t - t.mean(1, keepdims=True)) / (t.std(1, keepdims=True) + _EPS)  # noqa: E731
             else:
                 self.side_range = np.zeros(4, dtype=np.float32)
-                z = x
-                aligned = lambda t: t  # noqa: E731
+            z = self._exact_align(x)
             self.center = z.mean(axis=0).astype(np.float32)
             if channel_weights is None:
                 self.weight = np.ones(c, dtype=np.float32)
@@ -289,7 +296,7 @@ class AlignedVQCodec(_FittedCodec):
             r = np.ascontiguousarray(y, dtype=np.float32)
             self.anchor_bits = 0
             if anchor_labels is not None:
-                r_all = self._project(aligned(x_all)).astype(np.float32)
+                r_all = self._project(self._exact_align(x_all)).astype(np.float32)
                 anchors = self._anchor_codebook(r_all, lab, min_anchor_count)
                 del r_all
                 if anchors.shape[0] < 2:

@@ -18,6 +18,7 @@ import yaml
 
 from splitnet.documents import read_document
 from splitnet.errors import ConfigError
+from splitnet.wire.overhead import TRANSPORTS, transport_bytes_per_message
 
 GIB = 1024**3
 RUNTIMES = ("torch", "onnxruntime")
@@ -148,9 +149,12 @@ class LinkProfile:
         bandwidth_mbit_s: usable bandwidth in megabits (10^6 bit) per second.
         rtt_ms: round-trip time; one message pays ``rtt_ms / 2``.
         overhead_ms: fixed time per message on top of the propagation delay (syscalls, copies).
+        transport: how messages travel on this link: ``zmq`` (plain ZeroMQ), ``sealed``
+            (splitnet's sealed transport) or ``curvezmq``; it sets the default ``bytes_per_message``.
         bytes_per_message: bytes the transport adds to every message on this link, beyond the
-            splitnet message itself (e.g. the sealed transport: a 107-byte envelope plus a 32-byte
-            tag per frame, about 170 bytes for a two-frame cut message; 0 for plain ZeroMQ).
+            splitnet message itself. Default: the transport's own figure for a two-frame cut message
+            (:func:`splitnet.wire.overhead.transport_bytes_per_message`: sealed 107-byte envelope
+            + 32-byte tag per frame = 171; CurveZMQ 33 per frame = 66; plain ZeroMQ 0).
         symmetric: the same figures hold for dst -> src.
         uplink: this link is the edge uplink that ``--sweep-bandwidth`` varies.
     """
@@ -160,7 +164,8 @@ class LinkProfile:
     bandwidth_mbit_s: float
     rtt_ms: float = 0.0
     overhead_ms: float = 0.0
-    bytes_per_message: float = 0.0
+    transport: str = "zmq"
+    bytes_per_message: float | None = None
     symmetric: bool = True
     uplink: bool = False
 
@@ -174,6 +179,10 @@ class LinkProfile:
                                                           lo=0, lo_open=True))
         object.__setattr__(self, "rtt_ms", _num(w, "rtt_ms", self.rtt_ms, lo=0))
         object.__setattr__(self, "overhead_ms", _num(w, "overhead_ms", self.overhead_ms, lo=0))
+        if self.transport not in TRANSPORTS:
+            _fail(w, "transport", f"must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
+        if self.bytes_per_message is None:
+            object.__setattr__(self, "bytes_per_message", float(transport_bytes_per_message(self.transport)))
         object.__setattr__(self, "bytes_per_message", _num(w, "bytes_per_message", self.bytes_per_message, lo=0))
         for b in ("symmetric", "uplink"):
             if not isinstance(getattr(self, b), bool):
