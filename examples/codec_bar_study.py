@@ -42,12 +42,24 @@ def _load(args):
 
     task = load_doc_task(n_eval=3000)
     bm = load_model("minilm")
-    cal_text = list(task.train_text) + list(task.code_chunks[: args.code_chunks])
+    extra = task.unlabelled_text(args.code_chunks) if args.calibration == "bench" else list(task.code_chunks[: args.code_chunks])
+    cal_text = list(task.train_text) + extra
     tr = extract(bm, task.train_text, [args.cut], emb=True, tag="train", progress=True)
     ev = extract(bm, task.eval_text[: args.eval_items], [args.cut], emb=True, tag="eval", progress=True)
-    code = extract(bm, task.code_chunks[: args.code_chunks], [args.cut], emb=False, tag="code", progress=True)
-    probe = LogisticRegression(max_iter=3000, C=10.0).fit(tr["emb"], np.array(task.train_label))
+    code = extract(bm, extra, [args.cut], emb=False, tag="calibration" if args.calibration == "bench" else "code", progress=True)
     h = f"h{args.cut}"
+    labels = np.array(task.train_label)
+    if args.dev:  # score on the last --dev train docstrings (a random subset: the task shuffles), kept out of calibration and probe
+        n_tr = len(task.train_text) - args.dev
+        split = int(np.sum(tr["lens"][:n_tr]))
+        probe = LogisticRegression(max_iter=3000, C=10.0).fit(tr["emb"][:n_tr], labels[:n_tr])
+        return {
+            "bm": bm, "probe": probe, "cut": args.cut,
+            "cal": np.concatenate([tr[h][:split], code[h]]), "cal_lens": np.concatenate([tr["lens"][:n_tr], code["lens"]]),
+            "cal_ids": token_ids(bm, list(task.train_text[:n_tr]) + extra),
+            "x": tr[h][split:], "lens": tr["lens"][n_tr:], "emb": tr["emb"][n_tr:], "y": labels[n_tr:],
+        }
+    probe = LogisticRegression(max_iter=3000, C=10.0).fit(tr["emb"], labels)
     return {
         "bm": bm, "probe": probe, "cut": args.cut,
         "cal": np.concatenate([tr[h], code[h]]), "cal_lens": np.concatenate([tr["lens"], code["lens"]]),
@@ -182,11 +194,13 @@ def tail(d, args, score):
     for p in stage.parameters():
         p.requires_grad_(False)
     fn = lambda h, m: Stage.forward.__wrapped__(stage, {"hidden": h, "attention_mask": m})["embedding"]  # noqa: E731
-    c, closed = _anchor_predictor(d, d["cal"], d["x"], args.steps, args.max_train, tail=fn, tail_weight=args.tail_weight, stages=2)
+    c, closed = _anchor_predictor(d, d["cal"], d["x"], args.steps, args.max_train, tail=fn, tail_weight=args.tail_weight,
+                                  stages=args.stages)
     p = c.encode(d["x"])
     bits = 8 * p.nbytes / d["x"].shape[0]
-    score(closed, "anchor + 2x12, closed-form tables", bits)
-    score(c.decode(p, lengths=d["lens"]), f"anchor + 2x12, learned with tail loss x{args.tail_weight} ({args.steps} steps)", bits)
+    name = f"anchor + {args.stages}x12" if args.stages else "anchor only"
+    score(closed, f"{name}, closed-form tables", bits)
+    score(c.decode(p, lengths=d["lens"]), f"{name}, learned with tail loss x{args.tail_weight} ({args.steps} steps)", bits)
 
 
 def contexts(d, args, score):
@@ -213,6 +227,13 @@ def main() -> None:
                    help="experiment 'contexts': anchors per frequent token id, comma-separated")
     p.add_argument("--context-points", type=int, default=20, help="experiment 'contexts': calibration tokens per context anchor")
     p.add_argument("--eval-items", type=int, default=1000, help="held-out docstrings scored (the first N of 3000)")
+    p.add_argument("--dev", type=int, default=0,
+                   help="score on this many train docstrings instead, left out of calibration and of the probe "
+                        "(a dev split: choose settings here, not on the held-out docstrings)")
+    p.add_argument("--calibration", choices=("study", "bench"), default="study",
+                   help="calibration text beside the train docstrings: 'study' = --code-chunks source chunks (the "
+                        "docs' tables), 'bench' = as `splitnet bench codec`: other packages' docstrings + the chunks")
+    p.add_argument("--stages", type=int, default=2, help="experiment 'tail': residual 12-bit stages after the anchor")
     p.add_argument("--code-chunks", type=int, default=800, help="docstring-free source chunks added to the calibration text")
     p.add_argument("--max-train", type=int, default=100_000, help="calibration tokens k-means sees (as the full bench)")
     p.add_argument("--steps", type=int, default=600, help="adapter training steps")

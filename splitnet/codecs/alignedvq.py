@@ -35,6 +35,7 @@ import numpy as np
 from splitnet.codecs import adapter as _adapter
 from splitnet.codecs.base import Payload
 from splitnet.codecs.bitpack import BitReader, BitWriter, read_fields
+from splitnet.codecs.order1 import Order1Model
 from splitnet.codecs.entropy import Huffman, huffman_lengths
 from splitnet.codecs.registry import register_codec
 from splitnet.codecs.scalar import as_tokens, check_payload, part
@@ -42,6 +43,7 @@ from splitnet.codecs.vq import _check_int, _faiss, _FittedCodec, _nearest, _prog
 from splitnet.errors import CodecError
 
 _EPS = 1e-6
+ENTROPY_CODERS = ("none", "zlib", "huffman", "order1")
 
 
 def _token_stats(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -61,7 +63,10 @@ class AlignedVQCodec(_FittedCodec):
             leave a LayerNorm, e.g. a post-LN BERT block, need none).
         side_bits: bits for each of the per-token mean and log-std (norm="token").
         refine: least-squares refinement sweeps of the decoder tables (0 = training-free decoder).
-        entropy: "none" or "zlib" (compress the packed frame; kept only when it is smaller).
+        entropy: how indices travel: "none" (bit-packed), "zlib" (compress the packed frame; kept
+            only when it is smaller), "huffman" (the anchor index Huffman-coded with calibration
+            frequencies) or "order1" (the anchor index range-coded under an order-1 model of the
+            previous anchor, :mod:`splitnet.codecs.order1`; residual indices stay packed).
         niter, max_train, seed: k-means iterations, calibration tokens the k-means stages see (0 = all;
             anchors, being per-label means or per-label k-means, use every token), RNG seed.
         anchor_bits: set by ``fit(..., anchor_labels=...)``; 0 = no anchor codebook.
@@ -102,11 +107,12 @@ class AlignedVQCodec(_FittedCodec):
         self.dim = _check_int("alignedvq.dim", dim, 0, 1 << 16)
         if norm not in ("token", "none"):
             raise ValueError(f"alignedvq.norm must be 'token' or 'none', got {norm!r}")
-        if entropy not in ("none", "zlib", "huffman"):
-            raise ValueError(f"alignedvq.entropy must be 'none', 'zlib' or 'huffman', got {entropy!r}")
+        if entropy not in ENTROPY_CODERS:
+            raise ValueError(f"alignedvq.entropy must be one of {', '.join(map(repr, ENTROPY_CODERS))}, got {entropy!r}")
         self.norm, self.entropy = norm, entropy
         self.side_bits = _check_int("alignedvq.side_bits", side_bits, 1, 16)
         self._huffman = None
+        self._order1: Order1Model | None = None
         self.refine = _check_int("alignedvq.refine", refine, 0, 100)
         self.niter, self.max_train, self.seed = int(niter), int(max_train), int(seed)
         if adapter is not None and not isinstance(adapter, dict):
@@ -135,6 +141,8 @@ class AlignedVQCodec(_FittedCodec):
             out.update(anchor_codebook=self.anchor_cb, anchor_table=self.anchor_tab)
             if self._huffman is not None:
                 out["anchor_code_lengths"] = self._huffman.lengths.astype(np.int32)
+            if self._order1 is not None:
+                out.update(self._order1.arrays())
         if self._adapter_module is not None:
             out.update({_adapter.PREFIX + k: v for k, v in self._adapter_module.p.items()})
         return out
@@ -160,6 +168,11 @@ class AlignedVQCodec(_FittedCodec):
                     raise ValueError("alignedvq anchor code lengths do not match the anchor codebook")
                 self._huffman = Huffman(lengths)
                 self._huffman._table()
+            self._order1 = None
+            if self.entropy == "order1":
+                self._order1 = Order1Model.from_arrays(arrays)
+                if self._order1.size != a:
+                    raise ValueError("alignedvq anchor context model does not match the anchor codebook")
         self._identity = d == c and np.array_equal(self.proj, np.eye(c, dtype=np.float32))
         self._adapter_module = None
         if self.adapter:
@@ -247,6 +260,7 @@ class AlignedVQCodec(_FittedCodec):
         """
         x, _ = as_tokens(features)
         self.adapter, self._adapter_module = None, None  # a refit starts from a training-free decoder
+        self._huffman, self._order1 = None, None
         if anchor_labels is not None:
             lab = np.asarray(anchor_labels).reshape(-1)
             if lab.shape[0] != x.shape[0]:
@@ -298,18 +312,20 @@ class AlignedVQCodec(_FittedCodec):
             if anchor_labels is not None:
                 r_all = self._project(self._exact_align(x_all)).astype(np.float32)
                 anchors = self._anchor_codebook(r_all, lab, min_anchor_count)
-                del r_all
                 if anchors.shape[0] < 2:
                     raise CodecError("alignedvq: fewer than 2 anchor labels occur often enough; give more calibration text")
                 self.anchor_bits = int(anchors.shape[0] - 1).bit_length()
                 self.anchor_cb = anchors
                 self.anchor_tab = (anchors if back is None else anchors @ back) / self.weight
+                if self.entropy == "order1":  # the anchors of every calibration token, in order
+                    self._order1 = Order1Model.fit(_nearest(r_all, anchors, (anchors**2).sum(-1)), anchors.shape[0])
                 a = _nearest(r, anchors, (anchors**2).sum(-1))  # what the encoder will pick, no labels
                 r = r - anchors[a]
                 self._huffman = None
                 if self.entropy == "huffman":
                     self._huffman = Huffman(huffman_lengths(np.bincount(a, minlength=anchors.shape[0])))
                     self._huffman._table()
+                del r_all
             bar.update()
             # residual k-means, one codebook per stage
             self.codebooks = np.zeros((self.stages, k, d), dtype=np.float32)
@@ -410,6 +426,27 @@ class AlignedVQCodec(_FittedCodec):
             raise CodecError("truncate a codec fitted with refine=0 and no adapter, then refine_decoder()/tune() the result")
         return type(self).from_state(arrays, cfg)
 
+    def recoded(self, entropy: str, features) -> "AlignedVQCodec":
+        """The same codec (codebooks, tables, adapter: identical decodes) with its anchor index
+        coded by ``entropy`` ("huffman" or "order1"), whose model is fitted on the anchors the
+        encoder picks for calibration ``features`` (N, C), in order."""
+        self._require_fit()
+        if not self.anchor_bits:
+            raise CodecError("recoded() changes how the anchor index is coded; this codec has no anchor codebook")
+        if entropy not in ("huffman", "order1"):
+            raise ValueError(f"entropy must be 'huffman' or 'order1', got {entropy!r}")
+        t, _ = as_tokens(features)
+        self._check_width(t.shape[1], self.center.shape[0])
+        anchors = self._codes(self._project(self._align(t)[0]))[:, 0]
+        arrays = {k: v for k, v in self._arrays().items()
+                  if k != "anchor_code_lengths" and not k.startswith(Order1Model.PREFIX)}
+        a = self.anchor_cb.shape[0]
+        if entropy == "huffman":
+            arrays["anchor_code_lengths"] = huffman_lengths(np.bincount(anchors, minlength=a)).astype(np.int32)
+        else:
+            arrays.update(Order1Model.fit(anchors, a).arrays())
+        return type(self).from_state(arrays, {**self._config(), "entropy": entropy})
+
     # -- learned receiver-side adapter ("aligned fine-tuning") -------------------------------
     @property
     def needs_lengths(self) -> bool:
@@ -468,7 +505,8 @@ class AlignedVQCodec(_FittedCodec):
         codes = self._codes(self._project(z))
         w = BitWriter()
         huff = self._huffman if self.anchor_bits else None
-        if self.anchor_bits and huff is None:
+        order1 = self._order1 if self.anchor_bits else None
+        if self.anchor_bits and huff is None and order1 is None:
             w.add(codes[:, 0], self.anchor_bits)
         if self.stages:
             w.add(codes[:, 1 if self.anchor_bits else 0 :], self.nbits)
@@ -478,6 +516,8 @@ class AlignedVQCodec(_FittedCodec):
         if huff is not None:
             w.add_bits(huff.encode_bits(codes[:, 0]))  # variable-length anchor codes go last
         buf = w.getvalue()
+        if order1 is not None:  # range-coded anchor bytes after the byte-aligned fixed fields
+            buf = np.concatenate([buf, np.frombuffer(order1.encode(codes[:, 0]), dtype=np.uint8)])
         meta: dict[str, Any] = {}
         if self.entropy == "zlib":
             packed = zlib.compress(buf.tobytes(), 9)
@@ -493,7 +533,9 @@ class AlignedVQCodec(_FittedCodec):
         self._check_width(c, self.center.shape[0])
         buf = part(payload, "b")
         huff = self._huffman if self.anchor_bits else None
-        fields = [(n, 0 if huff is not None else self.anchor_bits), (n * self.stages, self.nbits if self.stages else 0)]
+        order1 = self._order1 if self.anchor_bits else None
+        coded = huff is not None or order1 is not None  # the anchor index is not a fixed-width field
+        fields = [(n, 0 if coded else self.anchor_bits), (n * self.stages, self.nbits if self.stages else 0)]
         if self.norm == "token":
             fields += [(n, self.side_bits), (n, self.side_bits)]
         if payload.meta.get("z"):
@@ -506,7 +548,16 @@ class AlignedVQCodec(_FittedCodec):
             if len(raw) != want or d.unconsumed_tail:
                 raise CodecError(f"alignedvq payload inflates to the wrong size (want {want} bytes)")
             buf = np.frombuffer(raw, dtype=np.uint8)
-        if huff is not None:
+        if order1 is not None:
+            fixed_bytes = (sum(a * b for a, b in fields) + 7) // 8
+            if buf.size < fixed_bytes:
+                raise CodecError(f"alignedvq payload has {buf.size} bytes, its fixed fields need {fixed_bytes}")
+            rdr = BitReader(np.ascontiguousarray(buf[:fixed_bytes], dtype=np.uint8), fields)
+            vals = [order1.decode(np.ascontiguousarray(buf[fixed_bytes:], dtype=np.uint8).tobytes(), n)]
+            vals += [rdr.read() for _, width in fields if width]
+            rd = iter(vals)
+            read = lambda: next(rd)  # noqa: E731
+        elif huff is not None:
             bits = np.unpackbits(np.ascontiguousarray(buf, dtype=np.uint8).reshape(-1), bitorder="little")
             fixed, pos = read_fields(bits, fields)
             anchor, used = huff.decode_bits(bits[pos:], n)

@@ -40,6 +40,8 @@ def codecs():
         make_codec("rvq", stages=2, nbits=7, niter=3, beam=1).fit(cal, progress=False),
         make_codec("alignedvq", stages=3, nbits=9, niter=3).fit(cal, progress=False),
         make_codec("alignedvq", stages=1, nbits=6, niter=3, norm="token").fit(cal, progress=False),
+        make_codec("alignedvq", stages=1, nbits=6, niter=3, entropy="order1").fit(
+            cal, progress=False, anchor_labels=rng.integers(0, 40, cal.shape[0])),  # range-coded anchors
     ]
 
 
