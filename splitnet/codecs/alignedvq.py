@@ -426,18 +426,29 @@ class AlignedVQCodec(_FittedCodec):
             raise CodecError("truncate a codec fitted with refine=0 and no adapter, then refine_decoder()/tune() the result")
         return type(self).from_state(arrays, cfg)
 
-    def recoded(self, entropy: str, features) -> "AlignedVQCodec":
+    def anchor_codes(self, features) -> np.ndarray:
+        """(N,) the anchor index the encoder sends for each of the (N, C) tokens."""
+        self._require_fit()
+        if not self.anchor_bits:
+            raise CodecError("this codec has no anchor codebook")
+        t, _ = as_tokens(features)
+        self._check_width(t.shape[1], self.center.shape[0])
+        cb, sq = self.levels[0][0], self.levels[0][1]
+        return _nearest(np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32), cb, sq)
+
+    def recoded(self, entropy: str, features=None, *, anchor_codes: np.ndarray | None = None) -> "AlignedVQCodec":
         """The same codec (codebooks, tables, adapter: identical decodes) with its anchor index
         coded by ``entropy`` ("huffman" or "order1"), whose model is fitted on the anchors the
-        encoder picks for calibration ``features`` (N, C), in order."""
+        encoder picks for calibration ``features`` (N, C), in order (or on ``anchor_codes`` from
+        :meth:`anchor_codes`, to fit several codecs that share the anchor codebook at once)."""
         self._require_fit()
         if not self.anchor_bits:
             raise CodecError("recoded() changes how the anchor index is coded; this codec has no anchor codebook")
         if entropy not in ("huffman", "order1"):
             raise ValueError(f"entropy must be 'huffman' or 'order1', got {entropy!r}")
-        t, _ = as_tokens(features)
-        self._check_width(t.shape[1], self.center.shape[0])
-        anchors = self._codes(self._project(self._align(t)[0]))[:, 0]
+        if (features is None) == (anchor_codes is None):
+            raise ValueError("give calibration features or their anchor_codes, not both")
+        anchors = self.anchor_codes(features) if anchor_codes is None else np.asarray(anchor_codes, dtype=np.int64).reshape(-1)
         arrays = {k: v for k, v in self._arrays().items()
                   if k != "anchor_code_lengths" and not k.startswith(Order1Model.PREFIX)}
         a = self.anchor_cb.shape[0]

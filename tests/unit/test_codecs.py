@@ -212,3 +212,14 @@ def test_calibrate_rate_parsing():
     for bad in ("3x", "x12", "fast"):
         with pytest.raises(ValueError, match="--rate"):
             parse_rate("rvq", bad)
+
+
+@pytest.mark.parametrize("extra", [["--set", "entropy=order1"], ["--set", "entropy=huffman"], ["--set", "anchor_contexts=4"]])
+def test_calibrate_refuses_anchor_options_without_anchors(extra, tmp_path, capsys):
+    from splitnet.cli import main
+
+    rc = main(["calibrate", "--model", "minilm", "--split-after", "2", "--codec", "alignedvq", "--rate", "2x12",
+               *extra, "--out", str(tmp_path / "c.codec"), "--quiet"])
+    assert rc == 2
+    assert "--anchors" in capsys.readouterr().err
+    assert not (tmp_path / "c.codec").exists()
