@@ -16,6 +16,7 @@ from splitnet.codecs.bitpack import BitReader, BitWriter, packed_nbytes
 from splitnet.codecs.framing import as_float_array
 from splitnet.codecs.registry import register_codec
 from splitnet.errors import CodecError
+from splitnet.wire.limits import DEFAULT_LIMITS
 
 
 def as_tokens(x: Any) -> tuple[np.ndarray, tuple[int, ...]]:
@@ -46,6 +47,9 @@ def check_payload(codec: Codec, payload: Payload) -> tuple[int, int]:
         raise CodecError(f"payload shape {payload.shape} is invalid")
     c = payload.shape[-1]
     n = math.prod(payload.shape[:-1]) if len(payload.shape) > 1 else 1
+    if 4 * n * c > DEFAULT_LIMITS.max_tensor_bytes:  # entropy-coded indices can claim many tokens in few bytes
+        raise CodecError(f"payload shape {payload.shape} decodes to more than the {DEFAULT_LIMITS.max_tensor_bytes} bytes "
+                         "a raw float32 tensor frame may carry; send smaller messages")
     return n, c
 
 

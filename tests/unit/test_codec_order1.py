@@ -143,5 +143,8 @@ def test_alignedvq_order1_decodes_as_huffman_with_fewer_bytes(markov_features, t
     bad = replace(po, parts={"b": po.parts["b"][:2]})  # cut into the fixed residual fields
     with pytest.raises(CodecError):
         o1.decode(bad)
+    huge = replace(o1.truncated(0).encode(held[:10]), shape=(1 << 24, 24))  # claims 2**24 tokens, sends a few bytes
+    with pytest.raises(CodecError, match="decodes to more than"):
+        o1.truncated(0).decode(huge)
     with pytest.raises(CodecError, match="no anchor"):
         make_codec("alignedvq", stages=1, nbits=5, niter=3).fit(x, progress=False).recoded("order1", x)
