@@ -17,6 +17,8 @@ docstrings), and prints one line per decode:
   of the residual; exact [CLS]/[SEP] features).
 * ``tail``: anchor + 2x12 with tables and adapter trained through the frozen next stages
   (``AlignedVQCodec.tune(tail=...)``), MSE + ``--tail-weight`` x (1 - cosine of the embeddings).
+* ``order1``: bytes only: anchor codecs with the anchor index Huffman-coded vs range-coded under
+  the previous anchor (``entropy="order1"``), counted as the bench counts them.
 * ``contexts``: anchor-only codecs (the ~1000x rows) with ``--contexts`` anchors per frequent token
   id (``anchor_contexts``), closed-form and learned; ``--cut 4`` for the cut where the plain anchor
   row misses the moonshot.
@@ -219,9 +221,31 @@ def contexts(d, args, score):
         score(c.decode(c.encode(d["x"]), lengths=d["lens"]), f"{label}, learned ({args.steps} steps)", bits)
 
 
+def order1(d, args, score):
+    """Bytes only: anchor codecs (``--contexts`` per id, ``--stages`` residual stages) with the
+    anchor index Huffman-coded and order-1 range-coded, per message of 64 sequences and per request,
+    as the bench counts them (sequence lengths included). Decodes are identical (checked)."""
+    from splitnet.bench.codec import _codec_pass
+    from splitnet.codecs import make_codec
+
+    fp32 = _codec_pass(make_codec("fp32"), d["x"], d["lens"])
+    for n_ctx in args.contexts:
+        c = make_codec("alignedvq", stages=args.stages, nbits=12, refine=0, entropy="huffman", niter=10, max_train=args.max_train,
+                       anchor_contexts=n_ctx, anchor_context_points=args.context_points)
+        c.fit(d["cal"], progress=False, anchor_labels=d["cal_ids"])
+        o1 = c.recoded("order1", d["cal"])
+        rh, ro = _codec_pass(c, d["x"], d["lens"]), _codec_pass(o1, d["x"], d["lens"])
+        assert np.array_equal(rh["decoded"], ro["decoded"]), "order-1 coding changed a decoded value"
+        for name, r in (("huffman", rh), ("order1", ro)):
+            print(f"{n_ctx} context(s), {c.anchor_cb.shape[0]} anchors + {args.stages}x12, {name:7s}: "
+                  f"{8 * r['bytes_per_token']:6.2f} bit/tok  x{fp32['bytes_per_token'] / r['bytes_per_token']:7.1f} fp32  "
+                  f"per request x{fp32['bytes_per_token_per_request'] / r['bytes_per_token_per_request']:6.1f}  "
+                  f"enc {r['encode_ms']:.2f} ms  dec {r['decode_ms']:.2f} ms per request", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=["predictive", "metric", "oracle", "tail", "contexts"])
+    p.add_argument("experiment", choices=["predictive", "metric", "oracle", "tail", "contexts", "order1"])
     p.add_argument("--cut", type=int, default=2, help="MiniLM block the features leave (2 or 4)")
     p.add_argument("--contexts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
                    help="experiment 'contexts': anchors per frequent token id, comma-separated")
@@ -233,7 +257,7 @@ def main() -> None:
     p.add_argument("--calibration", choices=("study", "bench"), default="study",
                    help="calibration text beside the train docstrings: 'study' = --code-chunks source chunks (the "
                         "docs' tables), 'bench' = as `splitnet bench codec`: other packages' docstrings + the chunks")
-    p.add_argument("--stages", type=int, default=2, help="experiment 'tail': residual 12-bit stages after the anchor")
+    p.add_argument("--stages", type=int, default=2, help="experiments 'tail', 'order1': residual 12-bit stages after the anchor")
     p.add_argument("--code-chunks", type=int, default=800, help="docstring-free source chunks added to the calibration text")
     p.add_argument("--max-train", type=int, default=100_000, help="calibration tokens k-means sees (as the full bench)")
     p.add_argument("--steps", type=int, default=600, help="adapter training steps")
