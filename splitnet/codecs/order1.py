@@ -107,7 +107,7 @@ class RangeDecoder:
         self.code -= self._r * cum
         self.range = self._r * freq
         if self.code < 0 or self.code >= self.range:
-            raise CodecError("context-coded indices are corrupt (the range decoder left its interval)")
+            raise CodecError("order-1 coded indices are corrupt (the range decoder left its interval)")
         while self.range < _RENORM:
             self.range <<= 8
             self.code = ((self.code << 8) | self._byte()) & _MASK
@@ -130,17 +130,17 @@ class Order1Model:
         cnt = np.asarray(counts, dtype=np.int64).reshape(-1)
         a = uni.size
         if a < 2 or uni.min() < 1 or int(uni.sum()) >= MAX_TOTAL:
-            raise ValueError("context model: unigram counts must be >= 1, for at least 2 symbols, summing below 2**40")
+            raise ValueError("order-1 model: unigram counts must be >= 1, for at least 2 symbols, summing below 2**40")
         if ptr.shape != (a + 1,) or ptr[0] != 0 or ptr[-1] != nx.size or np.any(np.diff(ptr) < 0):
-            raise ValueError("context model: indptr must run from 0 to len(next) without decreasing, one row per symbol")
+            raise ValueError("order-1 model: indptr must run from 0 to len(next) without decreasing, one row per symbol")
         if cnt.shape != nx.shape or (cnt.size and (cnt.min() < 1 or nx.min() < 0 or nx.max() >= a)):
-            raise ValueError("context model: successors must be symbols with counts >= 1")
+            raise ValueError("order-1 model: successors must be symbols with counts >= 1")
         rows = np.repeat(np.arange(a), np.diff(ptr))
         if nx.size > 1 and np.any((np.diff(nx) <= 0) & (rows[1:] == rows[:-1])):
-            raise ValueError("context model: successors must be strictly increasing within each row")
+            raise ValueError("order-1 model: successors must be strictly increasing within each row")
         run = np.concatenate([[0], np.cumsum(cnt)])
         if int((run[ptr[1:]] - run[ptr[:-1]] + np.diff(ptr)).max()) >= MAX_TOTAL:
-            raise ValueError("context model: a context's counts sum beyond 2**40")
+            raise ValueError("order-1 model: a context's counts sum beyond 2**40")
         self.unigram, self.indptr, self.next, self.counts = uni, ptr, nx, cnt
         self.size = a
         self._uni_cum = np.concatenate([[0], np.cumsum(uni)]).tolist()  # order-0 intervals
@@ -171,12 +171,12 @@ class Order1Model:
         try:
             return cls(*(arrays[PREFIX + k] for k in ("unigram", "indptr", "next", "counts")))
         except KeyError as e:
-            raise ValueError(f"context model array {e.args[0]!r} is missing") from None
+            raise ValueError(f"order-1 model array {e.args[0]!r} is missing") from None
 
     def encode(self, symbols: np.ndarray) -> bytes:
         sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
         if sym.size and (sym.min() < 0 or sym.max() >= self.size):
-            raise CodecError(f"context coder: symbols must be in 0..{self.size - 1}")
+            raise CodecError(f"order-1 coder: symbols must be in 0..{self.size - 1}")
         enc, ptr, nxt, cum, ucum = RangeEncoder(), self._ptr, self._next, self._cum, self._uni_cum
         utotal = ucum[-1]
         prev = -1
