@@ -44,12 +44,14 @@ def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(nbits=12, max_stages=3, niter=4, max_train=20_000, pq_m=[3], topk=[], n_train=600, n_code=0,
                     scalars=["fp32", "fp16", "int4-channel"], rvq_stages=[2, 3], avq_stages=[],
-                    training_free=False, anchor_variants=[(1, [0, 1, 2], [0, 2], [0, 2]), (4, [0], [0], [])], anchor_context_points=20,
+                    training_free=False, anchor_variants=[(1, [0, 1, 2], [0, 2], [0, 2]), (8, [0], [0], [])], anchor_context_points=20,
                     adapter_steps=120, adapter_batch_tokens=2048)
-    # faiss wants >= 39 training points per centroid: 39 x 4096 = 159,744 for 12-bit codebooks
+    # faiss wants >= 39 training points per centroid: 39 x 4096 = 159,744 for 12-bit codebooks.
+    # Context anchors: 8 per frequent token id, chosen on a dev split of the train docstrings
+    # (examples/codec_bar_study.py contexts --dev 1000: learned 1 / 4 / 8 contexts 0.909 / 0.925 / 0.930 cosine)
     return dict(nbits=12, max_stages=3, niter=10, max_train=160_000, pq_m=[1, 2, 3, 4], topk=[8, 32], n_train=None, n_code=800,
                 scalars=["fp32", "fp16", "int8", "int4", "int4-channel"], rvq_stages=[1, 2, 3], avq_stages=[1, 2, 3],
-                training_free=True, anchor_variants=[(1, [0, 1, 2], [0, 1, 2], [0, 1, 2]), (4, [0, 2], [0, 2], [0, 2])],
+                training_free=True, anchor_variants=[(1, [0, 1, 2], [0, 1, 2], [0, 1, 2]), (8, [0, 2], [0, 2], [0, 2])],
                 anchor_context_points=20, adapter_steps=1200,
                 adapter_batch_tokens=4096)
 
