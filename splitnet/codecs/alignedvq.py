@@ -172,7 +172,7 @@ class AlignedVQCodec(_FittedCodec):
             if self.entropy == "order1":
                 self._order1 = Order1Model.from_arrays(arrays)
                 if self._order1.size != a:
-                    raise ValueError("alignedvq anchor context model does not match the anchor codebook")
+                    raise ValueError("alignedvq anchor order-1 model does not match the anchor codebook")
         self._identity = d == c and np.array_equal(self.proj, np.eye(c, dtype=np.float32))
         self._adapter_module = None
         if self.adapter:
@@ -317,9 +317,10 @@ class AlignedVQCodec(_FittedCodec):
                 self.anchor_bits = int(anchors.shape[0] - 1).bit_length()
                 self.anchor_cb = anchors
                 self.anchor_tab = (anchors if back is None else anchors @ back) / self.weight
+                sq = (anchors**2).sum(-1)
                 if self.entropy == "order1":  # the anchors of every calibration token, in order
-                    self._order1 = Order1Model.fit(_nearest(r_all, anchors, (anchors**2).sum(-1)), anchors.shape[0])
-                a = _nearest(r, anchors, (anchors**2).sum(-1))  # what the encoder will pick, no labels
+                    self._order1 = Order1Model.fit(_nearest(r_all, anchors, sq), anchors.shape[0])
+                a = _nearest(r, anchors, sq)  # what the encoder will pick, no labels
                 r = r - anchors[a]
                 self._huffman = None
                 if self.entropy == "huffman":
