@@ -264,7 +264,7 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
             t0 = time.perf_counter()
             if anchor_codes is None:
                 anchor_codes = anc.anchor_codes(cal)
-            c1 = c.recoded("order1", anchor_codes=anchor_codes)
+            c1 = c.recoded("order1", codes=anchor_codes)
             yield {**setting, "setting": setting["setting"].replace("-huffman+", "-order1+", 1), "config": c1._config(),
                    "entropy": {"kind": "order1", "twin_of": setting["setting"]}}, c1, fit_anc + time.perf_counter() - t0
 

@@ -35,7 +35,7 @@ import numpy as np
 from splitnet.codecs import adapter as _adapter
 from splitnet.codecs.base import Payload
 from splitnet.codecs.bitpack import BitReader, BitWriter, read_fields
-from splitnet.codecs.order1 import Order1Model
+from splitnet.codecs.order1 import Order1Model, RangeDecoder, RangeEncoder
 from splitnet.codecs.entropy import Huffman, huffman_lengths
 from splitnet.codecs.registry import register_codec
 from splitnet.codecs.scalar import as_tokens, check_payload, part
@@ -43,12 +43,21 @@ from splitnet.codecs.vq import _check_int, _faiss, _FittedCodec, _nearest, _prog
 from splitnet.errors import CodecError
 
 _EPS = 1e-6
-ENTROPY_CODERS = ("none", "zlib", "huffman", "order1")
+ENTROPY_CODERS = ("none", "zlib", "huffman", "order1", "context")
+STAGE_MODEL_PREFIX = "stage{}_context_"  # arrays of residual stage s's model under the anchor (entropy="context")
 
 
 def _token_stats(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-token mean and log standard deviation of (N, C) tokens: the alignment's side information."""
     return t.mean(axis=1), np.log(t.std(axis=1) + _EPS)
+
+
+def _context_models(codes: np.ndarray, anchors: int, nbits: int, stages: int) -> tuple[Order1Model, list[Order1Model]]:
+    """entropy="context": the anchor index under the previous anchor, and each residual stage's
+    index under its token's anchor, fitted on (N, >= 1 + stages) encoder codes of calibration
+    tokens in order."""
+    return (Order1Model.fit(codes[:, 0], anchors),
+            [Order1Model.fit(codes[:, 1 + s], 1 << nbits, codes[:, 0], anchors) for s in range(stages)])
 
 
 @register_codec
@@ -66,7 +75,9 @@ class AlignedVQCodec(_FittedCodec):
         entropy: how indices travel: "none" (bit-packed), "zlib" (compress the packed frame; kept
             only when it is smaller), "huffman" (the anchor index Huffman-coded with calibration
             frequencies) or "order1" (the anchor index range-coded under an order-1 model of the
-            previous anchor, :mod:`splitnet.codecs.order1`; residual indices stay packed).
+            previous anchor, :mod:`splitnet.codecs.order1`; residual indices stay packed) or
+            "context" (as "order1", and every residual index range-coded under its token's anchor
+            index, one model per stage, in the same range-coded stream).
         niter, max_train, seed: k-means iterations, calibration tokens the k-means stages see (0 = all;
             anchors, being per-label means or per-label k-means, use every token), RNG seed.
         anchor_bits: set by ``fit(..., anchor_labels=...)``; 0 = no anchor codebook.
@@ -113,6 +124,7 @@ class AlignedVQCodec(_FittedCodec):
         self.side_bits = _check_int("alignedvq.side_bits", side_bits, 1, 16)
         self._huffman = None
         self._order1: Order1Model | None = None
+        self._stage_models: list[Order1Model] = []  # entropy="context": stage s's index under the anchor
         self.refine = _check_int("alignedvq.refine", refine, 0, 100)
         self.niter, self.max_train, self.seed = int(niter), int(max_train), int(seed)
         if adapter is not None and not isinstance(adapter, dict):
@@ -143,6 +155,8 @@ class AlignedVQCodec(_FittedCodec):
                 out["anchor_code_lengths"] = self._huffman.lengths.astype(np.int32)
             if self._order1 is not None:
                 out.update(self._order1.arrays())
+            for i, m in enumerate(self._stage_models):
+                out.update(m.arrays(STAGE_MODEL_PREFIX.format(i)))
         if self._adapter_module is not None:
             out.update({_adapter.PREFIX + k: v for k, v in self._adapter_module.p.items()})
         return out
@@ -168,11 +182,15 @@ class AlignedVQCodec(_FittedCodec):
                     raise ValueError("alignedvq anchor code lengths do not match the anchor codebook")
                 self._huffman = Huffman(lengths)
                 self._huffman._table()
-            self._order1 = None
-            if self.entropy == "order1":
+            self._order1, self._stage_models = None, []
+            if self.entropy in ("order1", "context"):
                 self._order1 = Order1Model.from_arrays(arrays)
-                if self._order1.size != a:
+                if self._order1.size != a or self._order1.contexts != a:
                     raise ValueError("alignedvq anchor order-1 model does not match the anchor codebook")
+            if self.entropy == "context":
+                self._stage_models = [Order1Model.from_arrays(arrays, STAGE_MODEL_PREFIX.format(i)) for i in range(self.stages)]
+                if any(m.size != k or m.contexts != a for m in self._stage_models):
+                    raise ValueError("alignedvq stage context models do not match the codebooks")
         self._identity = d == c and np.array_equal(self.proj, np.eye(c, dtype=np.float32))
         self._adapter_module = None
         if self.adapter:
@@ -260,7 +278,7 @@ class AlignedVQCodec(_FittedCodec):
         """
         x, _ = as_tokens(features)
         self.adapter, self._adapter_module = None, None  # a refit starts from a training-free decoder
-        self._huffman, self._order1 = None, None
+        self._huffman, self._order1, self._stage_models = None, None, []
         if anchor_labels is not None:
             lab = np.asarray(anchor_labels).reshape(-1)
             if lab.shape[0] != x.shape[0]:
@@ -268,6 +286,8 @@ class AlignedVQCodec(_FittedCodec):
             x_all = np.ascontiguousarray(x, dtype=np.float32)  # anchors are means: every calibration token counts
         elif self.stages == 0:
             raise CodecError("alignedvq with stages=0 needs anchor_labels at fit")
+        elif self.entropy == "context":
+            raise CodecError("alignedvq entropy='context' codes residual indices under the anchor index: give anchor_labels at fit")
         elif self.anchor_contexts > 1:
             raise CodecError(f"alignedvq.anchor_contexts={self.anchor_contexts} needs anchor_labels at fit (e.g. the calibration token ids)")
         x = _subsample(x, self.max_train, self.seed)
@@ -326,7 +346,8 @@ class AlignedVQCodec(_FittedCodec):
                 if self.entropy == "huffman":
                     self._huffman = Huffman(huffman_lengths(np.bincount(a, minlength=anchors.shape[0])))
                     self._huffman._table()
-                del r_all
+                if self.entropy != "context":
+                    del r_all
             bar.update()
             # residual k-means, one codebook per stage
             self.codebooks = np.zeros((self.stages, k, d), dtype=np.float32)
@@ -347,6 +368,9 @@ class AlignedVQCodec(_FittedCodec):
                 self.tables[s] = t / self.weight
             self.bias = self.center.copy()
             self._levels()
+            if self.entropy == "context" and anchor_labels is not None:  # models of every calibration token's codes, in order
+                self._order1, self._stage_models = _context_models(self._codes(r_all), self.anchor_cb.shape[0], self.nbits, self.stages)
+                del r_all
         self._mark_fitted()
         if self.refine:
             self.refine_decoder(x, self.refine, progress=progress)
@@ -421,11 +445,20 @@ class AlignedVQCodec(_FittedCodec):
         if not (0 if self.anchor_bits else 1) <= stages <= self.stages:
             raise ValueError(f"stages must be in {0 if self.anchor_bits else 1}..{self.stages}")
         cfg = {**self._config(), "stages": stages, "refine": 0}
-        arrays = {k: v.copy() for k, v in self._arrays().items()}
+        dropped = tuple(STAGE_MODEL_PREFIX.format(i) for i in range(stages, self.stages))
+        arrays = {k: v.copy() for k, v in self._arrays().items() if not k.startswith(dropped)}
         arrays.update(codebooks=self.codebooks[:stages].copy(), tables=self.tables[:stages].copy())
         if self.refine or self.adapter:
             raise CodecError("truncate a codec fitted with refine=0 and no adapter, then refine_decoder()/tune() the result")
         return type(self).from_state(arrays, cfg)
+
+    def encoder_codes(self, features) -> np.ndarray:
+        """(N, levels) the indices the encoder sends for each of the (N, C) tokens: the anchor
+        index first (if any), then one per residual stage."""
+        self._require_fit()
+        t, _ = as_tokens(features)
+        self._check_width(t.shape[1], self.center.shape[0])
+        return self._codes(np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32))
 
     def anchor_codes(self, features) -> np.ndarray:
         """(N,) the anchor index the encoder sends for each of the (N, C) tokens."""
@@ -437,26 +470,41 @@ class AlignedVQCodec(_FittedCodec):
         cb, sq = self.levels[0][0], self.levels[0][1]
         return _nearest(np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32), cb, sq)
 
-    def recoded(self, entropy: str, features=None, *, anchor_codes: np.ndarray | None = None) -> "AlignedVQCodec":
-        """The same codec (codebooks, tables, adapter: identical decodes) with its anchor index
-        coded by ``entropy`` ("huffman" or "order1"), whose model is fitted on the anchors the
-        encoder picks for calibration ``features`` (N, C), in order (or on ``anchor_codes`` from
-        :meth:`anchor_codes`, to fit several codecs that share the anchor codebook at once)."""
+    def recoded(self, entropy: str, features=None, *, codes: np.ndarray | None = None) -> "AlignedVQCodec":
+        """The same codec (codebooks, tables, adapter: identical decodes) with its indices coded
+        by ``entropy``: "huffman" or "order1" (the anchor index) or "context" (the anchor index
+        and every residual index). The models are fitted on what the encoder sends for
+        calibration ``features`` (N, C), in order, or on ``codes``: (N,) anchors from
+        :meth:`anchor_codes` or (N, L) from :meth:`encoder_codes` of this codec or of one it was
+        truncated from (its first 1 + stages columns are used), to recode several codecs that
+        share codebooks at once."""
         self._require_fit()
         if not self.anchor_bits:
             raise CodecError("recoded() changes how the anchor index is coded; this codec has no anchor codebook")
-        if entropy not in ("huffman", "order1"):
-            raise ValueError(f"entropy must be 'huffman' or 'order1', got {entropy!r}")
-        if (features is None) == (anchor_codes is None):
-            raise ValueError("give calibration features or their anchor_codes, not both")
-        anchors = self.anchor_codes(features) if anchor_codes is None else np.asarray(anchor_codes, dtype=np.int64).reshape(-1)
+        if entropy not in ("huffman", "order1", "context"):
+            raise ValueError(f"entropy must be 'huffman', 'order1' or 'context', got {entropy!r}")
+        if (features is None) == (codes is None):
+            raise ValueError("give calibration features or their codes, not both")
+        if codes is None:
+            codes = self.encoder_codes(features) if entropy == "context" else self.anchor_codes(features)
+        codes = np.asarray(codes, dtype=np.int64)
+        codes = codes[:, None] if codes.ndim == 1 else codes
+        need = 1 + self.stages if entropy == "context" else 1
+        if codes.ndim != 2 or codes.shape[1] < need:
+            raise ValueError(f"entropy={entropy!r} needs (N, >= {need}) codes, got shape {codes.shape}")
+        stage_prefixes = [STAGE_MODEL_PREFIX.format(i) for i in range(self.stages)]
         arrays = {k: v for k, v in self._arrays().items()
-                  if k != "anchor_code_lengths" and not k.startswith(Order1Model.PREFIX)}
+                  if k != "anchor_code_lengths" and not k.startswith((Order1Model.PREFIX, *stage_prefixes))}
         a = self.anchor_cb.shape[0]
         if entropy == "huffman":
-            arrays["anchor_code_lengths"] = huffman_lengths(np.bincount(anchors, minlength=a)).astype(np.int32)
+            arrays["anchor_code_lengths"] = huffman_lengths(np.bincount(codes[:, 0], minlength=a)).astype(np.int32)
+        elif entropy == "order1":
+            arrays.update(Order1Model.fit(codes[:, 0], a).arrays())
         else:
-            arrays.update(Order1Model.fit(anchors, a).arrays())
+            anchor_model, stage_models = _context_models(codes, a, self.nbits, self.stages)
+            arrays.update(anchor_model.arrays())
+            for i, m in enumerate(stage_models):
+                arrays.update(m.arrays(STAGE_MODEL_PREFIX.format(i)))
         return type(self).from_state(arrays, {**self._config(), "entropy": entropy})
 
     # -- learned receiver-side adapter ("aligned fine-tuning") -------------------------------
@@ -518,9 +566,10 @@ class AlignedVQCodec(_FittedCodec):
         w = BitWriter()
         huff = self._huffman if self.anchor_bits else None
         order1 = self._order1 if self.anchor_bits else None
+        staged = bool(self._stage_models)  # residual indices range-coded under the anchor
         if self.anchor_bits and huff is None and order1 is None:
             w.add(codes[:, 0], self.anchor_bits)
-        if self.stages:
+        if self.stages and not staged:
             w.add(codes[:, 1 if self.anchor_bits else 0 :], self.nbits)
         if side is not None:
             w.add(side[0], self.side_bits)
@@ -528,8 +577,12 @@ class AlignedVQCodec(_FittedCodec):
         if huff is not None:
             w.add_bits(huff.encode_bits(codes[:, 0]))  # variable-length anchor codes go last
         buf = w.getvalue()
-        if order1 is not None:  # range-coded anchor bytes after the byte-aligned fixed fields
-            buf = np.concatenate([buf, np.frombuffer(order1.encode(codes[:, 0]), dtype=np.uint8)])
+        if order1 is not None:  # range-coded indices after the byte-aligned fixed fields
+            enc = RangeEncoder()
+            order1.encode_into(enc, codes[:, 0])
+            for i, m in enumerate(self._stage_models):
+                m.encode_into(enc, codes[:, 1 + i], codes[:, 0])
+            buf = np.concatenate([buf, np.frombuffer(enc.finish(), dtype=np.uint8)])
         meta: dict[str, Any] = {}
         if self.entropy == "zlib":
             packed = zlib.compress(buf.tobytes(), 9)
@@ -547,7 +600,8 @@ class AlignedVQCodec(_FittedCodec):
         huff = self._huffman if self.anchor_bits else None
         order1 = self._order1 if self.anchor_bits else None
         coded = huff is not None or order1 is not None  # the anchor index is not a fixed-width field
-        fields = [(n, 0 if coded else self.anchor_bits), (n * self.stages, self.nbits if self.stages else 0)]
+        staged = bool(self._stage_models)  # nor are residual indices with entropy="context"
+        fields = [(n, 0 if coded else self.anchor_bits), (n * self.stages, self.nbits if self.stages and not staged else 0)]
         if self.norm == "token":
             fields += [(n, self.side_bits), (n, self.side_bits)]
         if payload.meta.get("z"):
@@ -565,7 +619,12 @@ class AlignedVQCodec(_FittedCodec):
             if buf.size < fixed_bytes:
                 raise CodecError(f"alignedvq payload has {buf.size} bytes, its fixed fields need {fixed_bytes}")
             rdr = BitReader(np.ascontiguousarray(buf[:fixed_bytes], dtype=np.uint8), fields)
-            vals = [order1.decode(np.ascontiguousarray(buf[fixed_bytes:], dtype=np.uint8).tobytes(), n)]
+            dec = RangeDecoder(np.ascontiguousarray(buf[fixed_bytes:], dtype=np.uint8).tobytes())
+            anchors = order1.decode_from(dec, n)
+            vals = [anchors]
+            if staged:
+                vals.append(np.stack([m.decode_from(dec, n, anchors) for m in self._stage_models], axis=1) if n
+                            else np.zeros((0, self.stages), np.int64))
             vals += [rdr.read() for _, width in fields if width]
             rd = iter(vals)
             read = lambda: next(rd)  # noqa: E731

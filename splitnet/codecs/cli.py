@@ -84,7 +84,7 @@ def _calibrate(args: argparse.Namespace) -> int:
         codec = make_codec(args.codec, **config)
         if int(config.get("anchor_contexts", 1)) > 1 and not args.anchors:
             raise ValueError("anchor_contexts needs --anchors (context anchors split the per-token-id anchors)")
-        if config.get("entropy") in ("huffman", "order1") and not args.anchors:
+        if config.get("entropy") in ("huffman", "order1", "context") and not args.anchors:
             raise ValueError(f"entropy={config['entropy']} codes the anchor index: it needs --anchors")
         t0 = time.perf_counter()
         bm = load_model(args.model)

@@ -17,6 +17,11 @@ lose nothing measurable). The stream drops its always-zero first byte and its tr
 (the decoder reads zeros past the end), so a 40-token request costs about its information content
 plus a byte or two.
 
+The same model codes a symbol under any context the decoder already knows, given explicitly
+(``fit(stream, size, contexts, n_contexts)``): AlignedVQ's ``entropy="context"`` codes each
+residual VQ index under its token's anchor index, after the anchors, in the same range-coded
+stream (:meth:`Order1Model.encode_into` / :meth:`Order1Model.decode_from` share one coder).
+
 Encoding and decoding walk the symbols in Python (a few microseconds per symbol); the tables are
 plain lists so each step is a handful of C-level bisects.
 """
@@ -116,9 +121,14 @@ class RangeDecoder:
 class Order1Model:
     """Order-1 model over symbols ``0..A-1`` (see the module docstring).
 
-    Arrays (saved with the codec, prefix ``anchor_order1_``): ``unigram`` (A,) counts >= 1,
-    ``indptr`` (A+1,) row offsets, ``next`` (nnz,) successor symbols sorted within each row,
-    ``counts`` (nnz,) their calibration counts >= 1.
+    The context of a symbol is, by default, the symbol before it in the same stream (order 1). A
+    model fitted with explicit ``contexts`` (:meth:`fit`) instead codes each symbol under a context
+    symbol ``0..C-1`` that the decoder already knows, e.g. a residual VQ index under the anchor
+    index of the same token; it is the same PPM-C model with ``C`` context rows.
+
+    Arrays (saved with the codec under a prefix, ``anchor_order1_`` for the anchor index):
+    ``unigram`` (A,) counts >= 1, ``indptr`` (C+1,) row offsets, ``next`` (nnz,) symbols sorted
+    within each context row, ``counts`` (nnz,) their calibration counts >= 1.
     """
 
     PREFIX = PREFIX
@@ -131,56 +141,85 @@ class Order1Model:
         a = uni.size
         if a < 2 or uni.min() < 1 or int(uni.sum()) >= MAX_TOTAL:
             raise ValueError("order-1 model: unigram counts must be >= 1, for at least 2 symbols, summing below 2**40")
-        if ptr.shape != (a + 1,) or ptr[0] != 0 or ptr[-1] != nx.size or np.any(np.diff(ptr) < 0):
-            raise ValueError("order-1 model: indptr must run from 0 to len(next) without decreasing, one row per symbol")
+        if ptr.size < 2 or ptr[0] != 0 or ptr[-1] != nx.size or np.any(np.diff(ptr) < 0):
+            raise ValueError("order-1 model: indptr must run from 0 to len(next) without decreasing, one row per context")
         if cnt.shape != nx.shape or (cnt.size and (cnt.min() < 1 or nx.min() < 0 or nx.max() >= a)):
             raise ValueError("order-1 model: successors must be symbols with counts >= 1")
-        rows = np.repeat(np.arange(a), np.diff(ptr))
+        rows = np.repeat(np.arange(ptr.size - 1), np.diff(ptr))
         if nx.size > 1 and np.any((np.diff(nx) <= 0) & (rows[1:] == rows[:-1])):
             raise ValueError("order-1 model: successors must be strictly increasing within each row")
         run = np.concatenate([[0], np.cumsum(cnt)])
         if int((run[ptr[1:]] - run[ptr[:-1]] + np.diff(ptr)).max()) >= MAX_TOTAL:
             raise ValueError("order-1 model: a context's counts sum beyond 2**40")
         self.unigram, self.indptr, self.next, self.counts = uni, ptr, nx, cnt
-        self.size = a
+        self.size, self.contexts = a, ptr.size - 1
         self._uni_cum = np.concatenate([[0], np.cumsum(uni)]).tolist()  # order-0 intervals
         self._ptr = ptr.tolist()
         self._next = nx.tolist()
         self._cum = run.tolist()  # running sum over all rows
 
     @classmethod
-    def fit(cls, stream: np.ndarray, size: int) -> "Order1Model":
-        """Counts from ``stream``: symbols in the order an encoder sends them (consecutive
-        symbols, including across sequence boundaries, form the order-1 pairs)."""
+    def fit(cls, stream: np.ndarray, size: int, contexts: np.ndarray | None = None, n_contexts: int = 0) -> "Order1Model":
+        """Counts from ``stream``: symbols in the order an encoder sends them. Without
+        ``contexts``, consecutive symbols (including across sequence boundaries) form the
+        order-1 pairs; with ``contexts`` (one symbol ``0..n_contexts-1`` per stream symbol), each
+        symbol is counted under its own context."""
         s = np.asarray(stream, dtype=np.int64).reshape(-1)
         if s.size and (s.min() < 0 or s.max() >= size):
             raise ValueError(f"stream symbols must be in 0..{size - 1}")
+        if contexts is None:
+            prev, cur, rows = s[:-1], s[1:], size
+        else:
+            prev, cur, rows = np.asarray(contexts, dtype=np.int64).reshape(-1), s, int(n_contexts)
+            if prev.shape != s.shape or (prev.size and (prev.min() < 0 or prev.max() >= rows)):
+                raise ValueError(f"contexts must give one symbol in 0..{rows - 1} per stream symbol")
         uni = np.bincount(s, minlength=size) + 1
-        pairs = s[:-1] * size + s[1:]
-        keys, cnt = np.unique(pairs, return_counts=True)
-        prev, nxt = keys // size, keys % size
-        indptr = np.concatenate([[0], np.cumsum(np.bincount(prev, minlength=size))])
+        keys, cnt = np.unique(prev * size + cur, return_counts=True)
+        ctx, nxt = keys // size, keys % size
+        indptr = np.concatenate([[0], np.cumsum(np.bincount(ctx, minlength=rows))])
         return cls(uni, indptr, nxt, cnt)
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        return {PREFIX + "unigram": self.unigram, PREFIX + "indptr": self.indptr,
-                PREFIX + "next": self.next.astype(np.int32), PREFIX + "counts": self.counts}
+    def arrays(self, prefix: str = PREFIX) -> dict[str, np.ndarray]:
+        return {prefix + "unigram": self.unigram, prefix + "indptr": self.indptr,
+                prefix + "next": self.next.astype(np.int32), prefix + "counts": self.counts}
 
     @classmethod
-    def from_arrays(cls, arrays: Mapping[str, np.ndarray]) -> "Order1Model":
+    def from_arrays(cls, arrays: Mapping[str, np.ndarray], prefix: str = PREFIX) -> "Order1Model":
         try:
-            return cls(*(arrays[PREFIX + k] for k in ("unigram", "indptr", "next", "counts")))
+            return cls(*(arrays[prefix + k] for k in ("unigram", "indptr", "next", "counts")))
         except KeyError as e:
             raise ValueError(f"order-1 model array {e.args[0]!r} is missing") from None
 
-    def encode(self, symbols: np.ndarray) -> bytes:
+    def _contexts(self, contexts, n: int) -> list[int] | None:
+        if contexts is None:
+            if self.contexts != self.size:
+                raise CodecError("this order-1 model was fitted with explicit contexts; give them")
+            return None
+        ctx = np.asarray(contexts, dtype=np.int64).reshape(-1)
+        if ctx.size != n or (ctx.size and (ctx.min() < 0 or ctx.max() >= self.contexts)):
+            raise CodecError(f"order-1 coder: need {n} contexts in 0..{self.contexts - 1}")
+        return ctx.tolist()
+
+    def encode(self, symbols: np.ndarray, contexts: np.ndarray | None = None) -> bytes:
+        enc = RangeEncoder()
+        self.encode_into(enc, symbols, contexts)
+        return enc.finish()
+
+    def decode(self, data: bytes, n: int, contexts: np.ndarray | None = None) -> np.ndarray:
+        return self.decode_from(RangeDecoder(data), n, contexts)
+
+    def encode_into(self, enc: RangeEncoder, symbols: np.ndarray, contexts: np.ndarray | None = None) -> None:
+        """Code ``symbols`` into ``enc`` (several models may share one coder, one after another)."""
         sym = np.asarray(symbols, dtype=np.int64).reshape(-1)
         if sym.size and (sym.min() < 0 or sym.max() >= self.size):
             raise CodecError(f"order-1 coder: symbols must be in 0..{self.size - 1}")
-        enc, ptr, nxt, cum, ucum = RangeEncoder(), self._ptr, self._next, self._cum, self._uni_cum
+        ctx = self._contexts(contexts, sym.size)
+        ptr, nxt, cum, ucum = self._ptr, self._next, self._cum, self._uni_cum
         utotal = ucum[-1]
         prev = -1
-        for s in sym.tolist():
+        for i, s in enumerate(sym.tolist()):
+            if ctx is not None:
+                prev = ctx[i]
             if prev >= 0 and ptr[prev] < ptr[prev + 1]:
                 lo, hi = ptr[prev], ptr[prev + 1]
                 base, n_ctx = cum[lo], cum[hi] - cum[lo]
@@ -193,14 +232,17 @@ class Order1Model:
                 enc.encode(n_ctx, hi - lo, total)  # escape to order 0
             enc.encode(ucum[s], ucum[s + 1] - ucum[s], utotal)
             prev = s
-        return enc.finish()
 
-    def decode(self, data: bytes, n: int) -> np.ndarray:
-        dec, ptr, nxt, cum, ucum = RangeDecoder(data), self._ptr, self._next, self._cum, self._uni_cum
+    def decode_from(self, dec: RangeDecoder, n: int, contexts: np.ndarray | None = None) -> np.ndarray:
+        """Read ``n`` symbols from ``dec`` (the counterpart of :meth:`encode_into`)."""
+        ctx = self._contexts(contexts, n)
+        ptr, nxt, cum, ucum = self._ptr, self._next, self._cum, self._uni_cum
         utotal = ucum[-1]
         out = [0] * n
         prev = -1
         for i in range(n):
+            if ctx is not None:
+                prev = ctx[i]
             if prev >= 0 and ptr[prev] < ptr[prev + 1]:
                 lo, hi = ptr[prev], ptr[prev + 1]
                 base, n_ctx = cum[lo], cum[hi] - cum[lo]

@@ -42,6 +42,8 @@ def codecs():
         make_codec("alignedvq", stages=1, nbits=6, niter=3, norm="token").fit(cal, progress=False),
         make_codec("alignedvq", stages=1, nbits=6, niter=3, entropy="order1").fit(
             cal, progress=False, anchor_labels=rng.integers(0, 40, cal.shape[0])),  # range-coded anchors
+        make_codec("alignedvq", stages=2, nbits=6, niter=3, entropy="context").fit(
+            cal, progress=False, anchor_labels=rng.integers(0, 40, cal.shape[0])),  # residual indices too
     ]
 
 

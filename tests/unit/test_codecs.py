@@ -214,7 +214,7 @@ def test_calibrate_rate_parsing():
             parse_rate("rvq", bad)
 
 
-@pytest.mark.parametrize("extra", [["--set", "entropy=order1"], ["--set", "entropy=huffman"], ["--set", "anchor_contexts=4"]])
+@pytest.mark.parametrize("extra", [["--set", "entropy=order1"], ["--set", "entropy=context"], ["--set", "entropy=huffman"], ["--set", "anchor_contexts=4"]])
 def test_calibrate_refuses_anchor_options_without_anchors(extra, tmp_path, capsys):
     from splitnet.cli import main
 
