@@ -35,11 +35,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-timing", action="store_true", help="skip the 577x1024 timing section")
     p.add_argument("--timing-only", action="store_true",
                    help="run only the 577x1024 encode/decode timing (synthetic features, no MiniLM; pin cores with taskset)")
+    p.add_argument("--anchored-only", action="store_true",
+                   help="only the fp32/fp16 references and the anchored AlignedVQ rows (the learned-row bars; "
+                        "the equal-bytes goal needs the other codecs and is left out of the goals block)")
+    p.add_argument("--anchor-variants", metavar="SPEC", default=None,
+                   help="anchored rows to run instead of the defaults: CONTEXTS:STAGES[;...], e.g. '8:0,2,3,4' = 8 context "
+                        "anchors per frequent token id with 0, 2, 3 and 4 residual stages, each closed-form and learned")
     p.add_argument("--adapter-steps", type=int, default=None,
                    help="training steps of each learned AlignedVQ adapter (default 1200; --quick 120)")
 
 
 # -- settings ----------------------------------------------------------------------------------
+def parse_anchor_variants(spec: str) -> list[tuple[int, list[int], list[int], list[int]]]:
+    """'8:0,2,3;1:0,1' -> [(8, [0, 2, 3], [], [0, 2, 3]), (1, [0, 1], [], [0, 1])]: contexts per
+    frequent token id, then the residual stages of the closed-form and the learned rows."""
+    out = []
+    for part in filter(None, (p.strip() for p in spec.split(";"))):
+        try:
+            ctx, stages = part.split(":")
+            n, st = int(ctx), sorted({int(v) for v in stages.split(",")})
+        except ValueError:
+            raise ValueError(f"--anchor-variants: {part!r} is not CONTEXTS:STAGES (e.g. 8:0,2,3)") from None
+        if not 1 <= n <= 256 or not st or st[0] < 0 or st[-1] > 8:
+            raise ValueError(f"--anchor-variants: {part!r}: contexts must be 1..256 and stages 0..8")
+        out.append((n, st, [], st))
+    if not out:
+        raise ValueError("--anchor-variants names no variant")
+    return out
+
+
 def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(nbits=12, max_stages=3, niter=4, max_train=20_000, pq_m=[3], topk=[], n_train=600, n_code=0,
@@ -208,7 +232,8 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
         c = make_codec("pq", m=m, nbits=nb, **kw).fit(cal, progress=progress)
         yield {"codec": "pq", "setting": f"{m}x{nb}bit", "config": c._config(), "bits_per_token": m * nb}, c, time.perf_counter() - t0
     t0 = time.perf_counter()
-    rvq = make_codec("rvq", stages=max(cfg["rvq_stages"]), nbits=nb, **kw).fit(cal, progress=progress)
+    if cfg["rvq_stages"]:
+        rvq = make_codec("rvq", stages=max(cfg["rvq_stages"]), nbits=nb, **kw).fit(cal, progress=progress)
     fit_rvq = time.perf_counter() - t0
     for s in cfg["rvq_stages"]:
         c = rvq.truncated(s)
@@ -235,7 +260,7 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
         anc = make_codec("alignedvq", stages=max(stages), nbits=nb, refine=0, entropy="huffman", anchor_contexts=contexts,
                          anchor_context_points=cfg["anchor_context_points"], **kw).fit(cal, progress=progress, anchor_labels=cal_ids)
         fit_anc = time.perf_counter() - t0
-        anchor_codes = None  # the encoder's anchors for the calibration tokens, for order-1 models
+        cal_codes = None  # what the encoder sends for the calibration tokens, for the order-1 / context models
         kind = "anchor" if contexts == 1 else f"anchor{contexts}ctx"
         for s in stages:
             lab = f"{kind}{anc.anchor_bits}bit-huffman+{s}x{nb}bit"
@@ -259,14 +284,18 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
                                   f"{rep['calibration_sequences']} calibration seqs ({rep['calibration_tokens']} tok)",
                        "tuning": {"kind": "learned", **rep}}
             yield setting, c, fit_anc + time.perf_counter() - t0
-            # the same codec with its anchor index range-coded under the previous anchor: identical
+            # the same codec with its anchor index range-coded under the previous anchor ("order1"),
+            # and with its residual indices range-coded under the anchor too ("context"): identical
             # decodes, fewer bytes (measured again below, like every row)
-            t0 = time.perf_counter()
-            if anchor_codes is None:
-                anchor_codes = anc.anchor_codes(cal)
-            c1 = c.recoded("order1", codes=anchor_codes)
-            yield {**setting, "setting": setting["setting"].replace("-huffman+", "-order1+", 1), "config": c1._config(),
-                   "entropy": {"kind": "order1", "twin_of": setting["setting"]}}, c1, fit_anc + time.perf_counter() - t0
+            if cal_codes is None:
+                t0 = time.perf_counter()
+                cal_codes = anc.encoder_codes(cal)  # nested codebooks: a truncated codec's codes are the first columns
+                fit_anc += time.perf_counter() - t0
+            for entropy in ("order1", "context") if s else ("order1",):
+                t0 = time.perf_counter()
+                c1 = c.recoded(entropy, codes=cal_codes)
+                yield {**setting, "setting": setting["setting"].replace("-huffman+", f"-{entropy}+", 1), "config": c1._config(),
+                       "entropy": {"kind": entropy, "twin_of": setting["setting"]}}, c1, fit_anc + time.perf_counter() - t0
 
 
 # -- pre-LN digits ViT -------------------------------------------------------------------------
@@ -418,6 +447,10 @@ def run(args: argparse.Namespace) -> dict:
         if args.adapter_steps < 1:
             raise ValueError("--adapter-steps must be >= 1")
         cfg["adapter_steps"] = int(args.adapter_steps)
+    if getattr(args, "anchor_variants", None):
+        cfg["anchor_variants"] = parse_anchor_variants(args.anchor_variants)
+    if getattr(args, "anchored_only", False):  # references stay: every ratio is counted against fp32
+        cfg.update(scalars=["fp32", "fp16"], topk=[], pq_m=[], rvq_stages=[], avq_stages=[])
     cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else ([2] if quick else [2, 4])
     n_eval = args.eval_items or (250 if quick else 3000)
     progress = not getattr(args, "json", False)
@@ -432,8 +465,11 @@ def run(args: argparse.Namespace) -> dict:
     goals = _goals(results, timing)
     if timing_only:  # the MiniLM bars were not measured: say nothing about them
         goals = {k: v for k, v in goals.items() if k.startswith("timing_")}
+    anchored_only = bool(getattr(args, "anchored_only", False))
+    if anchored_only:  # no int4/pq/rvq rows to compare with
+        goals = {k: v for k, v in goals.items() if k not in ("alignedvq_rates_beating_int4_pq_rvq_at_equal_or_more_bytes", "equal_bytes_goal_3_rates")}
     doc = {
-        "config": {"quick": quick, "timing_only": timing_only, "cuts": cuts, "eval_items": n_eval, **cfg,
+        "config": {"quick": quick, "timing_only": timing_only, "anchored_only": anchored_only, "cuts": cuts, "eval_items": n_eval, **cfg,
                    "bytes": "Payload.nbytes: part frames + descriptors + header entry (incl. codebook hash); "
                             f"headline per message of {MESSAGE_SEQS} sequences, *_per_request with one message per sequence",
                    "padding": "only real tokens (attention_mask == 1) are encoded; the sequence lengths the receiver needs to unpack them are counted in the bytes",

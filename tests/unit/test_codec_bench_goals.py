@@ -32,3 +32,15 @@ def test_equal_bytes_counts_rates_where_alignedvq_beats_every_cheaper_or_equal_r
     assert g["equal_bytes_goal_3_rates"] is False
     timing = [{"codec": "alignedvq", "config": {"stages": 3, "nbits": 12}, "encode_ms": 19.0, "decode_ms": 2.5}]
     assert _goals(rows, timing)["timing_577x1024_enc20ms_dec2ms"] == {"no adapter 3x12": False}
+
+
+def test_anchor_variants_spec_parses_and_refuses_nonsense():
+    import pytest
+
+    from splitnet.bench.codec import parse_anchor_variants
+
+    assert parse_anchor_variants("8:0,2,3,4") == [(8, [0, 2, 3, 4], [], [0, 2, 3, 4])]
+    assert parse_anchor_variants("1:1,0; 4:2") == [(1, [0, 1], [], [0, 1]), (4, [2], [], [2])]
+    for bad in ("", "8", "8:x", "0:1", "8:9", "8:-1"):
+        with pytest.raises(ValueError, match="anchor-variants"):
+            parse_anchor_variants(bad)
