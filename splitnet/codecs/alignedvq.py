@@ -604,8 +604,9 @@ class AlignedVQCodec(_FittedCodec):
         fields = [(n, 0 if coded else self.anchor_bits), (n * self.stages, self.nbits if self.stages and not staged else 0)]
         if self.norm == "token":
             fields += [(n, self.side_bits), (n, self.side_bits)]
+        fixed_bytes = (sum(a * b for a, b in fields) + 7) // 8  # the bit-packed fields, byte-aligned
         if payload.meta.get("z"):
-            want = (sum(a * b for a, b in fields) + 7) // 8
+            want = fixed_bytes
             try:
                 d = zlib.decompressobj()
                 raw = d.decompress(np.ascontiguousarray(buf).tobytes(), want)
@@ -615,7 +616,6 @@ class AlignedVQCodec(_FittedCodec):
                 raise CodecError(f"alignedvq payload inflates to the wrong size (want {want} bytes)")
             buf = np.frombuffer(raw, dtype=np.uint8)
         if order1 is not None:
-            fixed_bytes = (sum(a * b for a, b in fields) + 7) // 8
             if buf.size < fixed_bytes:
                 raise CodecError(f"alignedvq payload has {buf.size} bytes, its fixed fields need {fixed_bytes}")
             rdr = BitReader(np.ascontiguousarray(buf[:fixed_bytes], dtype=np.uint8), fields)
