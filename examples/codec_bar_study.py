@@ -18,7 +18,11 @@ docstrings), and prints one line per decode:
 * ``tail``: anchor + 2x12 with tables and adapter trained through the frozen next stages
   (``AlignedVQCodec.tune(tail=...)``), MSE + ``--tail-weight`` x (1 - cosine of the embeddings).
 * ``order1``: bytes only: anchor codecs with the anchor index Huffman-coded vs range-coded under
-  the previous anchor (``entropy="order1"``), counted as the bench counts them.
+  the previous anchor (``entropy="order1"``), and with ``--stages`` > 0 also the residual indices
+  range-coded under the anchor (``entropy="context"``), counted as the bench counts them.
+* ``conditional``: how many bits a residual stage's index needs under different contexts (fixed
+  width, order 0, the previous stage's index, the anchor): ideal PPM-C code lengths on the
+  evaluation tokens, from models fitted on the calibration tokens.
 * ``contexts``: anchor-only codecs (the ~1000x rows) with ``--contexts`` anchors per frequent token
   id (``anchor_contexts``), closed-form and learned; ``--cut 4`` for the cut where the plain anchor
   row misses the moonshot.
@@ -247,19 +251,58 @@ def order1(d, args, score):
         c = make_codec("alignedvq", stages=args.stages, nbits=12, refine=0, entropy="huffman", niter=10, max_train=args.max_train,
                        anchor_contexts=n_ctx, anchor_context_points=args.context_points)
         c.fit(d["cal"], progress=False, anchor_labels=d["cal_ids"])
-        o1 = c.recoded("order1", d["cal"])
-        rh, ro = _codec_pass(c, d["x"], d["lens"]), _codec_pass(o1, d["x"], d["lens"])
-        assert np.array_equal(rh["decoded"], ro["decoded"]), "order-1 coding changed a decoded value"
-        for name, r in (("huffman", rh), ("order1", ro)):
+        codes = c.encoder_codes(d["cal"])
+        rows = [("huffman", _codec_pass(c, d["x"], d["lens"]))]
+        for entropy in ("order1", "context") if args.stages else ("order1",):
+            rows.append((entropy, _codec_pass(c.recoded(entropy, codes=codes), d["x"], d["lens"])))
+            assert np.array_equal(rows[0][1]["decoded"], rows[-1][1]["decoded"]), f"{entropy} coding changed a decoded value"
+        for name, r in rows:
             print(f"{n_ctx} context(s), {c.anchor_cb.shape[0]} anchors + {args.stages}x12, {name:7s}: "
                   f"{8 * r['bytes_per_token']:6.2f} bit/tok  x{fp32['bytes_per_token'] / r['bytes_per_token']:7.1f} fp32  "
                   f"per request x{fp32['bytes_per_token_per_request'] / r['bytes_per_token_per_request']:6.1f}  "
                   f"enc {r['encode_ms']:.2f} ms  dec {r['decode_ms']:.2f} ms per request", flush=True)
 
 
+def _ppmc_bits(ctx_cal, sym_cal, ctx_ev, sym_ev, n_ctx: int, n_sym: int) -> tuple[float, float]:
+    """Mean ideal code length (bits) of ``sym_ev`` under ``ctx_ev`` with the PPM-C model that
+    ``splitnet.codecs.order1`` codes with (successor counts + escape to order-0 counts + 1), and
+    the order-0 figure alone."""
+    uni = np.bincount(sym_cal, minlength=n_sym) + 1.0
+    order0 = -np.log2(uni[sym_ev] / uni.sum())
+    keys, cnt = np.unique(ctx_cal * n_sym + sym_cal, return_counts=True)
+    n = np.bincount(keys // n_sym, weights=cnt, minlength=n_ctx)[ctx_ev]
+    distinct = np.bincount(keys // n_sym, minlength=n_ctx).astype(float)[ctx_ev]
+    key = ctx_ev * n_sym + sym_ev
+    pos = np.minimum(np.searchsorted(keys, key), keys.size - 1)
+    hit = keys[pos] == key
+    tot = np.maximum(n + distinct, 1)
+    bits = np.where(distinct == 0, order0,
+                    np.where(hit, -np.log2(np.where(hit, cnt[pos], 1) / tot), -np.log2(np.maximum(distinct, 1) / tot) + order0))
+    return float(bits.mean()), float(order0.mean())
+
+
+def conditional(d, args, score):
+    """Bits per residual index under different contexts (no decoding: ideal code lengths)."""
+    from splitnet.codecs import make_codec
+
+    n_ctx = args.contexts[0]
+    c = make_codec("alignedvq", stages=args.stages, nbits=12, refine=0, entropy="huffman", niter=10, max_train=args.max_train,
+                   anchor_contexts=n_ctx, anchor_context_points=args.context_points)
+    c.fit(d["cal"], progress=False, anchor_labels=d["cal_ids"])
+    cc, ce = c.encoder_codes(d["cal"]), c.encoder_codes(d["x"])
+    a, k = c.anchor_cb.shape[0], 1 << c.nbits
+    print(f"{n_ctx} context(s), {a} anchors + {args.stages}x12; bits per index on the evaluation tokens (calibration in brackets)")
+    for s in range(1, cc.shape[1]):
+        under_anchor, order0 = _ppmc_bits(cc[:, 0], cc[:, s], ce[:, 0], ce[:, s], a, k)
+        under_prev, _ = _ppmc_bits(cc[:, s - 1], cc[:, s], ce[:, s - 1], ce[:, s], a if s == 1 else k, k)
+        in_sample, _ = _ppmc_bits(cc[:, 0], cc[:, s], cc[:, 0], cc[:, s], a, k)
+        print(f"stage {s}: fixed 12  order-0 {order0:.2f}  under the previous index {under_prev:.2f}  "
+              f"under the anchor {under_anchor:.2f} ({in_sample:.2f})", flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=["predictive", "metric", "oracle", "tail", "contexts", "order1"])
+    p.add_argument("experiment", choices=["predictive", "metric", "oracle", "tail", "contexts", "order1", "conditional"])
     p.add_argument("--cut", type=int, default=2, help="MiniLM block the features leave (2 or 4)")
     p.add_argument("--contexts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
                    help="experiment 'contexts': anchors per frequent token id, comma-separated")
@@ -271,7 +314,7 @@ def main() -> None:
     p.add_argument("--calibration", choices=("study", "bench"), default="study",
                    help="calibration text beside the train docstrings: 'study' = --code-chunks source chunks (the "
                         "docs' tables), 'bench' = as `splitnet bench codec`: other packages' docstrings + the chunks")
-    p.add_argument("--stages", type=int, default=2, help="experiments 'tail', 'order1': residual 12-bit stages after the anchor")
+    p.add_argument("--stages", type=int, default=2, help="experiments 'tail', 'order1', 'conditional': residual 12-bit stages after the anchor")
     p.add_argument("--code-chunks", type=int, default=800, help="docstring-free source chunks added to the calibration text")
     p.add_argument("--max-train", type=int, default=100_000, help="calibration tokens k-means sees (as the full bench)")
     p.add_argument("--steps", type=int, default=600, help="adapter training steps")
