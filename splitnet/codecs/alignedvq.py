@@ -452,23 +452,25 @@ class AlignedVQCodec(_FittedCodec):
             raise CodecError("truncate a codec fitted with refine=0 and no adapter, then refine_decoder()/tune() the result")
         return type(self).from_state(arrays, cfg)
 
-    def encoder_codes(self, features) -> np.ndarray:
-        """(N, levels) the indices the encoder sends for each of the (N, C) tokens: the anchor
-        index first (if any), then one per residual stage."""
+    def _encoder_space(self, features) -> np.ndarray:
+        """(N, d) what the encoder quantizes for (N, C) tokens: aligned and projected."""
         self._require_fit()
         t, _ = as_tokens(features)
         self._check_width(t.shape[1], self.center.shape[0])
-        return self._codes(np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32))
+        return np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32)
+
+    def encoder_codes(self, features) -> np.ndarray:
+        """(N, levels) the indices the encoder sends for each of the (N, C) tokens: the anchor
+        index first (if any), then one per residual stage."""
+        return self._codes(self._encoder_space(features))
 
     def anchor_codes(self, features) -> np.ndarray:
         """(N,) the anchor index the encoder sends for each of the (N, C) tokens."""
         self._require_fit()
         if not self.anchor_bits:
             raise CodecError("this codec has no anchor codebook")
-        t, _ = as_tokens(features)
-        self._check_width(t.shape[1], self.center.shape[0])
         cb, sq = self.levels[0][0], self.levels[0][1]
-        return _nearest(np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32), cb, sq)
+        return _nearest(self._encoder_space(features), cb, sq)
 
     def recoded(self, entropy: str, features=None, *, codes: np.ndarray | None = None) -> "AlignedVQCodec":
         """The same codec (codebooks, tables, adapter: identical decodes) with its indices coded
