@@ -2,9 +2,9 @@
 
 A codec turns the feature tensor that leaves a stage into a :class:`Payload`: a few raw arrays
 (``parts``: bit-packed indices, per-token scales, ...) plus a small msgpack-able ``meta`` map. The
-payload is sent as tensor frames plus one entry in the message header (see
-:mod:`splitnet.codecs.framing`), and :attr:`Payload.nbytes` counts exactly those bytes: every
-frame and the msgpack-encoded header entry. Compression ratios use nothing else.
+payload is sent as one compact entry in the message header, with small parts inline and large
+parts as tensor frames (see :mod:`splitnet.codecs.framing`), and :attr:`Payload.nbytes` counts
+exactly those bytes. Compression ratios use nothing else.
 
 Codecs work on numpy arrays so that edge stages can run them without torch.
 """
@@ -29,7 +29,7 @@ class Payload:
             refuses a payload whose hash differs from its own codec's.
         shape: shape of the original tensor.
         dtype: numpy dtype name of the original tensor (e.g. "float32").
-        parts: raw arrays sent as frames (indices, scales, residual stream, ...).
+        parts: raw arrays (indices, scales, residual stream, ...): inline in the header when small, else frames.
         meta: small side information (ints, floats, strings) sent inside the header.
     """
 
@@ -41,18 +41,15 @@ class Payload:
     meta: Mapping[str, Any] = field(default_factory=dict)
 
     def header_entry(self) -> dict[str, Any]:
-        """The map this payload adds to the message header's ``meta["codecs"]``."""
-        return {
-            "codec": self.codec,
-            "hash": self.codebook_hash,
-            "shape": list(self.shape),
-            "dtype": self.dtype,
-            "meta": dict(self.meta),
-        }
+        """The map this payload adds to the message header's ``meta["codecs"]`` (see
+        :mod:`splitnet.codecs.framing`: compact keys, small parts inline)."""
+        from splitnet.codecs.framing import header_entry
+
+        return header_entry(self)
 
     @property
     def nbytes(self) -> int:
-        """Bytes on the wire: all part frames, their descriptors and the header entry."""
+        """Bytes on the wire: the header entry (with inline parts), and frames and descriptors of larger parts."""
         from splitnet.codecs.framing import payload_wire_nbytes
 
         return payload_wire_nbytes(self)

@@ -69,3 +69,70 @@ def test_nbytes_equals_bytes_on_socket(pair, codecs, name):
         y = codec.decode(payloads[name])
         np.testing.assert_array_equal(y, codec.decode(p))
         assert y.shape == x.shape
+
+
+def _fp16_payload(n_values: int):
+    return make_codec("fp16").encode(np.arange(n_values, dtype=np.float32).reshape(1, -1))
+
+
+@pytest.mark.timeout(60)
+def test_small_parts_ride_inline_large_parts_as_frames(pair):
+    from splitnet.codecs.framing import INLINE_PART_MAX_BYTES
+
+    a, b = pair
+    small = _fp16_payload(INLINE_PART_MAX_BYTES // 2)  # exactly the limit: inline
+    large = _fp16_payload(INLINE_PART_MAX_BYTES // 2 + 1)  # one value more: a frame
+    for p, framed in ((small, False), (large, True)):
+        tensors, meta = {}, {}
+        attach_payloads(tensors, meta, {"h": p})
+        assert bool(tensors) is framed
+        assert ("p" in meta["codecs"]["h"]) is not framed
+        n, got = _send_recv(a, b, Message(kind="forward", tensors=tensors, meta=meta))
+        assert n - message_nbytes(encode_message(Message(kind="forward"))) == payload_wire_nbytes(p, "h")
+        _, payloads = extract_payloads(got.tensors, got.meta)
+        np.testing.assert_array_equal(make_codec("fp16").decode(payloads["h"]), make_codec("fp16").decode(p))
+    # the inline form saves the tensor descriptor: per byte of data, it is cheaper
+    assert small.nbytes - INLINE_PART_MAX_BYTES < large.nbytes - (INLINE_PART_MAX_BYTES + 2) - 20
+
+
+def test_entry_round_trips_hash_dtype_and_meta():
+    from splitnet.codecs.base import Payload
+
+    for h in ("0123456789abcdef", "", "not-hex"):
+        p = Payload("c", h, (2, 3), "float16", {"b": np.arange(5, dtype=np.uint8)}, {"z": 1})
+        _, got = extract_payloads({}, {"codecs": {"x": p.header_entry()}})
+        q = got["x"]
+        assert (q.codec, q.codebook_hash, q.shape, q.dtype, dict(q.meta)) == ("c", h, (2, 3), "float16", {"z": 1})
+        np.testing.assert_array_equal(q.parts["b"], p.parts["b"])
+    e = Payload("c", "00ff", (1,), "float32").header_entry()
+    assert set(e) == {"c", "h", "s"}  # float32, no meta, no parts: nothing else is sent
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"c": "fp16", "s": [1, 4], "p": {"b": ["f16", [1, 4], b"\0" * 7]}},  # bytes do not match shape
+        {"c": "fp16", "s": [1, 4], "p": {"b": ["obj", [8], b"\0" * 8]}},  # dtype off the allow-list
+        {"c": "fp16", "s": [1, 4], "p": {"b": ["u8", [-8], b""]}},  # negative dimension
+        {"c": "fp16", "s": [1, 4], "p": {"b": ["u8", [8]]}},  # not [dtype, shape, bytes]
+        {"c": "fp16", "s": [1, 4], "p": {"b": ["u8", [8], "x" * 8]}},  # a string, not bytes
+        {"c": "fp16", "s": [1, 4], "p": ["u8", [8], b"\0" * 8]},  # parts not a map
+        {"c": "fp16", "s": [1, 4], "h": 7},  # hash neither bytes nor str
+        {"c": "fp16", "s": [1, -4]},
+        {"c": "fp16"},  # no shape
+        {"s": [1, 4]},  # no codec
+    ],
+)
+def test_malformed_entries_raise_protocol_error(bad):
+    from splitnet.errors import ProtocolError
+
+    with pytest.raises(ProtocolError):
+        extract_payloads({}, {"codecs": {"x": bad}})
+
+
+def test_part_inline_and_framed_at_once_is_refused():
+    from splitnet.errors import ProtocolError
+
+    entry = _fp16_payload(4).header_entry()
+    with pytest.raises(ProtocolError, match="both inline and as a frame"):
+        extract_payloads({"x.d": np.zeros(8, np.uint8)}, {"codecs": {"x": entry}})
