@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 import time
 from typing import Any
 
@@ -208,12 +209,10 @@ def _minilm(args, cfg: dict, cuts: list[int], n_eval: int, progress: bool) -> tu
                 "encode_ms": r["encode_ms"], "decode_ms": r["decode_ms"], "fit_s": fit_s,
             }
             results.append(entry)
-            if progress:
-                import sys
-
-                print(f"  cut {cut} {setting['codec']:9s} {setting['setting']:28s} B/tok {entry['wire_bytes_per_token']:8.3f} "
-                      f"x{entry['ratio_vs_fp32']:7.1f} cos {cos:.4f} nn {nn_agree:.3f} dacc {entry['task']['accuracy_delta_pt']:+.2f}",
-                      file=sys.stderr, flush=True)
+            # one line per row on stderr, --json or not (stdout holds only the JSON document)
+            print(f"  cut {cut} {setting['codec']:9s} {setting['setting']:28s} B/tok {entry['wire_bytes_per_token']:8.3f} "
+                  f"x{entry['ratio_vs_fp32']:7.1f} cos {cos:.4f} nn {nn_agree:.3f} dacc {entry['task']['accuracy_delta_pt']:+.2f}",
+                  file=sys.stderr, flush=True)
     return results, info
 
 
@@ -278,6 +277,7 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
             lab = f"{kind}{anc.anchor_bits}bit-huffman+{s}x{nb}bit"
             t0 = time.perf_counter()
             c = anc.truncated(s).refine_decoder(cal, 2, progress=progress)  # start from the closed-form tables
+            print(f"  training the {lab} adapter ({cfg['adapter_steps']} steps) ...", file=sys.stderr, flush=True)
             rep = c.tune(cal, cal_lens, steps=cfg["adapter_steps"], batch_tokens=cfg["adapter_batch_tokens"], progress=progress)
             setting = {"codec": "alignedvq", "config": c._config(), "bits_per_token": None,
                        "setting": f"{lab} learned: closed-form init, then tables+context adapter {rep['steps']} steps on "
@@ -453,7 +453,8 @@ def run(args: argparse.Namespace) -> dict:
         cfg.update(scalars=["fp32", "fp16"], topk=[], pq_m=[], rvq_stages=[], avq_stages=[])
     cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else ([2] if quick else [2, 4])
     n_eval = args.eval_items or (250 if quick else 3000)
-    progress = not getattr(args, "json", False)
+    # progress bars on stderr unless --json sends the output to a file or pipe with stderr not a terminal
+    progress = not getattr(args, "json", False) or sys.stderr.isatty()
     t0 = time.perf_counter()
     timing_only = bool(getattr(args, "timing_only", False))
     if timing_only and args.no_timing:
