@@ -265,20 +265,12 @@ def order1(d, args, score):
 
 def _ppmc_bits(ctx_cal, sym_cal, ctx_ev, sym_ev, n_ctx: int, n_sym: int) -> tuple[float, float]:
     """Mean ideal code length (bits) of ``sym_ev`` under ``ctx_ev`` with the PPM-C model that
-    ``splitnet.codecs.order1`` codes with (successor counts + escape to order-0 counts + 1), and
-    the order-0 figure alone."""
-    uni = np.bincount(sym_cal, minlength=n_sym) + 1.0
-    order0 = -np.log2(uni[sym_ev] / uni.sum())
-    keys, cnt = np.unique(ctx_cal * n_sym + sym_cal, return_counts=True)
-    n = np.bincount(keys // n_sym, weights=cnt, minlength=n_ctx)[ctx_ev]
-    distinct = np.bincount(keys // n_sym, minlength=n_ctx).astype(float)[ctx_ev]
-    key = ctx_ev * n_sym + sym_ev
-    pos = np.minimum(np.searchsorted(keys, key), keys.size - 1)
-    hit = keys[pos] == key
-    tot = np.maximum(n + distinct, 1)
-    bits = np.where(distinct == 0, order0,
-                    np.where(hit, -np.log2(np.where(hit, cnt[pos], 1) / tot), -np.log2(np.maximum(distinct, 1) / tot) + order0))
-    return float(bits.mean()), float(order0.mean())
+    ``splitnet.codecs.order1`` codes with, fitted on the calibration pairs; and the order-0 figure."""
+    from splitnet.codecs.order1 import Order1Model
+
+    m = Order1Model.fit(sym_cal, n_sym, ctx_cal, n_ctx)
+    order0 = np.log2(m.unigram.sum()) - np.log2(m.unigram[sym_ev])
+    return float(m.code_lengths(sym_ev, ctx_ev).mean()), float(order0.mean())
 
 
 def conditional(d, args, score):

@@ -24,7 +24,11 @@ def test_explicit_context_model_round_trips_with_unseen_pairs(n_ctx, size, n, se
     m = Order1Model.fit(sym_cal[:k], size, ctx_cal[:k], n_ctx)
     assert (m.size, m.contexts) == (size, n_ctx)
     ctx, sym = rng.integers(0, n_ctx, n), rng.integers(0, size, n)  # any pair, seen or not
-    np.testing.assert_array_equal(m.decode(m.encode(sym, ctx), n, ctx), sym)
+    data = m.encode(sym, ctx)
+    np.testing.assert_array_equal(m.decode(data, n, ctx), sym)
+    bits = m.code_lengths(sym, ctx)  # ideal lengths: the coder spends them, plus at most a few bytes
+    assert bits.shape == (n,) and np.all(bits > 0)
+    assert bits.sum() - 16 <= 8 * len(data) <= bits.sum() + 24
 
 
 def test_models_share_one_range_coder_in_sequence():
