@@ -346,8 +346,7 @@ class AlignedVQCodec(_FittedCodec):
                 if self.entropy == "huffman":
                     self._huffman = Huffman(huffman_lengths(np.bincount(a, minlength=anchors.shape[0])))
                     self._huffman._table()
-                if self.entropy != "context":
-                    del r_all
+                del r_all  # (N, d) float32 of every calibration token: not kept through k-means
             bar.update()
             # residual k-means, one codebook per stage
             self.codebooks = np.zeros((self.stages, k, d), dtype=np.float32)
@@ -368,9 +367,10 @@ class AlignedVQCodec(_FittedCodec):
                 self.tables[s] = t / self.weight
             self.bias = self.center.copy()
             self._levels()
-            if self.entropy == "context" and anchor_labels is not None:  # models of every calibration token's codes, in order
-                self._order1, self._stage_models = _context_models(self._codes(r_all), self.anchor_cb.shape[0], self.nbits, self.stages)
-                del r_all
+            if self.entropy == "context" and anchor_labels is not None:
+                # models of the codes the encoder sends for every calibration token, in order
+                y_all = np.ascontiguousarray(self._project(self._align(x_all)[0]), dtype=np.float32)
+                self._order1, self._stage_models = _context_models(self._codes(y_all), self.anchor_cb.shape[0], self.nbits, self.stages)
         self._mark_fitted()
         if self.refine:
             self.refine_decoder(x, self.refine, progress=progress)
