@@ -39,6 +39,8 @@ from splitnet.codecs.order1 import Order1Model, RangeDecoder, RangeEncoder
 from splitnet.codecs.entropy import Huffman, huffman_lengths
 from splitnet.codecs.registry import register_codec
 from splitnet.codecs.scalar import as_tokens, check_payload, part
+from splitnet.codecs.sequence_correction import PREFIX as SEQCORR_PREFIX
+from splitnet.codecs.sequence_correction import SequenceCorrection, sequence_means
 from splitnet.codecs.vq import _check_int, _faiss, _FittedCodec, _nearest, _progress, _subsample
 from splitnet.errors import CodecError
 
@@ -88,6 +90,9 @@ class AlignedVQCodec(_FittedCodec):
         anchor_context_points: calibration tokens per context anchor (k-means needs a few dozen).
         adapter: set by :meth:`tune`: the receiver-side adapter's shape and how it was trained
             (None = training-free / closed-form decoder only).
+        sequence_correction: set by :meth:`fit_sequence_correction`: ``{"bits_per_sequence": B}``
+            (None = none). Each sequence's mean decode miss travels in B more bits
+            (:mod:`splitnet.codecs.sequence_correction`).
     """
 
     name = "alignedvq"
@@ -108,6 +113,7 @@ class AlignedVQCodec(_FittedCodec):
         anchor_contexts: int = 1,
         anchor_context_points: int = 40,
         adapter: dict | None = None,
+        sequence_correction: dict | None = None,
     ) -> None:
         super().__init__()
         self.stages = _check_int("alignedvq.stages", stages, 0, 64)
@@ -131,6 +137,10 @@ class AlignedVQCodec(_FittedCodec):
             raise ValueError(f"alignedvq.adapter must be a dict or None, got {type(adapter).__name__}")
         self.adapter = dict(adapter) if adapter else None
         self._adapter_module = None
+        if sequence_correction is not None and not isinstance(sequence_correction, dict):
+            raise ValueError(f"alignedvq.sequence_correction must be a dict or None, got {type(sequence_correction).__name__}")
+        self.sequence_correction = dict(sequence_correction) if sequence_correction else None
+        self._seqcorr: SequenceCorrection | None = None
 
     # -- state -----------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
@@ -140,7 +150,8 @@ class AlignedVQCodec(_FittedCodec):
             "niter": self.niter, "max_train": self.max_train, "seed": self.seed, "anchor_bits": self.anchor_bits,
         } | ({"anchor_contexts": self.anchor_contexts, "anchor_context_points": self.anchor_context_points}
              if self.anchor_contexts > 1 else {}) | (  # keys absent = defaults (hashes of older files hold)
-            {"adapter": dict(self.adapter)} if self.adapter else {})
+            {"adapter": dict(self.adapter)} if self.adapter else {}) | (
+            {"sequence_correction": dict(self.sequence_correction)} if self.sequence_correction else {})
 
     def _adapter_config(self) -> "_adapter.AdapterConfig":
         keys = ("width", "layers", "heads", "ffn", "max_positions")
@@ -159,6 +170,8 @@ class AlignedVQCodec(_FittedCodec):
                 out.update(m.arrays(STAGE_MODEL_PREFIX.format(i)))
         if self._adapter_module is not None:
             out.update({_adapter.PREFIX + k: v for k, v in self._adapter_module.p.items()})
+        if self._seqcorr is not None:
+            out.update(self._seqcorr.arrays())
         return out
 
     def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -197,6 +210,13 @@ class AlignedVQCodec(_FittedCodec):
             self._adapter_module = _adapter.NumpyAdapter(c, self._adapter_config(), arrays)
         elif any(k.startswith(_adapter.PREFIX) for k in arrays):
             raise ValueError("alignedvq arrays hold adapter weights but the config names no adapter")
+        self._seqcorr = None
+        if self.sequence_correction:
+            self._seqcorr = SequenceCorrection.from_arrays(arrays)
+            if self._seqcorr.basis.shape[0] != c or self._seqcorr.bits_per_sequence != self.sequence_correction.get("bits_per_sequence"):
+                raise ValueError("alignedvq sequence correction arrays do not match the codec")
+        elif any(k.startswith(SEQCORR_PREFIX) for k in arrays):
+            raise ValueError("alignedvq arrays hold a sequence correction but the config names none")
         self._levels()
 
     def _levels(self) -> None:
@@ -409,8 +429,8 @@ class AlignedVQCodec(_FittedCodec):
         mean target of the calibration tokens that the encoder maps to it (block coordinate descent
         over stages, ``sweeps`` passes). The encoder and the wire format are unchanged."""
         self._require_fit()
-        if self.adapter:
-            raise CodecError("refine_decoder() must come before tune(): the adapter was trained on these tables")
+        if self.adapter or self.sequence_correction:
+            raise CodecError("refine_decoder() must come before tune() and fit_sequence_correction(): they were fitted on these tables")
         x, _ = as_tokens(features)
         x = _subsample(x, self.max_train, self.seed)
         z, _, _, _ = self._align(x)
@@ -448,7 +468,7 @@ class AlignedVQCodec(_FittedCodec):
         dropped = tuple(STAGE_MODEL_PREFIX.format(i) for i in range(stages, self.stages))
         arrays = {k: v.copy() for k, v in self._arrays().items() if not k.startswith(dropped)}
         arrays.update(codebooks=self.codebooks[:stages].copy(), tables=self.tables[:stages].copy())
-        if self.refine or self.adapter:
+        if self.refine or self.adapter or self.sequence_correction:
             raise CodecError("truncate a codec fitted with refine=0 and no adapter, then refine_decoder()/tune() the result")
         return type(self).from_state(arrays, cfg)
 
@@ -514,7 +534,7 @@ class AlignedVQCodec(_FittedCodec):
     def needs_lengths(self) -> bool:
         """Whether decode() wants the sequence lengths of packed tokens (the adapter attends
         within a sequence)."""
-        return self._adapter_module is not None
+        return self._adapter_module is not None or self._seqcorr is not None
 
     def tune(self, features, lengths, *, adapter: "_adapter.AdapterConfig | None" = None, steps: int = 300,
              tune_tables: bool = True, batch_tokens: int = 4096, lr: float = 2e-3, table_lr: float = 3e-4,
@@ -530,6 +550,8 @@ class AlignedVQCodec(_FittedCodec):
         self._require_fit()
         if self.adapter:
             raise CodecError("this codec already has an adapter; tune a copy fitted without one")
+        if self.sequence_correction:
+            raise CodecError("tune() must come before fit_sequence_correction(): the correction is fitted on the adapted decode")
         if tail is not None and self.norm != "none":
             raise ValueError("a tail loss needs norm='none' (the adapter works in the aligned space)")
         x, _ = as_tokens(features)
@@ -558,13 +580,54 @@ class AlignedVQCodec(_FittedCodec):
         self._mark_fitted()
         return report
 
+    def fit_sequence_correction(self, features, lengths, *, bits_per_sequence: int = 192) -> "AlignedVQCodec":
+        """Send each sequence's mean decode miss in ``bits_per_sequence`` more bits
+        (:mod:`splitnet.codecs.sequence_correction`), fitted on calibration ``features`` (N, C), the
+        real tokens of sequences of ``lengths`` tokens, in order. Comes last: after
+        ``refine_decoder`` and ``tune``, whose decode it corrects. Changes the codebook hash."""
+        self._require_fit()
+        if self.sequence_correction:
+            raise CodecError("this codec already has a sequence correction")
+        if self.norm != "none":
+            raise CodecError("a sequence correction needs norm='none' (it corrects the decoded channels directly)")
+        x, _ = as_tokens(features)
+        self._check_width(x.shape[1], self.center.shape[0])
+        lens = _adapter.split_lengths(x.shape[0], lengths)
+        miss = x - self._decoded(self._codes(self._project(self._align(x)[0])), lens)
+        self._seqcorr = SequenceCorrection.fit(sequence_means(miss, lens), int(bits_per_sequence))
+        self.sequence_correction = {"bits_per_sequence": self._seqcorr.bits_per_sequence,
+                                    "components": int(self._seqcorr.bits.size), "calibration_sequences": int(lens.size)}
+        self._mark_fitted()
+        return self
+
+    def _decoded(self, codes: np.ndarray, lens: np.ndarray) -> np.ndarray:
+        """What the receiver rebuilds from ``codes`` before the sequence correction: tables, then
+        the adapter over each sequence (norm='none' space)."""
+        out = self._reconstruct(codes)
+        if self._adapter_module is not None and codes.shape[0]:
+            out = _adapter.apply_adapter(self._adapter_module, out, lens)
+        return out
+
+    @staticmethod
+    def _lengths(n: int, shape: tuple[int, ...], lengths) -> np.ndarray:
+        if lengths is None and len(shape) == 3:  # a (B, T, C) tensor is B sequences of T tokens
+            lengths = np.full(shape[0], shape[1])
+        return _adapter.split_lengths(n, lengths)
+
     # -- encode / decode -------------------------------------------------------------------
-    def encode(self, x) -> Payload:
+    def encode(self, x, *, lengths=None) -> Payload:
+        """Encode (..., C) features. ``lengths``: per-sequence token counts of packed (N, C)
+        tokens, needed only with a sequence correction (None: one sequence; a (B, T, C) tensor is
+        B sequences of T); the receiver must decode with the same lengths."""
         self._require_fit()
         t, shape = as_tokens(x)
         self._check_width(t.shape[1], self.center.shape[0])
         z, side, _, _ = self._align(t)
         codes = self._codes(self._project(z))
+        parts: dict[str, np.ndarray] = {}
+        if self._seqcorr is not None:  # the encoder runs the receiver's decoder to see what it misses
+            lens = self._lengths(t.shape[0], shape, lengths)
+            parts["s"] = self._seqcorr.encode(sequence_means(t - self._decoded(codes, lens), lens))
         w = BitWriter()
         huff = self._huffman if self.anchor_bits else None
         order1 = self._order1 if self.anchor_bits else None
@@ -590,7 +653,7 @@ class AlignedVQCodec(_FittedCodec):
             packed = zlib.compress(buf.tobytes(), 9)
             if len(packed) < buf.nbytes:
                 buf, meta = np.frombuffer(packed, dtype=np.uint8), {"z": 1}
-        return Payload(self.name, self.codebook_hash, shape, "float32", {"b": buf}, meta)
+        return Payload(self.name, self.codebook_hash, shape, "float32", {"b": buf, **parts}, meta)
 
     def decode(self, payload: Payload, *, lengths=None) -> np.ndarray:
         """Rebuild the tensor. With an adapter, ``lengths`` splits packed (N, C) tokens into
@@ -650,11 +713,11 @@ class AlignedVQCodec(_FittedCodec):
         if self.stages:
             parts.append(read().reshape(n, self.stages))
         codes = np.concatenate(parts, axis=1).astype(np.int64) if parts else np.zeros((n, 0), np.int64)
-        out = self._reconstruct(codes)
-        if self._adapter_module is not None and n:
-            if lengths is None and len(payload.shape) == 3:
-                lengths = np.full(payload.shape[0], payload.shape[1])
-            out = _adapter.apply_adapter(self._adapter_module, out, _adapter.split_lengths(n, lengths))
+        lens = self._lengths(n, payload.shape, lengths) if self.needs_lengths else np.array([n])
+        out = self._decoded(codes, lens)
+        if self._seqcorr is not None:
+            corr = self._seqcorr.decode(part(payload, "s"), lens.size)
+            out += np.repeat(corr, lens, axis=0)
         if self.norm == "token":
             r = self.side_range
             mu = self._dequantize_side(read(), float(r[0]), float(r[1]))

@@ -52,11 +52,16 @@ class CutCodecs:
             h = tensors.pop(CODED_TENSOR)
             arr = h.detach().float().cpu().numpy() if hasattr(h, "detach") else np.asarray(h, np.float32)  # torch or numpy: no torch import here (edge devices)
             mask = tensors.get("attention_mask")
+            lengths = None  # a (B, T, C) tensor is B sequences of T tokens
             if mask is not None and arr.ndim == 3 and tuple(mask.shape) == arr.shape[:2] and not bool((mask != 0).all()):
                 # padding never crosses the wire: encode only real tokens; the mask travels anyway
                 arr = gather_tokens(arr, mask)
                 meta["packed_tokens"] = True
-            attach_payloads(tensors, meta, {CODED_TENSOR: self.out.encode(arr)})
+                lengths = (np.asarray(mask.detach().cpu() if hasattr(mask, "detach") else mask) != 0).sum(1)
+            if getattr(self.out, "needs_lengths", False):  # a sequence correction is per sequence, as the decoder splits them
+                attach_payloads(tensors, meta, {CODED_TENSOR: self.out.encode(arr, lengths=lengths)})
+            else:
+                attach_payloads(tensors, meta, {CODED_TENSOR: self.out.encode(arr)})
         _compact_mask(tensors, meta)
         return tensors, meta
 
