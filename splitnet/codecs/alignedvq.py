@@ -27,6 +27,7 @@ lengths of packed tokens (``decode(payload, lengths=...)``); payload and encoder
 
 from __future__ import annotations
 
+import math
 import zlib
 from typing import Any
 
@@ -41,6 +42,7 @@ from splitnet.codecs.registry import register_codec
 from splitnet.codecs.scalar import as_tokens, check_payload, part
 from splitnet.codecs.sequence_correction import PREFIX as SEQCORR_PREFIX
 from splitnet.codecs.sequence_correction import SequenceCorrection, sequence_means
+from splitnet.codecs.threads import one_blas_thread
 from splitnet.codecs.vq import _check_int, _faiss, _FittedCodec, _nearest, _progress, _subsample
 from splitnet.errors import CodecError
 
@@ -619,6 +621,17 @@ class AlignedVQCodec(_FittedCodec):
         """Encode (..., C) features. ``lengths``: per-sequence token counts of packed (N, C)
         tokens, needed only with a sequence correction (None: one sequence; a (B, T, C) tensor is
         B sequences of T); the receiver must decode with the same lengths."""
+        with one_blas_thread(math.prod(np.shape(x)[:-1])):
+            return self._encode(x, lengths)
+
+    def decode(self, payload: Payload, *, lengths=None) -> np.ndarray:
+        """Rebuild the tensor. With an adapter or a sequence correction, ``lengths`` splits
+        packed (N, C) tokens into sequences (None: one sequence; a (B, T, C) payload is B
+        sequences of T tokens)."""
+        with one_blas_thread(math.prod(payload.shape[:-1])):
+            return self._decode(payload, lengths)
+
+    def _encode(self, x, lengths) -> Payload:
         self._require_fit()
         t, shape = as_tokens(x)
         self._check_width(t.shape[1], self.center.shape[0])
@@ -655,9 +668,7 @@ class AlignedVQCodec(_FittedCodec):
                 buf, meta = np.frombuffer(packed, dtype=np.uint8), {"z": 1}
         return Payload(self.name, self.codebook_hash, shape, "float32", {"b": buf, **parts}, meta)
 
-    def decode(self, payload: Payload, *, lengths=None) -> np.ndarray:
-        """Rebuild the tensor. With an adapter, ``lengths`` splits packed (N, C) tokens into
-        sequences (None: one sequence; a (B, T, C) payload is B sequences of T tokens)."""
+    def _decode(self, payload: Payload, lengths) -> np.ndarray:
         self._require_fit()
         n, c = check_payload(self, payload)
         self._check_width(c, self.center.shape[0])
