@@ -58,6 +58,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--adapter-steps", type=int, default=0,
                    help="alignedvq: then train the receiver-side context adapter and decoder tables for N steps "
                         "on the same calibration sequences (0 = training-free decoder)")
+    p.add_argument("--sequence-bits", type=int, default=0, metavar="B",
+                   help="alignedvq: last, send each sequence's mean decode miss in B more bits per sequence "
+                        "(AlignedVQ.fit_sequence_correction; 0 = none)")
     p.add_argument("--out", required=True, help="output codec file (a .json manifest is written next to it)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=_calibrate)
@@ -86,6 +89,10 @@ def _calibrate(args: argparse.Namespace) -> int:
             raise ValueError("anchor_contexts needs --anchors (context anchors split the per-token-id anchors)")
         if config.get("entropy") in ("huffman", "order1", "context") and not args.anchors:
             raise ValueError(f"entropy={config['entropy']} codes the anchor index: it needs --anchors")
+        if args.sequence_bits and (args.codec != "alignedvq" or args.sequence_bits < 0):
+            raise ValueError("--sequence-bits takes a positive bit count and applies to --codec alignedvq only")
+        if args.adapter_steps and (args.codec != "alignedvq" or args.adapter_steps < 0):
+            raise ValueError("--adapter-steps takes a positive step count and applies to --codec alignedvq only")
         t0 = time.perf_counter()
         bm = load_model(args.model)
         if not 0 < args.split_after < bm.num_blocks:
@@ -116,9 +123,9 @@ def _calibrate(args: argparse.Namespace) -> int:
             codec.fit(cal, progress=not args.quiet)
         tuning = None
         if args.adapter_steps:
-            if args.codec != "alignedvq" or args.adapter_steps < 0:
-                raise ValueError("--adapter-steps takes a positive step count and applies to --codec alignedvq only")
             tuning = codec.tune(cal, cal_lens, steps=args.adapter_steps, progress=not args.quiet)
+        if args.sequence_bits:
+            codec.fit_sequence_correction(cal, cal_lens, bits_per_sequence=args.sequence_bits)
         t2 = time.perf_counter()
         manifest = save_codec(codec, args.out)
     except (ValueError, SplitnetError) as e:

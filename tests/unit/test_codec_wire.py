@@ -44,6 +44,8 @@ def codecs():
             cal, progress=False, anchor_labels=rng.integers(0, 40, cal.shape[0])),  # range-coded anchors
         make_codec("alignedvq", stages=2, nbits=6, niter=3, entropy="context").fit(
             cal, progress=False, anchor_labels=rng.integers(0, 40, cal.shape[0])),  # residual indices too
+        make_codec("alignedvq", stages=1, nbits=6, niter=3).fit(cal, progress=False).fit_sequence_correction(
+            cal, [30] * 100, bits_per_sequence=50),  # + a second part: the per-sequence correction
     ]
 
 

@@ -223,3 +223,15 @@ def test_calibrate_refuses_anchor_options_without_anchors(extra, tmp_path, capsy
     assert rc == 2
     assert "--anchors" in capsys.readouterr().err
     assert not (tmp_path / "c.codec").exists()
+
+
+@pytest.mark.parametrize("extra", [["--codec", "rvq", "--sequence-bits", "64"], ["--codec", "rvq", "--adapter-steps", "5"],
+                                   ["--codec", "alignedvq", "--sequence-bits", "-3"]])
+def test_calibrate_refuses_alignedvq_only_options_before_any_work(extra, tmp_path, capsys):
+    from splitnet.cli import main
+
+    rc = main(["calibrate", "--model", "minilm", "--split-after", "2", "--rate", "2x12", *extra,
+               "--out", str(tmp_path / "c.codec"), "--quiet"])
+    assert rc == 2
+    assert "applies to --codec alignedvq only" in capsys.readouterr().err
+    assert not (tmp_path / "c.codec").exists()
