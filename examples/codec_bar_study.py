@@ -23,6 +23,9 @@ docstrings), and prints one line per decode:
 * ``conditional``: how many bits a residual stage's index needs under different contexts (fixed
   width, order 0, the previous stage's index, the anchor): ideal PPM-C code lengths on the
   evaluation tokens, from models fitted on the calibration tokens.
+* ``seqmean``: ``--contexts`` anchors + ``--stages`` x12, learned; then each sequence's mean decode
+  miss added back, exactly (oracle) and as quantized coefficients on the calibration misses'
+  principal directions (what ``AlignedVQCodec.fit_sequence_correction`` sends).
 * ``contexts``: anchor-only codecs (the ~1000x rows) with ``--contexts`` anchors per frequent token
   id (``anchor_contexts``), closed-form and learned; ``--cut 4`` for the cut where the plain anchor
   row misses the moonshot.
