@@ -40,29 +40,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="only the fp32/fp16 references and the anchored AlignedVQ rows (the learned-row bars; "
                         "the equal-bytes goal needs the other codecs and is left out of the goals block)")
     p.add_argument("--anchor-variants", metavar="SPEC", default=None,
-                   help="anchored rows to run instead of the defaults: CONTEXTS:STAGES[;...], e.g. '8:0,2,3,4' = 8 context "
-                        "anchors per frequent token id with 0, 2, 3 and 4 residual stages, each closed-form and learned")
-    p.add_argument("--sequence-bits", type=int, default=0, metavar="B",
-                   help="also run each learned anchored row with residual stages with a per-sequence correction: "
-                        "its mean decode miss in B more bits per sequence (AlignedVQ.fit_sequence_correction)")
+                   help="anchored rows to run instead of the defaults: CONTEXTS:STAGES[@STEPS][;...], e.g. '8:0,2,3,4' = 8 "
+                        "context anchors per frequent token id with 0, 2, 3 and 4 residual stages, each closed-form and "
+                        "learned; '8:3@2400' trains that variant's adapters for 2400 steps")
+    p.add_argument("--sequence-bits", type=int, default=None, metavar="B",
+                   help="each learned anchored row with residual stages also runs with a per-sequence correction: "
+                        "its mean decode miss in B more bits per sequence (AlignedVQ.fit_sequence_correction; "
+                        "default 256; --quick 0; 0 = none)")
     p.add_argument("--adapter-steps", type=int, default=None,
                    help="training steps of each learned AlignedVQ adapter (default 1200; --quick 120)")
 
 
 # -- settings ----------------------------------------------------------------------------------
-def parse_anchor_variants(spec: str) -> list[tuple[int, list[int], list[int], list[int]]]:
-    """'8:0,2,3;1:0,1' -> [(8, [0, 2, 3], [], [0, 2, 3]), (1, [0, 1], [], [0, 1])]: contexts per
-    frequent token id, then the residual stages of the closed-form and the learned rows."""
+def parse_anchor_variants(spec: str) -> list[tuple[int, list[int], list[int], list[int], int | None]]:
+    """'8:0,2,3;1:0,1@2400' -> [(8, [0, 2, 3], [], [0, 2, 3], None), (1, [0, 1], [], [0, 1], 2400)]:
+    contexts per frequent token id, the residual stages of the closed-form and of the learned rows,
+    and the learned rows' adapter steps (None: ``--adapter-steps``)."""
     out = []
     for part in filter(None, (p.strip() for p in spec.split(";"))):
         try:
-            ctx, stages = part.split(":")
+            body, at, steps_s = part.partition("@")
+            ctx, stages = body.split(":")
             n, st = int(ctx), sorted({int(v) for v in stages.split(",")})
+            steps = int(steps_s) if at else None
         except ValueError:
-            raise ValueError(f"--anchor-variants: {part!r} is not CONTEXTS:STAGES (e.g. 8:0,2,3)") from None
-        if not 1 <= n <= 256 or not st or st[0] < 0 or st[-1] > 8:
-            raise ValueError(f"--anchor-variants: {part!r}: contexts must be 1..256 and stages 0..8")
-        out.append((n, st, [], st))
+            raise ValueError(f"--anchor-variants: {part!r} is not CONTEXTS:STAGES[@STEPS] (e.g. 8:0,2,3 or 8:3@2400)") from None
+        if not 1 <= n <= 256 or not st or st[0] < 0 or st[-1] > 8 or (steps is not None and steps < 1):
+            raise ValueError(f"--anchor-variants: {part!r}: contexts must be 1..256, stages 0..8 and steps >= 1")
+        out.append((n, st, [], st, steps))
     if not out:
         raise ValueError("--anchor-variants names no variant")
     return out
@@ -72,16 +77,18 @@ def _settings(quick: bool) -> dict[str, Any]:
     if quick:
         return dict(nbits=12, max_stages=3, niter=4, max_train=20_000, pq_m=[3], topk=[], n_train=600, n_code=0,
                     scalars=["fp32", "fp16", "int4-channel"], rvq_stages=[2, 3], avq_stages=[],
-                    training_free=False, anchor_variants=[(1, [0, 1, 2], [0, 2], [0, 2]), (8, [0], [0], [])], anchor_context_points=20,
-                    adapter_steps=120, adapter_batch_tokens=2048, sequence_bits=0)
+                    training_free=False, anchor_variants=[(1, [0, 1, 2], [0, 2], [0, 2], None), (8, [0], [0], [], None)],
+                    anchor_context_points=20, adapter_steps=120, adapter_batch_tokens=2048, sequence_bits=0)
     # faiss wants >= 39 training points per centroid: 39 x 4096 = 159,744 for 12-bit codebooks.
     # Context anchors: 8 per frequent token id, chosen on a dev split of the train docstrings
     # (examples/codec_bar_study.py contexts --dev 1000: learned 1 / 4 / 8 contexts 0.909 / 0.925 / 0.930 cosine)
     return dict(nbits=12, max_stages=3, niter=10, max_train=160_000, pq_m=[1, 2, 3, 4], topk=[8, 32], n_train=None, n_code=800,
                 scalars=["fp32", "fp16", "int8", "int4", "int4-channel"], rvq_stages=[1, 2, 3], avq_stages=[1, 2, 3],
-                training_free=True, anchor_variants=[(1, [0, 1, 2], [0, 1, 2], [0, 1, 2]), (8, [0, 2], [0, 2], [0, 2])],
-                anchor_context_points=20, adapter_steps=1200,
-                adapter_batch_tokens=4096, sequence_bits=0)
+                training_free=True, anchor_context_points=20, adapter_steps=1200, adapter_batch_tokens=4096,
+                # the moonshot rows (anchor only) at 1 200 adapter steps; the 300x row (8 ctx + 3x12, context-coded,
+                # + a 256-bit per-sequence correction) at 2 400: both as measured (docs/codecs.md)
+                anchor_variants=[(1, [0, 1, 2], [0, 1, 2], [0, 1, 2], None), (8, [0, 2], [0, 2], [0, 2], None), (8, [3], [3], [3], 2400)],
+                sequence_bits=256)
 
 
 # -- metrics -----------------------------------------------------------------------------------
@@ -263,12 +270,19 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
     # anchored AlignedVQ: first codebook = mean feature of each calibration token id (ids used at fit
     # only; with contexts > 1 a frequent id gets several anchors, the k-means centroids of its
     # features), its indices Huffman-coded with calibration frequencies; then residual stages
-    for contexts, stages, free, learned in cfg["anchor_variants"]:
-        t0 = time.perf_counter()
-        anc = make_codec("alignedvq", stages=max(stages), nbits=nb, refine=0, entropy="huffman", anchor_contexts=contexts,
-                         anchor_context_points=cfg["anchor_context_points"], **kw).fit(cal, progress=progress, anchor_labels=cal_ids)
-        fit_anc = time.perf_counter() - t0
-        cal_codes = None  # what the encoder sends for the calibration tokens, for the order-1 / context models
+    deepest: dict[int, int] = {}  # one anchored fit per context count, with the most stages any variant needs
+    for contexts, stages, *_ in cfg["anchor_variants"]:
+        deepest[contexts] = max(deepest.get(contexts, 0), max(stages))
+    fitted: dict[int, tuple[Any, float, Any]] = {}
+    for contexts, stages, free, learned, variant_steps in cfg["anchor_variants"]:
+        if contexts not in fitted:
+            t0 = time.perf_counter()
+            full = make_codec("alignedvq", stages=deepest[contexts], nbits=nb, refine=0, entropy="huffman", anchor_contexts=contexts,
+                              anchor_context_points=cfg["anchor_context_points"], **kw).fit(cal, progress=progress, anchor_labels=cal_ids)
+            fitted[contexts] = (full, time.perf_counter() - t0, None)
+        full, fit_anc, cal_codes = fitted[contexts]  # cal_codes: what the encoder sends for the calibration tokens (order-1 / context models)
+        anc = full.truncated(max(stages)) if max(stages) < full.stages else full  # nested codebooks: same as fitting fewer stages
+        steps = variant_steps or cfg["adapter_steps"]
         kind = "anchor" if contexts == 1 else f"anchor{contexts}ctx"
         for s in stages:
             lab = f"{kind}{anc.anchor_bits}bit-huffman+{s}x{nb}bit"
@@ -286,8 +300,8 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
             lab = f"{kind}{anc.anchor_bits}bit-huffman+{s}x{nb}bit"
             t0 = time.perf_counter()
             c = anc.truncated(s).refine_decoder(cal, 2, progress=progress)  # start from the closed-form tables
-            print(f"  training the {lab} adapter ({cfg['adapter_steps']} steps) ...", file=sys.stderr, flush=True)
-            rep = c.tune(cal, cal_lens, steps=cfg["adapter_steps"], batch_tokens=cfg["adapter_batch_tokens"], progress=progress)
+            print(f"  training the {lab} adapter ({steps} steps) ...", file=sys.stderr, flush=True)
+            rep = c.tune(cal, cal_lens, steps=steps, batch_tokens=cfg["adapter_batch_tokens"], progress=progress)
             setting = {"codec": "alignedvq", "config": c._config(), "bits_per_token": None,
                        "setting": f"{lab} learned: closed-form init, then tables+context adapter {rep['steps']} steps on "
                                   f"{rep['calibration_sequences']} calibration seqs ({rep['calibration_tokens']} tok)",
@@ -298,8 +312,9 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
             # decodes, fewer bytes (measured again below, like every row)
             if cal_codes is None:
                 t0 = time.perf_counter()
-                cal_codes = anc.encoder_codes(cal)  # nested codebooks: a truncated codec's codes are the first columns
+                cal_codes = full.encoder_codes(cal)  # nested codebooks: a truncated codec's codes are the first columns
                 fit_anc += time.perf_counter() - t0
+                fitted[contexts] = (full, fit_anc, cal_codes)
             for entropy in ("order1", "context") if s else ("order1",):
                 t0 = time.perf_counter()
                 c1 = c.recoded(entropy, codes=cal_codes)
@@ -465,9 +480,9 @@ def run(args: argparse.Namespace) -> dict:
         cfg["adapter_steps"] = int(args.adapter_steps)
     if getattr(args, "anchor_variants", None):
         cfg["anchor_variants"] = parse_anchor_variants(args.anchor_variants)
-    if getattr(args, "sequence_bits", 0):
-        if not 1 <= args.sequence_bits <= 1 << 16:
-            raise ValueError("--sequence-bits must be in 1..65536")
+    if getattr(args, "sequence_bits", None) is not None:
+        if not 0 <= args.sequence_bits <= 1 << 16:
+            raise ValueError("--sequence-bits must be in 0..65536")
         cfg["sequence_bits"] = int(args.sequence_bits)
     if getattr(args, "anchored_only", False):  # references stay: every ratio is counted against fp32
         cfg.update(scalars=["fp32", "fp16"], topk=[], pq_m=[], rvq_stages=[], avq_stages=[])

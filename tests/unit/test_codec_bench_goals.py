@@ -39,9 +39,9 @@ def test_anchor_variants_spec_parses_and_refuses_nonsense():
 
     from splitnet.bench.codec import parse_anchor_variants
 
-    assert parse_anchor_variants("8:0,2,3,4") == [(8, [0, 2, 3, 4], [], [0, 2, 3, 4])]
-    assert parse_anchor_variants("1:1,0; 4:2") == [(1, [0, 1], [], [0, 1]), (4, [2], [], [2])]
-    for bad in ("", "8", "8:x", "0:1", "8:9", "8:-1"):
+    assert parse_anchor_variants("8:0,2,3,4") == [(8, [0, 2, 3, 4], [], [0, 2, 3, 4], None)]
+    assert parse_anchor_variants("1:1,0; 4:2@2400") == [(1, [0, 1], [], [0, 1], None), (4, [2], [], [2], 2400)]
+    for bad in ("", "8", "8:x", "0:1", "8:9", "8:-1", "8:3@", "8:3@0", "8:3@x"):
         with pytest.raises(ValueError, match="anchor-variants"):
             parse_anchor_variants(bad)
 
