@@ -295,17 +295,12 @@ def conditional(d, args, score):
               f"under the anchor {under_anchor:.2f} ({in_sample:.2f})", flush=True)
 
 
-def _seq_means(v: np.ndarray, lens: np.ndarray) -> np.ndarray:
-    """(S, C) mean of (N, C) packed tokens per sequence."""
-    offs = np.concatenate([[0], np.cumsum(lens)])
-    return np.add.reduceat(v, offs[:-1], axis=0) / np.asarray(lens)[:, None]
-
-
 def seqmean(d, args, score):
     """8 ctx + ``--stages`` x12, learned; then a per-sequence correction: the mean over a sequence's
     tokens of what the adapted decode misses, exact (oracle) and quantized (PCA of the calibration
     sequences' means, ``k`` components at ``b`` bits, uniform over their calibration range)."""
     from splitnet.codecs import load_codec, make_codec, save_codec
+    from splitnet.codecs.sequence_correction import sequence_means as _seq_means
 
     n_ctx = args.contexts[0]
     path = f"/tmp/study-{n_ctx}ctx-{args.stages}x12-{args.steps}-cut{args.cut}.codec"
