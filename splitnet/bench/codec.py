@@ -280,26 +280,27 @@ def _minilm_codecs(cal: np.ndarray, cal_ids: np.ndarray, cal_lens: np.ndarray, c
             full = make_codec("alignedvq", stages=deepest[contexts], nbits=nb, refine=0, entropy="huffman", anchor_contexts=contexts,
                               anchor_context_points=cfg["anchor_context_points"], **kw).fit(cal, progress=progress, anchor_labels=cal_ids)
             fitted[contexts] = (full, time.perf_counter() - t0, None)
-        full, fit_anc, cal_codes = fitted[contexts]  # cal_codes: what the encoder sends for the calibration tokens (order-1 / context models)
-        anc = full.truncated(max(stages)) if max(stages) < full.stages else full  # nested codebooks: same as fitting fewer stages
+        # cal_codes: what the encoder sends for the calibration tokens (order-1 / context models); the
+        # codebooks are nested, so full.truncated(s) is the codec fitted with s stages
+        full, fit_anc, cal_codes = fitted[contexts]
         steps = variant_steps or cfg["adapter_steps"]
         kind = "anchor" if contexts == 1 else f"anchor{contexts}ctx"
         for s in stages:
-            lab = f"{kind}{anc.anchor_bits}bit-huffman+{s}x{nb}bit"
+            lab = f"{kind}{full.anchor_bits}bit-huffman+{s}x{nb}bit"
             if s in free:
-                c = anc.truncated(s)
+                c = full.truncated(s)
                 yield {"codec": "alignedvq", "setting": f"{lab} training-free", "config": c._config(), "bits_per_token": None,
                        "tuning": {"kind": "training-free"}}, c, fit_anc
             t0 = time.perf_counter()
-            c = anc.truncated(s).refine_decoder(cal, 2, progress=progress)
+            c = full.truncated(s).refine_decoder(cal, 2, progress=progress)
             yield {"codec": "alignedvq", "setting": f"{lab} tuned", "config": c._config(), "bits_per_token": None,
                    "tuning": {"kind": "closed-form", "sweeps": 2, "calibration_tokens": int(cal.shape[0])}}, c, fit_anc + time.perf_counter() - t0
         # learned AlignedVQ ("aligned fine-tuning"): the anchored codec's decoder tables and a small
         # receiver-side context adapter trained together on calibration sequences (encoder unchanged)
         for s in learned:
-            lab = f"{kind}{anc.anchor_bits}bit-huffman+{s}x{nb}bit"
+            lab = f"{kind}{full.anchor_bits}bit-huffman+{s}x{nb}bit"
             t0 = time.perf_counter()
-            c = anc.truncated(s).refine_decoder(cal, 2, progress=progress)  # start from the closed-form tables
+            c = full.truncated(s).refine_decoder(cal, 2, progress=progress)  # start from the closed-form tables
             print(f"  training the {lab} adapter ({steps} steps) ...", file=sys.stderr, flush=True)
             rep = c.tune(cal, cal_lens, steps=steps, batch_tokens=cfg["adapter_batch_tokens"], progress=progress)
             setting = {"codec": "alignedvq", "config": c._config(), "bits_per_token": None,

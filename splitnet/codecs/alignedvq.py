@@ -391,8 +391,8 @@ class AlignedVQCodec(_FittedCodec):
             self._levels()
             if self.entropy == "context" and anchor_labels is not None:
                 # models of the codes the encoder sends for every calibration token, in order
-                y_all = np.ascontiguousarray(self._project(self._align(x_all)[0]), dtype=np.float32)
-                self._order1, self._stage_models = _context_models(self._codes(y_all), self.anchor_cb.shape[0], self.nbits, self.stages)
+                codes_all = self._codes(self._quantizer_input(x_all))
+                self._order1, self._stage_models = _context_models(codes_all, self.anchor_cb.shape[0], self.nbits, self.stages)
         self._mark_fitted()
         if self.refine:
             self.refine_decoder(x, self.refine, progress=progress)
@@ -479,6 +479,11 @@ class AlignedVQCodec(_FittedCodec):
         self._require_fit()
         t, _ = as_tokens(features)
         self._check_width(t.shape[1], self.center.shape[0])
+        return self._quantizer_input(t)
+
+    def _quantizer_input(self, t: np.ndarray) -> np.ndarray:
+        """(N, d) float32: (N, C) tokens aligned as the encoder aligns them (quantized side
+        information, not the exact statistics) and projected."""
         return np.ascontiguousarray(self._project(self._align(t)[0]), dtype=np.float32)
 
     def encoder_codes(self, features) -> np.ndarray:
@@ -593,9 +598,8 @@ class AlignedVQCodec(_FittedCodec):
         if self.norm != "none":
             raise CodecError("a sequence correction needs norm='none' (it corrects the decoded channels directly)")
         x, _ = as_tokens(features)
-        self._check_width(x.shape[1], self.center.shape[0])
         lens = _adapter.split_lengths(x.shape[0], lengths)
-        miss = x - self._decoded(self._codes(self._project(self._align(x)[0])), lens)
+        miss = x - self._decoded(self.encoder_codes(x), lens)
         self._seqcorr = SequenceCorrection.fit(sequence_means(miss, lens), int(bits_per_sequence))
         self.sequence_correction = {"bits_per_sequence": self._seqcorr.bits_per_sequence,
                                     "components": int(self._seqcorr.bits.size), "calibration_sequences": int(lens.size)}
