@@ -19,20 +19,19 @@ codec travel raw. :func:`payload_wire_nbytes` counts exactly these bytes.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import numpy as np
 
 from splitnet.codecs.base import Payload, packed_size
 from splitnet.errors import CodecError, ProtocolError
+from splitnet.wire.limits import DEFAULT_LIMITS
 
 PART_SEP = "."
 CODECS_KEY = "codecs"
 #: parts up to this many bytes ride inline in the header entry; must stay below the receiver's
 #: ``WireLimits.max_str_len`` (msgpack ``bin`` limit, 4 096 by default)
 INLINE_PART_MAX_BYTES = 2048
-_MAX_NDIM = 8
 _DEFAULT_DTYPE = "float32"
 
 
@@ -106,7 +105,7 @@ def attach_payloads(tensors: dict[str, Any], meta: dict[str, Any], payloads: Map
 
 def _inline_part(name: str, part: Any, value: Any) -> np.ndarray:
     """Validate one inline part ``[dtype, shape, bytes]`` from a peer and view it as an array."""
-    from splitnet.wire.dtypes import WIRE_DTYPES
+    from splitnet.wire.message import tensor_spec
 
     where = f"inline part {part!r} of codec entry {name!r}"
     if type(part) is not str or not part:
@@ -114,12 +113,10 @@ def _inline_part(name: str, part: Any, value: Any) -> np.ndarray:
     if type(value) is not list or len(value) != 3:
         raise ProtocolError(f"{where} must be [dtype, shape, bytes]")
     dtype, shape, data = value
-    np_dtype = WIRE_DTYPES.get(dtype) if type(dtype) is str else None
-    if np_dtype is None or dtype == "bf16":
-        raise ProtocolError(f"{where} has dtype {dtype!r}, not on the allow-list")
-    if type(shape) is not list or len(shape) > _MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
-        raise ProtocolError(f"{where} has an invalid shape {shape!r}")
-    if type(data) is not bytes or len(data) != math.prod(shape) * np_dtype.itemsize:
+    if dtype == "bf16":  # a frame's bf16 is viewed through Message.dtypes; an inline part has none
+        raise ProtocolError(f"{where} has dtype 'bf16', which only travels as a frame")
+    np_dtype, expected = tensor_spec(f"{name}{PART_SEP}{part}", dtype, shape)
+    if type(data) is not bytes or len(data) != expected:
         raise ProtocolError(f"{where}: its bytes do not match shape {shape} and dtype {dtype}")
     return np.frombuffer(data, dtype=np_dtype).reshape(shape)
 
@@ -133,7 +130,7 @@ def _entry_payload(name: str, e: Any, framed: dict[str, np.ndarray]) -> Payload:
     elif type(h) is not str:
         raise ProtocolError(f"codec entry for {name!r} has a malformed hash")
     shape = e["s"]
-    if len(shape) > _MAX_NDIM or any(type(d) is not int or d < 0 for d in shape):
+    if len(shape) > DEFAULT_LIMITS.max_ndim or any(type(d) is not int or d < 0 for d in shape):
         raise ProtocolError(f"codec entry for {name!r} has an invalid shape {shape!r}")
     dtype, meta, inline = e.get("d", _DEFAULT_DTYPE), e.get("m", {}), e.get("p", {})
     if type(dtype) is not str or not isinstance(meta, dict) or not isinstance(inline, dict):

@@ -244,6 +244,29 @@ def _frame_buffer(f: Any) -> memoryview:
     return buf if buf is not None else memoryview(f)
 
 
+def tensor_spec(name: str, dtype: Any, shape: Any, limits: WireLimits = DEFAULT_LIMITS) -> tuple[np.dtype, int]:
+    """(numpy dtype, byte count) of a tensor a peer describes by wire dtype and shape, checked
+    against the allow-list and ``limits``; ProtocolError (or LimitExceeded) otherwise."""
+    np_dtype = WIRE_DTYPES.get(dtype) if type(dtype) is str else None
+    if np_dtype is None:
+        raise ProtocolError(
+            f"tensor {name!r} has dtype {dtype!r}, which is not on the allow-list {sorted(WIRE_DTYPES)}"
+        )
+    if type(shape) is not list or len(shape) > limits.max_ndim:
+        raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+    count = 1
+    for d in shape:
+        if type(d) is not int or d < 0:
+            raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
+        count *= d
+    expected = count * np_dtype.itemsize
+    if expected > limits.max_tensor_bytes:
+        raise LimitExceeded(
+            f"tensor {name!r} of shape {shape} is {expected} bytes, over the limit of {limits.max_tensor_bytes}"
+        )
+    return np_dtype, expected
+
+
 def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -> Message:
     """Validate and decode received frames (bytes, memoryview or zmq.Frame) into a Message."""
     if not frames:
@@ -277,23 +300,7 @@ def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -
             raise ProtocolError(f"tensor descriptor {i} has no valid name")
         if name in tensors:
             raise ProtocolError(f"tensor name {name!r} appears twice")
-        np_dtype = WIRE_DTYPES.get(dtype) if type(dtype) is str else None
-        if np_dtype is None:
-            raise ProtocolError(
-                f"tensor {name!r} has dtype {dtype!r}, which is not on the allow-list {sorted(WIRE_DTYPES)}"
-            )
-        if type(shape) is not list or len(shape) > limits.max_ndim:
-            raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
-        count = 1
-        for d in shape:
-            if type(d) is not int or d < 0:
-                raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
-            count *= d
-        expected = count * np_dtype.itemsize
-        if expected > limits.max_tensor_bytes:
-            raise LimitExceeded(
-                f"tensor {name!r} of shape {shape} is {expected} bytes, over the limit of {limits.max_tensor_bytes}"
-            )
+        np_dtype, expected = tensor_spec(name, dtype, shape, limits)
         if type(nbytes) is not int or nbytes != expected:
             raise ProtocolError(f"tensor {name!r}: descriptor says {nbytes!r} bytes, shape and dtype need {expected}")
         buf = _frame_buffer(frames[1 + i])
