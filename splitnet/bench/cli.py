@@ -13,6 +13,7 @@ SUITES = {
     "codec": "splitnet.bench.codec",
     "planner": "splitnet.bench.planner",
     "hardening": "splitnet.bench.hardening",
+    "hostile": "splitnet.bench.hostile",
     "pipeline": "splitnet.bench.pipeline",
     "speculative": "splitnet.bench.speculative",
 }

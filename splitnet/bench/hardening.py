@@ -11,8 +11,7 @@ Figures (one JSON document):
 - ``rss_growth_pct``: the worker's RSS after ``--rss-requests`` valid requests vs after warm-up;
 - ``curve_overhead_pct``: 1 - (keyed throughput / plaintext throughput) for 4 MiB tensors between
   two contexts on loopback (splitnet framing, ROUTER/DEALER, as between two stages), for the
-  default keyed transport (``sealed``: the CURVE keys, AEGIS-256 sealing by splitnet);
-  ``curvezmq_overhead_pct`` is the same for libzmq's own CURVE (``--transport curvezmq``).
+  keyed transport (libzmq's CurveZMQ, the default with keys).
 """
 
 from __future__ import annotations
@@ -130,45 +129,6 @@ def fuzz_input(rng: random.Random, reply_to: str = "tcp://127.0.0.1:1") -> list[
     if r < 0.9:
         return [msgpack.packb(_random_obj(rng), use_bin_type=True), *[bytes(rng.randint(0, 16)) for _ in range(rng.randint(0, 3))]]
     return [bytes(rng.getrandbits(8) for _ in range(rng.randint(0, 128))) for _ in range(rng.randint(1, 3))]
-
-
-def fuzz_sealed(n: int, seed: int = 0) -> dict:
-    """Hostile input to the sealed transport's opener (a stage's side): valid sealed messages with
-    flipped, cut, added or dropped bytes and frames, replays, and random frames. Every one must be
-    refused with :class:`~splitnet.wire.sealed.SealRejected` or opened intact."""
-    from splitnet.wire.sealed import SealState
-    from splitnet.wire.security import generate_keypair, load_keypair
-
-    d = tempfile.mkdtemp(prefix="splitnet-fuzz-keys-")
-    generate_keypair(d, "server")
-    generate_keypair(d, "client")
-    srv, cli = load_keypair(f"{d}/server.key_secret"), load_keypair(f"{d}/client.key_secret")
-    client = SealState(cli.secret, cli.public, server=False, router=False, peer_key_z85=srv.public)
-    server = SealState(srv.secret, srv.public, server=True, router=True, allow={cli.public})
-    rng = random.Random(seed)
-    counts = {"inputs": 0, "opened": 0, "typed_errors": 0, "crashes": 0, "crash_examples": []}
-    previous: list[bytes] = []
-    for _ in range(n):
-        sealed = [bytes(f) for f in client.seal(_valid(rng, "tcp://127.0.0.1:1"), None)]
-        r = rng.random()
-        if r < 0.1 and previous:
-            frames = previous  # a replay
-        elif r < 0.9:
-            frames = _mutate_bytes(rng, sealed)
-        else:
-            frames = fuzz_input(rng)
-        previous = sealed
-        counts["inputs"] += 1
-        try:
-            server.open(frames, b"fuzz", copy=False)
-            counts["opened"] += 1
-        except SplitnetError:
-            counts["typed_errors"] += 1
-        except Exception as e:
-            counts["crashes"] += 1
-            if len(counts["crash_examples"]) < 5:
-                counts["crash_examples"].append(f"{type(e).__name__}: {e}")
-    return counts
 
 
 def fuzz_decoder(n: int, seed: int = 0) -> dict:
@@ -308,8 +268,7 @@ def rss_growth(w: _Worker, n: int, warmup: int = 500) -> dict:
 # ---------------------------------------------------------------------- CURVE overhead -----------
 def curve_overhead(n: int = 60, rounds: int = 3) -> dict:
     """Throughput of 4 MiB tensors, ROUTER <- DEALER on loopback, in plaintext and over both keyed
-    transports (the default ``sealed`` one and libzmq's ``curvezmq``), rounds interleaved so that
-    machine load hits all three alike. Each message is decoded (and for keyed ones, authenticated
+    CurveZMQ, rounds interleaved so that machine load hits both alike. Each message is decoded (and for keyed ones, authenticated
     and decrypted) by the receiver, as a stage would."""
     from splitnet.wire.security import CurveConfig, generate_keypair, load_keypair, stop_authenticator
 
@@ -350,16 +309,16 @@ def curve_overhead(n: int = 60, rounds: int = 3) -> dict:
         c_cli.term()
         return n * 4 / dt
 
-    runs: dict[str, list[float]] = {"plain": [], "sealed": [], "curvezmq": []}
+    runs: dict[str, list[float]] = {"plain": [], "curvezmq": []}
     for _ in range(rounds):
         for name in runs:
             runs[name].append(once(None if name == "plain" else name))
     med = {k: float(np.median(v)) for k, v in runs.items()}
     p = med["plain"]
-    return {"plain_mib_s": round(p, 1), "sealed_mib_s": round(med["sealed"], 1), "curvezmq_mib_s": round(med["curvezmq"], 1),
-            "sealed_overhead_pct": round((1 - med["sealed"] / p) * 100, 2), "curvezmq_overhead_pct": round((1 - med["curvezmq"] / p) * 100, 2),
+    return {"plain_mib_s": round(p, 1), "curvezmq_mib_s": round(med["curvezmq"], 1),
+            "curvezmq_overhead_pct": round((1 - med["curvezmq"] / p) * 100, 2),
             "runs_mib_s": {k: [round(x, 1) for x in v] for k, v in runs.items()},
-            "default_transport": "sealed", "tensor_mib": 4, "messages_per_round": n, "rounds": rounds}
+            "default_transport": "curvezmq", "tensor_mib": 4, "messages_per_round": n, "rounds": rounds}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -369,7 +328,6 @@ def run(args: argparse.Namespace) -> dict:
     n_rss = args.rss_requests if args.rss_requests is not None else (1000 if quick else 10_000)
     t0 = time.perf_counter()
     dec = fuzz_decoder(n_dec, args.seed)
-    sealed = fuzz_sealed(max(1, n_dec // 5), args.seed)
     w = _Worker()
     try:
         wrk = fuzz_worker(w, n_wrk, args.seed)
@@ -378,26 +336,23 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         w.close()
     cur = curve_overhead(n=20 if quick else 60)
-    crashes = dec["crashes"] + wrk["crashes"] + sealed["crashes"]
+    crashes = dec["crashes"] + wrk["crashes"]
     return {
         "config": {"quick": quick, "decoder_inputs": n_dec, "worker_inputs": n_wrk, "rss_requests": n_rss, "seed": args.seed,
                    "worker": "serve-stage minilm blocks 0:1, torch 1 thread", "fuzz_limits": _FUZZ_LIMITS.__dict__},
-        "inputs_tried": dec["inputs"] + wrk["inputs"] + sealed["inputs"],
-        "typed_errors": dec["typed_errors"] + wrk["typed_errors"] + sealed["typed_errors"],
+        "inputs_tried": dec["inputs"] + wrk["inputs"],
+        "typed_errors": dec["typed_errors"] + wrk["typed_errors"],
         "crashes": crashes,
         "worker_alive_after": bool(wrk["worker_alive_after"] and alive),
         "rss_growth_pct": rss["rss_growth_pct"],
-        "curve_overhead_pct": cur["sealed_overhead_pct"],  # keyed links as splitnet runs them by default
-        "curvezmq_overhead_pct": cur["curvezmq_overhead_pct"],
+        "curve_overhead_pct": cur["curvezmq_overhead_pct"],  # keyed links as splitnet runs them by default
         "decoder": dec,
-        "sealed_opener": sealed,
         "worker": wrk,
         "rss": rss,
         "curve": cur,
         "baseline": {"plaintext_mib_s": cur["plain_mib_s"]},
-        "goals": {"crashes_zero": crashes == 0, "inputs_ge_100k": dec["inputs"] + wrk["inputs"] + sealed["inputs"] >= 100_000,
-                  "rss_growth_le_5": rss["rss_growth_pct"] <= 5, "curve_overhead_le_50": cur["sealed_overhead_pct"] <= 50,
-                  "curvezmq_overhead_le_50": cur["curvezmq_overhead_pct"] <= 50},
+        "goals": {"crashes_zero": crashes == 0, "inputs_ge_100k": dec["inputs"] + wrk["inputs"] >= 100_000,
+                  "rss_growth_le_5": rss["rss_growth_pct"] <= 5, "curve_overhead_le_50": cur["curvezmq_overhead_pct"] <= 50},
         "elapsed_s": round(time.perf_counter() - t0, 1),
         "exit_code": 0 if crashes == 0 else 1,
     }
@@ -406,4 +361,4 @@ def run(args: argparse.Namespace) -> dict:
 def summarize(doc: dict) -> str:
     return (f"hardening: inputs_tried={doc['inputs_tried']} typed_errors={doc['typed_errors']} crashes={doc['crashes']} "
             f"worker_alive_after={doc['worker_alive_after']} rss_growth_pct={doc['rss_growth_pct']} "
-            f"curve_overhead_pct={doc['curve_overhead_pct']} (curvezmq {doc.get('curvezmq_overhead_pct')}) goals={doc['goals']}")
+            f"curve_overhead_pct={doc['curve_overhead_pct']} goals={doc['goals']}")

@@ -50,6 +50,8 @@ def run(args: argparse.Namespace) -> int:
         passthrough += ["--server-key", args.server_key]
     if args.keys_dir:
         passthrough += ["--keys-dir", args.keys_dir]
+    if args.stage_keys_dir:
+        passthrough += ["--stage-keys-dir", args.stage_keys_dir]
     if args.insecure:
         passthrough += ["--insecure"]
     passthrough += ["--transport", args.transport]
@@ -85,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--server-key", default="", help="CURVE secret key file of this node")
     p.add_argument("--keys-dir", default="", help="directory of allowed client public keys")
     p.add_argument("--insecure", action="store_true", help="serve plaintext (warned)")
-    p.add_argument("--transport", choices=("sealed", "curvezmq"), default=os.environ.get("SPLITNET_TRANSPORT", "sealed"), help="secure transport with keys (see serve-stage --transport)")
+    p.add_argument("--stage-keys-dir", default="", help="directory of the upstream stages' public keys (see serve-stage --stage-keys-dir)")
+    p.add_argument("--transport", choices=("curvezmq",), default=os.environ.get("SPLITNET_TRANSPORT", "curvezmq"), help="keyed transport (see serve-stage --transport)")
     p.add_argument("--torch-device", dest="device_torch", default="", help="torch device for the stages (cpu, cuda)")
     p.add_argument("--dtype", default="", help="float32, float16 or bfloat16")
     p.add_argument("--max-restarts", type=int, default=5, help="restarts per stage within 5 minutes before giving up")

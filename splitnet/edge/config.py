@@ -26,10 +26,11 @@ class ClientConfig:
             one after another, so stage i works on chunk k+1 while stage i+1 works on chunk k).
         client_key: this client's CURVE keypair file (``NAME.key_secret`` from ``splitnet keys gen``);
             "" connects in plaintext (a stage that requires CURVE then refuses with AuthError).
-        server_key: the stages' public key (``server.key`` file or 40 Z85 characters); needed with
-            ``client_key``.
-        transport: how keyed links are protected, the same as the stages' ``--transport``:
-            ``"sealed"`` (AEGIS-256 sealing by splitnet, the default) or ``"curvezmq"`` (libzmq CURVE).
+        server_key: the stages' public keys (``NAME.key`` files or 40 Z85 characters): one for
+            every stage, or one per stage in pipeline order (a tuple, or one string separated by
+            commas); needed with ``client_key``. Each stage learns the next one's key from the
+            request (``meta.route_keys``), for that request only.
+        transport: how keyed links are protected: ``"curvezmq"`` (libzmq CURVE), the only one.
     """
 
     timeout_s: float = 60.0
@@ -41,8 +42,8 @@ class ClientConfig:
     prefill_chunk_tokens: int = 64
     max_recoveries: int = 3
     client_key: str = ""
-    server_key: str = ""
-    transport: str = "sealed"
+    server_key: str | tuple[str, ...] = ""
+    transport: str = "curvezmq"
 
     def __post_init__(self) -> None:
         for name in ("timeout_s", "connect_timeout_s", "heartbeat_interval_s"):
@@ -58,5 +59,6 @@ class ClientConfig:
             raise ConfigError("ClientConfig.client_key and server_key go together (CURVE needs both)")
         if self.reply_via not in ("connection", "bind"):
             raise ConfigError(f"ClientConfig.reply_via must be 'connection' or 'bind', got {self.reply_via!r}")
-        if self.transport not in ("sealed", "curvezmq"):
-            raise ConfigError(f"ClientConfig.transport must be 'sealed' or 'curvezmq', got {self.transport!r}")
+        from splitnet.wire.security import check_transport
+
+        check_transport(self.transport)

@@ -34,13 +34,14 @@ from splitnet.wire import (
     make_socket,
     message_nbytes,
 )
-from splitnet.wire.sealed import SealRejected
+from splitnet.wire.security import load_server_keys, set_peer_key
 
 log = logging.getLogger("splitnet.sdk")
 
 Key = tuple[str, int]
 
 _DROPPED = object()  # Session._receive: a message that failed authentication
+_MAX_PENDING = 1024  # results and errors kept for requests not yet collected; the oldest go first
 
 
 @dataclass
@@ -100,7 +101,7 @@ class Session:
 
             socket_config = SocketConfig(security=client_curve_config(self.config.client_key, self.config.server_key, transport=self.config.transport))
         self.socket_config = socket_config or SocketConfig()
-        self._reply_key = getattr(self.socket_config.security, "public_key", None)  # the last stage needs it to reach us
+        self._stage_keys = self._keys_per_stage()
         from splitnet.wire.security import HandshakeWatch
 
         self._watch = HandshakeWatch(secure=self.socket_config.security is not None)
@@ -113,11 +114,10 @@ class Session:
             port = self._results.bind_to_random_port(f"tcp://{self.config.reply_host}", min_port=20000, max_port=60000)
             self.reply_to = f"tcp://{self.config.reply_host}:{port}"
         else:
-            self.reply_to = "peer:" + self._routing_id.decode()
-            self._reply_key = None  # results come back on connections this session opened
+            self.reply_to = "peer:" + self._routing_id.decode()  # a 128-bit random id, sent only inside CURVE's encryption
         self._recovery = recovery
         self.recoveries: list[dict] = []  # what was replaced and replayed, for reports
-        self._controls = [self._open_control(ep) for ep in self.endpoints]
+        self._controls = [self._open_control(i, ep) for i, ep in enumerate(self.endpoints)]
         self._poller = zmq.Poller()
         if self._results is not None:
             self._poller.register(self._results, zmq.POLLIN)
@@ -138,8 +138,22 @@ class Session:
             raise
 
     # ------------------------------------------------------------------ set-up -------------
-    def _open_control(self, endpoint: str) -> zmq.Socket:
+    def _keys_per_stage(self) -> list[bytes] | None:
+        """Each stage's CURVE public key, in pipeline order (None without keys)."""
+        security = self.socket_config.security
+        if security is None:
+            return None
+        keys = list(load_server_keys(self.config.server_key)) if self.config.server_key else [security.peer_key]
+        if len(keys) == 1:
+            keys = keys * len(self.endpoints)
+        if len(keys) != len(self.endpoints):
+            raise ConfigError(f"{len(keys)} stage public keys for {len(self.endpoints)} stages: give one key for all stages, or one per stage in order")
+        return keys
+
+    def _open_control(self, i: int, endpoint: str) -> zmq.Socket:
         s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+        if self._stage_keys is not None:
+            set_peer_key(s, self._stage_keys[i])
         s.setsockopt(zmq.ROUTING_ID, self._routing_id)  # the stage replies (and the last stage returns results) to this id
         self._watch.add(s, endpoint)  # handshake failures (wrong/missing key) surface as AuthError at connect
         s.connect(endpoint)
@@ -237,8 +251,8 @@ class Session:
             tensors, codec_meta = self._run_local(req, tensors, meta)  # only the cut leaves the device
             meta = {**meta, **codec_meta}
         meta = {"route": self.endpoints[1:], "reply_to": self.reply_to, **meta}
-        if self._reply_key:
-            meta["reply_key"] = self._reply_key.decode()
+        if self._stage_keys is not None and len(self.endpoints) > 1:
+            meta["route_keys"] = [k.decode() for k in self._stage_keys[1:]]  # each stage reaches the next with its key
         frames = encode_message(Message(kind="forward", req=req, seq=seq, epoch=self.epoch, tensors=tensors, meta=meta))
         deadline = time.monotonic() + self.config.timeout_s
         while True:
@@ -260,15 +274,17 @@ class Session:
         """Take one message off ``sock`` (a control socket or the bound results socket) and
         :meth:`_store` it. Returns what ``_store`` does, or ``_DROPPED`` for a message that failed
         authentication (dropped; it says nothing about the stage)."""
-        try:
-            frames = sock.recv_multipart(copy=False)
-        except SealRejected as e:  # not from a peer holding the keys
-            log.warning("dropped a message that failed authentication: %s", e)
-            return _DROPPED
+        frames = sock.recv_multipart(copy=False)
         if sock is self._results:
             return self._store(frames[1:])
         self._last_seen[self._controls.index(sock)] = time.monotonic()
-        return self._store(frames)
+        msg = self._store(frames)
+        if msg is not None and msg.kind == "ping":  # the stage asks who holds this connection before it sends a result
+            try:
+                sock.send_multipart(encode_message(Message(kind="pong", req=msg.req, seq=msg.seq)), flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+        return msg
 
     def _store(self, body: list) -> Message | None:
         """Decode a received message; keep results and errors for :meth:`_wait_any`."""
@@ -277,7 +293,12 @@ class Session:
         except (ProtocolError, AuthError):
             return None  # a malformed reply is dropped; the request then times out with a clear error
         if msg.kind in ("result", "error") and msg.req:
+            self._pending.pop((msg.req, msg.seq), None)
             self._pending[(msg.req, msg.seq)] = msg
+            while len(self._pending) > _MAX_PENDING:  # bounded: stale replies of abandoned requests go first
+                old = next(iter(self._pending))
+                del self._pending[old]
+                self._result_bytes.pop(old, None)
             self._result_bytes[(msg.req, msg.seq)] = message_nbytes([getattr(f, "buffer", f) for f in body])
             if msg.kind == "result":
                 for t in msg.meta.get("trace", []):
@@ -351,7 +372,7 @@ class Session:
         old = self._controls[i]
         self._poller.unregister(old)
         old.close(linger=0)
-        self._controls[i] = self._open_control(endpoint)
+        self._controls[i] = self._open_control(i, endpoint)
         self._poller.register(self._controls[i], zmq.POLLIN)
         self.endpoints[i] = endpoint
         self._last_seen[i] = time.monotonic()

@@ -28,8 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=3)
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--client-key", default="")
-    p.add_argument("--server-key", default="")
-    p.add_argument("--transport", default="sealed", choices=("sealed", "curvezmq"))
+    p.add_argument("--server-key", default="", help="the stages' public keys: one file for all, or one per stage, comma-separated")
+    p.add_argument("--transport", default="curvezmq", choices=("curvezmq",))
     p.add_argument("--timeout-s", type=float, default=60.0)
     p.add_argument("--no-reference", action="store_true", help="skip the local whole-model check")
 

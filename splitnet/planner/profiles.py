@@ -149,12 +149,12 @@ class LinkProfile:
         bandwidth_mbit_s: usable bandwidth in megabits (10^6 bit) per second.
         rtt_ms: round-trip time; one message pays ``rtt_ms / 2``.
         overhead_ms: fixed time per message on top of the propagation delay (syscalls, copies).
-        transport: how messages travel on this link: ``zmq`` (plain ZeroMQ), ``sealed``
-            (splitnet's sealed transport) or ``curvezmq``; it sets the default ``bytes_per_message``.
+        transport: how messages travel on this link: ``zmq`` (plain ZeroMQ) or ``curvezmq``
+            (libzmq's CURVE, splitnet's keyed transport); it sets the default ``bytes_per_message``.
         bytes_per_message: bytes the transport adds to every message on this link, beyond the
             splitnet message itself. Default: the transport's own figure for a two-frame cut message
-            (:func:`splitnet.wire.overhead.transport_bytes_per_message`: sealed 107-byte envelope
-            + 32-byte tag per frame = 171; CurveZMQ 33 per frame = 66; plain ZeroMQ 0).
+            (:func:`splitnet.wire.overhead.transport_bytes_per_message`: CurveZMQ 33 per frame = 66;
+            plain ZeroMQ 0).
         symmetric: the same figures hold for dst -> src.
         uplink: this link is the edge uplink that ``--sweep-bandwidth`` varies.
     """

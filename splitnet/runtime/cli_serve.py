@@ -29,8 +29,11 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-level", default="WARNING")
     p.add_argument("--server-key", default=os.environ.get("SPLITNET_SERVER_KEY", ""), help="this stage's CURVE keypair (NAME.key_secret from `splitnet keys gen`; env SPLITNET_SERVER_KEY)")
     p.add_argument("--keys-dir", default=os.environ.get("SPLITNET_KEYS_DIR", ""), help="allow-list: directory of client public keys *.key (env SPLITNET_KEYS_DIR)")
-    p.add_argument("--transport", choices=("sealed", "curvezmq"), default=os.environ.get("SPLITNET_TRANSPORT", "sealed"),
-                   help="with keys: 'sealed' (AEGIS-256 sealing by splitnet, ~5x CurveZMQ's throughput) or 'curvezmq' (libzmq CURVE + ZAP); env SPLITNET_TRANSPORT")
+    p.add_argument("--stage-keys-dir", default=os.environ.get("SPLITNET_STAGE_KEYS_DIR", ""),
+                   help="public keys *.key of the upstream stages: they may connect and forward work on behalf of clients (env SPLITNET_STAGE_KEYS_DIR)")
+    p.add_argument("--transport", default=os.environ.get("SPLITNET_TRANSPORT", "curvezmq"),
+                   help="keyed transport: 'curvezmq' (libzmq CURVE handshake + ZAP allow-list; the only one); env SPLITNET_TRANSPORT")
+    p.add_argument("--max-input-mib", type=int, default=128, help="largest input tensor (and message) this stage accepts, MiB; also ZMQ_MAXMSGSIZE")
     p.add_argument("--insecure", action="store_true", help="serve plaintext without authentication (warns; needed for a non-loopback bind without --server-key)")
     p.add_argument("--max-request-cache-mib", type=int, default=0, help="KV cache memory limit per request (MiB; 0: same as --max-cache-mib)")
 
@@ -72,6 +75,7 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         torch_threads=args.torch_threads,
         device=args.device,
         dtype=args.dtype,
+        max_input_bytes=args.max_input_mib * 1024 * 1024,
     )
 
 
@@ -81,10 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        from splitnet.wire.security import stage_socket_config
+        from splitnet.wire.security import check_transport, stage_socket_config
 
         config = config_from_args(args)
-        sock_cfg = stage_socket_config(args.server_key, args.keys_dir, args.insecure, config.bind, config.send_timeout_ms, args.transport)
+        sock_cfg = stage_socket_config(args.server_key, args.keys_dir, args.insecure, config.bind, config.send_timeout_ms, check_transport(args.transport),
+                                       stage_keys_dir=args.stage_keys_dir, max_message_bytes=config.max_input_bytes)
         serve_forever(config, socket_config=sock_cfg, max_request_cache_bytes=args.max_request_cache_mib * 1024 * 1024 or None)
     except SplitnetError as e:
         print(f"splitnet serve-stage: {type(e).__name__}: {e}")

@@ -31,6 +31,9 @@ class StageWorkerConfig:
         device: torch device the stage runs on ("cpu", "cuda", "cuda:1").
         dtype: weight and activation dtype ("float32", "float16", "bfloat16").
         insecure: allow plaintext sockets (otherwise CURVE keys are required when configured).
+        max_input_bytes: the largest tensor, and the most tensor bytes of one message, this stage
+            accepts; also its sockets' ZMQ_MAXMSGSIZE (a larger frame drops the connection before
+            libzmq assembles it). 128 MiB holds 8,192 tokens of a 4,096-wide fp32 hidden state.
     """
 
     model: str
@@ -51,13 +54,14 @@ class StageWorkerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     insecure: bool = True
+    max_input_bytes: int = 128 * 1024**2
 
     def __post_init__(self) -> None:
         if self.start_block < 0 or self.end_block <= self.start_block:
             raise ConfigError(f"stage blocks [{self.start_block}, {self.end_block}) are empty or negative")
         if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"bind endpoint {self.bind!r} must start with tcp://, ipc:// or inproc://")
-        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms"):
+        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms", "max_input_bytes"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"StageWorkerConfig.{name} must be positive")
         if self.dtype not in ("float32", "float16", "bfloat16"):

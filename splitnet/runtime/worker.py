@@ -10,15 +10,24 @@ Threads and sockets (a socket belongs to one thread):
   route, to the client's ``reply_to`` endpoint. Errors during compute go to ``reply_to`` too.
 
 Forward messages carry in ``meta``: ``route`` (endpoints still to visit after this stage),
-``reply_to`` (the client's result endpoint), ``cache`` (keep a KV cache for ``req``),
-``want_result`` (the client needs this step's output), ``all_logits`` and ``trace``
-(per-stage timings appended by each stage).
+``route_keys`` (their CURVE public keys), ``reply_to`` (the client's result endpoint),
+``cache`` (keep a KV cache for ``req``), ``want_result`` (the client needs this step's output),
+``all_logits`` and ``trace`` (per-stage timings appended by each stage).
+
+Who a request belongs to (its *origin*) is the CURVE public key that authenticated it: the
+sender's own, or, when the sender is a trusted upstream stage (``--stage-keys-dir``, or this
+stage's own key), the ``meta.origin`` that stage vouches for. KV caches are kept per (origin,
+request id); route keys apply to the one request that carried them; results go only to the origin:
+to a result socket that must authenticate as that key, or over the origin's own connection
+(:mod:`splitnet.runtime.peer_replies`). Any exception while handling a message is answered as a
+typed error and the stage keeps serving.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import dataclasses
 import queue
 import re
 import signal
@@ -45,8 +54,10 @@ from splitnet.wire import (
     make_socket,
     message_nbytes,
 )
-from splitnet.wire.sealed import SealRejected
+from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
+from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
+from splitnet.wire.sockets import frame_user_id, recv_bounded
 
 log = logging.getLogger("splitnet.worker")
 
@@ -59,6 +70,12 @@ _POLL_MS = 100
 _MAX_ROUTE = 64
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
 _BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
+_Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+
+
+def cache_key(origin: str, req: str) -> str:
+    """KV caches are per (authenticated origin, request id): one client cannot reach another's."""
+    return f"{origin}/{req}" if origin else req
 
 
 @dataclass
@@ -66,6 +83,7 @@ class _Work:
     msg: Message
     wire_bytes: int
     received_at: float
+    origin: str = ""  # the authenticated client this request belongs to ("" without keys)
 
 
 class _CacheTable:
@@ -115,10 +133,16 @@ class _CacheTable:
 class StageWorker:
     """Serve ``config``'s stage until :meth:`stop` (or SIGTERM/SIGINT in :func:`serve_forever`)."""
 
-    def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits = DEFAULT_LIMITS, max_request_cache_bytes: int | None = None):
+    def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits | None = None, max_request_cache_bytes: int | None = None):
         self.config = config
-        self.limits = limits
+        # the largest input this stage takes bounds every tensor and (as ZMQ_MAXMSGSIZE) every frame
+        self.limits = limits or limits_for_input(config.max_input_bytes, DEFAULT_LIMITS)
         self.socket_config = socket_config or SocketConfig(send_timeout_ms=config.send_timeout_ms)
+        frame_cap = max(self.limits.max_header_bytes, self.limits.max_tensor_bytes)
+        if self.socket_config.max_message_bytes > frame_cap:
+            self.socket_config = dataclasses.replace(self.socket_config, max_message_bytes=frame_cap)
+        security = self.socket_config.security
+        self._stage_keys = security.stage_list() if security is not None and hasattr(security, "stage_list") else None
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
         bm = load_model(config.model, blocks=range(config.start_block, config.end_block))
@@ -131,14 +155,13 @@ class StageWorker:
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes)
-        self._peer_keys: dict[str, bytes] = {}  # CURVE server key per downstream endpoint (compute thread)
-        self._sock_keys: dict[str, bytes | None] = {}  # key each open downstream socket was made with
         self._banned: dict[str, float] = {}  # endpoint -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
         self.stop_event = threading.Event()
         self.endpoint = ""
-        self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0}
+        self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0}
+        self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
         self._replies_endpoint = f"inproc://splitnet-replies-{id(self):x}"
@@ -147,9 +170,11 @@ class StageWorker:
     def run(self) -> None:
         router = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped, not raised
+        monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.socket_config.security is not None else None
         replies = self.ctx.socket(zmq.PULL)
         replies.bind(self._replies_endpoint)
         compute = threading.Thread(target=self._compute_loop, name="splitnet-compute", daemon=True)
+        max_frames = 2 + self.limits.max_tensors  # routing id + header + tensor frames
         try:
             self.endpoint = _bind(router, self.config.bind)
             compute.start()
@@ -157,26 +182,32 @@ class StageWorker:
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
             poller.register(replies, zmq.POLLIN)
+            if monitor is not None:
+                poller.register(monitor, zmq.POLLIN)
             while not self.stop_event.is_set():
                 if self.config.parent_pid and not _alive(self.config.parent_pid):
                     log.warning("parent process %d is gone; stage %d exits", self.config.parent_pid, self.config.stage_index)
                     break
                 ready = dict(poller.poll(_POLL_MS))
+                self._note_disconnects(monitor)
+                if self.peer_replies.expire():
+                    log.warning("results for a client whose connection could not be confirmed were dropped")
                 if not ready:
                     continue
                 if replies in ready:
-                    self._relay_replies(router, replies)
+                    self._relay_replies(router, replies, monitor)
                 if router not in ready:
                     continue
+                frames, dropped = recv_bounded(router, max_frames)
                 try:
-                    frames = router.recv_multipart(copy=False)
-                except SealRejected as e:  # the sealed transport could not authenticate it: say why, keep serving
+                    self._handle(router, frames, dropped)
+                except Exception as e:  # never let one message end the I/O thread
                     self.stats["errors"] += 1
-                    log.warning("refused a message: %s", e)
-                    if e.identity:
-                        self._refuse(router, e.identity, e)
-                    continue
-                self._handle(router, frames)
+                    log.exception("stage %d failed handling a message", self.config.stage_index)
+                    try:
+                        self._refuse(router, frames[0].bytes, StageError(f"stage {self.config.stage_index} could not handle the message: {type(e).__name__}"))
+                    except Exception:  # noqa: BLE001 - the reply is best effort
+                        pass
         finally:
             self.stop_event.set()
             try:
@@ -185,22 +216,54 @@ class StageWorker:
                 pass
             if compute.is_alive():
                 compute.join(timeout=10)  # let an in-flight forward finish before the process exits
+            if monitor is not None:
+                router.disable_monitor()
+                monitor.close(linger=0)
             router.close(linger=0)
             replies.close(linger=0)
 
-    def _relay_replies(self, router: zmq.Socket, replies: zmq.Socket) -> None:
-        """Send what the compute thread queued for clients reached over their own connection."""
+    def _note_disconnects(self, monitor: zmq.Socket | None) -> None:
+        """Drain the ROUTER's monitor: a disconnect anywhere unconfirms every routing id's holder."""
+        if monitor is None:
+            return
+        changed = False
+        while True:
+            try:
+                monitor.recv_multipart(flags=zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            changed = True
+        if changed:
+            self.peer_replies.connections_changed()
+
+    def _relay_replies(self, router: zmq.Socket, replies: zmq.Socket, monitor: zmq.Socket | None) -> None:
+        """Send what the compute thread queued for clients reached over their own connection:
+        [routing id, origin key, *message frames], delivered only to a connection authenticated
+        as the origin (held while that is unproven, refused when another key holds the id)."""
         for _ in range(64):  # bounded: the ROUTER's requests get their turn
             try:
                 frames = replies.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
                 return
-            try:
-                router.send_multipart(frames, copy=False)
-            except zmq.Again:
-                log.warning("reply to a slow client dropped")
-            except SplitnetError as e:  # e.g. the sealed transport has no session for that client
-                log.warning("reply to %r dropped: %s", frames[0].bytes[:40], e)
+            self._note_disconnects(monitor)  # a connection that just dropped must not get this
+            rid, origin, body = frames[0].bytes, frames[1].bytes.decode("ascii", "replace"), frames[2:]
+            verdict = self.peer_replies.decide(rid, origin)
+            if verdict == DELIVER:
+                self._send_router(router, [rid, *body])
+            elif verdict == HOLD:
+                if self.peer_replies.hold(rid, origin, body):
+                    self._reply(router, rid, Message(kind="ping", req="confirm", meta={"t": time.time()}))  # prove who holds the id
+                else:
+                    self.stats["replies_refused"] += 1
+            else:
+                self.stats["replies_refused"] += 1
+                log.warning("a result for one client was not sent to routing id %r: another key holds it", rid[:40])
+
+    def _send_router(self, router: zmq.Socket, frames: list) -> None:
+        try:
+            router.send_multipart(frames, copy=False)
+        except zmq.Again:
+            log.warning("reply to a slow client dropped")
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -234,8 +297,27 @@ class StageWorker:
             "stats": dict(self.stats),
         }
 
-    def _handle(self, router: zmq.Socket, frames: list) -> None:
+    def _principal(self, frames: list) -> str:
+        """The CURVE key that authenticated this message ("" without keys)."""
+        if self.socket_config.security is None:
+            return ""
+        return frame_user_id(frames[-1])
+
+    def _is_stage(self, principal: str) -> bool:
+        return self._stage_keys is not None and principal.encode() in self._stage_keys
+
+    def _handle(self, router: zmq.Socket, frames: list, dropped: int = 0) -> None:
         identity, body = frames[0].bytes, frames[1:]
+        principal = self._principal(frames)
+        if principal:
+            self.peer_replies.seen(identity, principal)
+            for held in self.peer_replies.ready(identity):
+                self._send_router(router, [identity, *held])
+        if dropped or not body:
+            self.stats["errors"] += 1
+            n = len(body) + dropped
+            self._refuse(router, identity, LimitExceeded(f"a message of {n} frames; a stage takes at most {1 + self.limits.max_tensors}") if dropped else ProtocolError("empty message: expected a header frame"))
+            return
         try:
             msg = decode_message(body, self.limits)
         except (ProtocolError, AuthError) as e:
@@ -246,15 +328,19 @@ class StageWorker:
             self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t")}))
         elif msg.kind == "info":
             self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta=self.info()))
+        elif msg.kind in ("pong", "info_reply"):
+            pass  # a client answering this stage's ping (it proved who holds its routing id above)
         elif msg.kind in ("forward", "release"):
             try:
-                _check_forward_meta(msg) if msg.kind == "forward" else None
+                if msg.kind == "forward":
+                    _check_forward_meta(msg)
+                origin = self._origin(msg, principal)
             except ProtocolError as e:
                 self.stats["errors"] += 1
                 self._refuse(router, identity, e, msg)
                 return
             try:
-                self.work.put_nowait(_Work(msg, message_nbytes(body), time.monotonic()))
+                self.work.put_nowait(_Work(msg, message_nbytes(body), time.monotonic(), origin))
             except queue.Full:
                 err = LimitExceeded(f"stage {self.config.stage_index} has {self.config.queue_depth} requests queued; retry later")
                 self._refuse(router, identity, err, msg)
@@ -262,20 +348,27 @@ class StageWorker:
             err = ProtocolError(f"a stage does not accept {msg.kind!r} messages")
             self._refuse(router, identity, err, msg)
 
+    def _origin(self, msg: Message, principal: str) -> str:
+        """Whose request this is: the sender's key, or the origin a trusted upstream stage vouches for."""
+        claimed = msg.meta.get("origin")
+        if claimed is not None and not (isinstance(claimed, str) and (claimed == "" or _Z85_KEY.fullmatch(claimed))):
+            raise ProtocolError("meta.origin must be a 40-character Z85 CURVE public key")
+        if principal and not self._is_stage(principal):
+            return principal  # a client speaks for itself only
+        return claimed if isinstance(claimed, str) and claimed else principal
+
     def _refuse(self, router: zmq.Socket, identity: bytes, err: SplitnetError, msg: Message | None = None) -> None:
         """Answer ``identity`` with ``err`` as a typed error message (about ``msg`` when it was decoded)."""
         req, seq, epoch = (msg.req, msg.seq, msg.epoch) if msg is not None else ("", 0, 0)
         self._reply(router, identity, error_message(req, seq, epoch, err.code, str(err), stage=self.config.stage_index))
 
     def _reply(self, router: zmq.Socket, identity: bytes, msg: Message) -> None:
-        try:
-            router.send_multipart([identity, *encode_message(msg)], copy=False)
-        except zmq.Again:
-            log.warning("reply to a slow peer dropped")
+        """Answer the connection a message just came in on (pong, info, refusals)."""
+        self._send_router(router, [identity, *encode_message(msg)])
 
     # ---------------------------------------------------------------- compute thread -------
     def _compute_loop(self) -> None:
-        peers: dict[str, zmq.Socket] = {}
+        peers: dict[tuple[str, bytes | None], zmq.Socket] = {}  # downstream sockets by (endpoint, its CURVE key)
         self._to_io = self.ctx.socket(zmq.PUSH)  # this thread's end of the replies pipe
         self._to_io.setsockopt(zmq.SNDTIMEO, self.socket_config.send_timeout_ms)
         self._to_io.connect(self._replies_endpoint)
@@ -289,18 +382,17 @@ class StageWorker:
                     break
                 msg = item.msg
                 if msg.kind == "release":
-                    self.caches.drop(msg.req)
+                    self.caches.drop(cache_key(item.origin, msg.req))
                     continue
                 try:
-                    self._note_peer_keys(msg.meta)
                     self._forward(item, peers)
                 except Exception as e:  # any failure becomes a typed error for the client
                     self.stats["errors"] += 1
                     if not isinstance(e, SplitnetError):
                         log.exception("stage %d failed on request %s", self.config.stage_index, msg.req)
                         e = StageError(f"stage {self.config.stage_index} failed: {type(e).__name__}: {e}")
-                    self.caches.drop(msg.req)
-                    self._send(peers, msg.meta["reply_to"], error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
+                    self.caches.drop(cache_key(item.origin, msg.req))
+                    self._reply_to_origin(peers, item, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
         finally:
             for s in peers.values():
                 s.close(linger=0)
@@ -322,12 +414,13 @@ class StageWorker:
         decode_ms = (time.perf_counter() - t0) * 1e3
         cache = None
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
-            cache = self.caches.get(msg.req, create=True)
+            ckey = cache_key(item.origin, msg.req)
+            cache = self.caches.get(ckey, create=True)
             pos = meta.get("pos")
             if isinstance(pos, int) and pos < cache.length and meta.get("rewind"):
                 cache.truncate(pos)  # the client rejected speculative tokens past ``pos``
             if isinstance(pos, int) and pos != cache.length:
-                self.caches.drop(msg.req)
+                self.caches.drop(ckey)
                 raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
         t1 = time.perf_counter()
         outputs = self.stage(inputs, cache, all_logits=bool(meta.get("all_logits")))
@@ -338,7 +431,7 @@ class StageWorker:
         outputs = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in outputs.items()}
         compute_ms = (time.perf_counter() - t1) * 1e3
         if cache is not None:
-            self.caches.check_memory(msg.req)
+            self.caches.check_memory(ckey)
         route = list(meta.get("route") or [])
         t2 = time.perf_counter()
         if route:
@@ -359,39 +452,51 @@ class StageWorker:
                 "tokens_computed": cache.tokens_computed if cache is not None else None,
             }
         )
-        next_meta = {k: v for k, v in meta.items() if k not in ("route", "trace", "codecs", "packed_tokens", "mask_len")}
+        next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len")}
         next_meta.update(out_meta)
         next_meta["trace"] = trace
         self.stats["forwards"] += 1
         if meta.get("final") and cache is not None:
-            self.caches.drop(msg.req)
+            self.caches.drop(ckey)
+        if item.origin:
+            next_meta["origin"] = item.origin  # the next stage trusts it only from a stage key it lists
         if route:
             next_meta["route"] = route[1:]
-            if meta.get("route_keys"):
-                next_meta["route_keys"] = list(meta["route_keys"])[1:]
-            self._send(peers, route[0], Message(kind="forward", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta), reply_to=meta["reply_to"])
+            route_keys = list(meta.get("route_keys") or [])
+            if len(route_keys) > 1:
+                next_meta["route_keys"] = route_keys[1:]
+            key = route_keys[0].encode() if route_keys else None  # for this request only
+            fwd = Message(kind="forward", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta)
+            self._send(peers, route[0], fwd, key=key, on_fail=item)
         elif meta.get("want_result", True):
-            self._send(peers, meta["reply_to"], Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
+            self._reply_to_origin(peers, item, Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
 
-    def _send(self, peers: dict[str, zmq.Socket], endpoint: str, msg: Message, reply_to: str | None = None) -> None:
-        frames = encode_message(msg)
-        if endpoint.startswith(PEER_REPLY_PREFIX):  # the client's own connection to this stage
+    def _reply_to_origin(self, peers: dict, item: _Work, msg: Message) -> None:
+        """Send a result or error to the client the request belongs to, and to no one else: a
+        result socket must authenticate as the origin's key; a client's own connection must be
+        held by the origin (checked by the I/O thread)."""
+        reply_to = item.msg.meta.get("reply_to", "")
+        if reply_to.startswith(PEER_REPLY_PREFIX):  # the client's own connection to this stage
+            frames = encode_message(msg)
             try:
-                self._to_io.send_multipart([endpoint[len(PEER_REPLY_PREFIX):].encode(), *frames], copy=False)
+                self._to_io.send_multipart([reply_to[len(PEER_REPLY_PREFIX):].encode(), item.origin.encode(), *frames], copy=False)
                 self.stats["bytes_out"] += message_nbytes(frames)
             except zmq.Again:
                 log.warning("could not hand %s for %s to the I/O thread", msg.kind, msg.req)
             return
-        sock = peers.get(endpoint)
-        key = self._peer_keys.get(endpoint)
-        if sock is not None and key is not None and self._sock_keys.get(endpoint) != key:
-            peers.pop(endpoint).close(linger=0)  # another peer (new key) took over this endpoint
-            sock = None
+        key = item.origin.encode() if item.origin and self.socket_config.security is not None else None
+        self._send(peers, reply_to, msg, key=key)
+
+    def _send(self, peers: dict, endpoint: str, msg: Message, key: bytes | None = None, on_fail: _Work | None = None) -> None:
+        """Send ``msg`` to ``endpoint`` over a socket that authenticates the peer as ``key`` (None:
+        the configured default peer key). With ``on_fail``, a peer that cannot take it is reported
+        to that request's client."""
+        frames = encode_message(msg)
+        sock = peers.get((endpoint, key))
         if sock is None:
-            if len(peers) >= _MAX_PEERS:  # reply_to comes from peers: bound the sockets it can make us open
+            if len(peers) >= _MAX_PEERS:  # route and reply_to come from peers: bound the sockets they make us open
                 peers.pop(next(iter(peers))).close(linger=0)
             sock = make_socket(self.ctx, zmq.DEALER, self.socket_config)
-            self._sock_keys[endpoint] = key
             try:
                 if key is not None and self.socket_config.security is not None:
                     set_peer_key(sock, key)
@@ -400,7 +505,7 @@ class StageWorker:
                 sock.close(linger=0)
                 log.warning("cannot connect to %s (%s); %s for %s dropped", endpoint, e, msg.kind, msg.req)
                 return
-            peers[endpoint] = sock
+            peers[(endpoint, key)] = sock
         try:
             if self._banned.get(endpoint, 0.0) > time.monotonic():
                 raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
@@ -412,28 +517,12 @@ class StageWorker:
                 self._banned[endpoint] = time.monotonic() + _BAN_S
                 while len(self._banned) > _MAX_PEERS:
                     self._banned.pop(next(iter(self._banned)))
-            if reply_to and reply_to != endpoint:
+            if on_fail is not None:
                 # the next stage is unreachable: tell the client instead of hanging it
                 err = error_message(msg.req, msg.seq, msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)
-                self._send(peers, reply_to, err)
+                self._reply_to_origin(peers, on_fail, err)
             else:
                 log.warning("could not deliver %s for %s to %s", msg.kind, msg.req, endpoint)
-
-    def _note_peer_keys(self, meta: Any) -> None:
-        """Remember the CURVE server keys a client sent for its result socket and the next stage."""
-        if self.socket_config.security is None:
-            return
-        if isinstance(meta.get("reply_key"), str):
-            self._set_peer_key(meta["reply_to"], meta["reply_key"].encode())
-        route, keys = meta.get("route") or [], meta.get("route_keys") or []
-        if route and keys:
-            self._set_peer_key(route[0], keys[0].encode())
-
-    def _set_peer_key(self, endpoint: str, key: bytes) -> None:
-        self._peer_keys.pop(endpoint, None)  # re-insert: the newest keys are kept when over the cap
-        self._peer_keys[endpoint] = key
-        while len(self._peer_keys) > _MAX_PEERS:
-            self._peer_keys.pop(next(iter(self._peer_keys)))
 
 
 def _reduce_logits(logits: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:

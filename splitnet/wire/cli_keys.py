@@ -1,4 +1,9 @@
-"""``splitnet keys gen``: make CURVE keypairs for stages and clients."""
+"""``splitnet keys gen``: make CURVE keypairs for stages and clients.
+
+Give every stage its own keypair (``--name edge-0 --name cloud-1``) and every client its own: a
+leaked key then exposes one box, not every link. Secrets are created with mode 0600 (O_EXCL) and
+refused at load when group or others can read them.
+"""
 
 from __future__ import annotations
 
@@ -12,17 +17,18 @@ def _gen(args: argparse.Namespace) -> int:
 
     out = Path(args.out)
     for name in args.name:
-        if not args.force and ((out / f"{name}.key").exists() or (out / f"{name}.key_secret").exists()):
-            raise SystemExit(f"splitnet keys gen: {out / name}.key exists; pass --force to overwrite")
         try:
-            pub, sec = generate_keypair(out, name)
+            pub, sec = generate_keypair(out, name, overwrite=args.force)
         except ConfigError as e:
             raise SystemExit(f"splitnet keys gen: {e}") from e
         print(f"{name}: public {pub} (share; put client keys in the stages' --keys-dir) secret {sec} (keep private)")
         if args.allow_dir:
             allow = Path(args.allow_dir)
             allow.mkdir(parents=True, exist_ok=True)
-            (allow / pub.name).write_bytes(pub.read_bytes())
+            target = allow / pub.name
+            if target.exists() and not args.force:
+                raise SystemExit(f"splitnet keys gen: {target} exists; pass --force to overwrite")
+            target.write_bytes(pub.read_bytes())
             print(f"{name}: public key added to the allow-list {allow}")
     return 0
 

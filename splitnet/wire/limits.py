@@ -13,7 +13,7 @@ class WireLimits:
         max_header_bytes: largest msgpack header frame accepted.
         max_tensors: most tensor descriptors (and so tensor frames) in one message.
         max_tensor_bytes: largest single tensor frame.
-        max_message_bytes: largest sum of all frames of one message (also ZMQ_MAXMSGSIZE).
+        max_message_bytes: largest sum of all tensor frames of one message.
         max_ndim: most dimensions of one tensor.
         max_str_len: longest string inside the header.
         max_container_len: longest list or map inside the header.
@@ -36,3 +36,17 @@ class WireLimits:
 
 
 DEFAULT_LIMITS = WireLimits()
+
+
+def frame_cap_bytes(limits: WireLimits) -> int:
+    """The largest single frame a message within ``limits`` can hold: ZMQ_MAXMSGSIZE (libzmq drops
+    a connection that sends a larger frame before assembling it)."""
+    return max(limits.max_header_bytes, limits.max_tensor_bytes)
+
+
+def limits_for_input(max_input_bytes: int, base: WireLimits = DEFAULT_LIMITS) -> WireLimits:
+    """``base`` with tensors (each, and all of one message together) capped at ``max_input_bytes``."""
+    if max_input_bytes <= 0:
+        raise ValueError("max_input_bytes must be positive")
+    cap = min(max_input_bytes, base.max_message_bytes)
+    return WireLimits(base.max_header_bytes, base.max_tensors, min(cap, base.max_tensor_bytes), cap, base.max_ndim, base.max_str_len, base.max_container_len)

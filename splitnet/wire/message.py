@@ -22,13 +22,11 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import msgpack
 import numpy as np
 
-from splitnet.errors import AuthError, LimitExceeded, ProtocolError
+from splitnet.errors import LimitExceeded, ProtocolError
 from splitnet.wire.dtypes import WIRE_DTYPES, wire_name_of_numpy, wire_name_of_torch
 from splitnet.wire.limits import DEFAULT_LIMITS, WireLimits
 
 PROTOCOL_VERSION = 1
-
-_SEALED_MAGIC, _SEALED_ENVELOPE_BYTES = b"SNS1", 107  # splitnet.wire.sealed's envelope (not imported: no cycle)
 
 KINDS = frozenset(
     {
@@ -254,11 +252,14 @@ def tensor_spec(name: str, dtype: Any, shape: Any, limits: WireLimits = DEFAULT_
         )
     if type(shape) is not list or len(shape) > limits.max_ndim:
         raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
-    count = 1
+    count, span = 1, 1
     for d in shape:
         if type(d) is not int or d < 0:
             raise ProtocolError(f"tensor {name!r} has an invalid shape {shape!r}")
         count *= d
+        span *= max(d, 1)  # an empty tensor may still not name a huge shape ([0, 2**62] breaks numpy)
+        if span > limits.max_tensor_bytes:
+            raise LimitExceeded(f"tensor {name!r} has shape {shape}: dimensions over the limit of {limits.max_tensor_bytes} elements")
     expected = count * np_dtype.itemsize
     if expected > limits.max_tensor_bytes:
         raise LimitExceeded(
@@ -273,11 +274,6 @@ def decode_message(frames: Sequence[Any], limits: WireLimits = DEFAULT_LIMITS) -
         raise ProtocolError("empty message: expected a header frame")
     first = frames[0]
     raw = first.bytes if hasattr(first, "bytes") else bytes(first)
-    if len(raw) == _SEALED_ENVELOPE_BYTES and raw[:4] == _SEALED_MAGIC:
-        raise AuthError(
-            "the peer seals its messages with keys (sealed transport) but this side runs without keys "
-            "(--insecure): give both sides keys, or neither"
-        )
     header = decode_header(raw, limits)
     descs = header["tensors"]
     if len(descs) > limits.max_tensors:

@@ -1,16 +1,14 @@
 """Bytes a transport adds to every splitnet message, beyond the message's own frames.
 
 The planner charges these on each link (``LinkProfile.transport`` / ``bytes_per_message``); it must
-not import the transports themselves (ZeroMQ, libsodium), so the figures live here, and
-``tests/unit/test_transport_overhead.py`` checks them against real sealed messages.
+not import the transports themselves (ZeroMQ), so the figures live here, and
+``tests/unit/test_transport_overhead.py`` checks the CurveZMQ figure against bytes on a real socket.
 """
 
 from __future__ import annotations
 
-TRANSPORTS = ("zmq", "sealed", "curvezmq")
+TRANSPORTS = ("zmq", "curvezmq")
 
-SEALED_ENVELOPE_BYTES = 107  # b"SNS1" | direction u8 | frames u16 | C[32] | E[32] | counter u64 | nonce prefix[28]
-SEALED_TAG_BYTES = 32  # AEGIS-256 tag on every sealed frame
 # CurveZMQ seals each frame as a MESSAGE command: name (1 + 7 bytes), 8-byte nonce, flags byte, 16-byte MAC
 CURVEZMQ_BYTES_PER_FRAME = 1 + 7 + 8 + 1 + 16
 CUT_MESSAGE_FRAMES = 2  # header + one payload frame: what a codec's cut message usually has
@@ -22,8 +20,6 @@ def transport_bytes_per_message(transport: str, frames: int = CUT_MESSAGE_FRAMES
         raise ValueError(f"unknown transport {transport!r}; expected one of {', '.join(TRANSPORTS)}")
     if not isinstance(frames, int) or frames < 1:
         raise ValueError(f"frames must be a positive int, got {frames!r}")
-    if transport == "sealed":
-        return SEALED_ENVELOPE_BYTES + SEALED_TAG_BYTES * frames
     if transport == "curvezmq":
         return CURVEZMQ_BYTES_PER_FRAME * frames
     return 0

@@ -47,8 +47,24 @@ INSECURE_WARNING = (
 
 _Z85_KEY_LEN = 40
 
-#: secure transports: splitnet's own AEGIS-256 sealing with the CURVE keys, or libzmq's CurveZMQ
-TRANSPORTS = ("sealed", "curvezmq")
+#: keyed transports: libzmq's CurveZMQ (handshake with per-connection ephemeral keys, ZAP allow-list)
+TRANSPORTS = ("curvezmq",)
+DEFAULT_TRANSPORT = "curvezmq"
+#: an unauthenticated connection that has not completed its handshake within this is closed
+HANDSHAKE_TIMEOUT_MS = 5000
+_REMOVED_TRANSPORTS = {
+    "sealed": "the 'sealed' transport was removed: it had no handshake (a recorded session replayed on a new "
+    "connection was executed) and failed live attacks (docs/security.md); use 'curvezmq' on both ends",
+}
+
+
+def check_transport(transport: str) -> str:
+    """``transport`` if it is a keyed transport splitnet offers; ConfigError saying what to use otherwise."""
+    if transport in _REMOVED_TRANSPORTS:
+        raise ConfigError(_REMOVED_TRANSPORTS[transport])
+    if transport not in TRANSPORTS:
+        raise ConfigError(f"unknown secure transport {transport!r}; choose one of {', '.join(TRANSPORTS)}")
+    return transport
 
 
 # ---------------------------------------------------------------------- keys ---------------------
@@ -64,19 +80,67 @@ class KeyPair:
             raise ConfigError("a CURVE key must be 40 Z85 characters; regenerate it with `splitnet keys gen`")
 
 
-def generate_keypair(out_dir: str | os.PathLike, name: str) -> tuple[Path, Path]:
-    """Write ``NAME.key`` (public, share it) and ``NAME.key_secret`` (keep it) into ``out_dir``."""
+_CERT_TEMPLATE = """#   ZeroMQ CURVE {title} Certificate, written by `splitnet keys gen`
+#   {advice}
+
+metadata
+curve
+    public-key = "{public}"
+{secret_line}"""
+
+
+def _write_new(path: Path, text: str, mode: int, overwrite: bool) -> None:
+    """Create ``path`` with ``mode`` from the first byte (O_EXCL: never a file another user made,
+    never world-readable for an instant); with ``overwrite``, via a new file renamed over it."""
+    target = path
+    if overwrite:
+        path = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        path.unlink(missing_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), mode)
+    except FileExistsError as e:
+        raise ConfigError(f"{target} exists; pass --force (overwrite=True) to replace it") from e
+    with os.fdopen(fd, "w", encoding="utf8") as f:
+        f.write(text)
+    if overwrite:
+        os.replace(path, target)
+
+
+def generate_keypair(out_dir: str | os.PathLike, name: str, *, overwrite: bool = False) -> tuple[Path, Path]:
+    """Write ``NAME.key`` (public, mode 0644: share it) and ``NAME.key_secret`` (mode 0600 from
+    creation: keep it) into ``out_dir``, in ZeroMQ's certificate format."""
     if not name or "/" in name or name.startswith("."):
         raise ConfigError(f"key name {name!r} must be a plain file name")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    pub, sec = zmq.auth.create_certificates(str(out), name)
-    os.chmod(sec, 0o600)
-    return Path(pub), Path(sec)
+    public, secret = zmq.curve_keypair()
+    pub, sec = out / f"{name}.key", out / f"{name}.key_secret"
+    if not overwrite:
+        for f in (pub, sec):
+            if f.exists():
+                raise ConfigError(f"{f} exists; pass --force (overwrite=True) to replace it")
+    _write_new(sec, _CERT_TEMPLATE.format(title="**Secret**", advice="keep this file private (mode 0600); never copy it to another machine",
+                                          public=public.decode(), secret_line=f'    secret-key = "{secret.decode()}"\n'), 0o600, overwrite)
+    _write_new(pub, _CERT_TEMPLATE.format(title="Public", advice="share this file: put it in the allow-list (--keys-dir) of stages",
+                                          public=public.decode(), secret_line=""), 0o644, overwrite)
+    return pub, sec
+
+
+def check_secret_file_mode(path: Path) -> None:
+    """Refuse a secret key file that group or others can read or write (as ssh does)."""
+    if os.name != "posix":
+        return
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise ConfigError(
+            f"secret key file {path} has mode {mode:04o}: group or others can read it; "
+            f"run `chmod 600 {path}` (or regenerate it with `splitnet keys gen`)"
+        )
 
 
 def load_keypair(path: str | os.PathLike) -> KeyPair:
-    """Read a certificate file written by :func:`generate_keypair` (``.key_secret`` for both halves)."""
+    """Read a certificate file written by :func:`generate_keypair` (``.key_secret`` for both halves);
+    a secret that group or others can read is refused."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"key file {p} does not exist; create one with `splitnet keys gen --out {p.parent} --name NAME`")
@@ -84,6 +148,8 @@ def load_keypair(path: str | os.PathLike) -> KeyPair:
         public, secret = zmq.auth.load_certificate(str(p))
     except (ValueError, OSError) as e:
         raise ConfigError(f"{p} is not a CURVE certificate written by `splitnet keys gen`: {e}") from e
+    if secret:
+        check_secret_file_mode(p)
     return KeyPair(public, secret)
 
 
@@ -205,15 +271,17 @@ class CurveConfig:
     Attributes:
         keypair: this side's keypair (server identity on bound sockets, client identity on
             connecting ones).
-        server_key: public key of the peers this side connects to; None: this side's own public
-            key (stages sharing one deployment keypair).
+        server_key: public key of the peers this side connects to by default; None: this side's
+            own public key (stages sharing one deployment keypair). A client that talks to stages
+            with different keys points each socket at its stage with :func:`set_peer_key`.
         allow_dir: directory of ``*.key`` files allowed to connect to sockets this side binds.
         allow_keys: further public keys allowed to connect (Z85 bytes).
         allow_self: also allow this side's own public key.
-        transport: ``"sealed"`` (default): splitnet seals every message with AEGIS-256 under a
-            session key derived by X25519 from these keys (:mod:`splitnet.wire.sealed`), over a
-            plain ZeroMQ connection; ``"curvezmq"``: libzmq's own CURVE handshake and
-            encryption, with ZAP authentication. Both ends of a link must use the same one.
+        stage_dir: directory of ``*.key`` files of the upstream stages: they may connect, and they
+            may forward work on behalf of the client that sent it (``meta.origin``); anyone else's
+            messages are taken as their own.
+        transport: ``"curvezmq"``, libzmq's CURVE handshake and encryption with ZAP
+            authentication (the only keyed transport).
     """
 
     keypair: KeyPair
@@ -221,19 +289,17 @@ class CurveConfig:
     allow_dir: str | None = None
     allow_keys: tuple[bytes, ...] = ()
     allow_self: bool = True
-    transport: str = "sealed"
+    stage_dir: str | None = None
+    transport: str = DEFAULT_TRANSPORT
 
     def __post_init__(self) -> None:
         if self.keypair.secret is None:
             raise ConfigError("CurveConfig.keypair needs its secret half (the .key_secret file)")
-        if self.transport not in TRANSPORTS:
-            raise ConfigError(f"unknown secure transport {self.transport!r}; choose one of {', '.join(TRANSPORTS)}")
-        if self.transport == "sealed":
-            from splitnet.wire.sodium import sodium
-
-            sodium()  # fail at configuration time, with the fix, if libsodium lacks AEGIS-256
+        check_transport(self.transport)
         if self.server_key is not None:
             KeyPair(self.server_key)
+        if self.stage_dir is not None and not Path(self.stage_dir).is_dir():
+            raise ConfigError(f"stage-key directory {self.stage_dir} does not exist")
 
     @property
     def public_key(self) -> bytes:
@@ -243,34 +309,18 @@ class CurveConfig:
     def peer_key(self) -> bytes:
         return self.server_key or self.keypair.public
 
+    def stage_list(self) -> AllowList:
+        """Keys trusted to forward on behalf of clients: the upstream stages, and this side's own."""
+        return AllowList(self.stage_dir, {self.keypair.public})
+
     def allow_list(self) -> AllowList:
         extra = set(self.allow_keys)
         if self.allow_self:
             extra.add(self.keypair.public)
-        return AllowList(self.allow_dir, extra)
-
-    @property
-    def socket_class(self) -> type:
-        """The socket class :func:`~splitnet.wire.sockets.make_socket` must create."""
-        if self.transport == "sealed":
-            from splitnet.wire.sealed import SealedSocket
-
-            return SealedSocket
-        return zmq.Socket
+        return _UnionAllowList(AllowList(self.allow_dir, extra), self.stage_list() if self.stage_dir else None)
 
     def __call__(self, sock: zmq.Socket, server: bool) -> None:
         """Configure ``sock`` (the ``SocketConfig.security`` hook)."""
-        if self.transport == "sealed":
-            from splitnet.wire.sealed import SealedSocket, SealState
-
-            if not isinstance(sock, SealedSocket):
-                raise ConfigError("a sealed-transport socket must be made by make_socket (it needs SealedSocket)")
-            sock.seal = SealState(
-                self.keypair.secret, self.keypair.public, server=server, router=sock.type == zmq.ROUTER,  # type: ignore[arg-type]
-                allow=self.allow_list() if server else None, peer_key_z85=None if server else self.peer_key,
-            )
-            sock.seal.send_wait_s = max(0, sock.getsockopt(zmq.SNDTIMEO)) / 1000
-            return
         sock.curve_secretkey = self.keypair.secret
         sock.curve_publickey = self.keypair.public
         if server:
@@ -280,25 +330,48 @@ class CurveConfig:
             sock.curve_serverkey = self.peer_key
 
 
+class _UnionAllowList:
+    """Keys in either of two allow-lists."""
+
+    def __init__(self, first: AllowList, second: AllowList | None):
+        self.first, self.second = first, second
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self.first or (self.second is not None and key in self.second)
+
+    def __len__(self) -> int:
+        return len(self.first) + (len(self.second) if self.second is not None else 0)
+
+
 def set_peer_key(sock: zmq.Socket, key: bytes) -> None:
     """Point a connecting socket at a peer with public key ``key`` (Z85), before ``connect``."""
-    seal = getattr(sock, "seal", None)
-    if seal is not None:
-        seal.set_peer(key)
+    sock.curve_serverkey = KeyPair(key).public
+
+
+def server_curve_config(server_key_file: str, keys_dir: str | None, transport: str = DEFAULT_TRANSPORT, stage_keys_dir: str | None = None) -> CurveConfig:
+    """A stage's CURVE settings from ``--server-key``, ``--keys-dir``, ``--stage-keys-dir`` and ``--transport``."""
+    return CurveConfig(keypair=load_keypair(server_key_file), allow_dir=keys_dir, stage_dir=stage_keys_dir or None, transport=transport)
+
+
+def load_server_keys(server_key: str | bytes | Iterable[str | bytes]) -> tuple[bytes, ...]:
+    """Stage public keys from one key (every stage holds it) or one per stage: files, 40-character
+    Z85 strings, or one string of them separated by commas."""
+    if isinstance(server_key, (str, bytes, os.PathLike)):
+        text = os.fspath(server_key)
+        items = text.split(b"," if isinstance(text, bytes) else ",") if text else []
     else:
-        sock.curve_serverkey = key
+        items = list(server_key)
+    keys = tuple(load_public_key(k.strip() if isinstance(k, (str, bytes)) else k) for k in items if k)
+    if not keys:
+        raise ConfigError("no stage public key given: pass the stages' NAME.key files (one for all, or one per stage)")
+    return keys
 
 
-def server_curve_config(server_key_file: str, keys_dir: str | None, transport: str = "sealed") -> CurveConfig:
-    """A stage's CURVE settings from ``--server-key``, ``--keys-dir`` and ``--transport``."""
-    return CurveConfig(keypair=load_keypair(server_key_file), allow_dir=keys_dir, transport=transport)
-
-
-def client_curve_config(client_key_file: str, server_key: str | bytes, extra_trusted: Iterable[bytes] = (), transport: str = "sealed") -> CurveConfig:
-    """A client's CURVE settings: its keypair, the stages' public key; results accepted only from
-    stages holding that key (or ``extra_trusted``)."""
-    server = load_public_key(server_key)
-    return CurveConfig(keypair=load_keypair(client_key_file), server_key=server, allow_keys=(server, *extra_trusted), allow_self=False, transport=transport)
+def client_curve_config(client_key_file: str, server_key: str | bytes | Iterable[str | bytes], extra_trusted: Iterable[bytes] = (), transport: str = DEFAULT_TRANSPORT) -> CurveConfig:
+    """A client's CURVE settings: its keypair and the stages' public keys (the first is the
+    default peer); results accepted only from stages holding one of them (or ``extra_trusted``)."""
+    servers = load_server_keys(server_key)
+    return CurveConfig(keypair=load_keypair(client_key_file), server_key=servers[0], allow_keys=(*servers, *extra_trusted), allow_self=False, transport=transport)
 
 
 # ---------------------------------------------------------------------- handshake monitor --------
@@ -416,7 +489,8 @@ def wait_handshake(watch: HandshakeWatch, endpoints: list[str], timeout_s: float
 
 
 def stage_socket_config(
-    server_key: str, keys_dir: str, insecure: bool, bind: str, send_timeout_ms: int = 5000, transport: str = "sealed"
+    server_key: str, keys_dir: str, insecure: bool, bind: str, send_timeout_ms: int = 5000, transport: str = DEFAULT_TRANSPORT,
+    stage_keys_dir: str = "", max_message_bytes: int | None = None,
 ) -> "SocketConfig":
     """The socket settings of ``splitnet serve-stage``: CURVE from ``--server-key``/``--keys-dir``,
     plaintext only with ``--insecure`` (warned)."""
@@ -427,9 +501,12 @@ def stage_socket_config(
             raise ConfigError("--server-key and --insecure contradict each other; pick one")
         if keys_dir and not Path(keys_dir).is_dir():
             raise ConfigError(f"--keys-dir {keys_dir} is not a directory of client public keys")
-        if not keys_dir:
+        if stage_keys_dir and not Path(stage_keys_dir).is_dir():
+            raise ConfigError(f"--stage-keys-dir {stage_keys_dir} is not a directory of upstream stage public keys")
+        if not keys_dir and not stage_keys_dir:
             log.warning("no --keys-dir: only peers holding this stage's own keypair may connect")
-        return SocketConfig(send_timeout_ms=send_timeout_ms, security=server_curve_config(server_key, keys_dir or None, transport))
+        return SocketConfig(send_timeout_ms=send_timeout_ms, security=server_curve_config(server_key, keys_dir or None, transport, stage_keys_dir or None),
+                            **({"max_message_bytes": max_message_bytes} if max_message_bytes else {}))
     if not insecure:
         raise ConfigError(
             f"refusing to serve {bind} without authentication: pass --server-key KEY.key_secret and --keys-dir DIR "
@@ -442,4 +519,4 @@ def stage_socket_config(
     else:
         log.warning(INSECURE_WARNING)
         print(f"WARNING: {INSECURE_WARNING}", file=sys.stderr, flush=True)
-    return SocketConfig(send_timeout_ms=send_timeout_ms)
+    return SocketConfig(send_timeout_ms=send_timeout_ms, **({"max_message_bytes": max_message_bytes} if max_message_bytes else {}))
