@@ -476,11 +476,12 @@ def forged_plaintext_error(lab: HostileLab) -> dict:
     body = encode_message(Message(kind="error", req="x", meta={"status": "error", "code": "auth", "msg": "FORGED by the attacker"}))[0]
     frame = bytes([0x00, len(body)]) + body if len(body) < 256 else bytes([0x02]) + len(body).to_bytes(8, "big") + body
     tap = Tap((host, int(port)))
-    tap.inject_to_client(frame, after_bytes=400)  # past the greeting and handshake
     forged_seen = False
     ok = False
     try:
-        s = lab.session("victim", endpoints=[lab.endpoints[0], tap.endpoint])
+        s = lab.session("victim", endpoints=[lab.endpoints[0], tap.endpoint])  # handshake done, session idle
+        tap.inject_now(frame)
+        time.sleep(0.3)
         for _ in range(3):
             try:
                 ok = bool(np.allclose(lab._embed(s), lab.reference, atol=1e-5)) or ok

@@ -20,6 +20,7 @@ class _Conn:
     stage: socket.socket
     to_stage: list[bytes] = field(default_factory=list)  # what the client sent, chunk by chunk
     from_stage_bytes: int = 0
+    write_lock: threading.Lock = field(default_factory=threading.Lock)  # writes towards the client
 
 
 class Tap:
@@ -47,6 +48,13 @@ class Tap:
         sent ``after_bytes`` on it (after the handshake, between two real frames)."""
         with self._lock:
             self._inject, self._inject_after = data, after_bytes
+
+    def inject_now(self, data: bytes, index: int = -1) -> None:
+        """Write ``data`` into the stage -> client stream of connection ``index`` now (call it while
+        that connection is idle, so the bytes land between two real frames)."""
+        conn = self.conns[index]
+        with conn.write_lock:
+            conn.client.sendall(data)
 
     def recorded(self, index: int = 0) -> list[bytes]:
         """The chunks client ``index`` sent to the stage, in order."""
@@ -87,7 +95,11 @@ class Tap:
                     conn.to_stage.append(data)
                 else:
                     conn.from_stage_bytes += len(data)
-                dst.sendall(data)
+                if upstream:
+                    dst.sendall(data)
+                else:
+                    with conn.write_lock:
+                        dst.sendall(data)
                 if inject and not upstream and conn.from_stage_bytes >= after:
                     dst.sendall(inject)
                     inject = b""

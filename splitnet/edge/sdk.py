@@ -126,6 +126,7 @@ class Session:
         self._pending: dict[Key, Message] = {}
         self._result_bytes: dict[Key, int] = {}
         self._last_seen = [time.monotonic()] * len(self.endpoints)
+        self._reopened_at = [0.0] * len(self.endpoints)
         self._infos: list[dict] = []
         self._tokenizer = tokenizer
         self.last_stats: dict = {}
@@ -307,9 +308,16 @@ class Session:
         return msg
 
     def _check_liveness(self) -> None:
+        """Raise StageUnavailable for a stage silent for a whole liveness window. Half-way, close
+        and reopen its connection once (lazy pirate): libzmq never reconnects a link that failed
+        with a protocol error (e.g. bytes injected on path), and a new connection also takes the
+        routing id back from a half-open ghost of the old one."""
         now = time.monotonic()
         limit = self.config.heartbeat_interval_s * self.config.heartbeat_liveness
         for i, seen in enumerate(self._last_seen):
+            if now - seen > limit / 2 and now - self._reopened_at[i] > limit:
+                log.info("stage %d at %s silent for %.1f s: reopening the connection", i, self.endpoints[i], now - seen)
+                self._reopen(i)
             if now - seen > limit:
                 raise StageUnavailable(
                     f"stage {i} at {self.endpoints[i]} missed {self.config.heartbeat_liveness} heartbeats "
@@ -367,6 +375,13 @@ class Session:
                 if self._receive(sock) is not _DROPPED and sock is not self._results:  # results still count
                     answered.add(self._controls.index(sock))
         return [i for i in range(len(self._controls)) if i not in answered]
+
+    def _reopen(self, i: int) -> None:
+        """A fresh connection to stage ``i`` (same endpoint, same routing id); its silence clock runs on."""
+        seen = self._last_seen[i]
+        self._replace_stage(i, self.endpoints[i])
+        self._last_seen[i] = seen
+        self._reopened_at[i] = time.monotonic()
 
     def _replace_stage(self, i: int, endpoint: str) -> None:
         old = self._controls[i]

@@ -155,7 +155,7 @@ class StageWorker:
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes)
-        self._banned: dict[str, float] = {}  # endpoint -> monotonic time until which sends fail fast
+        self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
         self.stop_event = threading.Event()
@@ -170,6 +170,10 @@ class StageWorker:
     def run(self) -> None:
         router = make_socket(self.ctx, zmq.ROUTER, self.socket_config, server=True)
         router.setsockopt(zmq.ROUTER_MANDATORY, 0)  # replies to vanished peers are dropped, not raised
+        # a client reconnecting (new network, NAT rebinding) takes its routing id back from its own
+        # half-open ghost connection instead of being locked out; who may then receive results is
+        # decided by the authenticated key, not the id (peer_replies)
+        router.setsockopt(zmq.ROUTER_HANDOVER, 1)
         monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.socket_config.security is not None else None
         replies = self.ctx.socket(zmq.PULL)
         replies.bind(self._replies_endpoint)
@@ -506,15 +510,16 @@ class StageWorker:
                 log.warning("cannot connect to %s (%s); %s for %s dropped", endpoint, e, msg.kind, msg.req)
                 return
             peers[(endpoint, key)] = sock
+        ban = (endpoint, key)  # a ban follows the key too: one request's bad key must not cut the link for others
         try:
-            if self._banned.get(endpoint, 0.0) > time.monotonic():
+            if self._banned.get(ban, 0.0) > time.monotonic():
                 raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
             sock.send_multipart(frames, copy=False)
             self.stats["bytes_out"] += message_nbytes(frames)
         except zmq.Again:
-            if self._banned.get(endpoint, 0.0) <= time.monotonic():
-                self._banned.pop(endpoint, None)
-                self._banned[endpoint] = time.monotonic() + _BAN_S
+            if self._banned.get(ban, 0.0) <= time.monotonic():
+                self._banned.pop(ban, None)
+                self._banned[ban] = time.monotonic() + _BAN_S
                 while len(self._banned) > _MAX_PEERS:
                     self._banned.pop(next(iter(self._banned)))
             if on_fail is not None:

@@ -42,3 +42,85 @@ def test_stage_policy(tmp_path):
         stage_socket_config(str(sec), "", True, "tcp://0.0.0.0:5555")
     with pytest.raises(ConfigError, match="--insecure"):
         stage_socket_config("", "", False, "tcp://10.0.0.1:5555")
+
+
+def test_secret_is_0600_from_creation_whatever_the_umask(tmp_path):
+    import os
+    import stat
+
+    old = os.umask(0)
+    try:
+        pub, sec = generate_keypair(tmp_path, "k")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(sec.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pub.stat().st_mode) == 0o644
+    assert load_keypair(sec).public == load_public_key(pub)
+
+
+def test_existing_or_planted_files_are_never_written_through(tmp_path):
+    import os
+
+    generate_keypair(tmp_path, "k")
+    with pytest.raises(ConfigError, match="exists"):
+        generate_keypair(tmp_path, "k")
+    before = load_keypair(tmp_path / "k.key_secret").public
+    pub, _ = generate_keypair(tmp_path, "k", overwrite=True)
+    assert load_public_key(pub) != before  # --force: a new pair, via a fresh file renamed over
+    target = tmp_path / "elsewhere"
+    target.write_text("victim file")
+    os.symlink(target, tmp_path / "s.key_secret")  # an attacker's link where the secret will go
+    with pytest.raises(ConfigError, match="exists"):
+        generate_keypair(tmp_path, "s")
+    assert target.read_text() == "victim file"
+
+
+@pytest.mark.parametrize("mode", [0o640, 0o604, 0o660, 0o644])
+def test_secret_readable_by_others_is_refused(tmp_path, mode):
+    import os
+
+    _, sec = generate_keypair(tmp_path, "k")
+    os.chmod(sec, mode)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_keypair(sec)
+    os.chmod(sec, 0o600)
+    assert load_keypair(sec).secret
+
+
+def test_sealed_transport_is_gone_with_a_reason(tmp_path):
+    from splitnet.edge.config import ClientConfig
+    from splitnet.wire.security import check_transport
+
+    _, sec = generate_keypair(tmp_path, "k")
+    for make in (lambda: CurveConfig(load_keypair(sec), transport="sealed"), lambda: ClientConfig(transport="sealed"), lambda: check_transport("sealed")):
+        with pytest.raises(ConfigError, match="no handshake"):
+            make()
+    with pytest.raises(ConfigError, match="unknown secure transport"):
+        check_transport("tls")
+    assert CurveConfig(load_keypair(sec)).transport == "curvezmq"
+
+
+def test_server_keys_one_or_one_per_stage(tmp_path):
+    from splitnet.wire.security import load_server_keys
+
+    a, _ = generate_keypair(tmp_path, "a")
+    b, _ = generate_keypair(tmp_path, "b")
+    assert load_server_keys(str(a)) == (load_public_key(a),)
+    assert load_server_keys(f"{a},{b}") == (load_public_key(a), load_public_key(b))
+    assert load_server_keys((str(a), str(b))) == load_server_keys(f"{a}, {b}")
+    with pytest.raises(ConfigError, match="no stage public key"):
+        load_server_keys("")
+
+
+def test_stage_keys_dir_is_trusted_and_allowed(tmp_path):
+    from splitnet.wire.security import server_curve_config
+
+    _, sec = generate_keypair(tmp_path, "stage1")
+    up, _ = generate_keypair(tmp_path / "stages", "stage0")
+    client, _ = generate_keypair(tmp_path / "allow", "client")
+    cfg = server_curve_config(str(sec), str(tmp_path / "allow"), stage_keys_dir=str(tmp_path / "stages"))
+    assert load_public_key(up) in cfg.stage_list() and load_public_key(up) in cfg.allow_list()
+    assert load_public_key(client) in cfg.allow_list() and load_public_key(client) not in cfg.stage_list()
+    assert cfg.public_key in cfg.stage_list()  # deployments sharing one keypair keep working
+    with pytest.raises(ConfigError, match="stage-keys-dir"):
+        stage_socket_config(str(sec), str(tmp_path / "allow"), False, "tcp://127.0.0.1:0", stage_keys_dir=str(tmp_path / "nope"))
