@@ -27,14 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _baseline(model: str, device: str, dtype: str, prompt: list[int], n_new: int, repeats: int) -> dict:
     import torch
 
-    from splitnet.model import KVCache, load_model
+    from splitnet.model import load_model
 
     bm = load_model(model)
     full = bm.full().to(torch.device(device), getattr(torch, dtype))
     ids = torch.tensor([prompt], device=device)
     ttft, per_tok = [], []
     for _ in range(repeats + 1):
-        cache = KVCache()
+        cache = full.new_cache()
         _sync(device)
         t0 = time.perf_counter()
         tok = full({"input_ids": ids}, cache)["logits"].argmax(-1, keepdim=True)

@@ -24,7 +24,7 @@ class DraftModel:
     def __init__(self, model: Any, *, threads: int = 0):
         import torch
 
-        from splitnet.model import KVCache, load_model
+        from splitnet.model import load_model
 
         if threads:
             torch.set_num_threads(threads)
@@ -33,7 +33,7 @@ class DraftModel:
             raise ConfigError(f"a draft model must be a decoder, got a {self.model.kind}")
         self.stage = self.model.full()
         self._torch = torch
-        self._cache = KVCache()
+        self._cache = self.stage.new_cache()
         self._fed: list[int] = []  # tokens in the cache, in order
         self._next = -1  # the draft's greedy next token after ``_fed``
         self.proposed = 0

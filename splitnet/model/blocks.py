@@ -84,6 +84,10 @@ class Architecture(abc.ABC):
     def uses_kv_cache(self) -> bool:
         return self.kind == "decoder"
 
+    def make_stage(self, start: int, end: int, embed: nn.Module | None, blocks: list[nn.Module], head: nn.Module | None) -> "Stage":
+        """The Stage that runs these parts (families built from transformers' modules override it)."""
+        return Stage(self, start, end, embed, blocks, head)
+
 
 class Stage(nn.Module):
     """A contiguous slice of a model: embed (if first), blocks [start, end), head (if last)."""
@@ -100,6 +104,10 @@ class Stage(nn.Module):
     def __repr__(self) -> str:  # nn.Module's repr is too long for logs
         parts = (["embed"] if self.embed is not None else []) + [f"blocks {self.start}..{self.end - 1}"] + (["head"] if self.head is not None else [])
         return f"Stage({self.arch.kind}, {', '.join(parts)})"
+
+    def new_cache(self) -> KVCache:
+        """An empty per-request KV cache of the type this stage's blocks write."""
+        return KVCache()
 
     @property
     def is_first(self) -> bool:
@@ -175,8 +183,7 @@ class BlockModel:
         missing = [i for i in range(start, end) if i not in self.blocks]
         if missing or (start == 0 and self.embed is None) or (end == self.num_blocks and self.head is None):
             raise ConfigError(f"blocks {missing or ''} of {self.name} were not loaded in this process; load them with load_model(..., blocks=range({start}, {end}))")
-        return Stage(
-            self.arch,
+        return self.arch.make_stage(
             start,
             end,
             self.embed if start == 0 else None,

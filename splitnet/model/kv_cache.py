@@ -36,6 +36,17 @@ class KVCache:
         self._layers = {i: (k[:, :, :length].contiguous(), v[:, :, :length].contiguous()) for i, (k, v) in self._layers.items()}
         self.length = length
 
+    def layer_ids(self) -> list[int]:
+        """Block indices this cache holds keys and values for."""
+        return sorted(self._layers)
+
+    def get_layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._layers[layer]
+
+    def set_layer(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Put a past (k, v) of ``layer`` in place (ONNX export feeds the past as tensors)."""
+        self._layers[layer] = (k, v)
+
     def advance(self, n_tokens: int) -> None:
         self.length += n_tokens
         self.tokens_computed += n_tokens

@@ -18,7 +18,8 @@ from splitnet.model import builtin
 from splitnet.model.bert import BertArchitecture
 from splitnet.model.blocks import Architecture, BlockModel
 from splitnet.model.gpt2 import GPT2Architecture
-from splitnet.model.llama import LlamaArchitecture
+from splitnet.model.hf_decoder import FAMILIES as HF_DECODER_FAMILIES
+from splitnet.model.hf_decoder import HFDecoderArchitecture
 from splitnet.model.sequential import from_sequential
 from splitnet.model.tokenizer import ByteTokenizer, HFTokenizer
 from splitnet.model.vit import ViTArchitecture
@@ -27,10 +28,8 @@ from splitnet.model.weights import load_into, load_tensors, read_config, weight_
 ARCHITECTURES: dict[str, type[Architecture]] = {
     "bert": BertArchitecture,
     "gpt2": GPT2Architecture,
-    "llama": LlamaArchitecture,
-    "qwen2": LlamaArchitecture,
-    "mistral": LlamaArchitecture,
     "vit": ViTArchitecture,
+    **{model_type: HFDecoderArchitecture for model_type in HF_DECODER_FAMILIES},
 }
 
 
@@ -104,6 +103,12 @@ def load_model(
     if any(not 0 <= i < L for i in wanted_blocks):
         raise ModelLoadError(f"blocks {wanted_blocks} outside 0..{L - 1} of {source}")
     names = list(weight_files(model_dir))
+    unexpected = arch.unexpected_tensors(names) if hasattr(arch, "unexpected_tensors") else []
+    if unexpected:
+        raise ModelLoadError(
+            f"{model_dir} has tensors this model would not use: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''} "
+            "(a config field or module splitnet does not honour); refusing to serve it silently wrong"
+        )
 
     parts: list[tuple[str, nn.Module, dict[str, str]]] = []  # (what, module, state key -> checkpoint name)
     embed = head = None

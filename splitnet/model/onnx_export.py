@@ -49,16 +49,14 @@ class _DecoderPositional(nn.Module):
         self.layers = layers
 
     def forward(self, *args):
-        from splitnet.model.kv_cache import KVCache
-
         n = len(self.input_names)
         inputs, past = dict(zip(self.input_names, args[:n])), args[n:]
-        cache = KVCache()
+        cache = self.stage.new_cache()
         for j, layer in enumerate(self.layers):
-            cache._layers[layer] = (past[2 * j], past[2 * j + 1])
+            cache.set_layer(layer, past[2 * j], past[2 * j + 1])
         cache.length = past[0].shape[2]  # traced: the graph reads the past length from the input shape
         out = self.stage(inputs, cache)
-        present = [t for layer in self.layers for t in cache._layers[layer]]
+        present = [t for layer in self.layers for t in cache.get_layer(layer)]
         return (*(out[k] for k in self.output_names), *present)
 
 
@@ -160,17 +158,15 @@ def _write_metadata(bm: BlockModel, start: int, end: int, path: Path, out_names:
 
 
 def _export_decoder(bm: BlockModel, stage: Stage, start: int, end: int, path: Path, inputs: Mapping[str, torch.Tensor] | None, opset: int) -> Path:
-    from splitnet.model.kv_cache import KVCache
-
     inputs = dict(inputs) if inputs is not None else example_inputs(bm, start)
     input_names = sorted(inputs)
-    probe = KVCache()
+    probe = stage.new_cache()
     with torch.no_grad():
         first = stage(inputs, probe)  # fills a cache: its shapes are the past's shapes
-    layers = sorted(probe._layers)
+    layers = probe.layer_ids()
     output_names = sorted(first)
     # trace with a non-empty past and more than one new token, so no shape is taken for a constant
-    past = [t for layer in layers for t in probe._layers[layer]]
+    past = [t for layer in layers for t in probe.get_layer(layer)]
     past_names = [f"past_{kind}_{layer}" for layer in layers for kind in ("key", "value")]
     present_names = [f"present_{kind}_{layer}" for layer in layers for kind in ("key", "value")]
     seq_axis = "tokens"

@@ -89,7 +89,8 @@ class _Work:
 class _CacheTable:
     """KV caches by request id with count, memory and idle-time limits."""
 
-    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float, max_request_bytes: int | None = None):
+    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float, max_request_bytes: int | None = None, new_cache=KVCache):
+        self.new_cache = new_cache  # the stage's own cache type (transformers' DynamicCache for HF families)
         self.max_requests = max_requests
         self.max_bytes = max_bytes
         self.max_request_bytes = max_request_bytes or max_bytes
@@ -105,7 +106,7 @@ class _CacheTable:
                 raise UnknownRequest(f"request {req!r} has no KV cache on this stage (expired or never prefilled)")
             if len(self.caches) >= self.max_requests:
                 raise LimitExceeded(f"stage holds {len(self.caches)} request caches, the limit is {self.max_requests}; release finished requests")
-            cache = self.caches[req] = KVCache()
+            cache = self.caches[req] = self.new_cache()
         self.last_used[req] = time.monotonic()
         return cache
 
@@ -154,7 +155,8 @@ class StageWorker:
         self.dtype = getattr(torch, config.dtype)
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
-        self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes)
+        self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes,
+                                  new_cache=getattr(self.stage, "new_cache", KVCache))
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)

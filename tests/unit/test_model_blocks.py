@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from splitnet.errors import ConfigError, ModelLoadError
-from splitnet.model import KVCache, load_model
+from splitnet.model import load_model
 from splitnet.model.builtin import materialize
 
 transformers = pytest.importorskip("transformers")
@@ -44,7 +44,7 @@ def test_decoders_match_transformers_with_chunked_prefill_and_cache(name, cls):
     assert torch.allclose(full, expected, atol=1e-4)
     # two stages, prompt in two chunks, then incremental decode with KV caches
     s0, s1 = bm.stage(0, 2), bm.stage(2, bm.num_blocks)
-    c0, c1 = KVCache(), KVCache()
+    c0, c1 = s0.new_cache(), s1.new_cache()
     s1(s0({"input_ids": ids[:, :4]}, c0), c1)
     logits = s1(s0({"input_ids": ids[:, 4:]}, c0), c1)["logits"]
     assert torch.allclose(logits, expected[:, -1], atol=1e-4)

@@ -51,12 +51,11 @@ def test_decoder_stage_carries_its_kv_cache(tmp_path):
     per request, trims it when asked to continue from an earlier position, and matches torch."""
     import torch
 
-    from splitnet.model import KVCache
-
     bm = load_model("tiny-gpt2")
     st = OnnxStage(export_stage_onnx(bm, 0, 2, tmp_path / "g0.onnx"))
     assert st.uses_kv_cache and st.kv_layers == [0, 1] and st.tokenizer is not None
-    ref, cache = bm.stage(0, 2), KVCache()
+    ref = bm.stage(0, 2)
+    cache = ref.new_cache()
 
     def both(ids, pos=None):
         a = st({"input_ids": np.array(ids)}, request="r", pos=pos)["hidden"]
@@ -75,3 +74,32 @@ def test_decoder_stage_carries_its_kv_cache(tmp_path):
         st({"input_ids": np.array([[1]])})
     st.release("r")
     assert st.cache_length("r") == 0
+
+
+@pytest.mark.parametrize("model, blocks", [("tiny-llama", (0, 2)), ("tiny-qwen2", (2, 4))])
+def test_transformers_layer_decoder_stage_in_onnxruntime(tmp_path, model, blocks):
+    """Stages built from transformers' own layers export with their DynamicCache as past/present
+    tensors and match torch in onnxruntime: prefill, single tokens, a rewind."""
+    import torch
+
+    a, b = blocks
+    bm = load_model(model)
+    st = OnnxStage(export_stage_onnx(bm, a, b, tmp_path / "s.onnx"))
+    assert st.uses_kv_cache and st.kv_layers == list(range(a, b))
+    ref = bm.stage(a, b)
+    cache = ref.new_cache()
+    key = "input_ids" if a == 0 else "hidden"
+    rng = np.random.default_rng(0)
+
+    def both(n, pos=None):
+        x = rng.integers(0, 200, (1, n)) if a == 0 else rng.standard_normal((1, n, bm.hidden_size)).astype(np.float32)
+        out = st({key: x}, request="r", pos=pos)
+        if pos is not None and pos < cache.length:
+            cache.truncate(pos)
+        want = ref({key: torch.tensor(x)}, cache)
+        name = "hidden" if "hidden" in want else "logits"
+        return float(np.abs(out[name] - want[name].numpy()).max())
+
+    assert both(5, pos=0) < 1e-4
+    assert both(1) < 1e-4 and both(1) < 1e-4
+    assert both(2, pos=6) < 1e-4 and st.cache_length("r") == 8

@@ -1,0 +1,353 @@
+"""Decoder LMs built from transformers' own modules (as Petals does), one stage at a time.
+
+A stage of blocks [a, b) holds the family's own decoder layers a..b-1 (built from the full config
+with their global index, so every per-layer setting is the checkpoint's), plus the embedding on
+the first stage and the final norm and LM head on the last. It runs them through the family's own
+base-model ``forward`` (``LlamaModel.forward``, ``Gemma2Model.forward``, ...) on a *shell*: that
+class built on the meta device from the stage's slice of the config (``num_hidden_layers = b - a``,
+``layer_types[a:b]``), whose layers, embedding, norm and rotary embedding are replaced by the
+stage's real ones. Masks (causal, sliding window, per layer type), positions and rotary come from
+that code, and the stage's KV cache is the family's own ``DynamicCache`` over the stage's layers
+only (layer ``a + j`` is cache layer ``j``). What lives outside the base model is here, per family,
+in :data:`FAMILIES`: the LM head and its final logit soft-capping.
+
+The rotary embedding's frequencies stay in float32 whatever dtype the stage runs in (transformers
+keeps them so; casting them with the stage made bf16/fp16 rotary models diverge).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from splitnet.errors import ModelLoadError, StageError
+from splitnet.model.blocks import Architecture, Stage
+from splitnet.model.kv_cache import KVCache
+
+
+@dataclass(frozen=True)
+class Family:
+    """What splitnet needs to know about a decoder family beyond transformers' base model."""
+
+    base_class: str  # e.g. "LlamaModel"
+    module: str  # transformers.models.<module>.modeling_<module>
+    logit_softcap_key: str = ""  # config field of a tanh soft-cap on the final logits
+    embed_scale_sqrt_hidden: bool = False  # the embedding multiplies by sqrt(hidden_size) (its buffer ``embed_scale``)
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("LlamaModel", "llama"),
+    "mistral": Family("MistralModel", "mistral"),
+    "qwen2": Family("Qwen2Model", "qwen2"),
+    "qwen3": Family("Qwen3Model", "qwen3"),
+    "phi3": Family("Phi3Model", "phi3"),
+    "gemma2": Family("Gemma2Model", "gemma2", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True),
+}
+
+
+def hf_config(config: Mapping[str, Any], attn_implementation: str | None = None):
+    """transformers' config object for a config.json dict (no hub: built from the dict). The
+    attention implementation is transformers' own default for the family unless given."""
+    from transformers import AutoConfig
+
+    model_type = config.get("model_type")
+    cfg = AutoConfig.for_model(model_type, **{k: v for k, v in config.items() if k != "model_type" and not k.startswith("_splitnet")})
+    if attn_implementation is not None:
+        cfg._attn_implementation = attn_implementation
+    return cfg
+
+
+def _base_class(family: Family):
+    import importlib
+
+    mod = importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}")
+    return getattr(mod, family.base_class)
+
+
+def _causal_lm_class(cfg):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM._model_mapping[type(cfg)]
+
+
+def _stage_config(cfg, start: int, end: int):
+    """The config of a model made of layers [start, end) only (per-layer lists sliced)."""
+    sub = copy.deepcopy(cfg)
+    sub.num_hidden_layers = end - start
+    if getattr(sub, "layer_types", None) is not None:
+        sub.layer_types = list(cfg.layer_types[start:end])
+    return sub
+
+
+def _materialize(meta_module: nn.Module, what: str, filled: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """A CPU copy of a module built on the meta device, storage uninitialised (the checkpoint fills
+    it). Buffers that are not in the checkpoint must be given in ``filled`` (name -> value), else
+    the module is refused: it would keep garbage there."""
+    filled = dict(filled or {})
+    for name, sub in meta_module.named_modules():
+        for buf in getattr(sub, "_non_persistent_buffers_set", ()):
+            full = f"{name}.{buf}" if name else buf
+            if full not in filled:
+                raise ModelLoadError(f"{what}: {type(sub).__name__} {name!r} has a buffer {buf!r} that is not in the checkpoint; splitnet cannot build it yet")
+    module = copy.deepcopy(meta_module).to_empty(device="cpu")
+    for full, value in filled.items():
+        owner, _, buf = full.rpartition(".")
+        target = module.get_submodule(owner) if owner else module
+        target.register_buffer(buf, value.to(getattr(target, buf).dtype), persistent=False)
+    return module
+
+
+class HFEmbed(nn.Module):
+    """The family's token embedding (state keys ``embed_tokens.*``, as in the checkpoint)."""
+
+    def __init__(self, embed_tokens: nn.Module):
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+
+class HFHead(nn.Module):
+    """Final norm and LM head (state keys ``norm.*`` and ``lm_head.*``)."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Linear, softcap: float | None):
+        super().__init__()
+        self.norm = norm
+        self.lm_head = lm_head
+        self.softcap = softcap
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(h)
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+
+class _FP32Rotary:
+    """The rotary embedding, outside the stage's module tree so ``stage.to(dtype)`` leaves its
+    float32 frequencies alone; moved to the hidden state's device when first used there."""
+
+    def __init__(self, rotary: nn.Module):
+        self.module = rotary
+
+    def on(self, device: torch.device) -> nn.Module:
+        if next(iter(self.module.buffers()), torch.empty(0)).device != device:
+            self.module.to(device)
+        return self.module
+
+
+class HFKVCache(KVCache):
+    """splitnet's per-request cache interface over transformers' ``DynamicCache`` of one stage."""
+
+    def __init__(self, stage_config, start: int = 0):
+        super().__init__()
+        from transformers import DynamicCache
+
+        self.hf = DynamicCache(config=stage_config)
+        self.start = start  # block ``start + j`` is cache layer ``j``
+
+    def layer_ids(self) -> list[int]:
+        return [self.start + j for j, layer in enumerate(self.hf.layers) if getattr(layer, "is_initialized", False)]
+
+    def get_layer(self, layer: int):
+        entry = self.hf.layers[layer - self.start]
+        return entry.keys, entry.values
+
+    def set_layer(self, layer: int, k, v) -> None:
+        entry = self.hf.layers[layer - self.start]
+        if getattr(entry, "is_initialized", False):
+            raise ValueError(f"cache layer of block {layer} is already filled")
+        self.hf.update(k, v, layer - self.start)
+
+    def append(self, layer, k, v):  # the layers write through ``self.hf`` themselves
+        raise TypeError("HFKVCache is filled by transformers' layers through .hf")
+
+    def truncate(self, length: int) -> None:
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot truncate a cache of {self.length} positions to {length}")
+        if length < self.length:
+            self.hf.crop(-(self.length - length))  # transformers 5: a negative count of tokens to remove
+            self.length = length
+
+    @property
+    def nbytes(self) -> int:
+        total = 0
+        for layer in getattr(self.hf, "layers", []):
+            for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(t, torch.Tensor):
+                    total += t.nbytes
+        return total
+
+
+class HFDecoderStage(Stage):
+    """Blocks [start, end) of a decoder LM run by the family's own base-model forward."""
+
+    def __init__(self, arch: "HFDecoderArchitecture", start: int, end: int, embed, blocks, head):
+        super().__init__(arch, start, end, embed, blocks, head)
+        self.stage_config = _stage_config(arch.hf, start, end)
+        with torch.device("meta"):
+            shell = _base_class(arch.family)(self.stage_config)
+        shell.layers = self.blocks  # the real layers (registered under the stage as blocks.*)
+        shell.embed_tokens = embed.embed_tokens if embed is not None else None
+        shell.norm = head.norm if head is not None else nn.Identity()
+        for name in [n for n, _ in shell.named_children() if n not in ("layers", "embed_tokens", "norm", "rotary_emb")]:
+            setattr(shell, name, None)
+        self.__dict__["_shell"] = shell  # not a submodule: its parts are registered above
+        self.__dict__["_rotary"] = _FP32Rotary(arch.rotary())
+        shell.rotary_emb = None
+
+    def new_cache(self) -> HFKVCache:
+        return HFKVCache(self.stage_config, self.start)
+
+    def _bind_layers(self) -> None:
+        """Cache layer of block ``start + j`` is ``j`` (the stage's cache holds its layers only).
+        Set on every call: stages cut from one loaded model share their block modules."""
+        for j, block in enumerate(self.blocks):
+            for m in block.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = j
+
+    @torch.no_grad()
+    def forward(self, inputs: Mapping[str, torch.Tensor], cache: KVCache | None = None, *, all_logits: bool = False) -> dict[str, torch.Tensor]:
+        if cache is not None and not isinstance(cache, HFKVCache):
+            raise StageError(f"{self!r} needs the cache from its new_cache(), got {type(cache).__name__}")
+        past = cache.length if cache is not None else 0
+        shell = self._shell
+        kwargs: dict[str, Any] = {}
+        if self.embed is not None:
+            ids = inputs.get("input_ids")
+            if ids is None:
+                raise StageError(f"{self!r} expects input_ids, got {sorted(inputs)}")
+            vocab = self.arch.hf.vocab_size
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise StageError(f"token id {int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())} is outside the vocabulary 0..{vocab - 1}")
+            kwargs["input_ids"] = ids
+            B, T = ids.shape
+            device = ids.device
+        else:
+            h = inputs.get("hidden")
+            if h is None:
+                raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
+            if h.dim() != 3 or h.shape[-1] != self.arch.hidden_size:
+                raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
+            param = next(self.parameters())
+            kwargs["inputs_embeds"] = h.to(param.dtype)
+            B, T = h.shape[:2]
+            device = h.device
+        limit = getattr(self.arch.hf, "max_position_embeddings", None)
+        if limit and past + T > limit:
+            raise StageError(f"sequence of {past + T} tokens exceeds max_position_embeddings={limit} of this model")
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            mask = mask.to(device=device, dtype=torch.long)
+            if bool(mask.all()) and mask.shape in ((B, past + T), (B, T)):
+                mask = None  # no padding: the plain causal path (and a new-tokens-only mask means the same)
+        if mask is not None:
+            if mask.shape != (B, past + T):
+                raise StageError(f"attention_mask must be (batch, past + new tokens) = ({B}, {past + T}), got {tuple(mask.shape)}")
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # per-sequence positions (left padding)
+        else:
+            positions = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
+        self._bind_layers()
+        shell.rotary_emb = self._rotary.on(device)
+        try:
+            out = shell(attention_mask=mask, position_ids=positions, cache=cache.hf if cache is not None else None,
+                        use_cache=cache is not None, **kwargs)
+        finally:
+            shell.rotary_emb = None
+        h = out.last_hidden_state
+        if cache is not None:
+            cache.advance(T)
+        if self.head is not None:
+            logits = self.head.logits(h if all_logits else h[:, -1:])
+            return {"logits": logits if all_logits else logits[:, -1]}
+        result = {"hidden": h}
+        if mask is not None:
+            result["attention_mask"] = mask
+        return result
+
+
+class HFDecoderArchitecture(Architecture):
+    """A decoder family of :data:`FAMILIES`, built from transformers' modules."""
+
+    kind = "decoder"
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        model_type = config.get("model_type")
+        if model_type not in FAMILIES:
+            raise ModelLoadError(f"model_type {model_type!r} is not a decoder family splitnet builds from transformers ({', '.join(sorted(FAMILIES))})")
+        self.family = FAMILIES[model_type]
+        self.hf = hf_config(config)
+        with torch.device("meta"):
+            self._meta = _base_class(self.family)(self.hf)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.hf.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf.hidden_size)
+
+    def rotary(self) -> nn.Module:
+        return type(self._meta.rotary_emb)(config=self.hf)  # real float32 frequencies, from the config
+
+    def build_embed(self) -> nn.Module:
+        filled = {"embed_scale": torch.tensor(self.hf.hidden_size**0.5)} if self.family.embed_scale_sqrt_hidden else None
+        return HFEmbed(_materialize(self._meta.embed_tokens, "embedding", filled))
+
+    def build_block(self, index: int) -> nn.Module:
+        return _materialize(self._meta.layers[index], f"block {index}")
+
+    def build_head(self) -> nn.Module:
+        softcap = getattr(self.hf, self.family.logit_softcap_key, None) if self.family.logit_softcap_key else None
+        lm_head = nn.Linear(self.hf.hidden_size, self.hf.vocab_size, bias=False)
+        return HFHead(_materialize(self._meta.norm, "final norm"), lm_head, softcap)
+
+    def _base(self, names):
+        return "model." if any(n.startswith("model.") for n in names) else ""
+
+    def embed_prefixes(self, names):
+        return [self._base(names)]
+
+    def block_prefix(self, names, index):
+        return f"{self._base(names)}layers.{index}."
+
+    def head_prefixes(self, names):
+        return [""]
+
+    def head_tensors(self, tensors_by_name, names):
+        base = self._base(names)
+        out = {k: f"{base}{k}" for k in (f"norm.{p}" for p, _ in self._meta.norm.named_parameters())}
+        if "lm_head.weight" in names:
+            out["lm_head.weight"] = "lm_head.weight"
+        elif getattr(self.hf, "tie_word_embeddings", False):
+            out["lm_head.weight"] = f"{base}embed_tokens.weight"
+        else:
+            raise ModelLoadError("the checkpoint has no lm_head.weight and its config says the head is not tied to the embedding (tie_word_embeddings: false)")
+        return out
+
+    def unexpected_tensors(self, names: list[str]) -> list[str]:
+        """Checkpoint tensors the whole model would not load (a stage checks the whole file: a
+        tensor nobody loads means a config field or module splitnet does not honour). Allowed to
+        go unused: what the family's transformers class itself ignores on load
+        (``_keys_to_ignore_on_load_unexpected``, e.g. saved rotary ``inv_freq`` buffers)."""
+        import re
+
+        base = self._base(names)
+        expected = {f"{base}embed_tokens.{k}" for k in self._meta.embed_tokens.state_dict()}
+        for i, layer in enumerate(self._meta.layers):
+            expected |= {f"{base}layers.{i}.{k}" for k in layer.state_dict()}
+        expected |= {f"{base}norm.{k}" for k in self._meta.norm.state_dict()} | {"lm_head.weight"}
+        ignore = [re.compile(p) for p in (getattr(_causal_lm_class(self.hf), "_keys_to_ignore_on_load_unexpected", None) or [])]
+        ignore.append(re.compile(r"rotary_emb\.inv_freq$"))
+        return [n for n in names if n not in expected and not any(p.search(n) for p in ignore)]
+
+    def make_stage(self, start, end, embed, blocks, head) -> Stage:
+        return HFDecoderStage(self, start, end, embed, blocks, head)
+
+    def carry(self, ctx):
+        return {}
