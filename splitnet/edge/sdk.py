@@ -331,11 +331,17 @@ class Session:
         deadline = start + timeout_s
         self._last_seen = [max(s, start) for s in self._last_seen]
         next_ping = start
+        reqs = {k[0] for k in keys}
         while True:
             for k in keys:
                 if k in self._pending:
                     msg = self._pending.pop(k)
                     if msg.kind == "error":
+                        # a failing chunk makes the stage drop the request, so the chunks after it fail
+                        # with UnknownRequest: raise the first error of the request, which says why
+                        first = min((e for e in self._pending if e[0] in reqs and self._pending[e].kind == "error" and e[1] < k[1]), default=None, key=lambda e: e[1])
+                        if first is not None:
+                            msg = self._pending.pop(first)
                         stage = msg.meta.get("stage")
                         where = f"stage {stage}: " if stage is not None else ""
                         raise error_from_code(str(msg.meta.get("code")), where + str(msg.meta.get("msg")))
