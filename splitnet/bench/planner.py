@@ -350,8 +350,6 @@ def netns_runner(model: str = "minilm", num_blocks: int = 6, vocab: int = 30522,
     """
 
     def run(plan, repeats):
-        import contextlib
-
         from splitnet.lab.netns import LinkSpec, lab_topology
 
         say = log or (lambda _m: None)

@@ -437,7 +437,6 @@ class AlignedVQCodec(_FittedCodec):
         x = _subsample(x, self.max_train, self.seed)
         z, _, _, _ = self._align(x)
         codes = self._codes(self._project(z))  # the codes the encoder really sends
-        c = self.bias.shape[0]
         pred = self._reconstruct(codes)
         with _progress(sweeps, "alignedvq refine", progress) as bar:
             for _ in range(sweeps):

@@ -323,7 +323,7 @@ def build(name: str, hosts: Sequence[str], links: Mapping[tuple[str, str], LinkS
                 _tbf(ns, dev, spec)
             lab.links[frozenset((a, b))] = _Link(a, b, spec, dev_a, dev_b, addr_a, addr_b)
         state.write_text(json.dumps({"name": name, "hosts": lab.hosts, "ns": lab.ns, "pid": os.getpid(),
-                                     "links": [{"a": l.a, "b": l.b, **asdict(l.spec)} for l in lab.links.values()]}))
+                                     "links": [{"a": ln.a, "b": ln.b, **asdict(ln.spec)} for ln in lab.links.values()]}))
     except BaseException:
         destroy(name)
         raise

@@ -25,6 +25,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from splitnet.errors import ConfigError
 
@@ -161,7 +162,7 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
         await stop.wait()
 
 
-def start_relay(listen_host: str, target: str, delay_ms: float, timeout_s: float = 30.0) -> tuple["subprocess.Popen", str]:
+def start_relay(listen_host: str, target: str, delay_ms: float, timeout_s: float = 30.0) -> tuple[Any, str]:
     """Start a relay process on this host in front of ``target`` (``tcp://host:port``) that adds
     ``delay_ms`` each way; return it and the endpoint to use instead. Raises RuntimeError when it
     does not report ``RELAY`` within ``timeout_s``."""

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from splitnet.errors import ModelLoadError
+
 from splitnet.model.attention import attend, merge_heads, split_heads
 from splitnet.model.blocks import Architecture
 
@@ -68,7 +70,7 @@ class _Attention(nn.Module):
 
 
 class _Intermediate(nn.Module):
-    def __init__(self, C: int, I: int):
+    def __init__(self, C: int, I: int):  # noqa: E741 - C and I as in the papers' notation
         super().__init__()
         self.dense = nn.Linear(C, I)
 
@@ -98,20 +100,36 @@ class BertLayer(nn.Module):
         return self.output.LayerNorm(self.output.dense(m) + h)
 
 
-class MeanPoolHead(nn.Module):
-    """sentence-transformers pooling: masked mean (or CLS), then optional L2 normalisation."""
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens")
 
-    def __init__(self, mode: str = "mean", normalize: bool = True):
+
+class MeanPoolHead(nn.Module):
+    """sentence-transformers pooling: each of ``modes`` in order (``cls``: first token, ``max``:
+    masked max, ``mean``: masked mean, ``mean_sqrt_len_tokens``: masked sum / sqrt(tokens)),
+    concatenated, then optional L2 normalisation (as sentence-transformers' Pooling + Normalize)."""
+
+    def __init__(self, mode: str | tuple[str, ...] = "mean", normalize: bool = True):
         super().__init__()
-        self.mode = mode
+        self.modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        bad = [m for m in self.modes if m not in POOLING_MODES]
+        if bad or not self.modes:
+            raise ModelLoadError(f"sentence-transformers pooling {bad or self.modes} is not supported; supported: {', '.join(POOLING_MODES)}")
         self.normalize = normalize
 
     def forward(self, h: torch.Tensor, ctx: dict, all_logits: bool = False) -> dict:
-        if self.mode == "cls":
-            pooled = h[:, 0]
-        else:
-            m = ctx["attention_mask"].to(h.dtype).unsqueeze(-1)  # (B, T, 1)
-            pooled = (h * m).sum(1) / m.sum(1).clamp(min=1e-9)
+        mask = ctx["attention_mask"].unsqueeze(-1)  # (B, T, 1)
+        out = []
+        for mode in self.modes:
+            if mode == "cls":
+                out.append(h[:, 0])
+            elif mode == "max":
+                out.append(h.masked_fill(mask == 0, float("-inf")).max(dim=1).values)
+            else:
+                m = mask.to(h.dtype)
+                total = (h * m).sum(1)  # (B, C)
+                n = m.sum(1).clamp(min=1e-9)
+                out.append(total / (n if mode == "mean" else n.sqrt()))
+        pooled = out[0] if len(out) == 1 else torch.cat(out, dim=-1)
         if self.normalize:
             pooled = F.normalize(pooled, p=2, dim=-1)
         return {"embedding": pooled}
@@ -132,6 +150,11 @@ class BertArchitecture(Architecture):
 
     def embed_prefixes(self, names):
         return ["embeddings.", "bert.embeddings.", "model.embeddings."]
+
+    def unexpected_tensors(self, names: list[str]) -> list[str]:
+        """A task head in the checkpoint (BertForSequenceClassification's ``classifier``, a masked-LM
+        ``cls`` head) would be dropped and the pooled embedding returned instead: refused."""
+        return [n for n in names if n.startswith(("classifier.", "cls.", "qa_outputs."))]
 
     def block_prefix(self, names, index):
         for base in ("encoder.layer.", "bert.encoder.layer.", "model.encoder.layer."):

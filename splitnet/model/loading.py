@@ -56,16 +56,38 @@ def architecture_for(config: dict, model_dir: Path | None = None) -> Architectur
     return cls(config)
 
 
+_LEGACY_POOLING_KEYS = (  # sentence-transformers' pooling_mode_* flags, in the order it concatenates them
+    ("pooling_mode_cls_token", "cls"),
+    ("pooling_mode_max_tokens", "max"),
+    ("pooling_mode_mean_tokens", "mean"),
+    ("pooling_mode_mean_sqrt_len_tokens", "mean_sqrt_len_tokens"),
+    ("pooling_mode_weightedmean_tokens", "weightedmean"),
+    ("pooling_mode_lasttoken", "lasttoken"),
+)
+_SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")
+
+
 def _sentence_pooling(model_dir: Path) -> dict:
-    """sentence-transformers pooling settings (mean + normalise when the files say so)."""
-    pooling = {"mode": "mean", "normalize": False}
-    pool_cfg = model_dir / "1_Pooling" / "config.json"
+    """sentence-transformers pooling read from modules.json and 1_Pooling/config.json (mean when
+    the directory has neither); a module splitnet does not run (Dense, ...) is refused."""
+    pooling: dict = {"mode": ("mean",), "normalize": False}
+    modules_file = model_dir / "modules.json"
+    modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
+    for m in modules:
+        kind = str(m.get("type", "")).rsplit(".", 1)[-1]
+        if kind not in _SENTENCE_MODULES:
+            raise ModelLoadError(f"{model_dir}: sentence-transformers module {m.get('type')!r} ({m.get('path')}) is not supported; splitnet runs {', '.join(_SENTENCE_MODULES)}")
+    pool_dir = next((m.get("path") for m in modules if str(m.get("type", "")).endswith("Pooling")), "1_Pooling")
+    pool_cfg = model_dir / str(pool_dir) / "config.json"
     if pool_cfg.is_file():
         cfg = json.loads(pool_cfg.read_text())
-        pooling["mode"] = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-    modules = model_dir / "modules.json"
-    if modules.is_file():
-        pooling["normalize"] = any(m.get("type", "").endswith("Normalize") for m in json.loads(modules.read_text()))
+        if "pooling_mode" in cfg:
+            mode = cfg["pooling_mode"]
+            modes = (mode,) if isinstance(mode, str) else tuple(mode)
+        else:
+            modes = tuple(name for key, name in _LEGACY_POOLING_KEYS if cfg.get(key))
+        pooling["mode"] = modes or ("mean",)
+    pooling["normalize"] = any(str(m.get("type", "")).endswith("Normalize") for m in modules)
     return pooling
 
 

@@ -39,8 +39,14 @@ class HFTokenizer:
         self.tok.no_truncation()
 
     def __call__(self, texts: list[str], max_length: int = 128, numpy: bool = False) -> dict[str, Any]:
-        encs = self.tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
-        return pad_batch([e.ids[:max_length] for e in encs], self.pad_id, numpy)
+        # the tokenizer truncates before its post-processor adds the special tokens, so a long
+        # input keeps its final [SEP] (slicing the ids afterwards cut it off)
+        self.tok.enable_truncation(max_length)
+        try:
+            encs = self.tok.encode_batch(list(texts), add_special_tokens=self.add_special_tokens)
+        finally:
+            self.tok.no_truncation()
+        return pad_batch([e.ids for e in encs], self.pad_id, numpy)
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=False).ids

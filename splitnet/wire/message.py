@@ -14,7 +14,6 @@ it touches a buffer, and raises :class:`ProtocolError` (or :class:`LimitExceeded
 
 from __future__ import annotations
 
-import math
 import threading
 from types import MappingProxyType
 from typing import Any, Mapping, NamedTuple, Sequence

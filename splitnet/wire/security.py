@@ -30,13 +30,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import zmq
 import zmq.auth
 from zmq.utils.monitor import recv_monitor_message
 
 from splitnet.errors import AuthError, ConfigError
+
+if TYPE_CHECKING:
+    from splitnet.wire.sockets import SocketConfig
 
 log = logging.getLogger("splitnet.security")
 
