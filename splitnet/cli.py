@@ -22,6 +22,7 @@ _COMMAND_MODULES = [
     "splitnet.lab.cli",  # lab up/down
     "splitnet.model.cli_train_lm",  # train-lm
     "splitnet.model.cli_export",  # export-onnx
+    "splitnet.model.cli_models",  # models
 ]
 
 

@@ -14,6 +14,7 @@ SUITES = {
     "planner": "splitnet.bench.planner",
     "hardening": "splitnet.bench.hardening",
     "hostile": "splitnet.bench.hostile",
+    "models": "splitnet.bench.models",
     "pipeline": "splitnet.bench.pipeline",
     "speculative": "splitnet.bench.speculative",
 }

@@ -37,6 +37,12 @@ class Family:
     module: str  # transformers.models.<module>.modeling_<module>
     logit_softcap_key: str = ""  # config field of a tanh soft-cap on the final logits
     embed_scale_sqrt_hidden: bool = False  # the embedding multiplies by sqrt(hidden_size) (its buffer ``embed_scale``)
+    prefix: str = "model."  # where the base model sits in the causal-LM checkpoint
+    embed_attrs: tuple[str, ...] = ("embed_tokens",)  # the base model's input modules (first stage only)
+    positions_attr: str = ""  # a learned position embedding the base forward adds to inputs_embeds
+    layers_attr: str = "layers"
+    norm_attr: str = "norm"
+    rotary_attr: str = "rotary_emb"  # "" when positions are not rotary
 
 
 FAMILIES: dict[str, Family] = {
@@ -46,6 +52,8 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3Model", "qwen3"),
     "phi3": Family("Phi3Model", "phi3"),
     "gemma2": Family("Gemma2Model", "gemma2", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True),
+    "gpt2": Family("GPT2Model", "gpt2", prefix="transformer.", embed_attrs=("wte", "wpe"), positions_attr="wpe",
+                   layers_attr="h", norm_attr="ln_f", rotary_attr=""),
 }
 
 
@@ -102,11 +110,26 @@ def _materialize(meta_module: nn.Module, what: str, filled: Mapping[str, torch.T
 
 
 class HFEmbed(nn.Module):
-    """The family's token embedding (state keys ``embed_tokens.*``, as in the checkpoint)."""
+    """The family's input modules under their checkpoint names (``embed_tokens``; GPT-2's ``wte``
+    and ``wpe``)."""
 
-    def __init__(self, embed_tokens: nn.Module):
+    def __init__(self, modules: Mapping[str, nn.Module]):
         super().__init__()
-        self.embed_tokens = embed_tokens
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+
+class _NoPositions(nn.Module):
+    """Stands in for a learned position embedding on stages after the first: the positions were
+    added once, by the first stage."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.width = width
+        self.register_buffer("dtype_probe", torch.zeros(0), persistent=False)  # follows the stage's dtype
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((*position_ids.shape, self.width), device=position_ids.device, dtype=self.dtype_probe.dtype)
 
 
 class HFHead(nn.Module):
@@ -186,17 +209,26 @@ class HFDecoderStage(Stage):
 
     def __init__(self, arch: "HFDecoderArchitecture", start: int, end: int, embed, blocks, head):
         super().__init__(arch, start, end, embed, blocks, head)
+        fam = arch.family
         self.stage_config = _stage_config(arch.hf, start, end)
         with torch.device("meta"):
-            shell = _base_class(arch.family)(self.stage_config)
-        shell.layers = self.blocks  # the real layers (registered under the stage as blocks.*)
-        shell.embed_tokens = embed.embed_tokens if embed is not None else None
-        shell.norm = head.norm if head is not None else nn.Identity()
-        for name in [n for n, _ in shell.named_children() if n not in ("layers", "embed_tokens", "norm", "rotary_emb")]:
-            setattr(shell, name, None)
+            shell = _base_class(fam)(self.stage_config)
+        setattr(shell, fam.layers_attr, self.blocks)  # the real layers (registered under the stage as blocks.*)
+        for name in fam.embed_attrs:
+            setattr(shell, name, getattr(embed, name) if embed is not None else None)
+        if embed is None and fam.positions_attr:
+            self.no_positions = _NoPositions(arch.hidden_size)  # a submodule: it follows .to(dtype)
+            setattr(shell, fam.positions_attr, self.no_positions)
+        setattr(shell, fam.norm_attr, head.norm if head is not None else nn.Identity())
+        keep = {fam.layers_attr, fam.norm_attr, fam.rotary_attr, *fam.embed_attrs}
+        for name, child in list(shell.named_children()):
+            if name not in keep and any(True for _ in child.parameters()):
+                setattr(shell, name, None)  # a meta module with weights must never run
+        shell.eval()  # its own modules (GPT-2's embedding dropout) never train: a stage only serves
         self.__dict__["_shell"] = shell  # not a submodule: its parts are registered above
-        self.__dict__["_rotary"] = _FP32Rotary(arch.rotary())
-        shell.rotary_emb = None
+        self.__dict__["_rotary"] = _FP32Rotary(arch.rotary()) if fam.rotary_attr else None
+        if fam.rotary_attr:
+            setattr(shell, fam.rotary_attr, None)
 
     def new_cache(self) -> HFKVCache:
         return HFKVCache(self.stage_config, self.start)
@@ -251,12 +283,15 @@ class HFDecoderStage(Stage):
         else:
             positions = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
         self._bind_layers()
-        shell.rotary_emb = self._rotary.on(device)
+        rotary_attr = self.arch.family.rotary_attr
+        if rotary_attr:
+            setattr(shell, rotary_attr, self._rotary.on(device))
         try:
             out = shell(attention_mask=mask, position_ids=positions, cache=cache.hf if cache is not None else None,
                         use_cache=cache is not None, **kwargs)
         finally:
-            shell.rotary_emb = None
+            if rotary_attr:
+                setattr(shell, rotary_attr, None)
         h = out.last_hidden_state
         if cache is not None:
             cache.advance(T)
@@ -293,39 +328,43 @@ class HFDecoderArchitecture(Architecture):
         return int(self.hf.hidden_size)
 
     def rotary(self) -> nn.Module:
-        return type(self._meta.rotary_emb)(config=self.hf)  # real float32 frequencies, from the config
+        return type(getattr(self._meta, self.family.rotary_attr))(config=self.hf)  # real float32 frequencies, from the config
+
+    def _part(self, name: str) -> nn.Module:
+        return getattr(self._meta, name)
 
     def build_embed(self) -> nn.Module:
         filled = {"embed_scale": torch.tensor(self.hf.hidden_size**0.5)} if self.family.embed_scale_sqrt_hidden else None
-        return HFEmbed(_materialize(self._meta.embed_tokens, "embedding", filled))
+        return HFEmbed({n: _materialize(self._part(n), "embedding", filled if i == 0 else None) for i, n in enumerate(self.family.embed_attrs)})
 
     def build_block(self, index: int) -> nn.Module:
-        return _materialize(self._meta.layers[index], f"block {index}")
+        return _materialize(self._part(self.family.layers_attr)[index], f"block {index}")
 
     def build_head(self) -> nn.Module:
         softcap = getattr(self.hf, self.family.logit_softcap_key, None) if self.family.logit_softcap_key else None
         lm_head = nn.Linear(self.hf.hidden_size, self.hf.vocab_size, bias=False)
-        return HFHead(_materialize(self._meta.norm, "final norm"), lm_head, softcap)
+        return HFHead(_materialize(self._part(self.family.norm_attr), "final norm"), lm_head, softcap)
 
     def _base(self, names):
-        return "model." if any(n.startswith("model.") for n in names) else ""
+        p = self.family.prefix
+        return p if any(n.startswith(p) for n in names) else ""
 
     def embed_prefixes(self, names):
         return [self._base(names)]
 
     def block_prefix(self, names, index):
-        return f"{self._base(names)}layers.{index}."
+        return f"{self._base(names)}{self.family.layers_attr}.{index}."
 
     def head_prefixes(self, names):
         return [""]
 
     def head_tensors(self, tensors_by_name, names):
-        base = self._base(names)
-        out = {k: f"{base}{k}" for k in (f"norm.{p}" for p, _ in self._meta.norm.named_parameters())}
+        base, norm = self._base(names), self.family.norm_attr
+        out = {f"norm.{k}": f"{base}{norm}.{k}" for k in self._part(norm).state_dict()}
         if "lm_head.weight" in names:
             out["lm_head.weight"] = "lm_head.weight"
         elif getattr(self.hf, "tie_word_embeddings", False):
-            out["lm_head.weight"] = f"{base}embed_tokens.weight"
+            out["lm_head.weight"] = f"{base}{self.family.embed_attrs[0]}.weight"
         else:
             raise ModelLoadError("the checkpoint has no lm_head.weight and its config says the head is not tied to the embedding (tie_word_embeddings: false)")
         return out
@@ -337,11 +376,11 @@ class HFDecoderArchitecture(Architecture):
         (``_keys_to_ignore_on_load_unexpected``, e.g. saved rotary ``inv_freq`` buffers)."""
         import re
 
-        base = self._base(names)
-        expected = {f"{base}embed_tokens.{k}" for k in self._meta.embed_tokens.state_dict()}
-        for i, layer in enumerate(self._meta.layers):
-            expected |= {f"{base}layers.{i}.{k}" for k in layer.state_dict()}
-        expected |= {f"{base}norm.{k}" for k in self._meta.norm.state_dict()} | {"lm_head.weight"}
+        base, fam = self._base(names), self.family
+        expected = {f"{base}{n}.{k}" for n in fam.embed_attrs for k in self._part(n).state_dict()}
+        for i, layer in enumerate(self._part(fam.layers_attr)):
+            expected |= {f"{base}{fam.layers_attr}.{i}.{k}" for k in layer.state_dict()}
+        expected |= {f"{base}{fam.norm_attr}.{k}" for k in self._part(fam.norm_attr).state_dict()} | {"lm_head.weight"}
         ignore = [re.compile(p) for p in (getattr(_causal_lm_class(self.hf), "_keys_to_ignore_on_load_unexpected", None) or [])]
         ignore.append(re.compile(r"rotary_emb\.inv_freq$"))
         return [n for n in names if n not in expected and not any(p.search(n) for p in ignore)]

@@ -72,10 +72,8 @@ def test_reduced_heads_match_full_logits(gpt_pipe):
     bm = load_model("tiny-gpt2")
     stage = bm.full()
     from splitnet.edge.sampling import Sampler
-    from splitnet.model import KVCache
-
     for cfg, got in ((SamplingConfig(), greedy.tokens), (topk, sampled.tokens)):
-        sampler, cache = Sampler(cfg), KVCache()
+        sampler, cache = Sampler(cfg), stage.new_cache()
         ids = torch.tensor([greedy.prompt_ids])
         toks = []
         for _ in range(12):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from splitnet.errors import ConfigError
-from splitnet.model import BUILTIN_MODELS, KVCache, load_model
+from splitnet.model import BUILTIN_MODELS, load_model
 from splitnet.model import train_lm
 from splitnet.model.tokenizer import ByteTokenizer
 
@@ -55,15 +55,16 @@ def test_save_load_round_trip_gives_identical_logits(trained, corpus, tmp_path):
     ids = train_lm.heldout_windows(corpus, 32, 256)[:, :-1]
     with torch.no_grad():
         expected = trained.model(ids)
-    assert torch.equal(bm.full()({"input_ids": ids}, all_logits=True)["logits"], expected)
+    # served by transformers' GPT-2 modules, trained with splitnet's: the same function to float error
+    assert torch.allclose(bm.full()({"input_ids": ids}, all_logits=True)["logits"], expected, atol=1e-5)
     # split in two stages with KV caches, prompt in two chunks: same last-token logits
     s0, s1 = bm.stage(0, 1), bm.stage(1, 2)
-    c0, c1 = KVCache(), KVCache()
+    c0, c1 = s0.new_cache(), s1.new_cache()
     s1(s0({"input_ids": ids[:1, :20]}, c0), c1)
     last = s1(s0({"input_ids": ids[:1, 20:]}, c0), c1)["logits"]
     assert torch.allclose(last, expected[:1, -1], atol=1e-5)
     assert train_lm.evaluate(bm, train_lm.heldout_windows(corpus, 32, 512)) == pytest.approx(
-        train_lm.evaluate(trained.model, train_lm.heldout_windows(corpus, 32, 512)), abs=1e-6)
+        train_lm.evaluate(trained.model, train_lm.heldout_windows(corpus, 32, 512)), abs=1e-5)
 
 
 def test_tokenizer_json_matches_byte_tokenizer(tmp_path):
