@@ -9,12 +9,15 @@ import json
 def families() -> dict[str, str]:
     """model_type -> how splitnet builds it."""
     from splitnet.model.hf_decoder import FAMILIES
+    from splitnet.model.hf_encoder import ENCODER_FAMILIES
     from splitnet.model.loading import ARCHITECTURES
 
     out = {}
     for model_type, cls in sorted(ARCHITECTURES.items()):
         if model_type in FAMILIES:
             out[model_type] = f"decoder, transformers' {FAMILIES[model_type].base_class} layers"
+        elif model_type in ENCODER_FAMILIES:
+            out[model_type] = f"encoder, transformers' {ENCODER_FAMILIES[model_type].base_class} layers, sentence-transformers pooling"
         else:
             out[model_type] = f"{cls.kind}, splitnet's own modules ({cls.__module__})"
     return out

@@ -15,21 +15,21 @@ from torch import nn
 
 from splitnet.errors import ModelLoadError
 from splitnet.model import builtin
-from splitnet.model.bert import BertArchitecture
 from splitnet.model.blocks import Architecture, BlockModel
 from splitnet.model.gpt2 import GPT2Architecture
 from splitnet.model.hf_decoder import FAMILIES as HF_DECODER_FAMILIES
 from splitnet.model.hf_decoder import HFDecoderArchitecture
+from splitnet.model.hf_encoder import ENCODER_FAMILIES, HFEncoderArchitecture
 from splitnet.model.sequential import from_sequential
 from splitnet.model.tokenizer import ByteTokenizer, HFTokenizer
 from splitnet.model.vit import ViTArchitecture
 from splitnet.model.weights import load_into, load_tensors, read_config, weight_files
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
-    "bert": BertArchitecture,
     "gpt2": GPT2Architecture,
     "vit": ViTArchitecture,
     **{model_type: HFDecoderArchitecture for model_type in HF_DECODER_FAMILIES},
+    **{model_type: HFEncoderArchitecture for model_type in ENCODER_FAMILIES},
 }
 
 
@@ -50,7 +50,7 @@ def architecture_for(config: dict, model_dir: Path | None = None) -> Architectur
     cls = ARCHITECTURES.get(model_type or "")
     if cls is None:
         raise ModelLoadError(f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(ARCHITECTURES))}")
-    if model_dir is not None and model_type == "bert":
+    if model_dir is not None and model_type in ENCODER_FAMILIES:
         config = dict(config)
         config["_splitnet_pooling"] = _sentence_pooling(model_dir)
     return cls(config)

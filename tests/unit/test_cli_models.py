@@ -17,4 +17,5 @@ def test_models_json_lists_builtins_and_families(capsys):
     assert {"minilm", "tiny-llama", "stdlib-gpt"} <= set(doc["builtin_models"])
     for family in ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma2", "gpt2"):
         assert "transformers" in doc["families"][family], family
-    assert doc["families"]["bert"].startswith("encoder")
+    for family in ("bert", "roberta", "xlm-roberta", "distilbert"):
+        assert doc["families"][family].startswith("encoder, transformers'"), family

@@ -1,0 +1,214 @@
+"""Text encoders (BERT, RoBERTa, XLM-RoBERTa, DistilBERT) built from transformers' own modules.
+
+The same construction as :mod:`splitnet.model.hf_decoder`: a stage holds the family's own layers
+(built from the full config with their global index) and runs the family's base-model ``forward``
+on a meta-device shell built from the stage's slice of the config; the embeddings module runs on the
+first stage only (later stages pass the hidden state through in its place). The padding mask
+crosses every cut beside the hidden state. The last stage's head is splitnet's:
+sentence-transformers pooling (:class:`~splitnet.model.pooling.MeanPoolHead`) read from the
+directory's modules.json and 1_Pooling/config.json, mean pooling when there are none.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from splitnet.errors import ModelLoadError, StageError
+from splitnet.model.blocks import Architecture, Stage
+from splitnet.model.pooling import MeanPoolHead
+from splitnet.model.hf_decoder import _materialize, hf_config
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    base_class: str
+    module: str
+    prefix: str  # where the base model sits in a task model's checkpoint ("bert.", "roberta.")
+    layers_path: str = "encoder.layer"
+    uses_token_types: bool = True
+    #: task heads in the checkpoint that would be dropped (refused: the embedding is not what they compute)
+    task_heads: tuple[str, ...] = ("classifier.", "cls.", "qa_outputs.", "lm_head.", "pre_classifier.", "vocab_")
+
+
+ENCODER_FAMILIES: dict[str, EncoderFamily] = {
+    "bert": EncoderFamily("BertModel", "bert", "bert."),
+    "roberta": EncoderFamily("RobertaModel", "roberta", "roberta."),
+    "xlm-roberta": EncoderFamily("XLMRobertaModel", "xlm_roberta", "roberta."),
+    "distilbert": EncoderFamily("DistilBertModel", "distilbert", "distilbert.", layers_path="transformer.layer", uses_token_types=False),
+}
+
+
+def _base_class(family: EncoderFamily):
+    import importlib
+
+    return getattr(importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}"), family.base_class)
+
+
+def _get(module: nn.Module, path: str) -> Any:
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _set(module: nn.Module, path: str, value: Any) -> None:
+    owner, _, name = path.rpartition(".")
+    setattr(_get(module, owner) if owner else module, name, value)
+
+
+class _PassThrough(nn.Module):
+    """Stands in for the embeddings on stages after the first: the hidden state goes on as it is."""
+
+    def forward(self, *args, inputs_embeds=None, **kwargs):
+        if inputs_embeds is None:
+            inputs_embeds = next(a for a in reversed(args) if isinstance(a, torch.Tensor))
+        return inputs_embeds
+
+
+class HFEncoderEmbed(nn.Module):
+    def __init__(self, embeddings: nn.Module):
+        super().__init__()
+        self.embeddings = embeddings
+
+
+class HFEncoderStage(Stage):
+    """Blocks [start, end) of a text encoder run by the family's own base-model forward."""
+
+    def __init__(self, arch: "HFEncoderArchitecture", start: int, end: int, embed, blocks, head):
+        super().__init__(arch, start, end, embed, blocks, head)
+        fam = arch.family
+        cfg = copy.deepcopy(arch.hf)
+        cfg.num_hidden_layers = end - start
+        if fam.module == "distilbert":
+            cfg.n_layers = end - start
+        with torch.device("meta"):
+            shell = _base_class(fam)(cfg, add_pooling_layer=False) if fam.module != "distilbert" else _base_class(fam)(cfg)
+        _set(shell, fam.layers_path, self.blocks)
+        shell.embeddings = embed.embeddings if embed is not None else _PassThrough()
+        shell.eval()
+        self.__dict__["_shell"] = shell
+
+    @torch.no_grad()
+    def forward(self, inputs: Mapping[str, torch.Tensor], cache=None, *, all_logits: bool = False) -> dict[str, torch.Tensor]:
+        fam = self.arch.family
+        kwargs: dict[str, Any] = {}
+        if self.embed is not None:
+            ids = inputs.get("input_ids")
+            if ids is None:
+                raise StageError(f"{self!r} expects input_ids, got {sorted(inputs)}")
+            vocab = self.arch.hf.vocab_size
+            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+                raise StageError(f"a token id is outside the vocabulary 0..{vocab - 1}")
+            # RoBERTa-style positions start after the padding index: two fewer usable positions
+            limit = self.arch.hf.max_position_embeddings - (2 if fam.module in ("roberta", "xlm_roberta") else 0)
+            if ids.shape[1] > limit:
+                raise StageError(f"sequence of {ids.shape[1]} tokens exceeds the {limit} positions of this model")
+            kwargs["input_ids"] = ids
+            if fam.uses_token_types and inputs.get("token_type_ids") is not None:
+                kwargs["token_type_ids"] = inputs["token_type_ids"]
+            B, T = ids.shape
+        else:
+            h = inputs.get("hidden")
+            if h is None:
+                raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
+            if h.dim() != 3 or h.shape[-1] != self.arch.hidden_size:
+                raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
+            kwargs["inputs_embeds"] = h.to(next(self.parameters()).dtype)
+            B, T = h.shape[:2]
+        mask = inputs.get("attention_mask")
+        mask = torch.ones(B, T, dtype=torch.long) if mask is None else mask.to(torch.long)
+        if mask.shape != (B, T):
+            raise StageError(f"attention_mask must be (batch, tokens) = ({B}, {T}), got {tuple(mask.shape)}")
+        h = self._shell(attention_mask=mask, **kwargs).last_hidden_state
+        if self.head is not None:
+            return self.head(h, {"attention_mask": mask}, all_logits=all_logits)
+        return {"hidden": h, "attention_mask": mask}
+
+
+class HFEncoderArchitecture(Architecture):
+    """A text-encoder family of :data:`ENCODER_FAMILIES`, built from transformers' modules."""
+
+    kind = "encoder"
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        model_type = config.get("model_type")
+        if model_type not in ENCODER_FAMILIES:
+            raise ModelLoadError(f"model_type {model_type!r} is not an encoder family splitnet builds from transformers ({', '.join(sorted(ENCODER_FAMILIES))})")
+        self.family = ENCODER_FAMILIES[model_type]
+        self.hf = hf_config(config)
+        with torch.device("meta"):
+            base = _base_class(self.family)
+            self._meta = base(self.hf, add_pooling_layer=False) if self.family.module != "distilbert" else base(self.hf)
+
+    @property
+    def num_blocks(self) -> int:
+        return int(getattr(self.hf, "num_hidden_layers", None) or self.hf.n_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(getattr(self.hf, "hidden_size", None) or self.hf.dim)
+
+    def _layers(self):
+        return _get(self._meta, self.family.layers_path)
+
+    def build_embed(self) -> nn.Module:
+        emb = self._meta.embeddings
+        filled = {}
+        for name, sub in emb.named_modules():
+            for buf in getattr(sub, "_non_persistent_buffers_set", ()):
+                full = f"{name}.{buf}" if name else buf
+                if buf == "position_ids":
+                    filled[full] = torch.arange(self.hf.max_position_embeddings).expand((1, -1))
+                elif buf == "token_type_ids":
+                    filled[full] = torch.zeros((1, self.hf.max_position_embeddings), dtype=torch.long)
+        return HFEncoderEmbed(_materialize(emb, "embedding", filled))
+
+    def build_block(self, index: int) -> nn.Module:
+        return _materialize(self._layers()[index], f"block {index}")
+
+    def build_head(self) -> nn.Module:
+        pooling = self.config.get("_splitnet_pooling", {"mode": "mean", "normalize": False})
+        return MeanPoolHead(pooling.get("mode", "mean"), pooling.get("normalize", False))
+
+    def _base(self, names):
+        p = self.family.prefix
+        return p if any(n.startswith(p) for n in names) else ""
+
+    def embed_prefixes(self, names):
+        return [self._base(names)]
+
+    def block_prefix(self, names, index):
+        return f"{self._base(names)}{self.family.layers_path}.{index}."
+
+    def head_prefixes(self, names):
+        return []
+
+    def head_tensors(self, tensors_by_name, names):
+        return {}
+
+    def unexpected_tensors(self, names: list[str]) -> list[str]:
+        """Tensors no module of the whole encoder loads: a task head (its output is not the
+        embedding), or a module splitnet does not build. The pooler of BertModel checkpoints may
+        go unused (sentence embeddings do not use it), as transformers' own loaders allow."""
+        import re
+
+        base = self._base(names)
+        expected = {f"{base}embeddings.{k}" for k in self._meta.embeddings.state_dict()}
+        for i, layer in enumerate(self._layers()):
+            expected |= {f"{base}{self.family.layers_path}.{i}.{k}" for k in layer.state_dict()}
+        allowed = re.compile(r"(^|\.)pooler\.|embeddings\.position_ids$")
+        heads = [n for n in names if n.startswith(self.family.task_heads)]
+        if heads:
+            return heads
+        return [n for n in names if n not in expected and not allowed.search(n)]
+
+    def make_stage(self, start, end, embed, blocks, head) -> Stage:
+        return HFEncoderStage(self, start, end, embed, blocks, head)
+
+    def carry(self, ctx):
+        return {"attention_mask": ctx["attention_mask"]}
