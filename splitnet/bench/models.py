@@ -12,6 +12,9 @@ norm weights and biases randomised too, so an ignored tensor shows). It is serve
   bf16 against transformers in bf16;
 - the encoder: the real all-MiniLM-L6-v2 over 2 stage processes vs sentence-transformers on 50
   sentences (one over 256 tokens), and a max-pooling copy;
+- ``encoder_families``: BERT, RoBERTa, XLM-RoBERTa, DistilBERT (masked-mean embedding of a padded
+  batch vs transformers' last hidden state) and ViT (ViTForImageClassification logits), each
+  config-built by transformers, over 2 and 3 stage processes;
 - ``refusals``: each case the loader must refuse, with the message it gives.
 
 The baseline is transformers itself (and sentence-transformers), measured in the same run.
@@ -152,6 +155,64 @@ def _encoder(work: Path) -> dict:
     return out
 
 
+ENCODER_CONFIGS: dict[str, dict] = {
+    "bert": dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, max_position_embeddings=64),
+    "roberta": dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1),
+    "xlm-roberta": dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, max_position_embeddings=64, pad_token_id=1),
+    "distilbert": dict(vocab_size=97, dim=64, hidden_dim=96, n_layers=6, n_heads=4, max_position_embeddings=64),
+}
+
+
+def _tiny_encoders(work: Path) -> dict:
+    """Each text-encoder family and ViT, config-built by transformers, over 2 and 3 stage processes."""
+    import torch
+    import transformers
+
+    import splitnet.edge.sdk as sdk
+    from splitnet.edge.config import ClientConfig
+    from splitnet.runtime.launcher import launch_pipeline
+
+    out: dict[str, dict] = {}
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 97, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 7:], mask[2, 4:] = 0, 0
+    ids[mask == 0] = 1
+    pixels = torch.randn(3, 3, 32, 32, generator=g)
+    cases = [(n, c) for n, c in ENCODER_CONFIGS.items()] + [("vit", None)]
+    for name, cfg in cases:
+        torch.manual_seed(0)
+        if name == "vit":
+            config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
+                                            intermediate_size=96, num_labels=5, architectures=["ViTForImageClassification"])
+            model = transformers.ViTForImageClassification(config)
+        else:
+            model = transformers.AutoModel.from_config(transformers.AutoConfig.for_model(name, **cfg))
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                if "norm" in pname.lower() or pname.endswith("bias"):
+                    p.add_(torch.randn_like(p) * 0.2)
+        d = work / f"enc-{name}"
+        model.save_pretrained(d)
+        model.eval()
+        with torch.no_grad():
+            if name == "vit":
+                want, inputs, key = model(pixel_values=pixels).logits.numpy(), {"pixel_values": pixels.numpy()}, "logits"
+            else:
+                h = model(input_ids=ids, attention_mask=mask).last_hidden_state
+                m = mask.unsqueeze(-1).float()
+                want, inputs, key = ((h * m).sum(1) / m.sum(1)).numpy(), {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, "embedding"
+        row = {}
+        for n_stages, cuts in ((2, [3]), (3, [2, 4])):
+            with launch_pipeline(str(d), cuts) as pipe:
+                with sdk.connect(pipe.endpoints, config=ClientConfig(timeout_s=120)) as s:
+                    got = s.infer(inputs)[key]
+            row[f"{n_stages}_stages_max_abs_diff"] = float(np.abs(np.asarray(got) - want).max())
+        out[name] = row
+        print(f"models encoder {name}: {row}", file=sys.stderr, flush=True)
+    return out
+
+
 def _refusals(work: Path) -> dict:
     import torch
     from safetensors.torch import load_file, save_file
@@ -199,6 +260,7 @@ def run(args: argparse.Namespace) -> dict:
     try:
         decoders = {f: _family(f, FAMILY_CONFIGS[f], work, args.new_tokens, args.long_prompt) for f in families}
         encoder = None if args.no_encoder else _encoder(work)
+        tiny_encoders = None if args.no_encoder else _tiny_encoders(work)
         refusals = _refusals(work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -210,6 +272,7 @@ def run(args: argparse.Namespace) -> dict:
         "logits_within_1e-4": all(r["logits_max_abs_diff"] <= 1e-4 for row in decoders.values() for r in runs(row) if "logits_max_abs_diff" in r),
         "greedy_equal_fp32_and_bf16": all(v for row in decoders.values() for r in runs(row) for k, v in r.items() if k.startswith("greedy_equal")),
         "encoders_within_1e-5": encoder is None or all(e["max_abs_diff"] <= 1e-5 for e in encoder.values()),
+        "tiny_encoders_and_vit_within_1e-5": tiny_encoders is None or all(v <= 1e-5 for row in tiny_encoders.values() for v in row.values()),
         "every_refusal_refused": all(c["refused"] for c in refusals.values()),
     }
     doc = {
@@ -219,6 +282,7 @@ def run(args: argparse.Namespace) -> dict:
         "baseline": "transformers (generate, forward) and sentence-transformers in the same run",
         "decoders": decoders,
         "encoder": encoder,
+        "encoder_families": tiny_encoders,
         "refusals": refusals,
         "goals": goals,
         "elapsed_s": round(time.perf_counter() - t0, 1),

@@ -327,6 +327,11 @@ class HFDecoderArchitecture(Architecture):
     def hidden_size(self) -> int:
         return int(self.hf.hidden_size)
 
+    def meta_task_model(self):
+        """The model transformers would load this checkpoint into (for its name mapping)."""
+        with torch.device("meta"):
+            return _causal_lm_class(self.hf)(self.hf)
+
     def rotary(self) -> nn.Module:
         return type(getattr(self._meta, self.family.rotary_attr))(config=self.hf)  # real float32 frequencies, from the config
 

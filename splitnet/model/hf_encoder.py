@@ -145,6 +145,12 @@ class HFEncoderArchitecture(Architecture):
             base = _base_class(self.family)
             self._meta = base(self.hf, add_pooling_layer=False) if self.family.module != "distilbert" else base(self.hf)
 
+    def meta_task_model(self):
+        """The model transformers would load this checkpoint into (for its name mapping)."""
+        with torch.device("meta"):
+            base = _base_class(self.family)
+            return base(self.hf, add_pooling_layer=True) if self.family.module != "distilbert" else base(self.hf)
+
     @property
     def num_blocks(self) -> int:
         return int(getattr(self.hf, "num_hidden_layers", None) or self.hf.n_layers)

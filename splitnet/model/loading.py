@@ -22,12 +22,12 @@ from splitnet.model.hf_decoder import HFDecoderArchitecture
 from splitnet.model.hf_encoder import ENCODER_FAMILIES, HFEncoderArchitecture
 from splitnet.model.sequential import from_sequential
 from splitnet.model.tokenizer import ByteTokenizer, HFTokenizer
-from splitnet.model.vit import ViTArchitecture
+from splitnet.model.hf_vision import HFViTArchitecture
 from splitnet.model.weights import load_into, load_tensors, read_config, weight_files
 
 ARCHITECTURES: dict[str, type[Architecture]] = {
     "gpt2": GPT2Architecture,
-    "vit": ViTArchitecture,
+    "vit": HFViTArchitecture,
     **{model_type: HFDecoderArchitecture for model_type in HF_DECODER_FAMILIES},
     **{model_type: HFEncoderArchitecture for model_type in ENCODER_FAMILIES},
 }
@@ -125,6 +125,13 @@ def load_model(
     if any(not 0 <= i < L for i in wanted_blocks):
         raise ModelLoadError(f"blocks {wanted_blocks} outside 0..{L - 1} of {source}")
     names = list(weight_files(model_dir))
+    renames = {n: n for n in names}  # module name -> checkpoint name
+    task_model = getattr(arch, "meta_task_model", None)
+    if task_model is not None:
+        from splitnet.model.hf_names import checkpoint_renames
+
+        renames = checkpoint_renames(task_model(), names)
+        names = list(renames)
     unexpected = arch.unexpected_tensors(names) if hasattr(arch, "unexpected_tensors") else []
     if unexpected:
         raise ModelLoadError(
@@ -152,7 +159,9 @@ def load_model(
     missing = sorted(needed - set(names))
     if missing:
         raise ModelLoadError(f"{model_dir} lacks weights {missing[:5]}{' ...' if len(missing) > 5 else ''}")
-    tensors = load_tensors(model_dir, needed.__contains__, dtype)
+    wanted = {renames[n] for n in needed}
+    by_checkpoint = load_tensors(model_dir, wanted.__contains__, dtype)
+    tensors = {n: by_checkpoint[renames[n]] for n in needed}
     for what, mod, mapping in parts:
         load_into(mod, {k: tensors[v] for k, v in mapping.items()}, "", what)
         if dtype is not None:
