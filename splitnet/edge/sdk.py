@@ -506,6 +506,10 @@ class Session:
         ids = self._prompt_ids(prompt)
         if not ids:
             raise ConfigError("the prompt is empty")
+        limit = self._infos[0].get("max_positions") if self._infos else None
+        if isinstance(limit, int) and len(ids) + max_new_tokens - 1 > limit:
+            raise ConfigError(f"a prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's {limit} positions; "
+                              f"shorten the prompt to at most {limit - max_new_tokens + 1} tokens or ask for fewer tokens")
         sampler = Sampler(sampling)
         head = head_request(sampling)
         t0 = time.perf_counter()

@@ -297,6 +297,7 @@ class StageWorker:
             "kind": self.kind,
             "blocks": [self.config.start_block, self.config.end_block],
             "num_blocks": self.num_blocks,
+            "max_positions": getattr(getattr(self.stage.arch, "hf", None), "max_position_embeddings", None),
             "codec_out": self.codecs.out.name if self.codecs.out is not None else "raw",
             "codec_hash": self.codecs.out.codebook_hash if self.codecs.out is not None else "",
             "cached_requests": len(self.caches.caches),

@@ -13,7 +13,7 @@ transformers = pytest.importorskip("transformers")
 
 import splitnet.edge.sdk as sdk  # noqa: E402
 from splitnet.edge.config import ClientConfig  # noqa: E402
-from splitnet.errors import StageError  # noqa: E402
+from splitnet.errors import ConfigError, StageError  # noqa: E402
 from splitnet.runtime.launcher import launch_pipeline  # noqa: E402
 
 pytestmark = pytest.mark.timeout(300)
@@ -50,6 +50,9 @@ def test_context_overflow_is_the_error_the_caller_gets(checkpoint):
     d, _ = checkpoint
     with launch_pipeline(str(d), [3]) as pipe:
         with sdk.connect(pipe.endpoints, config=ClientConfig(prefill_chunk_tokens=32, timeout_s=60)) as s:
+            with pytest.raises(ConfigError, match="exceeds the model's 128 positions"):  # before anything is sent
+                s.generate(list(range(1, 97)) * 2, 4)
+            s._infos[0]["max_positions"] = None  # a client that does not check: the stage's error, from the chunk that hit it
             t0 = time.monotonic()
             out: dict = {}
             with pytest.raises(StageError, match="exceeds max_position_embeddings=128"):
