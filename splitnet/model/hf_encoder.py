@@ -75,6 +75,37 @@ class HFEncoderEmbed(nn.Module):
         self.embeddings = embeddings
 
 
+class SequenceClassificationHead(nn.Module):
+    """The head of ``<Family>ForSequenceClassification``, on the last hidden state, from the task
+    model's own modules (the few lines that differ per family are here): BERT pools the [CLS]
+    token (dense + tanh) before its classifier; RoBERTa / XLM-R's classifier takes the sequence;
+    DistilBERT applies pre_classifier + ReLU to the [CLS] token."""
+
+    def __init__(self, family: str, modules: Mapping[str, nn.Module]):
+        super().__init__()
+        self.family = family
+        for name, module in modules.items():
+            self.add_module(name, module)
+
+    def forward(self, h: torch.Tensor, ctx: Any = None, all_logits: bool = False) -> dict:
+        if self.family == "bert":
+            logits = self.classifier(self.pooler(h))
+        elif self.family in ("roberta", "xlm_roberta"):
+            logits = self.classifier(h)
+        else:  # distilbert
+            logits = self.classifier(torch.relu(self.pre_classifier(h[:, 0])))
+        return {"logits": logits}
+
+
+#: checkpoint name (under the task model) of each head module, per family
+_HEAD_MODULES = {
+    "bert": {"pooler": "bert.pooler", "classifier": "classifier"},
+    "roberta": {"classifier": "classifier"},
+    "xlm_roberta": {"classifier": "classifier"},
+    "distilbert": {"pre_classifier": "pre_classifier", "classifier": "classifier"},
+}
+
+
 class HFEncoderStage(Stage):
     """Blocks [start, end) of a text encoder run by the family's own base-model forward."""
 
@@ -141,12 +172,23 @@ class HFEncoderArchitecture(Architecture):
             raise ModelLoadError(f"model_type {model_type!r} is not an encoder family splitnet builds from transformers ({', '.join(sorted(ENCODER_FAMILIES))})")
         self.family = ENCODER_FAMILIES[model_type]
         self.hf = hf_config(config)
+        archs = config.get("architectures") or [""]
+        sentence = bool(config.get("_splitnet_pooling", {}).get("from_files"))
+        self.classifies = archs[0].endswith("ForSequenceClassification") and not sentence
         with torch.device("meta"):
             base = _base_class(self.family)
             self._meta = base(self.hf, add_pooling_layer=False) if self.family.module != "distilbert" else base(self.hf)
 
+    def _meta_classifier(self):
+        from transformers import AutoModelForSequenceClassification
+
+        with torch.device("meta"):
+            return AutoModelForSequenceClassification.from_config(self.hf)
+
     def meta_task_model(self):
         """The model transformers would load this checkpoint into (for its name mapping)."""
+        if self.classifies:
+            return self._meta_classifier()
         with torch.device("meta"):
             base = _base_class(self.family)
             return base(self.hf, add_pooling_layer=True) if self.family.module != "distilbert" else base(self.hf)
@@ -178,6 +220,10 @@ class HFEncoderArchitecture(Architecture):
         return _materialize(self._layers()[index], f"block {index}")
 
     def build_head(self) -> nn.Module:
+        if self.classifies:
+            task = self._meta_classifier()
+            mods = {k: _materialize(_get(task, path), f"classification head {k}") for k, path in _HEAD_MODULES[self.family.module].items()}
+            return SequenceClassificationHead(self.family.module, mods)
         pooling = self.config.get("_splitnet_pooling", {"mode": "mean", "normalize": False})
         return MeanPoolHead(pooling.get("mode", "mean"), pooling.get("normalize", False))
 
@@ -195,7 +241,13 @@ class HFEncoderArchitecture(Architecture):
         return []
 
     def head_tensors(self, tensors_by_name, names):
-        return {}
+        if not self.classifies:
+            return {}
+        out = {}
+        for k, path in _HEAD_MODULES[self.family.module].items():
+            for key in _get(self._meta_classifier(), path).state_dict():
+                out[f"{k}.{key}"] = f"{path}.{key}"
+        return out
 
     def unexpected_tensors(self, names: list[str]) -> list[str]:
         """Tensors no module of the whole encoder loads: a task head (its output is not the
@@ -208,7 +260,10 @@ class HFEncoderArchitecture(Architecture):
         for i, layer in enumerate(self._layers()):
             expected |= {f"{base}{self.family.layers_path}.{i}.{k}" for k in layer.state_dict()}
         allowed = re.compile(r"(^|\.)pooler\.|embeddings\.position_ids$")
-        heads = [n for n in names if n.startswith(self.family.task_heads)]
+        if self.classifies:
+            for path in _HEAD_MODULES[self.family.module].values():
+                expected |= {f"{path}.{k}" for k in _get(self._meta_classifier(), path).state_dict()}
+        heads = [n for n in names if n.startswith(self.family.task_heads) and n not in expected]
         if heads:
             return heads
         return [n for n in names if n not in expected and not allowed.search(n)]

@@ -70,7 +70,7 @@ _SENTENCE_MODULES = ("Transformer", "Pooling", "Normalize")
 def _sentence_pooling(model_dir: Path) -> dict:
     """sentence-transformers pooling read from modules.json and 1_Pooling/config.json (mean when
     the directory has neither); a module splitnet does not run (Dense, ...) is refused."""
-    pooling: dict = {"mode": ("mean",), "normalize": False}
+    pooling: dict = {"mode": ("mean",), "normalize": False, "from_files": (model_dir / "modules.json").is_file()}
     modules_file = model_dir / "modules.json"
     modules = json.loads(modules_file.read_text()) if modules_file.is_file() else []
     for m in modules:

@@ -64,8 +64,24 @@ def test_stages_equal_transformers_on_a_padded_batch(case, cuts):
     assert (x["embedding"] - want).abs().max().item() <= 1e-5, name
 
 
-def test_a_task_head_is_refused_not_dropped(tmp_path):
-    config = transformers.AutoConfig.for_model("bert", **_BERTISH, num_labels=3)
-    transformers.AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path)
-    with pytest.raises(ModelLoadError, match="classifier"):
+@pytest.mark.parametrize("name", ["bert", "roberta", "xlm-roberta", "distilbert"])
+def test_sequence_classification_heads_equal_transformers(tmp_path, name):
+    model_type, cfg = CASES[name]
+    config = transformers.AutoConfig.for_model(model_type, **cfg, num_labels=3)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+    model.save_pretrained(tmp_path)
+    ids, mask = _batch()
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).logits
+    x = {"input_ids": ids, "attention_mask": mask}
+    for a, b in ((0, 2), (2, 4)):
+        x = load_model(str(tmp_path), blocks=range(a, b)).stage(a, b)(x)
+    assert (x["logits"] - want).abs().max().item() <= 1e-5
+
+
+def test_a_task_head_splitnet_does_not_run_is_refused(tmp_path):
+    config = transformers.AutoConfig.for_model("bert", **_BERTISH)
+    transformers.AutoModelForMaskedLM.from_config(config).save_pretrained(tmp_path)
+    with pytest.raises(ModelLoadError, match="cls"):
         load_model(str(tmp_path))
