@@ -13,7 +13,8 @@ norm weights and biases randomised too, so an ignored tensor shows). It is serve
 - the encoder: the real all-MiniLM-L6-v2 over 2 stage processes vs sentence-transformers on 50
   sentences (one over 256 tokens), and a max-pooling copy;
 - ``encoder_families``: BERT, RoBERTa, XLM-RoBERTa, DistilBERT (masked-mean embedding of a padded
-  batch vs transformers' last hidden state) and ViT (ViTForImageClassification logits), each
+  batch vs transformers' last hidden state, and each one's ForSequenceClassification logits) and
+  ViT (ViTForImageClassification logits), each
   config-built by transformers, over 2 and 3 stage processes;
 - ``refusals``: each case the loader must refuse, with the message it gives.
 
@@ -45,6 +46,7 @@ FAMILY_CONFIGS: dict[str, dict] = {
     "qwen3": {},
     "phi3": {"pad_token_id": 0},
     "gemma2": {"sliding_window": 64, "head_dim": 16, "query_pre_attn_scalar": 16},
+    "gemma3_text": {"sliding_window": 64, "head_dim": 16, "query_pre_attn_scalar": 16},  # 5 sliding layers, then 1 full
     "gpt2": {"activation_function": "gelu_new", "scale_attn_by_inverse_layer_idx": True},
 }
 _GPT2_NAMES = {"hidden_size": "n_embd", "num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "max_position_embeddings": "n_positions"}
@@ -179,10 +181,14 @@ def _tiny_encoders(work: Path) -> dict:
     mask[1, 7:], mask[2, 4:] = 0, 0
     ids[mask == 0] = 1
     pixels = torch.randn(3, 3, 32, 32, generator=g)
-    cases = [(n, c) for n, c in ENCODER_CONFIGS.items()] + [("vit", None)]
+    cases = [(n, c) for n, c in ENCODER_CONFIGS.items()] + [(f"{n}-classifier", c) for n, c in ENCODER_CONFIGS.items()] + [("vit", None)]
     for name, cfg in cases:
         torch.manual_seed(0)
-        if name == "vit":
+        classifier = name.endswith("-classifier")
+        if classifier:
+            model = transformers.AutoModelForSequenceClassification.from_config(
+                transformers.AutoConfig.for_model(name[: -len("-classifier")], **cfg, num_labels=3))
+        elif name == "vit":
             config = transformers.ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=6, num_attention_heads=4,
                                             intermediate_size=96, num_labels=5, architectures=["ViTForImageClassification"])
             model = transformers.ViTForImageClassification(config)
@@ -198,6 +204,9 @@ def _tiny_encoders(work: Path) -> dict:
         with torch.no_grad():
             if name == "vit":
                 want, inputs, key = model(pixel_values=pixels).logits.numpy(), {"pixel_values": pixels.numpy()}, "logits"
+            elif classifier:
+                want = model(input_ids=ids, attention_mask=mask).logits.numpy()
+                inputs, key = {"input_ids": ids.numpy(), "attention_mask": mask.numpy()}, "logits"
             else:
                 h = model(input_ids=ids, attention_mask=mask).last_hidden_state
                 m = mask.unsqueeze(-1).float()

@@ -69,6 +69,12 @@ def run(args: argparse.Namespace) -> dict:
     n_new = 32 if args.quick else args.new_tokens
     n_prompts = 2 if args.quick else args.prompts
     t_start = time.perf_counter()
+    from splitnet.model.builtin import TRAINED_LMS
+    from splitnet.model.train_lm import materialize_trained
+
+    for name in (args.target, args.draft):  # the explicit training step (cached), announced on stderr
+        if name in TRAINED_LMS:
+            materialize_trained(name)
     target = load_model(args.target)
     draft = DraftModel(args.draft, threads=1)
     prompts = _prompts(n_prompts, target.tokenizer)

@@ -147,9 +147,16 @@ def materialize(name: str) -> Path:
     if name == "minilm":
         return minilm_dir()
     if name in TRAINED_LMS:
-        from splitnet.model.train_lm import materialize_trained
+        from splitnet.errors import ModelLoadError
+        from splitnet.model.train_lm import trained_dir
 
-        return materialize_trained(name)[0]
+        target = trained_dir(name)
+        if not (target / "model.safetensors").is_file():
+            raise ModelLoadError(
+                f"{name} is trained by the project and is not trained on this machine yet: run "
+                f"`splitnet train-lm --name {name}` (a few minutes on 2 CPU cores; cached under {target.parent})"
+            )
+        return target
     config = BUILTIN_CONFIGS[name]
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
     target = cache_dir() / "models" / f"{name}-{digest}"

@@ -52,6 +52,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3": Family("Qwen3Model", "qwen3"),
     "phi3": Family("Phi3Model", "phi3"),
     "gemma2": Family("Gemma2Model", "gemma2", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True),
+    "gemma3_text": Family("Gemma3TextModel", "gemma3", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True),
     "gpt2": Family("GPT2Model", "gpt2", prefix="transformer.", embed_attrs=("wte", "wpe"), positions_attr="wpe",
                    layers_attr="h", norm_attr="ln_f", rotary_attr=""),
 }

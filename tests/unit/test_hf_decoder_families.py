@@ -30,6 +30,8 @@ CASES = {
     "qwen3": ("qwen3", {}),
     "phi3": ("phi3", {"pad_token_id": 0}),
     "gemma2-sliding-softcap": ("gemma2", {"sliding_window": 6, "head_dim": 16, "query_pre_attn_scalar": 16}),
+    "gemma3-text-sliding": ("gemma3_text", {"sliding_window": 6, "head_dim": 16, "query_pre_attn_scalar": 16,
+                                            "layer_types": ["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"]}),
     "gpt2-tied": ("gpt2", {}),
     "gpt2-relu-inverse-layer-scaling-untied": ("gpt2", {"activation_function": "relu", "scale_attn_by_inverse_layer_idx": True, "tie_word_embeddings": False}),
 }
@@ -92,7 +94,8 @@ def test_greedy_tokens_equal_generate_in_the_same_dtype(case, dtype, tmp_path_fa
     bm = load_model(str(d))
     stages = [bm.stage(0, 2).to(dtype=dtype), bm.stage(2, 4).to(dtype=dtype)]
     if stages[0]._rotary is not None:
-        assert stages[0]._rotary.module.inv_freq.dtype == torch.float32  # rotary frequencies stay fp32, as in transformers
+        bufs = [b for b in stages[0]._rotary.module.buffers() if b.is_floating_point()]
+        assert bufs and all(b.dtype == torch.float32 for b in bufs)  # rotary frequencies stay fp32, as in transformers
     caches = [s.new_cache() for s in stages]
     tokens, ids = [], prompt
     for _ in range(32):

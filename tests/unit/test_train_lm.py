@@ -150,3 +150,12 @@ def test_builtin_stdlib_gpt_beats_unigram():
     unigram = train_lm.unigram_loss(corpus, w)
     assert train_lm.evaluate(bm, w) < train_lm.evaluate(draft, w) < unigram - 0.5
     assert train_lm.draft_agreement(bm, draft, w)["greedy_agreement"] > 0.5
+
+
+def test_loading_an_untrained_builtin_says_to_train_it(tmp_path, monkeypatch):
+    from splitnet.errors import ModelLoadError
+
+    monkeypatch.setenv("SPLITNET_HOME", str(tmp_path))
+    with pytest.raises(ModelLoadError, match="splitnet train-lm --name stdlib-gpt-draft"):
+        load_model("stdlib-gpt-draft")  # training is an explicit step, never a side effect of loading
+    assert not any(tmp_path.rglob("*.safetensors"))
