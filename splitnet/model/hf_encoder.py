@@ -12,6 +12,7 @@ directory's modules.json and 1_Pooling/config.json, mean pooling when there are 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -21,7 +22,7 @@ from torch import nn
 from splitnet.errors import ModelLoadError, StageError
 from splitnet.model.blocks import Architecture, Stage
 from splitnet.model.pooling import MeanPoolHead
-from splitnet.model.hf_decoder import _materialize, hf_config
+from splitnet.model.hf_decoder import _base_class, _materialize, hf_config
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,11 @@ ENCODER_FAMILIES: dict[str, EncoderFamily] = {
 }
 
 
-def _base_class(family: EncoderFamily):
-    import importlib
-
-    return getattr(importlib.import_module(f"transformers.models.{family.module}.modeling_{family.module}"), family.base_class)
+def _meta_base(family: EncoderFamily, cfg, pooler: bool = False) -> nn.Module:
+    """The family's base model on the meta device (DistilBERT has no pooler to leave out)."""
+    cls = _base_class(family)
+    with torch.device("meta"):
+        return cls(cfg) if family.module == "distilbert" else cls(cfg, add_pooling_layer=pooler)
 
 
 def _get(module: nn.Module, path: str) -> Any:
@@ -116,8 +118,7 @@ class HFEncoderStage(Stage):
         cfg.num_hidden_layers = end - start
         if fam.module == "distilbert":
             cfg.n_layers = end - start
-        with torch.device("meta"):
-            shell = _base_class(fam)(cfg, add_pooling_layer=False) if fam.module != "distilbert" else _base_class(fam)(cfg)
+        shell = _meta_base(fam, cfg)
         _set(shell, fam.layers_path, self.blocks)
         shell.embeddings = embed.embeddings if embed is not None else _PassThrough()
         shell.eval()
@@ -175,11 +176,11 @@ class HFEncoderArchitecture(Architecture):
         archs = config.get("architectures") or [""]
         sentence = bool(config.get("_splitnet_pooling", {}).get("from_files"))
         self.classifies = archs[0].endswith("ForSequenceClassification") and not sentence
-        with torch.device("meta"):
-            base = _base_class(self.family)
-            self._meta = base(self.hf, add_pooling_layer=False) if self.family.module != "distilbert" else base(self.hf)
+        self._meta = _meta_base(self.family, self.hf)
 
-    def _meta_classifier(self):
+    @functools.cached_property
+    def _meta_classifier(self) -> nn.Module:
+        """The ForSequenceClassification model on the meta device (its head modules and names), built once."""
         from transformers import AutoModelForSequenceClassification
 
         with torch.device("meta"):
@@ -187,11 +188,7 @@ class HFEncoderArchitecture(Architecture):
 
     def meta_task_model(self):
         """The model transformers would load this checkpoint into (for its name mapping)."""
-        if self.classifies:
-            return self._meta_classifier()
-        with torch.device("meta"):
-            base = _base_class(self.family)
-            return base(self.hf, add_pooling_layer=True) if self.family.module != "distilbert" else base(self.hf)
+        return self._meta_classifier if self.classifies else _meta_base(self.family, self.hf, pooler=True)
 
     @property
     def num_blocks(self) -> int:
@@ -221,7 +218,7 @@ class HFEncoderArchitecture(Architecture):
 
     def build_head(self) -> nn.Module:
         if self.classifies:
-            task = self._meta_classifier()
+            task = self._meta_classifier
             mods = {k: _materialize(_get(task, path), f"classification head {k}") for k, path in _HEAD_MODULES[self.family.module].items()}
             return SequenceClassificationHead(self.family.module, mods)
         pooling = self.config.get("_splitnet_pooling", {"mode": "mean", "normalize": False})
@@ -245,7 +242,7 @@ class HFEncoderArchitecture(Architecture):
             return {}
         out = {}
         for k, path in _HEAD_MODULES[self.family.module].items():
-            for key in _get(self._meta_classifier(), path).state_dict():
+            for key in _get(self._meta_classifier, path).state_dict():
                 out[f"{k}.{key}"] = f"{path}.{key}"
         return out
 
@@ -262,7 +259,7 @@ class HFEncoderArchitecture(Architecture):
         allowed = re.compile(r"(^|\.)pooler\.|embeddings\.position_ids$")
         if self.classifies:
             for path in _HEAD_MODULES[self.family.module].values():
-                expected |= {f"{path}.{k}" for k in _get(self._meta_classifier(), path).state_dict()}
+                expected |= {f"{path}.{k}" for k in _get(self._meta_classifier, path).state_dict()}
         heads = [n for n in names if n.startswith(self.family.task_heads) and n not in expected]
         if heads:
             return heads
