@@ -26,6 +26,7 @@ import msgpack
 import numpy as np
 import zmq
 
+from splitnet.bench.tap import host_port
 from splitnet.wire import Message, SocketConfig, decode_message, encode_message, make_socket
 
 _SENTENCE = ["a hostile peer must not change this embedding"]
@@ -231,21 +232,26 @@ def _forward(lab: HostileLab, req: str, route_keys: list[str] | None = None, rep
 
 
 # ---------------------------------------------------------------------- the attacks ---------------
-def replay_new_connection(lab: HostileLab) -> dict:
-    """Record a victim session's bytes on path, replay them on a new connection to the stage."""
-    from splitnet.bench.tap import Tap, replay
+def _record_victim_session(lab: HostileLab) -> list[bytes]:
+    """What a victim session sends stage 0 (connect, one request, close), recorded on path."""
+    from splitnet.bench.tap import Tap
 
-    host, port = lab.endpoints[0][len("tcp://"):].rsplit(":", 1)
-    tap = Tap((host, int(port)))
+    tap = Tap(host_port(lab.endpoints[0]))
     try:
         s = lab.session("victim", endpoints=[tap.endpoint, lab.endpoints[1]])
         lab._embed(s)
         s.close()
         lab._sessions.remove(s)
         time.sleep(0.2)
-        chunks = tap.recorded(0)
+        return tap.recorded(0)
     finally:
         tap.close()
+
+
+def _replay_and_count(lab: HostileLab, chunks: list[bytes]) -> dict:
+    """Replay ``chunks`` on a new connection to stage 0; refused when its forward count did not move."""
+    from splitnet.bench.tap import replay
+
     before = lab.stage_info(0)["stats"]["forwards"]
     back = replay(lab.endpoints[0], chunks)
     time.sleep(0.5)
@@ -253,27 +259,16 @@ def replay_new_connection(lab: HostileLab) -> dict:
     return {"refused": after == before, "forwards_before": before, "forwards_after": after, "replayed_bytes": sum(map(len, chunks)), "bytes_back": back}
 
 
+def replay_new_connection(lab: HostileLab) -> dict:
+    """Record a victim session's bytes on path, replay them on a new connection to the stage."""
+    return _replay_and_count(lab, _record_victim_session(lab))
+
+
 def replay_after_restart(lab: HostileLab) -> dict:
     """The same recording, replayed after the stage restarted (same key, same port)."""
-    from splitnet.bench.tap import Tap, replay
-
-    host, port = lab.endpoints[0][len("tcp://"):].rsplit(":", 1)
-    tap = Tap((host, int(port)))
-    try:
-        s = lab.session("victim", endpoints=[tap.endpoint, lab.endpoints[1]])
-        lab._embed(s)
-        s.close()
-        lab._sessions.remove(s)
-        time.sleep(0.2)
-        chunks = tap.recorded(0)
-    finally:
-        tap.close()
+    chunks = _record_victim_session(lab)
     lab.restart_stage(0)
-    before = lab.stage_info(0)["stats"]["forwards"]
-    replay(lab.endpoints[0], chunks)
-    time.sleep(0.5)
-    after = lab.stage_info(0)["stats"]["forwards"]
-    return {"refused": after == before, "forwards_before": before, "forwards_after": after}
+    return _replay_and_count(lab, chunks)
 
 
 def zero_frame_envelope(lab: HostileLab) -> dict:
@@ -372,10 +367,9 @@ def many_frames(lab: HostileLab, frames: int = 500_000) -> dict:
 def idle_connection_flood(lab: HostileLab, n: int = 1000, handshake_timeout_s: float = 5.0) -> dict:
     """``n`` TCP connections that never speak; the stage keeps serving and closes every one of them
     at its handshake timeout."""
-    host, port = lab.endpoints[0][len("tcp://"):].rsplit(":", 1)
     socks = []
     for _ in range(n):
-        c = socket.create_connection((host, int(port)), timeout=5)
+        c = socket.create_connection(host_port(lab.endpoints[0]), timeout=5)
         c.settimeout(0.05)
         socks.append(c)
     served = lab.legit_client_ok()
@@ -472,10 +466,9 @@ def forged_plaintext_error(lab: HostileLab) -> dict:
     stream; the client must not raise it (nor keep it), and must keep working."""
     from splitnet.bench.tap import Tap
 
-    host, port = lab.endpoints[1][len("tcp://"):].rsplit(":", 1)
     body = encode_message(Message(kind="error", req="x", meta={"status": "error", "code": "auth", "msg": "FORGED by the attacker"}))[0]
     frame = bytes([0x00, len(body)]) + body if len(body) < 256 else bytes([0x02]) + len(body).to_bytes(8, "big") + body
-    tap = Tap((host, int(port)))
+    tap = Tap(host_port(lab.endpoints[1]))
     forged_seen = False
     ok = False
     try:

@@ -122,12 +122,17 @@ class Tap:
             conn.stage.close()
 
 
+def host_port(endpoint: str) -> tuple[str, int]:
+    """("127.0.0.1", 5555) of "tcp://127.0.0.1:5555"."""
+    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
+    return host, int(port)
+
+
 def replay(endpoint: str, chunks: list[bytes], listen_s: float = 1.5) -> int:
     """Open a new TCP connection to ``endpoint`` and send ``chunks`` byte for byte; return how many
     bytes came back within ``listen_s`` (the stage's answer to a replayed session)."""
-    host, port = endpoint[len("tcp://"):].rsplit(":", 1)
     got = 0
-    with socket.create_connection((host, int(port)), timeout=5) as s:
+    with socket.create_connection(host_port(endpoint), timeout=5) as s:
         s.settimeout(0.1)
         for c in chunks:
             try:
