@@ -21,7 +21,6 @@ import os
 import random
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from typing import Any
@@ -266,48 +265,47 @@ def rss_growth(w: _Worker, n: int, warmup: int = 500) -> dict:
 
 
 # ---------------------------------------------------------------------- CURVE overhead -----------
-def curve_overhead(n: int = 60, rounds: int = 3) -> dict:
-    """Throughput of 4 MiB tensors, ROUTER <- DEALER on loopback, in plaintext and over both keyed
-    CurveZMQ, rounds interleaved so that machine load hits both alike. Each message is decoded (and for keyed ones, authenticated
-    and decrypted) by the receiver, as a stage would."""
-    from splitnet.wire.security import CurveConfig, generate_keypair, load_keypair, stop_authenticator
+def loopback_throughput(tensor_bytes: int, keyed: bool, n: int) -> float:
+    """MiB/s of ``n`` forward messages of one ``tensor_bytes`` tensor, ROUTER <- DEALER between two
+    contexts on loopback (two I/O threads, as two processes), each decoded by the receiver as a
+    stage would; ``keyed``: over CurveZMQ (authenticated and decrypted), else plaintext."""
+    from splitnet.wire.security import CurveConfig, KeyPair, stop_authenticator
 
-    d = tempfile.mkdtemp(prefix="splitnet-bench-keys-")
-    generate_keypair(d, "server")
-    generate_keypair(d, "client")
-    srv, cli = load_keypair(f"{d}/server.key_secret"), load_keypair(f"{d}/client.key_secret")
-    arr = np.random.default_rng(0).random(1024 * 1024, dtype=np.float32)  # 4 MiB
+    srv, cli = KeyPair(*zmq.curve_keypair()), KeyPair(*zmq.curve_keypair())
+    arr = np.random.default_rng(0).random(tensor_bytes // 4, dtype=np.float32)
     frames = encode_message(Message(kind="forward", tensors={"hidden": arr}))
+    c_srv, c_cli = zmq.Context(), zmq.Context()
+    scfg = SocketConfig(security=CurveConfig(srv, allow_keys=(cli.public,)) if keyed else None)
+    ccfg = SocketConfig(security=CurveConfig(cli, server_key=srv.public, allow_self=False) if keyed else None)
+    r = make_socket(c_srv, zmq.ROUTER, scfg, server=True)
+    port = r.bind_to_random_port("tcp://127.0.0.1")
+    q = make_socket(c_cli, zmq.DEALER, ccfg)
+    q.connect(f"tcp://127.0.0.1:{port}")
+    q.send_multipart(frames, copy=False)
+    r.recv_multipart()
+    th = threading.Thread(target=lambda: [q.send_multipart(frames, copy=False) for _ in range(n)])
+    t0 = time.perf_counter()
+    th.start()
+    for _ in range(n):
+        got = decode_message(r.recv_multipart(copy=False)[1:])
+    dt = time.perf_counter() - t0
+    th.join()
+    q.close(linger=0)
+    r.close(linger=0)
+    stop_authenticator(c_srv)
+    c_srv.term()
+    c_cli.term()
+    if got.tensors["hidden"].nbytes != arr.nbytes:
+        raise RuntimeError(f"throughput run received {got.tensors['hidden'].nbytes} bytes per tensor, sent {arr.nbytes}")
+    return n * tensor_bytes / 2**20 / dt
+
+
+def curve_overhead(n: int = 60, rounds: int = 3) -> dict:
+    """Throughput of 4 MiB tensors (:func:`loopback_throughput`) in plaintext and over CurveZMQ,
+    rounds interleaved so that machine load hits both alike."""
 
     def once(transport: str | None) -> float:
-        c_srv, c_cli = zmq.Context(), zmq.Context()  # two contexts: two I/O threads, as two processes
-        scfg = SocketConfig(security=CurveConfig(srv, allow_keys=(cli.public,), transport=transport) if transport else None)
-        ccfg = SocketConfig(security=CurveConfig(cli, server_key=srv.public, allow_self=False, transport=transport) if transport else None)
-        r = make_socket(c_srv, zmq.ROUTER, scfg, server=True)
-        port = r.bind_to_random_port("tcp://127.0.0.1")
-        q = make_socket(c_cli, zmq.DEALER, ccfg)
-        q.connect(f"tcp://127.0.0.1:{port}")
-        q.send_multipart(frames, copy=False)
-        r.recv_multipart()
-
-        def sender() -> None:
-            for _ in range(n):
-                q.send_multipart(frames, copy=False)
-
-        t0 = time.perf_counter()
-        th = threading.Thread(target=sender)
-        th.start()
-        for _ in range(n):
-            got = decode_message(r.recv_multipart(copy=False)[1:])
-        dt = time.perf_counter() - t0
-        th.join()
-        assert got.tensors["hidden"].nbytes == arr.nbytes
-        q.close(linger=0)
-        r.close(linger=0)
-        stop_authenticator(c_srv)
-        c_srv.term()
-        c_cli.term()
-        return n * 4 / dt
+        return loopback_throughput(4 * 2**20, transport is not None, n)
 
     runs: dict[str, list[float]] = {"plain": [], "curvezmq": []}
     for _ in range(rounds):

@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import zmq
 
-from splitnet.wire import Message, SocketConfig, decode_message, encode_message, make_socket
+from splitnet.bench.hardening import loopback_throughput
+from splitnet.wire import SocketConfig, make_socket
 
 _TRANSPORT_INDEPENDENT = ("zero_frame_envelope", "oversized_messages", "many_frames", "idle_connection_flood", "crash_descriptor")
 
@@ -65,37 +66,6 @@ def run_attack(lab: Any, name: str, sizes: dict[str, dict]) -> dict:
             st.start()  # so the next attack meets a serving pipeline
             row.setdefault("restarted_stages", []).append(i)
     return row
-
-
-def _throughput(tensor_bytes: int, keyed: bool, n: int) -> float:
-    """MiB/s of ``tensor_bytes`` forward messages ROUTER <- DEALER between two contexts, decoded."""
-    from splitnet.wire.security import CurveConfig, KeyPair, stop_authenticator
-
-    srv, cli = KeyPair(*zmq.curve_keypair()), KeyPair(*zmq.curve_keypair())
-    arr = np.random.default_rng(0).random(tensor_bytes // 4, dtype=np.float32)
-    frames = encode_message(Message(kind="forward", tensors={"hidden": arr}))
-    c_srv, c_cli = zmq.Context(), zmq.Context()
-    scfg = SocketConfig(security=CurveConfig(srv, allow_keys=(cli.public,)) if keyed else None)
-    ccfg = SocketConfig(security=CurveConfig(cli, server_key=srv.public, allow_self=False) if keyed else None)
-    r = make_socket(c_srv, zmq.ROUTER, scfg, server=True)
-    port = r.bind_to_random_port("tcp://127.0.0.1")
-    q = make_socket(c_cli, zmq.DEALER, ccfg)
-    q.connect(f"tcp://127.0.0.1:{port}")
-    q.send_multipart(frames, copy=False)
-    r.recv_multipart()
-    th = threading.Thread(target=lambda: [q.send_multipart(frames, copy=False) for _ in range(n)])
-    t0 = time.perf_counter()
-    th.start()
-    for _ in range(n):
-        decode_message(r.recv_multipart(copy=False)[1:])
-    dt = time.perf_counter() - t0
-    th.join()
-    q.close(linger=0)
-    r.close(linger=0)
-    stop_authenticator(c_srv)
-    c_srv.term()
-    c_cli.term()
-    return n * tensor_bytes / 2**20 / dt
 
 
 def _handshake_ms(keyed: bool, n: int = 30) -> float:
@@ -138,8 +108,8 @@ def overhead(quick: bool) -> dict:
     for label, size, n in (("16kib", 16 * 1024, 2000 if quick else 10_000), ("4mib", 4 * 2**20, 20 if quick else 60)):
         plain, curve = [], []
         for _ in range(1 if quick else 3):  # interleaved rounds: machine load hits both alike
-            plain.append(_throughput(size, False, n))
-            curve.append(_throughput(size, True, n))
+            plain.append(loopback_throughput(size, False, n))
+            curve.append(loopback_throughput(size, True, n))
         p, c = float(np.median(plain)), float(np.median(curve))
         out[label] = {"plaintext_mib_s": round(p, 1), "curvezmq_mib_s": round(c, 1), "curvezmq_overhead_pct": round((1 - c / p) * 100, 1), "messages": n}
     out["handshake_ms"] = {"plaintext": round(_handshake_ms(False), 3), "curvezmq": round(_handshake_ms(True), 3)}
