@@ -105,6 +105,28 @@ class Stage(nn.Module):
         parts = (["embed"] if self.embed is not None else []) + [f"blocks {self.start}..{self.end - 1}"] + (["head"] if self.head is not None else [])
         return f"Stage({self.arch.kind}, {', '.join(parts)})"
 
+    def hidden_input(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The hidden state that crossed the cut into this stage, checked, in this stage's dtype."""
+        if "hidden" not in inputs:
+            raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
+        h = inputs["hidden"]
+        if self.arch.hidden_size > 0 and (h.dim() != 3 or h.shape[-1] != self.arch.hidden_size):
+            raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
+        param = next(self.parameters(), None)
+        if param is not None and h.is_floating_point():
+            h = h.to(param.dtype)
+        return h
+
+    def token_ids_input(self, inputs: Mapping[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
+        """The first stage's ``input_ids``, every id checked against the vocabulary."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise StageError(f"{self!r} expects input_ids, got {sorted(inputs)}")
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
+            raise StageError(f"token id {bad} is outside the vocabulary 0..{vocab_size - 1}")
+        return ids
+
     def new_cache(self) -> KVCache:
         """An empty per-request KV cache of the type this stage's blocks write."""
         return KVCache()
@@ -124,14 +146,7 @@ class Stage(nn.Module):
         if self.embed is not None:
             h, ctx = self.embed(inputs, past_len)
         else:
-            if "hidden" not in inputs:
-                raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
-            h = inputs["hidden"]
-            if self.arch.hidden_size > 0 and (h.dim() != 3 or h.shape[-1] != self.arch.hidden_size):
-                raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
-            param = next(self.parameters(), None)
-            if param is not None and h.is_floating_point():
-                h = h.to(param.dtype)
+            h = self.hidden_input(inputs)
             ctx = self.arch.context(inputs, past_len, h)
         for offset, block in enumerate(self.blocks):
             h = block(h, ctx, cache, self.start + offset)

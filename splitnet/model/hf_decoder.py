@@ -250,23 +250,12 @@ class HFDecoderStage(Stage):
         shell = self._shell
         kwargs: dict[str, Any] = {}
         if self.embed is not None:
-            ids = inputs.get("input_ids")
-            if ids is None:
-                raise StageError(f"{self!r} expects input_ids, got {sorted(inputs)}")
-            vocab = self.arch.hf.vocab_size
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                raise StageError(f"token id {int(ids.max()) if int(ids.max()) >= vocab else int(ids.min())} is outside the vocabulary 0..{vocab - 1}")
+            ids = self.token_ids_input(inputs, self.arch.hf.vocab_size)
             kwargs["input_ids"] = ids
             B, T = ids.shape
             device = ids.device
         else:
-            h = inputs.get("hidden")
-            if h is None:
-                raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
-            if h.dim() != 3 or h.shape[-1] != self.arch.hidden_size:
-                raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
-            param = next(self.parameters())
-            kwargs["inputs_embeds"] = h.to(param.dtype)
+            h = kwargs["inputs_embeds"] = self.hidden_input(inputs)
             B, T = h.shape[:2]
             device = h.device
         limit = getattr(self.arch.hf, "max_position_embeddings", None)

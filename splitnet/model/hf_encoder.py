@@ -129,12 +129,7 @@ class HFEncoderStage(Stage):
         fam = self.arch.family
         kwargs: dict[str, Any] = {}
         if self.embed is not None:
-            ids = inputs.get("input_ids")
-            if ids is None:
-                raise StageError(f"{self!r} expects input_ids, got {sorted(inputs)}")
-            vocab = self.arch.hf.vocab_size
-            if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
-                raise StageError(f"a token id is outside the vocabulary 0..{vocab - 1}")
+            ids = self.token_ids_input(inputs, self.arch.hf.vocab_size)
             # RoBERTa-style positions start after the padding index: two fewer usable positions
             limit = self.arch.hf.max_position_embeddings - (2 if fam.module in ("roberta", "xlm_roberta") else 0)
             if ids.shape[1] > limit:
@@ -144,12 +139,7 @@ class HFEncoderStage(Stage):
                 kwargs["token_type_ids"] = inputs["token_type_ids"]
             B, T = ids.shape
         else:
-            h = inputs.get("hidden")
-            if h is None:
-                raise StageError(f"{self!r} expects a 'hidden' tensor from the previous stage, got {sorted(inputs)}")
-            if h.dim() != 3 or h.shape[-1] != self.arch.hidden_size:
-                raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(h.shape)}")
-            kwargs["inputs_embeds"] = h.to(next(self.parameters()).dtype)
+            h = kwargs["inputs_embeds"] = self.hidden_input(inputs)
             B, T = h.shape[:2]
         mask = inputs.get("attention_mask")
         mask = torch.ones(B, T, dtype=torch.long) if mask is None else mask.to(torch.long)

@@ -81,16 +81,15 @@ class HFViTStage(Stage):
 
     @torch.no_grad()
     def forward(self, inputs: Mapping[str, torch.Tensor], cache=None, *, all_logits: bool = False) -> dict[str, torch.Tensor]:
-        key = "pixel_values" if self.embed is not None else "hidden"
-        x = inputs.get(key)
-        if x is None:
-            raise StageError(f"{self!r} expects {key!r}, got {sorted(inputs)}")
         if self.embed is not None:
+            x = inputs.get("pixel_values")
+            if x is None:
+                raise StageError(f"{self!r} expects 'pixel_values', got {sorted(inputs)}")
             size, ch = self.arch.hf.image_size, self.arch.hf.num_channels
             if x.dim() != 4 or x.shape[1] != ch or tuple(x.shape[2:]) != (size, size):
                 raise StageError(f"pixel_values must be (batch, {ch}, {size}, {size}), got {tuple(x.shape)}")
-        elif x.dim() != 3 or x.shape[-1] != self.arch.hidden_size:
-            raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(x.shape)}")
+        else:
+            x = self.hidden_input(inputs)
         h = self._shell(pixel_values=x).last_hidden_state
         if self.head is not None:
             return self.head(h, None, all_logits=all_logits)
