@@ -131,6 +131,32 @@ class Stage(nn.Module):
         """An empty per-request KV cache of the type this stage's blocks write."""
         return KVCache()
 
+    def cache_pool(self, max_requests: int):
+        """A KV cache shared by many requests that :meth:`forward_batch` batches over, or None
+        when this stage batches only requests without a cache."""
+        return None
+
+    @torch.no_grad()
+    def forward_batch(self, inputs: list[Mapping[str, torch.Tensor]], caches: list | None, *, all_logits: bool = False) -> list[dict[str, torch.Tensor]]:
+        """One forward for several requests; outputs per member, in order. Without caches, the
+        members' tensors (equal but for the batch dimension) are stacked along the batch and
+        every output is split back along it."""
+        if caches is not None:
+            raise StageError(f"{self!r} batches only requests without a KV cache")
+        if len(inputs) == 1:
+            return [self.forward(inputs[0], None, all_logits=all_logits)]
+        names = sorted(inputs[0])
+        if any(sorted(x) != names or any(x[n].shape[1:] != inputs[0][n].shape[1:] or x[n].dtype != inputs[0][n].dtype for n in names) for x in inputs):
+            raise StageError("members of a batch must carry the same tensors, equal in shape but for the batch dimension")
+        sizes = [int(x[names[0]].shape[0]) for x in inputs]
+        if any(int(x[n].shape[0]) != b for x, b in zip(inputs, sizes) for n in names):
+            raise StageError("every tensor of a request must have the same batch size")
+        out = self.forward({n: torch.cat([x[n] for x in inputs], dim=0) for n in names}, None, all_logits=all_logits)
+        total = sum(sizes)
+        if any(v.dim() == 0 or v.shape[0] != total for v in out.values()):
+            raise StageError(f"{self!r} returned outputs without a batch dimension; it cannot be batched")
+        return [dict(zip(out, parts)) for parts in zip(*(torch.split(v, sizes, dim=0) for v in out.values()))]
+
     @property
     def is_first(self) -> bool:
         return self.embed is not None

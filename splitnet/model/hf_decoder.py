@@ -27,6 +27,7 @@ from torch import nn
 from splitnet.errors import ModelLoadError, StageError
 from splitnet.model.blocks import Architecture, Stage
 from splitnet.model.kv_cache import KVCache
+from splitnet.model.slot_cache import BatchCacheView, SlotCache, SlotPool
 
 
 @dataclass(frozen=True)
@@ -43,16 +44,20 @@ class Family:
     layers_attr: str = "layers"
     norm_attr: str = "norm"
     rotary_attr: str = "rotary_emb"  # "" when positions are not rotary
+    masks_by_layer_type: bool = False  # the base forward takes {layer type: mask} (``config.layer_types``)
+    sliding_window_key: str = ""  # config field of a window every layer uses (when the forward takes one mask)
 
 
 FAMILIES: dict[str, Family] = {
     "llama": Family("LlamaModel", "llama"),
-    "mistral": Family("MistralModel", "mistral"),
-    "qwen2": Family("Qwen2Model", "qwen2"),
-    "qwen3": Family("Qwen3Model", "qwen3"),
-    "phi3": Family("Phi3Model", "phi3"),
-    "gemma2": Family("Gemma2Model", "gemma2", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True),
-    "gemma3_text": Family("Gemma3TextModel", "gemma3", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True),
+    "mistral": Family("MistralModel", "mistral", sliding_window_key="sliding_window"),
+    "qwen2": Family("Qwen2Model", "qwen2", masks_by_layer_type=True),
+    "qwen3": Family("Qwen3Model", "qwen3", masks_by_layer_type=True),
+    "phi3": Family("Phi3Model", "phi3", sliding_window_key="sliding_window"),
+    "gemma2": Family("Gemma2Model", "gemma2", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True,
+                     masks_by_layer_type=True),
+    "gemma3_text": Family("Gemma3TextModel", "gemma3", logit_softcap_key="final_logit_softcapping", embed_scale_sqrt_hidden=True,
+                          masks_by_layer_type=True),
     "gpt2": Family("GPT2Model", "gpt2", prefix="transformer.", embed_attrs=("wte", "wpe"), positions_attr="wpe",
                    layers_attr="h", norm_attr="ln_f", rotary_attr=""),
 }
@@ -234,6 +239,87 @@ class HFDecoderStage(Stage):
     def new_cache(self) -> HFKVCache:
         return HFKVCache(self.stage_config, self.start)
 
+    def cache_pool(self, max_requests: int) -> SlotPool:
+        """The KV cache of many requests that :meth:`forward_batch` batches over (one slot each)."""
+        return SlotPool(max_slots=max_requests, max_positions=getattr(self.arch.hf, "max_position_embeddings", None))
+
+    def _batch_masks(self, view: BatchCacheView, device: torch.device, dtype: torch.dtype):
+        """Per-member causal (and sliding-window) masks over the members' slot rows, in the form
+        the family's forward takes: (B, 1, T, read_len), bool for SDPA, additive for eager."""
+        pos = view.positions(device).unsqueeze(-1)  # (B, T, 1) absolute position of each query
+        kv = torch.arange(view.read_len, device=device).view(1, 1, -1)  # (1, 1, read_len)
+        causal = kv <= pos
+        cfg, fam = self.stage_config, self.arch.family
+
+        def finish(allowed: torch.Tensor) -> torch.Tensor:
+            allowed = allowed.unsqueeze(1)  # (B, 1, T, read_len)
+            if cfg._attn_implementation == "sdpa":
+                return allowed
+            if cfg._attn_implementation != "eager":
+                raise StageError(f"batched decoding supports sdpa and eager attention, not {cfg._attn_implementation!r}")
+            return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+        def windowed(window: int | None) -> torch.Tensor:
+            return causal & (kv > pos - window) if window else causal
+
+        if fam.masks_by_layer_type:
+            types = set(getattr(cfg, "layer_types", None) or ["full_attention"])
+            return {t: finish(windowed(cfg.sliding_window if t == "sliding_attention" else None)) for t in types}
+        window = getattr(cfg, fam.sliding_window_key, None) if fam.sliding_window_key else None
+        return finish(windowed(window))
+
+    @torch.no_grad()
+    def forward_batch(self, inputs: list[Mapping[str, torch.Tensor]], caches: list[SlotCache] | None, *, all_logits: bool = False) -> list[dict[str, torch.Tensor]]:
+        """One forward for several requests, each (1, T) new tokens (or hidden states) after its
+        own cached positions in ``caches`` (slots of one :meth:`cache_pool`); outputs per member,
+        in order. Without caches: members of equal shape stacked along the batch."""
+        if caches is None:
+            return super().forward_batch(inputs, None, all_logits=all_logits)
+        if len(caches) != len(inputs) or not inputs:
+            raise StageError("forward_batch needs one cache per member")
+        pool = caches[0].pool
+        if any(c.pool is not pool for c in caches):
+            raise StageError("the caches of one batch must come from one pool")
+        if self.embed is not None:
+            parts = [self.token_ids_input(x, self.arch.hf.vocab_size) for x in inputs]
+        else:
+            parts = [self.hidden_input(x) for x in inputs]
+        if any(p.shape[0] != 1 or p.shape[1:] != parts[0].shape[1:] for p in parts) or any("attention_mask" in x for x in inputs):
+            raise StageError("a cached request sends one sequence (batch 1, no attention_mask), all members the same number of tokens")
+        T = parts[0].shape[1]
+        limit = getattr(self.arch.hf, "max_position_embeddings", None)
+        longest = max(c.length for c in caches) + T
+        if limit and longest > limit:
+            raise StageError(f"sequence of {longest} tokens exceeds max_position_embeddings={limit} of this model")
+        x = torch.cat(parts, dim=0)  # (B, T) ids or (B, T, C) hidden
+        device = x.device
+        view = pool.view(caches, T)
+        param = next(self.parameters())
+        kwargs: dict[str, Any] = {"input_ids": x} if self.embed is not None else {"inputs_embeds": x}
+        out = self._run_shell(device, attention_mask=self._batch_masks(view, device, param.dtype),
+                              position_ids=view.positions(device), cache=view, use_cache=True, **kwargs)
+        for c in caches:
+            c.advance(T)
+        h = out.last_hidden_state  # (B, T, C)
+        if self.head is not None:
+            logits = self.head.logits(h if all_logits else h[:, -1:])
+            logits = logits if all_logits else logits[:, -1]
+            return [{"logits": logits[b : b + 1]} for b in range(len(inputs))]
+        return [{"hidden": h[b : b + 1]} for b in range(len(inputs))]
+
+    def _run_shell(self, device: torch.device, **kwargs):
+        """The family's base-model forward on the shell, the stage's layers and rotary bound."""
+        shell = self._shell
+        self._bind_layers()
+        rotary_attr = self.arch.family.rotary_attr
+        if rotary_attr:
+            setattr(shell, rotary_attr, self._rotary.on(device))
+        try:
+            return shell(**kwargs)
+        finally:
+            if rotary_attr:
+                setattr(shell, rotary_attr, None)
+
     def _bind_layers(self) -> None:
         """Cache layer of block ``start + j`` is ``j`` (the stage's cache holds its layers only).
         Set on every call: stages cut from one loaded model share their block modules."""
@@ -244,10 +330,11 @@ class HFDecoderStage(Stage):
 
     @torch.no_grad()
     def forward(self, inputs: Mapping[str, torch.Tensor], cache: KVCache | None = None, *, all_logits: bool = False) -> dict[str, torch.Tensor]:
+        if isinstance(cache, SlotCache):
+            return self.forward_batch([inputs], [cache], all_logits=all_logits)[0]
         if cache is not None and not isinstance(cache, HFKVCache):
             raise StageError(f"{self!r} needs the cache from its new_cache(), got {type(cache).__name__}")
         past = cache.length if cache is not None else 0
-        shell = self._shell
         kwargs: dict[str, Any] = {}
         if self.embed is not None:
             ids = self.token_ids_input(inputs, self.arch.hf.vocab_size)
@@ -272,16 +359,8 @@ class HFDecoderStage(Stage):
             positions = (mask.cumsum(-1) - 1).clamp(min=0)[:, -T:]  # per-sequence positions (left padding)
         else:
             positions = torch.arange(past, past + T, device=device).unsqueeze(0).expand(B, T)
-        self._bind_layers()
-        rotary_attr = self.arch.family.rotary_attr
-        if rotary_attr:
-            setattr(shell, rotary_attr, self._rotary.on(device))
-        try:
-            out = shell(attention_mask=mask, position_ids=positions, cache=cache.hf if cache is not None else None,
-                        use_cache=cache is not None, **kwargs)
-        finally:
-            if rotary_attr:
-                setattr(shell, rotary_attr, None)
+        out = self._run_shell(device, attention_mask=mask, position_ids=positions, cache=cache.hf if cache is not None else None,
+                              use_cache=cache is not None, **kwargs)
         h = out.last_hidden_state
         if cache is not None:
             cache.advance(T)

@@ -54,3 +54,6 @@ class KVCache:
     @property
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self._layers.values())
+
+    def close(self) -> None:
+        """Give back what this cache holds (a pooled cache returns its slot)."""
