@@ -131,7 +131,7 @@ class Stage(nn.Module):
         """An empty per-request KV cache of the type this stage's blocks write."""
         return KVCache()
 
-    def cache_pool(self, max_requests: int):
+    def cache_pool(self, max_requests: int, max_bytes: int | None = None):
         """A KV cache shared by many requests that :meth:`forward_batch` batches over, or None
         when this stage batches only requests without a cache."""
         return None

@@ -239,9 +239,9 @@ class HFDecoderStage(Stage):
     def new_cache(self) -> HFKVCache:
         return HFKVCache(self.stage_config, self.start)
 
-    def cache_pool(self, max_requests: int) -> SlotPool:
+    def cache_pool(self, max_requests: int, max_bytes: int | None = None) -> SlotPool:
         """The KV cache of many requests that :meth:`forward_batch` batches over (one slot each)."""
-        return SlotPool(max_slots=max_requests, max_positions=getattr(self.arch.hf, "max_position_embeddings", None))
+        return SlotPool(max_slots=max_requests, max_positions=getattr(self.arch.hf, "max_position_embeddings", None), max_bytes=max_bytes)
 
     def _batch_masks(self, view: BatchCacheView, device: torch.device, dtype: torch.dtype):
         """Per-member causal (and sliding-window) masks over the members' slot rows, in the form

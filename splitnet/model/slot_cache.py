@@ -25,10 +25,11 @@ from splitnet.model.kv_cache import KVCache
 class SlotPool:
     """Keys and values of up to ``max_slots`` requests, ``max_positions`` positions each."""
 
-    def __init__(self, *, max_slots: int, max_positions: int | None, initial_slots: int = 4, initial_positions: int = 256):
+    def __init__(self, *, max_slots: int, max_positions: int | None, max_bytes: int | None = None, initial_slots: int = 4, initial_positions: int = 256):
         if max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         self.max_slots = max_slots
+        self.max_bytes = max_bytes
         self.max_positions = max_positions
         self.rows = min(initial_slots, max_slots)
         self.capacity = initial_positions if max_positions is None else min(initial_positions, max_positions)
@@ -81,6 +82,10 @@ class SlotPool:
             new_cap = new_cap * 2 if self.max_positions is None else min(self.max_positions, new_cap * 2)
         if (new_rows, new_cap) == (self.rows, self.capacity):
             return
+        grown_bytes = self.nbytes * (new_rows * new_cap) // (self.rows * self.capacity)
+        if self.max_bytes is not None and grown_bytes > self.max_bytes:
+            raise LimitExceeded(f"the KV cache would grow to {grown_bytes} bytes ({new_rows} requests x {new_cap} positions), over this stage's limit of {self.max_bytes}; "
+                                "release finished requests or raise the stage's cache limit")
         for store in (self.keys, self.values):
             for layer, old in store.items():
                 grown = old.new_zeros((new_rows, old.shape[1], new_cap, old.shape[3]))

@@ -34,6 +34,11 @@ class StageWorkerConfig:
         max_input_bytes: the largest tensor, and the most tensor bytes of one message, this stage
             accepts; also its sockets' ZMQ_MAXMSGSIZE (a larger frame drops the connection before
             libzmq assembles it). 128 MiB holds 8,192 tokens of a 4,096-wide fp32 hidden state.
+        max_batch_size: most requests one forward combines (decode steps of many sequences,
+            prefill chunks of equal length); 1 runs one request per forward.
+        max_batch_tokens: most new tokens one forward combines over its requests.
+        cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
+            default to their number.
     """
 
     model: str
@@ -55,18 +60,23 @@ class StageWorkerConfig:
     dtype: str = "float32"
     insecure: bool = True
     max_input_bytes: int = 128 * 1024**2
+    max_batch_size: int = 64
+    max_batch_tokens: int = 4096
+    cpus: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         if self.start_block < 0 or self.end_block <= self.start_block:
             raise ConfigError(f"stage blocks [{self.start_block}, {self.end_block}) are empty or negative")
         if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"bind endpoint {self.bind!r} must start with tcp://, ipc:// or inproc://")
-        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms", "max_input_bytes"):
+        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms", "max_input_bytes", "max_batch_size", "max_batch_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"StageWorkerConfig.{name} must be positive")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ConfigError(f"StageWorkerConfig.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"StageWorkerConfig.device must be cpu or cuda[:N], got {self.device!r}")
+        if any(c < 0 for c in self.cpus):
+            raise ConfigError(f"StageWorkerConfig.cpus must be core numbers, got {self.cpus}")
         if self.cache_ttl_s <= 0:
             raise ConfigError("StageWorkerConfig.cache_ttl_s must be positive")

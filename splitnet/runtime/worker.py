@@ -30,6 +30,7 @@ import os
 import dataclasses
 import queue
 import re
+from collections import deque
 import signal
 import threading
 import time
@@ -41,6 +42,7 @@ import zmq
 
 from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
 from splitnet.model import KVCache, load_model
+from splitnet.runtime.batching import BatchLimits, Member, pick_group, signature, take_round
 from splitnet.runtime.config import StageWorkerConfig
 from splitnet.runtime.cut_codec import CutCodecs
 from splitnet.wire import (
@@ -84,6 +86,9 @@ class _Work:
     wire_bytes: int
     received_at: float
     origin: str = ""  # the authenticated client this request belongs to ("" without keys)
+    prepared: Member | None = None  # decoded and checked in an earlier round that did not run it
+    started_at: float = 0.0
+    decode_ms: float = 0.0
 
 
 class _CacheTable:
@@ -121,8 +126,10 @@ class _CacheTable:
             raise LimitExceeded(f"KV caches use {total} bytes, over this stage's limit of {self.max_bytes}; request {req!r} dropped")
 
     def drop(self, req: str) -> None:
-        self.caches.pop(req, None)
+        cache = self.caches.pop(req, None)
         self.last_used.pop(req, None)
+        if cache is not None:
+            cache.close()
 
     def evict_idle(self) -> None:
         now = time.monotonic()
@@ -144,8 +151,10 @@ class StageWorker:
             self.socket_config = dataclasses.replace(self.socket_config, max_message_bytes=frame_cap)
         security = self.socket_config.security
         self._stage_keys = security.stage_list() if security is not None and hasattr(security, "stage_list") else None
-        if config.torch_threads:
-            torch.set_num_threads(config.torch_threads)
+        if config.cpus:
+            os.sched_setaffinity(0, config.cpus)  # this process and the threads it starts from now on
+        if config.torch_threads or config.cpus:
+            torch.set_num_threads(config.torch_threads or len(config.cpus))
         bm = load_model(config.model, blocks=range(config.start_block, config.end_block))
         self.model_name = config.model
         self.fingerprint = bm.fingerprint()
@@ -155,14 +164,18 @@ class StageWorker:
         self.dtype = getattr(torch, config.dtype)
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
+        self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
+        # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
+        self.pool = self.stage.cache_pool(config.max_requests, config.max_cache_bytes) if self.stage.arch.uses_kv_cache else None
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes,
-                                  new_cache=getattr(self.stage, "new_cache", KVCache))
+                                  new_cache=self.pool.acquire if self.pool is not None else getattr(self.stage, "new_cache", KVCache))
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
         self.stop_event = threading.Event()
         self.endpoint = ""
-        self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0}
+        self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
+                      "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
@@ -379,35 +392,64 @@ class StageWorker:
         self._to_io = self.ctx.socket(zmq.PUSH)  # this thread's end of the replies pipe
         self._to_io.setsockopt(zmq.SNDTIMEO, self.socket_config.send_timeout_ms)
         self._to_io.connect(self._replies_endpoint)
+        backlog: deque[_Work] = deque()  # taken off the queue, not run yet (arrival order)
         try:
             while not self.stop_event.is_set():
-                try:
-                    item = self.work.get(timeout=_POLL_MS / 1000)
-                except queue.Empty:
-                    continue
-                if item is None:
+                if not self._fill_backlog(backlog):
                     break
-                msg = item.msg
-                if msg.kind == "release":
-                    self.caches.drop(cache_key(item.origin, msg.req))
-                    continue
-                try:
-                    self._forward(item, peers)
-                except Exception as e:  # any failure becomes a typed error for the client
-                    self.stats["errors"] += 1
-                    if not isinstance(e, SplitnetError):
-                        log.exception("stage %d failed on request %s", self.config.stage_index, msg.req)
-                        e = StageError(f"stage {self.config.stage_index} failed: {type(e).__name__}: {e}")
-                    self.caches.drop(cache_key(item.origin, msg.req))
-                    self._reply_to_origin(peers, item, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
+                if backlog:
+                    self._run_round(backlog, peers)
         finally:
             for s in peers.values():
                 s.close(linger=0)
             self._to_io.close(linger=0)
 
-    def _forward(self, item: _Work, peers: dict[str, zmq.Socket]) -> None:
+    def _fill_backlog(self, backlog: deque) -> bool:
+        """Move queued work into ``backlog`` (waiting a poll interval when there is none); False
+        when the worker is stopping."""
+        while len(backlog) < self.config.queue_depth:
+            try:
+                item = self.work.get(timeout=_POLL_MS / 1000) if not backlog else self.work.get_nowait()
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            backlog.append(item)
+        return True
+
+    def _run_round(self, backlog: deque, peers: dict) -> None:
+        """Run what is runnable now: pending releases, then one batched forward (the oldest
+        step and every other request's step that stacks with it); the rest waits in ``backlog``."""
+        releases, taken = take_round(backlog, key_of=lambda w: cache_key(w.origin, w.msg.req),
+                                     is_release=lambda w: w.msg.kind == "release", max_members=self.batch_limits.max_batch_size)
+        for item in releases:
+            self.caches.drop(cache_key(item.origin, item.msg.req))
+        members = []
+        for item in taken:
+            try:
+                members.append(item.prepared if item.prepared is not None else self._prepare(item))
+            except Exception as e:  # a bad member fails alone, before any batch runs
+                self._fail(peers, item, e)
+        group, rest = pick_group(members, self.batch_limits)
+        for m in reversed(rest):  # next round, first, with their inputs already decoded
+            m.work.prepared = m
+            backlog.appendleft(m.work)
+        if group:
+            self._run_group(group, peers)
+
+    def _fail(self, peers: dict, item: _Work, e: Exception) -> None:
+        """Answer ``item``'s client with ``e`` as a typed error; its cache on this stage is gone."""
         msg = item.msg
-        meta = msg.meta
+        self.stats["errors"] += 1
+        if not isinstance(e, SplitnetError):
+            log.error("stage %d failed on request %s", self.config.stage_index, msg.req, exc_info=e)
+            e = StageError(f"stage {self.config.stage_index} failed: {type(e).__name__}: {e}")
+        self.caches.drop(cache_key(item.origin, msg.req))
+        self._reply_to_origin(peers, item, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
+
+    def _prepare(self, item: _Work) -> Member:
+        """Decode and check one forward's inputs, find (or make) its cache and check its position."""
+        msg, meta = item.msg, item.msg.meta
         t0 = time.perf_counter()
         arrays = self.codecs.decode(msg.tensors, meta)
         inputs = {}
@@ -418,10 +460,10 @@ class StageWorker:
             if t.is_floating_point():
                 t = t.to(self.dtype)
             inputs[name] = t.to(self.device, non_blocking=True)
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        cache = None
+        item.decode_ms = (time.perf_counter() - t0) * 1e3
+        item.started_at = t0
+        cache, ckey = None, cache_key(item.origin, msg.req)
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
-            ckey = cache_key(item.origin, msg.req)
             cache = self.caches.get(ckey, create=True)
             pos = meta.get("pos")
             if isinstance(pos, int) and pos < cache.length and meta.get("rewind"):
@@ -429,14 +471,63 @@ class StageWorker:
             if isinstance(pos, int) and pos != cache.length:
                 self.caches.drop(ckey)
                 raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
+        first = next(iter(inputs.values()), None)
+        tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
+        options = (bool(meta.get("all_logits")),)
+        return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens)
+
+    def _run_group(self, group: list[Member], peers: dict) -> None:
+        """One forward for ``group``; a failing batch is retried member by member, so only the
+        member at fault gets an error."""
+        group = [m for m in group if m.cache is None or self.caches.caches.get(m.cache_key) is m.cache]  # released meanwhile
+        if not group:
+            return
+        cached = group[0].cache is not None
+        if cached and self.pool is not None:
+            group.sort(key=lambda m: m.cache.slot)  # consecutive slots read as one view, not a gather
+        all_logits = group[0].signature[2][0]
+        lengths = [m.cache.length if m.cache is not None else 0 for m in group]
         t1 = time.perf_counter()
-        outputs = self.stage(inputs, cache, all_logits=bool(meta.get("all_logits")))
+        try:
+            outputs = self._forward_members(group, cached, all_logits)
+        except Exception as e:
+            if len(group) == 1:
+                self._fail(peers, group[0].work, e)
+                return
+            log.warning("stage %d: a batch of %d failed (%s: %s); running its members one by one", self.config.stage_index, len(group), type(e).__name__, e)
+            for m, length in zip(group, lengths):
+                if m.cache is not None:
+                    m.cache.truncate(min(length, m.cache.length))  # what the failed batch wrote is not kept
+                self._run_group([m], peers)
+            return
+        compute_ms = (time.perf_counter() - t1) * 1e3
+        self.stats["busy_s"] += compute_ms / 1e3
+        self.stats["batches"] += 1
+        self.stats["batched_requests"] += len(group)
+        self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
+        for m, out in zip(group, outputs):
+            try:
+                self._finish(m, out, compute_ms, len(group), peers)
+            except Exception as e:
+                self._fail(peers, m.work, e)
+
+    def _forward_members(self, group: list[Member], cached: bool, all_logits: bool) -> list[dict]:
+        inputs = [m.inputs for m in group]
+        if not cached:
+            return self.stage.forward_batch(inputs, None, all_logits=all_logits)
+        if self.pool is not None:
+            return self.stage.forward_batch(inputs, [m.cache for m in group], all_logits=all_logits)
+        return [self.stage(x, m.cache, all_logits=all_logits) for x, m in zip(inputs, group)]  # a stage without a pool
+
+    def _finish(self, m: Member, outputs: dict, compute_ms: float, batch: int, peers: dict) -> None:
+        """Send one member's outputs on: to the next stage of its route, or to its client."""
+        item, cache, ckey = m.work, m.cache, m.cache_key
+        msg, meta = item.msg, item.msg.meta
         last = not meta.get("route")
         if last and "logits" in outputs and meta.get("head", "logits") != "logits":
             outputs = _reduce_logits(outputs["logits"], meta)
         # frames leave from host memory; the client gets float32 logits/embeddings whatever the stage dtype
         outputs = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in outputs.items()}
-        compute_ms = (time.perf_counter() - t1) * 1e3
         if cache is not None:
             self.caches.check_memory(ckey)
         route = list(meta.get("route") or [])
@@ -452,10 +543,11 @@ class StageWorker:
                 "stage": self.config.stage_index,
                 "pid": os.getpid(),
                 "in_bytes": item.wire_bytes,
-                "queue_ms": round((t0 - item.received_at) * 1e3 if t0 > item.received_at else 0.0, 3),
-                "decode_ms": round(decode_ms, 3),
+                "queue_ms": round(max(0.0, (item.started_at - item.received_at) * 1e3), 3),
+                "decode_ms": round(item.decode_ms, 3),
                 "compute_ms": round(compute_ms, 3),
                 "encode_ms": round(encode_ms, 3),
+                "batch": batch,
                 "tokens_computed": cache.tokens_computed if cache is not None else None,
             }
         )
