@@ -1,134 +1,238 @@
-"""Pipeline latency and throughput: chunked prefill, decode across sequences, vs the unsplit model.
+"""Pipeline latency and throughput against what a user would run instead, in the same run.
 
-Stage processes run on this host (CPU or one GPU shared by the stages); the baseline is the
-same model unsplit in this process with a KV cache, measured in the same run.
+Stage processes run on this host (CPU cores, pinned disjointly with ``--cpus-per-stage``, or one
+GPU shared by the stages). Measured:
+
+- the baselines: transformers eager (dynamic cache) and, on CUDA, static cache +
+  ``torch.compile(mode="reduce-overhead")``, for one sequence and a batch; the memory-bandwidth
+  limit (weight bytes / this device's measured copy bandwidth);
+- chunked prefill: time to first token for each chunk size, against the whole prompt at once
+  (ideal speed-up with S stages and k equal chunks: S k / (k + S - 1), at most S);
+- decode: ``--concurrency`` clients at once (one session and one sequence each), tokens/s,
+  each stage's busy fraction and mean batch;
+- greedy tokens against transformers' for the same prompts (batching on).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import threading
 import time
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="tiny-gpt2", help="decoder model (built-in name or HF directory)")
+    p.add_argument("--model", default="tiny-gpt2", help="decoder: built-in name, HF directory, or shape:NAME (random weights at a real size: "
+                   "shape:llama-3-8b, shape:llama-3.2-1b, shape:qwen2-1.5b)")
     p.add_argument("--stages", type=int, default=3)
     p.add_argument("--device", default="cpu", help="cpu or cuda (all stages share it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage process")
+    p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage process (and for the baselines)")
+    p.add_argument("--cpus-per-stage", type=int, default=0, help="pin each stage to this many disjoint cores (0: not pinned)")
     p.add_argument("--prompt-tokens", type=int, default=256)
     p.add_argument("--chunks", default="0,128,64,32", help="prefill chunk sizes to compare (0: whole prompt)")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--sequences", default="1,4,8", help="concurrent sequences for the decode throughput run")
+    p.add_argument("--concurrency", default="1,8", help="concurrent clients for the decode runs (one sequence each)")
+    p.add_argument("--decode-prompt-tokens", type=int, default=32, help="prompt length of each client in the decode runs")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--baselines", default="", help="transformers baselines: eager,compiled (default: eager on cpu, both on cuda; 'none' for none)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="stage batching limit (1: one request per forward)")
+    p.add_argument("--check-sequences", type=int, default=4, help="decode sequences whose tokens are checked against transformers")
 
 
-def _baseline(model: str, device: str, dtype: str, prompt: list[int], n_new: int, repeats: int) -> dict:
-    import torch
+def _stage_stats(endpoints: list[str]) -> list[dict]:
+    """Each stage's counters (busy seconds, batches), asked over a plain socket (local stages)."""
+    import zmq
 
-    from splitnet.model import load_model
+    from splitnet.wire import Message, SocketConfig, decode_message, encode_message, make_socket
 
-    bm = load_model(model)
-    full = bm.full().to(torch.device(device), getattr(torch, dtype))
-    ids = torch.tensor([prompt], device=device)
-    ttft, per_tok = [], []
-    for _ in range(repeats + 1):
-        cache = full.new_cache()
-        _sync(device)
+    ctx = zmq.Context.instance()
+    out = []
+    for ep in endpoints:
+        s = make_socket(ctx, zmq.DEALER, SocketConfig())
+        try:
+            s.connect(ep)
+            s.send_multipart(encode_message(Message(kind="info", req="bench")))
+            if not s.poll(10_000):
+                raise RuntimeError(f"stage at {ep} did not answer info within 10 s")
+            out.append(dict(decode_message(s.recv_multipart()).meta["stats"]))
+        finally:
+            s.close(linger=0)
+    return out
+
+
+def _clients(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float]]:
+    """Run one client per prompt at once (each its own session); (tokens, wall s, ms/token each)."""
+    import splitnet
+    from splitnet.edge.config import ClientConfig
+
+    results: list = [None] * len(prompts)
+    errors: list[BaseException] = []
+    sessions = [splitnet.connect(endpoints, config=ClientConfig(timeout_s=600)) for _ in prompts]
+    start = threading.Barrier(len(prompts) + 1)
+
+    def work(i: int) -> None:
+        try:
+            start.wait(timeout=60)
+            results[i] = sessions[i].generate(prompts[i], n_new)
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+    try:
+        for t in threads:
+            t.start()
+        start.wait(timeout=60)
         t0 = time.perf_counter()
-        tok = full({"input_ids": ids}, cache)["logits"].argmax(-1, keepdim=True)
-        _sync(device)
-        t1 = time.perf_counter()
-        for _ in range(n_new - 1):
-            tok = full({"input_ids": tok}, cache)["logits"].argmax(-1, keepdim=True)
-        _sync(device)
-        t2 = time.perf_counter()
-        ttft.append((t1 - t0) * 1e3)
-        per_tok.append((t2 - t1) * 1e3 / max(1, n_new - 1))
-    return {"ttft_ms": statistics.median(ttft[1:]), "ms_per_token": statistics.median(per_tok[1:]), "tokens_per_s": 1e3 / statistics.median(per_tok[1:])}
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize()
+        for t in threads:
+            t.join(timeout=900)
+        wall = time.perf_counter() - t0
+    finally:
+        for s in sessions:
+            s.close()
+    if errors:
+        raise errors[0]
+    per_tok = [(r.latency_ms - r.ttft_ms) / max(1, n_new - 1) for r in results]
+    return [list(r.tokens) for r in results], wall, per_tok
 
 
 def run(args: argparse.Namespace) -> dict:
     import numpy as np
+    import torch
 
-    import splitnet
-    from splitnet.edge.config import ClientConfig
+    from splitnet.bench import hf_baselines
+    from splitnet.bench.shapes import is_shape, shape_dir
     from splitnet.model.loading import architecture_for, resolve_model_dir
     from splitnet.model.weights import read_config
-    from splitnet.runtime.launcher import even_cuts, launch_pipeline
+    from splitnet.runtime.launcher import disjoint_cpus, even_cuts, launch_pipeline
 
-    cfg = read_config(resolve_model_dir(args.model))
+    model_dir = shape_dir(args.model, device=args.device, dtype=args.dtype) if is_shape(args.model) else resolve_model_dir(args.model)
+    cfg = read_config(model_dir)
     L = architecture_for(cfg).num_blocks
     vocab = int(cfg.get("vocab_size", 257))
     rng = np.random.default_rng(0)
-    prompt = [int(x) for x in rng.integers(0, min(vocab, 256), args.prompt_tokens)]
+    prompt = [int(x) for x in rng.integers(0, min(vocab, 32000), args.prompt_tokens)]
     chunks = [int(c) for c in args.chunks.split(",")]
-    seq_counts = [int(c) for c in args.sequences.split(",")]
-    import torch
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    n_max = max(concurrency)
+    decode_prompts = [[int(x) for x in rng.integers(0, min(vocab, 32000), args.decode_prompt_tokens)] for _ in range(n_max)]
+    kinds = args.baselines.split(",") if args.baselines else (["eager", "compiled"] if args.device.startswith("cuda") else ["eager"])
+    kinds = [k for k in kinds if k and k != "none"]
 
-    torch.set_num_threads(max(1, args.torch_threads))  # the baseline gets the threads of one stage
-    baseline = _baseline(args.model, args.device, args.dtype, prompt, args.new_tokens, args.repeats)
+    threads = args.cpus_per_stage or args.torch_threads
+    torch.set_num_threads(max(1, threads))  # the baselines get the threads of one stage
+    bandwidth = hf_baselines.device_bandwidth_gb_s(args.device, threads)
+    base = hf_baselines.measure(model_dir, args.device, args.dtype, prompt, decode_prompts, args.new_tokens, args.repeats, kinds) if kinds else {}
+    ref_decode: list[list[int]] = []
+    if kinds:
+        model = hf_baselines.load(model_dir, args.device, args.dtype)
+        ref_decode = [hf_baselines.greedy_eager(model, [p], args.new_tokens, args.device)[0][0] for p in decode_prompts[: args.check_sequences]]
+        del model
+    weight_bytes = base.get("weight_bytes") or sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+
     cuts = even_cuts(L, args.stages)
-    extra = ["--device", args.device, "--dtype", args.dtype]
+    extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size)]
+    stage_cpus = disjoint_cpus(args.stages, args.cpus_per_stage) if args.cpus_per_stage else []
     results: dict = {"prefill": [], "decode": []}
-    with launch_pipeline(args.model, cuts, torch_threads=args.torch_threads, extra_args=extra) as pipe:
+    import splitnet
+    from splitnet.edge.config import ClientConfig
+
+    with launch_pipeline(str(model_dir), cuts, torch_threads=threads, extra_args=extra, stage_cpus=stage_cpus, ready_timeout_s=600) as pipe:
+        first_tokens = None
         for chunk in chunks:
-            ccfg = ClientConfig(timeout_s=300, prefill_chunk_tokens=chunk or args.prompt_tokens)
+            ccfg = ClientConfig(timeout_s=600, prefill_chunk_tokens=chunk or args.prompt_tokens)
             with splitnet.connect(pipe.endpoints, config=ccfg) as s:
                 s.generate(prompt[:8], 2)  # warm-up
+                s.generate(prompt, 4)
                 ttft, per_tok, wire = [], [], []
                 for _ in range(args.repeats):
                     r = s.generate(prompt, args.new_tokens)
                     ttft.append(r.ttft_ms)
                     per_tok.append((r.latency_ms - r.ttft_ms) / max(1, args.new_tokens - 1))
                     wire.append(r.stats["prefill"]["wire_bytes"])
+                    first_tokens = first_tokens or list(r.tokens)
             results["prefill"].append({
                 "chunk_tokens": chunk or args.prompt_tokens,
                 "ttft_ms": round(statistics.median(ttft), 2),
-                "decode_ms_per_token": round(statistics.median(per_tok), 2),
+                "decode_ms_per_token": round(statistics.median(per_tok), 3),
                 "prefill_wire_bytes": int(statistics.median(wire)),
             })
-        with splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=300)) as s:
-            for k in seq_counts:
-                prompts = [prompt[: 32 + i] for i in range(k)]
-                s.generate_many(prompts, args.new_tokens)  # warm-up: first use of these shapes
-                t0 = time.perf_counter()
-                outs = s.generate_many(prompts, args.new_tokens)
-                dt = time.perf_counter() - t0
-                results["decode"].append({"sequences": k, "tokens": sum(len(o) for o in outs), "seconds": round(dt, 3), "tokens_per_s": round(sum(len(o) for o in outs) / dt, 1)})
-    best_ttft = min(p["ttft_ms"] for p in results["prefill"])
+        for n in concurrency:
+            _clients(pipe.endpoints, decode_prompts[:n], 4)  # warm-up: these batch shapes
+            before = _stage_stats(pipe.endpoints)
+            tokens, wall, per_tok = _clients(pipe.endpoints, decode_prompts[:n], args.new_tokens)
+            after = _stage_stats(pipe.endpoints)
+            busy = [round((a["busy_s"] - b["busy_s"]) / wall, 3) for a, b in zip(after, before)]
+            batch = [round((a["batched_requests"] - b["batched_requests"]) / max(1, a["batches"] - b["batches"]), 2) for a, b in zip(after, before)]
+            checked = [tokens[i] == ref_decode[i] for i in range(min(n, len(ref_decode)))]
+            results["decode"].append({
+                "clients": n, "tokens": sum(len(t) for t in tokens), "seconds": round(wall, 3),
+                "tokens_per_s": round(sum(len(t) for t in tokens) / wall, 1),
+                "ms_per_token_median": round(statistics.median(per_tok), 3),
+                "stage_busy_fraction": busy, "stage_mean_batch": batch,
+                "tokens_checked": len(checked), "tokens_identical": sum(checked),
+            })
+    return _document(args, model_dir, pipe, base, bandwidth, weight_bytes, results, first_tokens)
+
+
+def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes: int, results: dict, first_tokens) -> dict:
+    S = args.stages
     whole = next(p for p in results["prefill"] if p["chunk_tokens"] == args.prompt_tokens)
+    best = min(results["prefill"], key=lambda p: p["ttft_ms"])
+    k = -(-args.prompt_tokens // best["chunk_tokens"])
+    ideal = S * k / (k + S - 1)
+    speedup = whole["ttft_ms"] / best["ttft_ms"]
+    one = next((d for d in results["decode"] if d["clients"] == 1), None)
+    top = max(results["decode"], key=lambda d: d["clients"])
+    limit_ms = weight_bytes / (bandwidth * 1e9) * 1e3
+    split_ms = (one or {}).get("ms_per_token_median", min(p["decode_ms_per_token"] for p in results["prefill"]))
+    summary = {
+        "split_ms_per_token_1_seq": split_ms,
+        "bandwidth_limit_ms_per_token": round(limit_ms, 3),
+        "split_over_bandwidth_limit": round(split_ms / limit_ms, 3),
+        "chunked_prefill_speedup": round(speedup, 3),
+        "chunked_prefill_ideal": round(ideal, 3),
+        "chunked_prefill_efficiency": round(speedup / ideal, 3),
+        "chunked_prefill_efficiency_vs_stages": round(speedup / S, 3),
+        "decode_tokens_per_s_1": one["tokens_per_s"] if one else None,
+        f"decode_tokens_per_s_{top['clients']}": top["tokens_per_s"],
+        "decode_concurrency_ratio": round(top["tokens_per_s"] / one["tokens_per_s"], 3) if one else None,
+        "decode_concurrency_ratio_over_ideal": round(top["tokens_per_s"] / one["tokens_per_s"] / min(top["clients"], S if S > 1 else top["clients"]), 3) if one else None,
+    }
+    if "reference_tokens" in base:
+        summary["tokens_identical_1_seq"] = first_tokens == base["reference_tokens"]
+        summary["tokens_identical_decode"] = f"{sum(d['tokens_identical'] for d in results['decode'])}/{sum(d['tokens_checked'] for d in results['decode'])}"
+    for kind in ("eager", "compiled"):
+        if kind in base:
+            summary[f"split_over_{kind}_1_seq"] = round(split_ms / base[kind]["ms_per_token"], 3)
+            key = f"batch_{base[kind]['batch']}_tokens_per_s"
+            if base[kind]["batch"] == top["clients"]:
+                summary[f"split_over_{kind}_batch_{top['clients']}"] = round(top["tokens_per_s"] / base[kind][key], 3)
     return {
-        "config": {k: getattr(args, k) for k in ("model", "stages", "device", "dtype", "torch_threads", "prompt_tokens", "new_tokens", "repeats")},
+        "config": {k: getattr(args, k) for k in ("model", "stages", "device", "dtype", "torch_threads", "cpus_per_stage", "prompt_tokens",
+                                                 "new_tokens", "concurrency", "decode_prompt_tokens", "repeats", "max_batch_size")},
+        "model_dir": str(model_dir),
         "stages": [{"index": st.index, "blocks": list(st.blocks), "pid": st.pid} for st in pipe.stages],
-        "baseline_unsplit": {k: round(v, 2) for k, v in baseline.items()},
+        "device_copy_bandwidth_gb_s": round(bandwidth, 1),
+        "weight_bytes": weight_bytes,
+        "baselines": {k: v for k, v in base.items() if k not in ("reference_tokens", "reference_batch_tokens")},
         **results,
-        "summary": {
-            "ttft_whole_prompt_ms": whole["ttft_ms"],
-            "ttft_best_chunked_ms": best_ttft,
-            "chunked_prefill_speedup": round(whole["ttft_ms"] / best_ttft, 3),
-            "decode_tokens_per_s_1_seq": results["decode"][0]["tokens_per_s"],
-            "decode_tokens_per_s_max": max(d["tokens_per_s"] for d in results["decode"]),
-            "baseline_tokens_per_s": round(baseline["tokens_per_s"], 1),
-        },
+        "summary": summary,
     }
 
 
 def summarize(doc: dict) -> str:
-    s = doc["summary"]
-    lines = [f"{doc['config']['model']} in {doc['config']['stages']} stages on {doc['config']['device']} ({doc['config']['dtype']})"]
-    lines.append(f"unsplit baseline: TTFT {doc['baseline_unsplit']['ttft_ms']} ms, {doc['baseline_unsplit']['ms_per_token']} ms/token")
+    s, c = doc["summary"], doc["config"]
+    lines = [f"{c['model']} in {c['stages']} stages on {c['device']} ({c['dtype']}), batching up to {c['max_batch_size']}"]
+    lines.append(f"bandwidth limit {s['bandwidth_limit_ms_per_token']} ms/token ({doc['weight_bytes'] / 1e9:.2f} GB at {doc['device_copy_bandwidth_gb_s']} GB/s)")
+    for kind, b in doc["baselines"].items():
+        if isinstance(b, dict):
+            tps = b["batch_%d_tokens_per_s" % b["batch"]]
+            lines.append(f"transformers {kind}: TTFT {b['ttft_ms']} ms, {b['ms_per_token']} ms/token, batch {b['batch']}: {tps} tokens/s")
     for p in doc["prefill"]:
         lines.append(f"prefill chunk {p['chunk_tokens']:>5}: TTFT {p['ttft_ms']} ms, decode {p['decode_ms_per_token']} ms/token")
     for d in doc["decode"]:
-        lines.append(f"decode {d['sequences']:>3} sequences: {d['tokens_per_s']} tokens/s")
-    lines.append(f"chunked prefill speedup x{s['chunked_prefill_speedup']}")
+        lines.append(f"decode {d['clients']:>3} clients: {d['tokens_per_s']} tokens/s, busy {d['stage_busy_fraction']}, mean batch {d['stage_mean_batch']}, "
+                     f"tokens identical {d['tokens_identical']}/{d['tokens_checked']}")
+    lines.append(f"chunked prefill x{s['chunked_prefill_speedup']} (ideal x{s['chunked_prefill_ideal']}); concurrency ratio x{s['decode_concurrency_ratio']}")
     return "\n".join(lines)

@@ -126,6 +126,7 @@ class Session:
         self._pending: dict[Key, Message] = {}
         self._result_bytes: dict[Key, int] = {}
         self._last_seen = [time.monotonic()] * len(self.endpoints)
+        self._next_ping = 0.0  # heartbeats go out once per interval, not once per wait (per token)
         self._reopened_at = [0.0] * len(self.endpoints)
         self._infos: list[dict] = []
         self._tokenizer = tokenizer
@@ -330,7 +331,6 @@ class Session:
         start = time.monotonic()
         deadline = start + timeout_s
         self._last_seen = [max(s, start) for s in self._last_seen]
-        next_ping = start
         reqs = {k[0] for k in keys}
         while True:
             for k in keys:
@@ -351,11 +351,11 @@ class Session:
                 silent = [i for i, s in enumerate(self._last_seen) if now - s > self.config.heartbeat_interval_s * 2]
                 who = ", ".join(f"stage {i} at {self.endpoints[i]}" for i in silent) or "the pipeline"
                 raise StageUnavailable(f"no result within {timeout_s:.1f} s from {who}")
-            if now >= next_ping:
+            if now >= self._next_ping:
                 for i in range(len(self._controls)):
                     self._send_control(i, Message(kind="ping", req="hb", meta={"t": now}))
-                next_ping = now + self.config.heartbeat_interval_s
-            self._pump(max(1, int(min(next_ping - now, deadline - now, 0.05) * 1000)))
+                self._next_ping = now + self.config.heartbeat_interval_s
+            self._pump(max(1, int(min(self._next_ping - now, deadline - now, 0.05) * 1000)))
             self._check_liveness()
 
     def _release(self, req: str) -> None:

@@ -35,6 +35,10 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
                    help="keyed transport: 'curvezmq' (libzmq CURVE handshake + ZAP allow-list; the only one); env SPLITNET_TRANSPORT")
     p.add_argument("--max-input-mib", type=int, default=128, help="largest input tensor (and message) this stage accepts, MiB; also ZMQ_MAXMSGSIZE")
     p.add_argument("--insecure", action="store_true", help="serve plaintext without authentication (warns; needed for a non-loopback bind without --server-key)")
+    p.add_argument("--max-batch-size", type=int, default=64, help="most requests one forward combines (1: no batching)")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="most new tokens one forward combines over its requests")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait up to this long (and at most one forward's time) for the next steps of active requests before running a smaller batch")
+    p.add_argument("--cpus", default="", help="CPU cores to pin this stage to, e.g. 0-3 or 0,2,4 (torch threads default to their number)")
     p.add_argument("--max-request-cache-mib", type=int, default=0, help="KV cache memory limit per request (MiB; 0: same as --max-cache-mib)")
 
 
@@ -76,7 +80,40 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         device=args.device,
         dtype=args.dtype,
         max_input_bytes=args.max_input_mib * 1024 * 1024,
+        max_batch_size=args.max_batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        batch_wait_ms=args.batch_wait_ms,
+        cpus=parse_cpus(args.cpus),
     )
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """``"0-3,6"`` -> (0, 1, 2, 3, 6); checked against the cores this process may use."""
+    from splitnet.errors import ConfigError
+
+    if not text:
+        return ()
+    cpus: list[int] = []
+    try:
+        for part in text.split(","):
+            lo, _, hi = part.strip().partition("-")
+            cpus.extend(range(int(lo), int(hi or lo) + 1))
+    except ValueError as e:
+        raise ConfigError(f"--cpus must look like 0-3 or 0,2,4, got {text!r}") from e
+    allowed = os.sched_getaffinity(0)
+    if not cpus or not set(cpus) <= allowed:
+        raise ConfigError(f"--cpus {text!r} names cores outside those this machine lets the process use ({_ranges(sorted(allowed))})")
+    return tuple(sorted(set(cpus)))
+
+
+def _ranges(cores: list[int]) -> str:
+    out, start = [], None
+    for i, c in enumerate(cores):
+        start = c if start is None else start
+        if i + 1 == len(cores) or cores[i + 1] != c + 1:
+            out.append(f"{start}-{c}" if c != start else f"{c}")
+            start = None
+    return ",".join(out)
 
 
 def run(args: argparse.Namespace) -> int:

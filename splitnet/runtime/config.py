@@ -37,6 +37,8 @@ class StageWorkerConfig:
         max_batch_size: most requests one forward combines (decode steps of many sequences,
             prefill chunks of equal length); 1 runs one request per forward.
         max_batch_tokens: most new tokens one forward combines over its requests.
+        batch_wait_ms: how long a stage may wait for the next steps of requests it served in the
+            last second before running a smaller batch (never longer than its last forward).
         cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
             default to their number.
     """
@@ -62,6 +64,7 @@ class StageWorkerConfig:
     max_input_bytes: int = 128 * 1024**2
     max_batch_size: int = 64
     max_batch_tokens: int = 4096
+    batch_wait_ms: float = 5.0
     cpus: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -76,6 +79,8 @@ class StageWorkerConfig:
             raise ConfigError(f"StageWorkerConfig.dtype must be float32, float16 or bfloat16, got {self.dtype!r}")
         if not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"StageWorkerConfig.device must be cpu or cuda[:N], got {self.device!r}")
+        if self.batch_wait_ms < 0:
+            raise ConfigError("StageWorkerConfig.batch_wait_ms must be >= 0")
         if any(c < 0 for c in self.cpus):
             raise ConfigError(f"StageWorkerConfig.cpus must be core numbers, got {self.cpus}")
         if self.cache_ttl_s <= 0:

@@ -100,6 +100,7 @@ class _LaunchSpec:
     extra_args: tuple[str, ...]
     env: dict
     ready_timeout_s: float
+    stage_cpus: tuple[str, ...] = ()  # per stage index: cores to pin it to ("" or missing: not pinned)
 
 
 def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], str]]) -> list[StageProcess]:
@@ -119,6 +120,7 @@ def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], st
                 "--ready-endpoint", f"tcp://127.0.0.1:{ready_port}",
                 "--parent-pid", str(os.getpid()),
                 "--torch-threads", str(spec.torch_threads),
+                *(["--cpus", spec.stage_cpus[i]] if i < len(spec.stage_cpus) and spec.stage_cpus[i] else []),
                 *(["--codec-out", codec] if codec else []),
                 *[x for f in spec.codec_files for x in ("--codec-file", f)],
                 *spec.extra_args,
@@ -151,6 +153,15 @@ def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], st
     ]
 
 
+def disjoint_cpus(num_stages: int, cores_per_stage: int) -> list[str]:
+    """``num_stages`` disjoint sets of ``cores_per_stage`` cores this process may use, as
+    ``--cpus`` strings (a ConfigError when there are not enough)."""
+    cores = sorted(os.sched_getaffinity(0))
+    if num_stages * cores_per_stage > len(cores):
+        raise ConfigError(f"{num_stages} stages x {cores_per_stage} cores need {num_stages * cores_per_stage} cores; this process may use {len(cores)}")
+    return [",".join(str(c) for c in cores[i * cores_per_stage : (i + 1) * cores_per_stage]) for i in range(num_stages)]
+
+
 def even_cuts(num_blocks: int, num_stages: int) -> list[int]:
     """Block indices where stages 1..N-1 start, splitting blocks as evenly as possible."""
     if not 1 <= num_stages <= num_blocks:
@@ -170,6 +181,7 @@ def launch_pipeline(
     torch_threads: int = 1,
     extra_args: Sequence[str] = (),
     env: dict | None = None,
+    stage_cpus: Sequence[str] = (),
 ) -> LocalPipeline:
     """Start one process per stage of ``model`` cut before each block index in ``cuts``.
 
@@ -181,6 +193,7 @@ def launch_pipeline(
         codecs: codec for each cut (len(cuts) entries; "" = raw).
         codec_files: saved codecs every stage may decode with.
         ready_timeout_s: how long to wait for all READY handshakes.
+        stage_cpus: per stage, the cores to pin it to (``"0-3"``; see :func:`disjoint_cpus`).
     """
     from splitnet.model.weights import read_config
     from splitnet.model.loading import architecture_for, resolve_model_dir
@@ -194,7 +207,7 @@ def launch_pipeline(
     codecs = list(codecs) if codecs is not None else [""] * len(cuts)
     if len(codecs) != len(cuts):
         raise ConfigError(f"{len(codecs)} codecs given for {len(cuts)} cuts")
-    spec = _LaunchSpec(str(model), host, torch_threads, tuple(codec_files), tuple(extra_args), dict(env or {}), ready_timeout_s)
+    spec = _LaunchSpec(str(model), host, torch_threads, tuple(codec_files), tuple(extra_args), dict(env or {}), ready_timeout_s, tuple(stage_cpus))
     blocks = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
     stages = _spawn_stages(spec, [(i, b, codecs[i] if i < len(codecs) else "") for i, b in enumerate(blocks)])
     return LocalPipeline(str(model), stages, spec, codecs)

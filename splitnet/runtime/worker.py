@@ -71,7 +71,8 @@ _PEER_REPLY = re.compile(r"peer:[0-9a-f]{8,64}")
 _POLL_MS = 100
 _MAX_ROUTE = 64
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
-_BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
+_BAN_S = 10.0
+_ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one  # after a send times out, sends to that endpoint fail at once for this long
 _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
@@ -165,6 +166,8 @@ class StageWorker:
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
+        self._active: dict[str, float] = {}  # requests that ran a step here lately -> when (see _await_stragglers)
+        self._last_forward_s = 0.0
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
         self.pool = self.stage.cache_pool(config.max_requests, config.max_cache_bytes) if self.stage.arch.uses_kv_cache else None
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes,
@@ -395,7 +398,7 @@ class StageWorker:
         backlog: deque[_Work] = deque()  # taken off the queue, not run yet (arrival order)
         try:
             while not self.stop_event.is_set():
-                if not self._fill_backlog(backlog):
+                if not self._fill_backlog(backlog) or not self._await_stragglers(backlog):
                     break
                 if backlog:
                     self._run_round(backlog, peers)
@@ -417,6 +420,36 @@ class StageWorker:
             backlog.append(item)
         return True
 
+    def _await_stragglers(self, backlog: deque) -> bool:
+        """Wait briefly for the steps of requests that are mid-generation here but not queued yet.
+
+        Requests desynchronise: while one batch computes, the clients of the previous one send
+        their next steps, and without waiting the stage would alternate between two half-size
+        batches forever (on a memory-bound device, each costing about a full one). So when fewer
+        requests are queued than were active in the last second, wait up to ``batch_wait_ms``
+        and at most the last forward's time, until they are all queued. False when stopping."""
+        now = time.monotonic()
+        for key, t in list(self._active.items()):
+            if now - t > _ACTIVE_S:
+                del self._active[key]
+        if not backlog or len(self._active) <= 1 or self.batch_limits.max_batch_size == 1:
+            return True
+        deadline = now + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+        while True:
+            queued = {cache_key(w.origin, w.msg.req) for w in backlog if w.msg.kind == "forward"}
+            if len(queued) >= min(len(self._active), self.batch_limits.max_batch_size) or not self._active.keys() - queued:
+                return True
+            left = deadline - time.monotonic()
+            if left <= 0 or len(backlog) >= self.config.queue_depth:
+                return True
+            try:
+                item = self.work.get(timeout=left)
+            except queue.Empty:
+                return True
+            if item is None:
+                return False
+            backlog.append(item)
+
     def _run_round(self, backlog: deque, peers: dict) -> None:
         """Run what is runnable now: pending releases, then one batched forward (the oldest
         step and every other request's step that stacks with it); the rest waits in ``backlog``."""
@@ -424,6 +457,7 @@ class StageWorker:
                                      is_release=lambda w: w.msg.kind == "release", max_members=self.batch_limits.max_batch_size)
         for item in releases:
             self.caches.drop(cache_key(item.origin, item.msg.req))
+            self._active.pop(cache_key(item.origin, item.msg.req), None)
         members = []
         for item in taken:
             try:
@@ -501,6 +535,12 @@ class StageWorker:
                 self._run_group([m], peers)
             return
         compute_ms = (time.perf_counter() - t1) * 1e3
+        self._last_forward_s = compute_ms / 1e3
+        if cached:
+            now = time.monotonic()
+            for m in group:
+                if not m.work.msg.meta.get("final"):
+                    self._active[m.cache_key] = now
         self.stats["busy_s"] += compute_ms / 1e3
         self.stats["batches"] += 1
         self.stats["batched_requests"] += len(group)

@@ -1,0 +1,127 @@
+"""What a user would run instead of splitnet: the whole model in transformers, on the same device.
+
+- ``eager``: ``AutoModelForCausalLM`` with its ``DynamicCache``, a greedy loop (one forward a token);
+- ``compiled``: ``generate`` with a static cache and ``torch.compile(mode="reduce-overhead")``
+  (CUDA graphs), as transformers' docs recommend for fast decoding.
+
+Each reports time to first token, ms per decoded token for one sequence, and tokens/s for a
+batch of equal-length prompts; the eager run also gives the reference greedy tokens.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def load(model_dir: Path, device: str, dtype: str):
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    return model
+
+
+def greedy_eager(model, prompts: list[list[int]], n_new: int, device: str) -> tuple[list[list[int]], float, float]:
+    """(tokens per prompt, ttft_ms, decode ms per step) for prompts of one length, as one batch."""
+    import torch
+    from transformers import DynamicCache
+
+    ids = torch.tensor(prompts, device=device)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        tok = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+        _sync(device)
+        t1 = time.perf_counter()
+        out = [tok]
+        for _ in range(n_new - 1):
+            tok = model(input_ids=tok, cache=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+            out.append(tok)
+        _sync(device)
+        t2 = time.perf_counter()
+    tokens = torch.cat(out, 1).tolist()
+    return tokens, (t1 - t0) * 1e3, (t2 - t1) * 1e3 / max(1, n_new - 1)
+
+
+def generate_compiled(model, prompts: list[list[int]], n_new: int, device: str) -> tuple[list[list[int]], float]:
+    """(tokens, wall ms) of ``generate`` with a static cache, compiled with CUDA graphs."""
+    import torch
+    from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import CompileConfig
+
+    ids = torch.tensor(prompts, device=device)
+    gc = GenerationConfig(max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False, cache_implementation="static",
+                          compile_config=CompileConfig(mode="reduce-overhead", fullgraph=True), pad_token_id=0)
+    with torch.no_grad():
+        _sync(device)
+        t0 = time.perf_counter()
+        out = model.generate(ids, generation_config=gc)
+        _sync(device)
+    return out[:, ids.shape[1]:].tolist(), (time.perf_counter() - t0) * 1e3
+
+
+def measure(model_dir: Path, device: str, dtype: str, prompt: list[int], batch_prompts: list[list[int]], n_new: int, repeats: int,
+            kinds: list[str]) -> dict:
+    """Every baseline in ``kinds`` ("eager", "compiled") on ``prompt`` alone and on ``batch_prompts``."""
+    import torch
+
+    model = load(model_dir, device, dtype)
+    doc: dict = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
+    try:
+        if "eager" in kinds:
+            runs = [greedy_eager(model, [prompt], n_new, device) for _ in range(repeats + 1)][1:]
+            doc["eager"] = {"ttft_ms": round(statistics.median(r[1] for r in runs), 2),
+                            "ms_per_token": round(statistics.median(r[2] for r in runs), 3)}
+            doc["reference_tokens"] = runs[0][0][0]
+            batch = [greedy_eager(model, batch_prompts, n_new, device) for _ in range(2)][1]
+            doc["eager"][f"batch_{len(batch_prompts)}_tokens_per_s"] = round(len(batch_prompts) * 1e3 / batch[2], 1)
+            doc["eager"]["batch"] = len(batch_prompts)
+            doc["reference_batch_tokens"] = batch[0]
+        if "compiled" in kinds:
+            res: dict = {"batch": len(batch_prompts)}
+            for label, ps in (("one", [prompt]), ("batch", batch_prompts)):
+                generate_compiled(model, ps, n_new, device)  # compile and capture the graphs
+                generate_compiled(model, ps, n_new, device)
+                full = statistics.median(generate_compiled(model, ps, n_new, device)[1] for _ in range(repeats))
+                first = statistics.median(generate_compiled(model, ps, 1, device)[1] for _ in range(repeats))
+                per_step = (full - first) / max(1, n_new - 1)
+                if label == "one":
+                    res.update(ttft_ms=round(first, 2), ms_per_token=round(per_step, 3))
+                    res["tokens"] = generate_compiled(model, ps, n_new, device)[0][0]
+                else:
+                    res[f"batch_{len(ps)}_tokens_per_s"] = round(len(ps) * 1e3 / per_step, 1)
+            doc["compiled"] = res
+    finally:
+        del model
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return doc
+
+
+def device_bandwidth_gb_s(device: str, threads: int, nbytes: int = 1 << 30) -> float:
+    """Memory bandwidth as a large device-to-device copy moves it (bytes read + written per second)."""
+    import torch
+
+    if not device.startswith("cuda"):
+        torch.set_num_threads(max(1, threads))
+        nbytes = min(nbytes, 256 << 20)
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    times = []
+    for _ in range(6):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / min(times[1:]) / 1e9

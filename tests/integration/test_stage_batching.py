@@ -1,0 +1,166 @@
+"""Continuous batching in the stage worker (splitnet.runtime.worker + runtime.batching).
+
+A worker is built in this process and fed rounds of work directly (so which requests share a
+forward is known, not left to timing); its results come back over a real socket. Then real stage
+processes: concurrent clients are batched and get the tokens they get alone."""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+import pytest
+import torch
+import zmq
+
+import splitnet
+from splitnet.edge.config import ClientConfig
+from splitnet.errors import LimitExceeded
+from splitnet.model import load_model
+from splitnet.runtime.batching import BatchLimits, Member, pick_group, take_round
+from splitnet.runtime.config import StageWorkerConfig
+from splitnet.runtime.launcher import launch_pipeline
+from splitnet.runtime.worker import StageWorker, _Work
+from splitnet.wire import Message, SocketConfig, decode_message, make_socket
+
+pytestmark = pytest.mark.timeout(180)
+
+
+class _Bench:
+    """A worker of tiny-llama (whole model) run by hand, its results read from a ROUTER here."""
+
+    def __init__(self, **config):
+        self.worker = StageWorker(StageWorkerConfig(model="tiny-llama", start_block=0, end_block=load_model("tiny-llama").num_blocks, **config))
+        self.ctx = zmq.Context.instance()
+        self.inbox = make_socket(self.ctx, zmq.ROUTER, SocketConfig(), server=True)
+        self.reply_to = f"tcp://127.0.0.1:{self.inbox.bind_to_random_port('tcp://127.0.0.1')}"
+        self.peers: dict = {}
+        self.backlog: deque = deque()
+
+    def put(self, req: str, seq: int, ids: list[int], pos: int) -> None:
+        meta = {"cache": True, "pos": pos, "reply_to": self.reply_to, "head": "logits"}
+        msg = Message(kind="forward", req=req, seq=seq, tensors={"input_ids": np.asarray([ids], dtype=np.int64)}, meta=meta)
+        self.backlog.append(_Work(msg, 0, 0.0))
+
+    def release(self, req: str) -> None:
+        self.backlog.append(_Work(Message(kind="release", req=req), 0, 0.0))
+
+    def round(self) -> None:
+        self.worker._run_round(self.backlog, self.peers)
+
+    def replies(self, n: int) -> dict[tuple[str, int], Message]:
+        out = {}
+        for _ in range(n):
+            assert self.inbox.poll(10_000), "no reply within 10 s"
+            msg = decode_message(self.inbox.recv_multipart()[1:])
+            out[(msg.req, msg.seq)] = msg
+        return out
+
+    def close(self) -> None:
+        for s in self.peers.values():
+            s.close(linger=0)
+        self.inbox.close(linger=0)
+
+
+@pytest.fixture
+def bench():
+    b = _Bench()
+    yield b
+    b.close()
+
+
+def _alone(prompt: list[int], step: int) -> torch.Tensor:
+    full = load_model("tiny-llama").full()
+    return full({"input_ids": torch.tensor([prompt + [step]])}, full.new_cache())["logits"][0]
+
+
+def test_a_batch_member_failing_alone_and_the_others_unchanged(bench):
+    prompts = {"a": [1, 2, 3, 4, 5], "b": [9, 8, 7], "c": [4, 4, 4, 4, 4, 4, 4]}
+    for req, ids in prompts.items():
+        bench.put(req, 0, ids, 0)
+    for _ in prompts:  # prefills differ in length: one per round
+        bench.round()
+    bench.replies(3)
+    bench.put("a", 1, [11], 5)
+    bench.put("b", 1, [10**6], 3)  # outside the vocabulary: fails inside the batched forward
+    bench.put("c", 1, [13], 7)
+    bench.round()
+    got = bench.replies(3)
+    assert got[("b", 1)].kind == "error" and "outside the vocabulary" in got[("b", 1)].meta["msg"]
+    for req, step in (("a", 11), ("c", 13)):
+        msg = got[(req, 1)]
+        assert msg.kind == "result", msg.meta
+        assert (torch.from_numpy(np.array(msg.tensors["logits"][0])) - _alone(prompts[req], step)).abs().max() <= 1e-4
+    assert bench.worker.stats["max_batch"] == 1  # the failed batch of 3 was retried one by one
+    bench.put("a", 2, [12], 6)
+    bench.put("c", 2, [14], 8)
+    bench.round()
+    got = bench.replies(2)
+    assert all(m.meta["trace"][0]["batch"] == 2 for m in got.values())
+    assert bench.worker.stats["max_batch"] == 2
+
+
+def test_one_step_per_request_per_round_in_arrival_order(bench):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    bench.put("x", 0, prompt[:4], 0)
+    bench.put("x", 1, prompt[4:], 4)  # the next chunk of the same request waits a round
+    bench.put("y", 0, [7, 7, 7, 7], 0)
+    bench.round()
+    first = bench.replies(2)
+    assert set(first) == {("x", 0), ("y", 0)} and first[("x", 0)].meta["trace"][0]["batch"] == 2
+    bench.round()
+    second = bench.replies(1)
+    full = load_model("tiny-llama").full()
+    expected = full({"input_ids": torch.tensor([prompt])}, full.new_cache())["logits"][0]
+    assert (torch.from_numpy(np.array(second[("x", 1)].tensors["logits"][0])) - expected).abs().max() <= 1e-4
+
+
+def test_back_pressure_is_a_typed_limit_error():
+    b = _Bench(max_requests=2)
+    try:
+        for req in ("p", "q", "r"):
+            b.put(req, 0, [1, 2, 3], 0)
+        b.round()
+        got = b.replies(3)
+        assert got[("r", 0)].kind == "error" and got[("r", 0)].meta["code"] == LimitExceeded.code
+        assert "limit is 2" in got[("r", 0)].meta["msg"]
+        assert got[("p", 0)].kind == got[("q", 0)].kind == "result"
+        b.release("p")
+        b.put("r", 1, [1, 2, 3], 0)  # a freed slot serves the next request
+        b.round()
+        assert b.replies(1)[("r", 1)].kind == "result"
+    finally:
+        b.close()
+
+
+def test_take_round_and_pick_group_rules():
+    items = deque([("a", "fwd"), ("a", "fwd2"), ("b", "rel"), ("c", "fwd"), ("b", "fwd"), ("d", "fwd")])
+    releases, taken = take_round(items, key_of=lambda w: w[0], is_release=lambda w: w[1] == "rel", max_members=2)
+    assert releases == [("b", "rel")] and taken == [("a", "fwd"), ("c", "fwd")]
+    assert list(items) == [("a", "fwd2"), ("b", "fwd"), ("d", "fwd")]
+    members = [Member(i, {}, None, str(i), sig, tok) for i, (sig, tok) in enumerate([("s", 3), ("t", 1), ("s", 2), ("s", 4)])]
+    group, rest = pick_group(members, BatchLimits(max_batch_size=8, max_batch_tokens=6))
+    assert [m.work for m in group] == [0, 2] and [m.work for m in rest] == [1, 3]
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_tokens(kill_leftovers):
+    prompts = [[int(x) for x in np.random.default_rng(i).integers(0, 250, 6 + i)] for i in range(6)]
+    with launch_pipeline("tiny-llama", [1]) as pipe:
+        with splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=60)) as s:
+            alone = [s.generate(p, 12).tokens for p in prompts]
+            together = s.generate_many(prompts, 12)
+        got: dict[int, list[int]] = {}
+        sessions = [splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=60)) for _ in prompts]
+        threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, sessions[i].generate(prompts[i], 12).tokens)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        for s in sessions:
+            s.close()
+        with splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=60)) as s:
+            stats = [info["stats"] for info in s._handshake()]
+    assert together == alone
+    assert [got[i] for i in range(len(prompts))] == alone
+    assert all(st["max_batch"] > 1 for st in stats), stats
