@@ -93,7 +93,17 @@ def _clients(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tupl
     if errors:
         raise errors[0]
     per_tok = [(r.latency_ms - r.ttft_ms) / max(1, n_new - 1) for r in results]
-    return [list(r.tokens) for r in results], wall, per_tok
+    return [list(r.tokens) for r in results], wall, per_tok, _stage_step_ms(results[0])
+
+
+def _stage_step_ms(result) -> dict:
+    """Per stage, mean ms per decode step of one generation (queue, decode, compute, encode) as
+    the stages' traces report them."""
+    out = {}
+    for stage, acc in sorted(result.stats.get("decode_stage_ms", {}).items()):
+        n = max(1, acc["steps"])
+        out[str(stage)] = {k: round(acc[k] / n, 3) for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms")}
+    return out
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -147,6 +157,7 @@ def run(args: argparse.Namespace) -> dict:
                 ttft, per_tok, wire = [], [], []
                 for _ in range(args.repeats):
                     r = s.generate(prompt, args.new_tokens)
+                    step_ms = _stage_step_ms(r)
                     ttft.append(r.ttft_ms)
                     per_tok.append((r.latency_ms - r.ttft_ms) / max(1, args.new_tokens - 1))
                     wire.append(r.stats["prefill"]["wire_bytes"])
@@ -156,26 +167,30 @@ def run(args: argparse.Namespace) -> dict:
                 "ttft_ms": round(statistics.median(ttft), 2),
                 "decode_ms_per_token": round(statistics.median(per_tok), 3),
                 "prefill_wire_bytes": int(statistics.median(wire)),
+                "stage_step_ms": step_ms,
             })
         for n in concurrency:
             _clients(pipe.endpoints, decode_prompts[:n], 4)  # warm-up: these batch shapes
             before = _stage_stats(pipe.endpoints)
-            tokens, wall, per_tok = _clients(pipe.endpoints, decode_prompts[:n], args.new_tokens)
+            tokens, wall, per_tok, step_ms = _clients(pipe.endpoints, decode_prompts[:n], args.new_tokens)
             after = _stage_stats(pipe.endpoints)
             busy = [round((a["busy_s"] - b["busy_s"]) / wall, 3) for a, b in zip(after, before)]
             batch = [round((a["batched_requests"] - b["batched_requests"]) / max(1, a["batches"] - b["batches"]), 2) for a, b in zip(after, before)]
             checked = [tokens[i] == ref_decode[i] for i in range(min(n, len(ref_decode)))]
+            diverge = [hf_baselines.first_divergence(tokens[i], ref_decode[i]) for i in range(min(n, len(ref_decode)))]
             results["decode"].append({
                 "clients": n, "tokens": sum(len(t) for t in tokens), "seconds": round(wall, 3),
                 "tokens_per_s": round(sum(len(t) for t in tokens) / wall, 1),
                 "ms_per_token_median": round(statistics.median(per_tok), 3),
-                "stage_busy_fraction": busy, "stage_mean_batch": batch,
-                "tokens_checked": len(checked), "tokens_identical": sum(checked),
+                "stage_busy_fraction": busy, "stage_mean_batch": batch, "stage_step_ms_client_0": step_ms,
+                "tokens_checked": len(checked), "tokens_identical": sum(checked), "first_divergence": diverge,
             })
     return _document(args, model_dir, pipe, base, bandwidth, weight_bytes, results, first_tokens)
 
 
 def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes: int, results: dict, first_tokens) -> dict:
+    from splitnet.bench import hf_baselines
+
     S = args.stages
     whole = next(p for p in results["prefill"] if p["chunk_tokens"] == args.prompt_tokens)
     best = min(results["prefill"], key=lambda p: p["ttft_ms"])
@@ -201,6 +216,9 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
     }
     if "reference_tokens" in base:
         summary["tokens_identical_1_seq"] = first_tokens == base["reference_tokens"]
+        summary["first_divergence_1_seq"] = hf_baselines.first_divergence(first_tokens or [], base["reference_tokens"])
+        if "compiled" in base:  # the noise floor: transformers' own compiled run against its eager one
+            summary["transformers_compiled_first_divergence"] = base["compiled"]["first_divergence_from_eager"]
         summary["tokens_identical_decode"] = f"{sum(d['tokens_identical'] for d in results['decode'])}/{sum(d['tokens_checked'] for d in results['decode'])}"
     for kind in ("eager", "compiled"):
         if kind in base:

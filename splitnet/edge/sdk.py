@@ -568,6 +568,8 @@ class Session:
                 else:
                     stats["decode_wire_bytes"] += self._stats(msg, sent, received, 0)["wire_bytes"]
                 stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
+                if out:
+                    _add_stage_times(stats, msg)
                 if proposals:
                     # position j of the reply is the pipeline's choice after pending + proposals[:j]
                     n_ok = 0
@@ -734,6 +736,19 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _add_stage_times(stats: dict, msg: Message) -> None:
+    """Sum, per stage, the times a decode step's trace reports (``stats["decode_stage_ms"]``)."""
+    per = stats.setdefault("decode_stage_ms", {})
+    for t in msg.meta.get("trace", []):
+        if not isinstance(t, dict) or not isinstance(t.get("stage"), int):
+            continue
+        acc = per.setdefault(t["stage"], {"steps": 0, "queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.0, "encode_ms": 0.0})
+        acc["steps"] += 1
+        for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms"):
+            if isinstance(t.get(k), (int, float)):
+                acc[k] += float(t[k])
 
 
 def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | None = None, timeout_s: float | None = None, **kwargs: Any) -> Session:

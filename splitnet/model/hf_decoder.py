@@ -244,11 +244,14 @@ class HFDecoderStage(Stage):
         return SlotPool(max_slots=max_requests, max_positions=getattr(self.arch.hf, "max_position_embeddings", None), max_bytes=max_bytes)
 
     def _batch_masks(self, view: BatchCacheView, device: torch.device, dtype: torch.dtype):
-        """Per-member causal (and sliding-window) masks over the members' slot rows, in the form
-        the family's forward takes: (B, 1, T, read_len), bool for SDPA, additive for eager."""
+        """Per-member causal (and sliding-window) masks over the members' slot rows."""
         pos = view.positions(device).unsqueeze(-1)  # (B, T, 1) absolute position of each query
         kv = torch.arange(view.read_len, device=device).view(1, 1, -1)  # (1, 1, read_len)
-        causal = kv <= pos
+        return self._masks_from(kv <= pos, kv, pos, device, dtype)
+
+    def _masks_from(self, causal: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor, device: torch.device, dtype: torch.dtype):
+        """The masks in the form the family's forward takes: (B, 1, T, read_len), bool for SDPA,
+        additive for eager; a dict by layer type where the family has layer types."""
         cfg, fam = self.stage_config, self.arch.family
 
         def finish(allowed: torch.Tensor) -> torch.Tensor:
@@ -267,6 +270,12 @@ class HFDecoderStage(Stage):
             return {t: finish(windowed(cfg.sliding_window if t == "sliding_attention" else None)) for t in types}
         window = getattr(cfg, fam.sliding_window_key, None) if fam.sliding_window_key else None
         return finish(windowed(window))
+
+    def enable_cuda_graphs(self, pool: SlotPool, max_batch: int) -> None:
+        """Replay captured CUDA graphs for decode steps (one new token per member) over ``pool``."""
+        from splitnet.model.cuda_graphs import DecodeGraphs
+
+        self.__dict__["_graphs"] = DecodeGraphs(self, pool, max_batch)
 
     @torch.no_grad()
     def forward_batch(self, inputs: list[Mapping[str, torch.Tensor]], caches: list[SlotCache] | None, *, all_logits: bool = False) -> list[dict[str, torch.Tensor]]:
@@ -293,6 +302,11 @@ class HFDecoderStage(Stage):
             raise StageError(f"sequence of {longest} tokens exceeds max_position_embeddings={limit} of this model")
         x = torch.cat(parts, dim=0)  # (B, T) ids or (B, T, C) hidden
         device = x.device
+        graphs = self.__dict__.get("_graphs")
+        if graphs is not None and x.is_cuda and graphs.pool is pool and graphs.supports(caches, T, all_logits):
+            y = graphs.run(x, caches)  # (B, vocab) logits or (B, 1, C) hidden
+            key = "logits" if self.head is not None else "hidden"
+            return [{key: y[b : b + 1]} for b in range(len(inputs))]
         view = pool.view(caches, T)
         param = next(self.parameters())
         kwargs: dict[str, Any] = {"input_ids": x} if self.embed is not None else {"inputs_embeds": x}

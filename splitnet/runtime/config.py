@@ -39,6 +39,7 @@ class StageWorkerConfig:
         max_batch_tokens: most new tokens one forward combines over its requests.
         batch_wait_ms: how long a stage may wait for the next steps of requests it served in the
             last second before running a smaller batch (never longer than its last forward).
+        cuda_graphs: on CUDA, replay captured graphs for decode steps (one per batch and length bucket).
         cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
             default to their number.
     """
@@ -65,6 +66,7 @@ class StageWorkerConfig:
     max_batch_size: int = 64
     max_batch_tokens: int = 4096
     batch_wait_ms: float = 5.0
+    cuda_graphs: bool = True
     cpus: tuple[int, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:

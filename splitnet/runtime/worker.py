@@ -172,6 +172,8 @@ class StageWorker:
         self.pool = self.stage.cache_pool(config.max_requests, config.max_cache_bytes) if self.stage.arch.uses_kv_cache else None
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes,
                                   new_cache=self.pool.acquire if self.pool is not None else getattr(self.stage, "new_cache", KVCache))
+        if self.pool is not None and self.device.type == "cuda" and config.cuda_graphs and hasattr(self.stage, "enable_cuda_graphs"):
+            self.stage.enable_cuda_graphs(self.pool, config.max_batch_size)
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
@@ -524,6 +526,8 @@ class StageWorker:
         t1 = time.perf_counter()
         try:
             outputs = self._forward_members(group, cached, all_logits)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # busy time is the GPU's, not the launches'
         except Exception as e:
             if len(group) == 1:
                 self._fail(peers, group[0].work, e)
