@@ -89,6 +89,7 @@ class DecodeGraphs:
         self.pool._ensure(rows=self.pool.rows, positions=Lb)
         if (self.pool.rows, self.pool.capacity) != self._pool_shape:
             self.graphs.clear()  # the pool's tensors moved
+            self._mempool = torch.cuda.graph_pool_handle()  # a freed graph pool must not be captured into again
             self._pool_shape = (self.pool.rows, self.pool.capacity)
         g = self.graphs.get((Bb, Lb))
         if g is None:

@@ -65,12 +65,16 @@ def test_graphs_survive_pool_growth_and_long_sequences(tmp_path_factory):
     st.enable_cuda_graphs(pool, 16)
     prompt = torch.randint(0, 97, (1, 3), generator=torch.Generator().manual_seed(4)).cuda()
     a, b = pool.acquire(), ref_pool.acquire()
+    st.forward_batch([{"input_ids": torch.tensor([[1]], device="cuda")}], [pool.acquire()])  # a graph before the first growth
     ta = tb = int(st.forward_batch([{"input_ids": prompt}], [a])[0]["logits"].argmax())
     ref.forward_batch([{"input_ids": prompt}], [b])
     for _ in range(120):  # up to 123 positions: the length bucket and the pool's capacity grow
         ta = int(st.forward_batch([{"input_ids": torch.tensor([[ta]], device="cuda")}], [a])[0]["logits"].argmax())
         tb = int(ref.forward_batch([{"input_ids": torch.tensor([[tb]], device="cuda")}], [b])[0]["logits"].argmax())
         assert ta == tb
+    import gc
+
+    gc.collect()  # graphs dropped at a growth are freed before the next capture (their memory pool too)
     more = [pool.acquire() for _ in range(6)]  # more slots: the pool's rows grow, graphs are recaptured
     x = [{"input_ids": torch.tensor([[1]], device="cuda")} for _ in more]
     st.forward_batch(x, more)
