@@ -98,6 +98,9 @@ def measure(model_dir: Path, device: str, dtype: str, prompt: list[int], batch_p
             doc["eager"] = {"ttft_ms": round(statistics.median(r[1] for r in runs), 2),
                             "ms_per_token": round(statistics.median(r[2] for r in runs), 3)}
             doc["reference_tokens"] = runs[0][0][0]
+            with torch.no_grad():  # teacher-forced: transformers' greedy choice at every position of prompt + its tokens
+                seq = torch.tensor([prompt + doc["reference_tokens"]], device=device)
+                doc["reference_teacher_argmax"] = model(input_ids=seq).logits[0].argmax(-1).tolist()
             batch = [greedy_eager(model, batch_prompts, n_new, device) for _ in range(2)][1]
             doc["eager"][f"batch_{len(batch_prompts)}_tokens_per_s"] = round(len(batch_prompts) * 1e3 / batch[2], 1)
             doc["eager"]["batch"] = len(batch_prompts)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import threading
 import time
 
 
@@ -61,46 +60,67 @@ def _stage_stats(endpoints: list[str]) -> list[dict]:
     return out
 
 
-def _clients(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float]]:
-    """Run one client per prompt at once (each its own session); (tokens, wall s, ms/token each)."""
+def _teacher_forced_argmax(endpoints: list[str], ids: list[int]) -> list[int]:
+    """The pipeline's greedy choice at every position of ``ids`` (one pass, no cache)."""
+    import numpy as np
+
     import splitnet
     from splitnet.edge.config import ClientConfig
 
-    results: list = [None] * len(prompts)
-    errors: list[BaseException] = []
-    sessions = [splitnet.connect(endpoints, config=ClientConfig(timeout_s=600)) for _ in prompts]
-    start = threading.Barrier(len(prompts) + 1)
+    with splitnet.connect(endpoints, config=ClientConfig(timeout_s=600)) as s:
+        s._send_forward("teacher", 0, {"input_ids": np.asarray([ids], dtype=np.int64)}, {"cache": False, "all_logits": True, "head": "argmax"})
+        _, msg = s._wait_any({("teacher", 0)})
+    return [int(x) for x in np.asarray(msg.tensors["argmax"]).reshape(-1)]
 
-    def work(i: int) -> None:
-        try:
-            start.wait(timeout=60)
-            results[i] = sessions[i].generate(prompts[i], n_new)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            errors.append(e)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+def _client_process(endpoints: list[str], prompt: list[int], n_new: int, start, results, index: int) -> None:
+    """One client: its own process and session, one generation once every client is connected."""
+    import splitnet
+    from splitnet.edge.config import ClientConfig
+
     try:
-        for t in threads:
-            t.start()
-        start.wait(timeout=60)
+        with splitnet.connect(endpoints, config=ClientConfig(timeout_s=600)) as s:
+            start.wait(timeout=120)
+            r = s.generate(prompt, n_new)
+        results.put((index, list(r.tokens), r.latency_ms, r.ttft_ms, r.stats.get("decode_stage_ms", {}), None))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        results.put((index, None, 0.0, 0.0, {}, f"{type(e).__name__}: {e}"))
+
+
+def _clients(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float], dict]:
+    """Run one client process per prompt at once (so the clients' Python is not what limits the
+    stages); (tokens, wall s, ms/token each, client 0's per-stage step times)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(len(prompts) + 1)
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_client_process, args=(endpoints, p, n_new, start, results, i), daemon=True) for i, p in enumerate(prompts)]
+    for p in procs:
+        p.start()
+    try:
+        start.wait(timeout=180)
         t0 = time.perf_counter()
-        for t in threads:
-            t.join(timeout=900)
+        got = [results.get(timeout=900) for _ in procs]
         wall = time.perf_counter() - t0
     finally:
-        for s in sessions:
-            s.close()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    got.sort(key=lambda g: g[0])
+    errors = [g[5] for g in got if g[5]]
     if errors:
-        raise errors[0]
-    per_tok = [(r.latency_ms - r.ttft_ms) / max(1, n_new - 1) for r in results]
-    return [list(r.tokens) for r in results], wall, per_tok, _stage_step_ms(results[0])
+        raise RuntimeError(f"{len(errors)} of {len(prompts)} clients failed; first: {errors[0]}")
+    per_tok = [(g[2] - g[3]) / max(1, n_new - 1) for g in got]
+    return [g[1] for g in got], wall, per_tok, _stage_step_ms(got[0][4])
 
 
-def _stage_step_ms(result) -> dict:
+def _stage_step_ms(per_stage: dict) -> dict:
     """Per stage, mean ms per decode step of one generation (queue, decode, compute, encode) as
-    the stages' traces report them."""
+    the stages' traces report them (``stats["decode_stage_ms"]``)."""
     out = {}
-    for stage, acc in sorted(result.stats.get("decode_stage_ms", {}).items()):
+    for stage, acc in sorted(per_stage.items()):
         n = max(1, acc["steps"])
         out[str(stage)] = {k: round(acc[k] / n, 3) for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms")}
     return out
@@ -157,7 +177,7 @@ def run(args: argparse.Namespace) -> dict:
                 ttft, per_tok, wire = [], [], []
                 for _ in range(args.repeats):
                     r = s.generate(prompt, args.new_tokens)
-                    step_ms = _stage_step_ms(r)
+                    step_ms = _stage_step_ms(r.stats.get("decode_stage_ms", {}))
                     ttft.append(r.ttft_ms)
                     per_tok.append((r.latency_ms - r.ttft_ms) / max(1, args.new_tokens - 1))
                     wire.append(r.stats["prefill"]["wire_bytes"])
@@ -169,6 +189,7 @@ def run(args: argparse.Namespace) -> dict:
                 "prefill_wire_bytes": int(statistics.median(wire)),
                 "stage_step_ms": step_ms,
             })
+        teacher = _teacher_forced_argmax(pipe.endpoints, prompt + base["reference_tokens"]) if "reference_tokens" in base else None
         for n in concurrency:
             _clients(pipe.endpoints, decode_prompts[:n], 4)  # warm-up: these batch shapes
             before = _stage_stats(pipe.endpoints)
@@ -185,6 +206,10 @@ def run(args: argparse.Namespace) -> dict:
                 "stage_busy_fraction": busy, "stage_mean_batch": batch, "stage_step_ms_client_0": step_ms,
                 "tokens_checked": len(checked), "tokens_identical": sum(checked), "first_divergence": diverge,
             })
+    if teacher is not None:
+        ref = base["reference_teacher_argmax"]
+        results["teacher_forced"] = {"positions": len(ref), "argmax_agreement": round(sum(a == b for a, b in zip(teacher, ref)) / len(ref), 4),
+                                     "decode_positions_agreement": round(sum(a == b for a, b in zip(teacher[len(prompt) - 1:], ref[len(prompt) - 1:])) / max(1, len(ref) - len(prompt) + 1), 4)}
     return _document(args, model_dir, pipe, base, bandwidth, weight_bytes, results, first_tokens)
 
 
@@ -214,6 +239,8 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
         "decode_concurrency_ratio": round(top["tokens_per_s"] / one["tokens_per_s"], 3) if one else None,
         "decode_concurrency_ratio_over_ideal": round(top["tokens_per_s"] / one["tokens_per_s"] / min(top["clients"], S if S > 1 else top["clients"]), 3) if one else None,
     }
+    if "teacher_forced" in results:
+        summary["teacher_forced_argmax_agreement"] = results["teacher_forced"]["argmax_agreement"]
     if "reference_tokens" in base:
         summary["tokens_identical_1_seq"] = first_tokens == base["reference_tokens"]
         summary["first_divergence_1_seq"] = hf_baselines.first_divergence(first_tokens or [], base["reference_tokens"])
@@ -233,7 +260,7 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
         "stages": [{"index": st.index, "blocks": list(st.blocks), "pid": st.pid} for st in pipe.stages],
         "device_copy_bandwidth_gb_s": round(bandwidth, 1),
         "weight_bytes": weight_bytes,
-        "baselines": {k: v for k, v in base.items() if k not in ("reference_tokens", "reference_batch_tokens")},
+        "baselines": {k: v for k, v in base.items() if k not in ("reference_tokens", "reference_batch_tokens", "reference_teacher_argmax")},
         **results,
         "summary": summary,
     }

@@ -36,7 +36,7 @@ class SlotPool:
         self.keys: dict[int, torch.Tensor] = {}  # layer -> (rows, H, capacity, D)
         self.values: dict[int, torch.Tensor] = {}
         self._free = list(range(self.max_slots))  # a min-heap: low slots first keeps active rows consecutive
-        self._lengths: dict[int, int] = {}  # slot -> positions written by its request
+        self._bpp: int | None = None  # bytes_per_position, known once the layers are allocated
 
     # ---------------------------------------------------------------- slots ----------------
     def acquire(self) -> "SlotCache":
@@ -65,10 +65,9 @@ class SlotPool:
 
     def bytes_per_position(self) -> int:
         """Bytes one position of one request takes over all layers written so far."""
-        total = 0
-        for t in list(self.keys.values()) + list(self.values.values()):
-            total += t.shape[1] * t.shape[3] * t.element_size()
-        return total
+        if self._bpp is None:
+            self._bpp = sum(t.shape[1] * t.shape[3] * t.element_size() for t in (*self.keys.values(), *self.values.values()))
+        return self._bpp
 
     # ---------------------------------------------------------------- storage --------------
     def _ensure(self, rows: int, positions: int) -> None:
@@ -96,6 +95,7 @@ class SlotPool:
     def layer(self, layer: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The (keys, values) storage of ``layer``, allocated on first use from a (B, H, T, D) tensor."""
         if layer not in self.keys:
+            self._bpp = None
             shape = (self.rows, like.shape[1], self.capacity, like.shape[3])
             self.keys[layer] = like.new_zeros(shape)
             self.values[layer] = like.new_zeros(shape)

@@ -509,7 +509,8 @@ class StageWorker:
                 raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
         first = next(iter(inputs.values()), None)
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
-        options = (bool(meta.get("all_logits")),)
+        # members of one forward also share what leaves it: last stage or not, and the head reduction
+        options = (bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"))
         return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens)
 
     def _run_group(self, group: list[Member], peers: dict) -> None:
@@ -549,6 +550,12 @@ class StageWorker:
         self.stats["batches"] += 1
         self.stats["batched_requests"] += len(group)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
+        try:
+            outputs = self._to_host(group, outputs)
+        except Exception as e:
+            for m in group:
+                self._fail(peers, m.work, e)
+            return
         for m, out in zip(group, outputs):
             try:
                 self._finish(m, out, compute_ms, len(group), peers)
@@ -563,15 +570,25 @@ class StageWorker:
             return self.stage.forward_batch(inputs, [m.cache for m in group], all_logits=all_logits)
         return [self.stage(x, m.cache, all_logits=all_logits) for x, m in zip(inputs, group)]  # a stage without a pool
 
+    def _to_host(self, group: list[Member], outputs: list[dict]) -> list[dict]:
+        """The members' outputs in host memory, reduced as their head asks (argmax, top-k) on the
+        device for the whole batch at once, moved in one copy per tensor; float32 from the last
+        stage whatever the stage's dtype."""
+        meta = group[0].work.msg.meta  # members share route end and head (their signature)
+        last = not meta.get("route")
+        sizes = [next(iter(o.values())).shape[0] for o in outputs]
+        batched = {k: torch.cat([o[k] for o in outputs]) if len(outputs) > 1 else outputs[0][k] for k in outputs[0]}
+        if last and "logits" in batched and meta.get("head", "logits") != "logits":
+            batched = _reduce_logits(batched["logits"], meta)
+        total = sum(sizes)
+        host = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in batched.items()}
+        parts = {k: torch.split(v, sizes) if v.dim() and v.shape[0] == total else [v] * len(sizes) for k, v in host.items()}
+        return [{k: parts[k][i] for k in host} for i in range(len(sizes))]
+
     def _finish(self, m: Member, outputs: dict, compute_ms: float, batch: int, peers: dict) -> None:
-        """Send one member's outputs on: to the next stage of its route, or to its client."""
+        """Send one member's outputs (in host memory) on: to the next stage of its route, or to its client."""
         item, cache, ckey = m.work, m.cache, m.cache_key
         msg, meta = item.msg, item.msg.meta
-        last = not meta.get("route")
-        if last and "logits" in outputs and meta.get("head", "logits") != "logits":
-            outputs = _reduce_logits(outputs["logits"], meta)
-        # frames leave from host memory; the client gets float32 logits/embeddings whatever the stage dtype
-        outputs = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in outputs.items()}
         if cache is not None:
             self.caches.check_memory(ckey)
         route = list(meta.get("route") or [])
