@@ -36,6 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baselines", default="", help="transformers baselines: eager,compiled (default: eager on cpu, both on cuda; 'none' for none)")
     p.add_argument("--max-batch-size", type=int, default=64, help="stage batching limit (1: one request per forward)")
+    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="stage option: wait this long at most for active requests' next steps")
     p.add_argument("--check-sequences", type=int, default=4, help="decode sequences whose tokens are checked against transformers")
 
 
@@ -161,7 +162,7 @@ def run(args: argparse.Namespace) -> dict:
     weight_bytes = base.get("weight_bytes") or sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
     cuts = even_cuts(L, args.stages)
-    extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size)]
+    extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
     stage_cpus = disjoint_cpus(args.stages, args.cpus_per_stage) if args.cpus_per_stage else []
     results: dict = {"prefill": [], "decode": []}
     import splitnet
@@ -255,7 +256,7 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
                 summary[f"split_over_{kind}_batch_{top['clients']}"] = round(top["tokens_per_s"] / base[kind][key], 3)
     return {
         "config": {k: getattr(args, k) for k in ("model", "stages", "device", "dtype", "torch_threads", "cpus_per_stage", "prompt_tokens",
-                                                 "new_tokens", "concurrency", "decode_prompt_tokens", "repeats", "max_batch_size")},
+                                                 "new_tokens", "concurrency", "decode_prompt_tokens", "repeats", "max_batch_size", "batch_wait_ms")},
         "model_dir": str(model_dir),
         "stages": [{"index": st.index, "blocks": list(st.blocks), "pid": st.pid} for st in pipe.stages],
         "device_copy_bandwidth_gb_s": round(bandwidth, 1),

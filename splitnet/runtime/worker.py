@@ -168,6 +168,7 @@ class StageWorker:
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
         self._active: dict[str, float] = {}  # requests that ran a step here lately -> when (see _await_stragglers)
         self._last_forward_s = 0.0
+        self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
         self.pool = self.stage.cache_pool(config.max_requests, config.max_cache_bytes) if self.stage.arch.uses_kv_cache else None
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes,
@@ -423,23 +424,31 @@ class StageWorker:
         return True
 
     def _await_stragglers(self, backlog: deque) -> bool:
-        """Wait briefly for the steps of requests that are mid-generation here but not queued yet.
+        """Wait briefly for the rest of a batch before running part of it. False when stopping.
 
-        Requests desynchronise: while one batch computes, the clients of the previous one send
-        their next steps, and without waiting the stage would alternate between two half-size
-        batches forever (on a memory-bound device, each costing about a full one). So when fewer
-        requests are queued than were active in the last second, wait up to ``batch_wait_ms``
-        and at most the last forward's time, until they are all queued. False when stopping."""
+        - A later stage waits (up to ``batch_wait_ms``) until every member of the upstream batch
+          its oldest item came in is queued: the upstream stage sends a batch's outputs one
+          message each (``meta.upstream_batch`` = [batch id, members]).
+        - The first stage (inputs straight from the clients) waits, up to ``batch_wait_ms`` and
+          at most its last forward's time, for the next steps of requests that ran here in the
+          last second: while one batch computes, the clients of the previous one send their next
+          steps, and without waiting the stage would alternate between two half-size batches
+          forever (on a memory-bound device each costing about a full one).
+        Only the first stage waits for requests; stages that all did would wait for each other."""
         now = time.monotonic()
         for key, t in list(self._active.items()):
             if now - t > _ACTIVE_S:
                 del self._active[key]
-        if not backlog or len(self._active) <= 1 or self.batch_limits.max_batch_size == 1:
+        if not backlog or self.batch_limits.max_batch_size == 1:
             return True
-        deadline = now + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+        if self.stage.is_first:
+            if len(self._active) <= 1:
+                return True
+            deadline = now + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+        else:
+            deadline = now + self.config.batch_wait_ms / 1000
         while True:
-            queued = {cache_key(w.origin, w.msg.req) for w in backlog if w.msg.kind == "forward"}
-            if len(queued) >= min(len(self._active), self.batch_limits.max_batch_size) or not self._active.keys() - queued:
+            if self._batch_complete(backlog):
                 return True
             left = deadline - time.monotonic()
             if left <= 0 or len(backlog) >= self.config.queue_depth:
@@ -451,6 +460,18 @@ class StageWorker:
             if item is None:
                 return False
             backlog.append(item)
+
+    def _batch_complete(self, backlog: deque) -> bool:
+        forwards = [w for w in backlog if w.msg.kind == "forward"]
+        if not forwards:
+            return True
+        if not self.stage.is_first:
+            mark = forwards[0].msg.meta.get("upstream_batch")
+            if not (isinstance(mark, list) and len(mark) == 2 and isinstance(mark[1], int)):
+                return True
+            return sum(1 for w in forwards if w.msg.meta.get("upstream_batch") == mark) >= min(mark[1], self.batch_limits.max_batch_size)
+        queued = {cache_key(w.origin, w.msg.req) for w in forwards}
+        return len(queued) >= min(len(self._active), self.batch_limits.max_batch_size) or not self._active.keys() - queued
 
     def _run_round(self, backlog: deque, peers: dict) -> None:
         """Run what is runnable now: pending releases, then one batched forward (the oldest
@@ -548,6 +569,7 @@ class StageWorker:
                     self._active[m.cache_key] = now
         self.stats["busy_s"] += compute_ms / 1e3
         self.stats["batches"] += 1
+        self._batch_id = (self._batch_id + 1) % (1 << 31)
         self.stats["batched_requests"] += len(group)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
         try:
@@ -612,7 +634,7 @@ class StageWorker:
                 "tokens_computed": cache.tokens_computed if cache is not None else None,
             }
         )
-        next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len")}
+        next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch")}
         next_meta.update(out_meta)
         next_meta["trace"] = trace
         self.stats["forwards"] += 1
@@ -622,6 +644,7 @@ class StageWorker:
             next_meta["origin"] = item.origin  # the next stage trusts it only from a stage key it lists
         if route:
             next_meta["route"] = route[1:]
+            next_meta["upstream_batch"] = [self._batch_id, batch]  # the next stage waits for the whole batch
             route_keys = list(meta.get("route_keys") or [])
             if len(route_keys) > 1:
                 next_meta["route_keys"] = route_keys[1:]
