@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 SHAPES: dict[str, dict] = {
@@ -46,29 +43,19 @@ def shape_dir(name: str, *, device: str = "cpu", dtype: str = "bfloat16") -> Pat
     import transformers
 
     from splitnet.errors import ConfigError
-    from splitnet.model.builtin import cache_dir
+    from splitnet.model.builtin import cache_dir, write_once
 
     key = name[len(PREFIX):] if is_shape(name) else name
     if key not in SHAPES:
         raise ConfigError(f"unknown model shape {key!r}; known: {', '.join(sorted(SHAPES))}")
     config = SHAPES[key]
     digest = hashlib.sha256(json.dumps([config, dtype], sort_keys=True).encode()).hexdigest()[:10]
-    target = cache_dir() / "shapes" / f"{key}-{dtype}-{digest}"
-    if (target / "config.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=target.parent))
-    try:
+
+    def write(out: Path) -> None:
         cfg = transformers.AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
         torch.manual_seed(0)
         with torch.device(device):
             model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype))
-        model.save_pretrained(tmp)
-        del model
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process wrote it first
-            pass
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+        model.save_pretrained(out)
+
+    return write_once(cache_dir() / "shapes" / f"{key}-{dtype}-{digest}", "config.json", write)

@@ -159,13 +159,19 @@ def materialize(name: str) -> Path:
         return target
     config = BUILTIN_CONFIGS[name]
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    target = cache_dir() / "models" / f"{name}-{digest}"
-    if (target / "model.safetensors").is_file():
+    return write_once(cache_dir() / "models" / f"{name}-{digest}", "model.safetensors",
+                      lambda out: write_random_checkpoint(config, out, seed=int(digest, 16) % (2**31)))
+
+
+def write_once(target: Path, marker: str, write) -> Path:
+    """``target``, written by ``write(tmp_dir)`` unless ``target/marker`` exists; the directory
+    appears atomically (written beside it, then renamed), so racing processes share one copy."""
+    if (target / marker).is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
     try:
-        write_random_checkpoint(config, tmp, seed=int(digest, 16) % (2**31))
+        write(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process won the race; use its copy

@@ -164,3 +164,39 @@ def test_concurrent_clients_are_batched_and_get_their_own_tokens(kill_leftovers)
     assert together == alone
     assert [got[i] for i in range(len(prompts))] == alone
     assert all(st["max_batch"] > 1 for st in stats), stats
+
+
+def test_a_later_stage_waits_for_the_whole_upstream_batch():
+    b = _Bench()
+    try:
+        w = b.worker
+        w.stage.embed, saved = None, w.stage.embed  # seen as a later stage (its inputs come from a stage)
+        mark = [7, 3]
+        items = deque(_Work(Message(kind="forward", req=r, meta={"upstream_batch": mark}), 0, 0.0) for r in ("a", "b"))
+        assert not w._batch_complete(items)  # 2 of 3 members queued: wait
+        items.append(_Work(Message(kind="forward", req="c", meta={"upstream_batch": mark}), 0, 0.0))
+        assert w._batch_complete(items)
+        assert w._batch_complete(deque([_Work(Message(kind="forward", req="x", meta={"upstream_batch": "junk"}), 0, 0.0)]))  # bad marks never wait
+        w.stage.embed = saved
+    finally:
+        b.close()
+
+
+def test_cpu_pinning_options():
+    import os
+
+    from splitnet.errors import ConfigError
+    from splitnet.runtime.cli_serve import parse_cpus
+    from splitnet.runtime.launcher import disjoint_cpus
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert parse_cpus(f"{cores[0]}") == (cores[0],)
+    assert parse_cpus("") == ()
+    with pytest.raises(ConfigError, match="outside"):
+        parse_cpus("100000")
+    with pytest.raises(ConfigError, match="look like"):
+        parse_cpus("a-b")
+    sets = disjoint_cpus(len(cores), 1)
+    assert len(set(sets)) == len(cores)
+    with pytest.raises(ConfigError, match="need"):
+        disjoint_cpus(len(cores) + 1, 1)
