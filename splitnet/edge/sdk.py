@@ -56,6 +56,24 @@ class GenerationResult:
     stats: dict = field(default_factory=dict)
 
 
+@dataclass
+class _Sequence:
+    """One sequence of :meth:`Session.generate_many`: its prompt, what it produced, and where
+    its current request stands in the pipeline (replaced by a new request on replay)."""
+
+    index: int  # into the caller's prompts
+    ids: list[int]  # prompt token ids
+    sampler: Sampler
+    out: list[int] = field(default_factory=list)
+    req: str = ""  # the current request id ("" before the first)
+    seq: int = 0  # next step number of ``req``
+    pos: int = 0  # tokens ``req`` has fed the pipeline
+
+    def log(self) -> list[int]:
+        """Everything this sequence has fed or must feed: prompt + tokens so far (the replay log)."""
+        return self.ids + self.out
+
+
 class Session:
     """A connection to one pipeline. Use from one thread; close() (or ``with``) when done."""
 
@@ -643,31 +661,31 @@ class Session:
             raise ConfigError(f"generate_many needs a decoder model; this pipeline serves a {self.kind}: use infer()")
         if max_new_tokens < 1:
             raise ConfigError("max_new_tokens must be >= 1")
-        seqs = []
+        seqs: list[_Sequence] = []
         for i, p in enumerate(prompts):
             ids = self._prompt_ids(p)
             if not ids:
                 raise ConfigError(f"prompt {i} is empty")
-            seqs.append({"i": i, "req": "", "ids": ids, "pos": 0, "seq": 0, "out": [], "sampler": Sampler(sampling or SamplingConfig())})
+            seqs.append(_Sequence(i, ids, Sampler(sampling or SamplingConfig())))
         stats = _out if _out is not None else {}
         stats["replays"] = []
-        waiting: dict[Key, dict] = {}
+        waiting: dict[Key, _Sequence] = {}
         chunk = self.config.prefill_chunk_tokens
         head = head_request(sampling or SamplingConfig())
 
-        def feed(s: dict, tokens: list[int]) -> None:
+        def feed(s: _Sequence, tokens: list[int]) -> None:
             """Send ``tokens`` after what sequence ``s`` has fed (chunked); await the last chunk."""
             for k in range(0, len(tokens), chunk):
                 piece = np.asarray([tokens[k : k + chunk]], dtype=np.int64)
-                self._send_forward(s["req"], s["seq"], {"input_ids": piece}, {"cache": True, "pos": s["pos"] + k, "want_result": k + chunk >= len(tokens), **head})
-                s["seq"] += 1
-            s["pos"] += len(tokens)
-            waiting[(s["req"], s["seq"] - 1)] = s
+                self._send_forward(s.req, s.seq, {"input_ids": piece}, {"cache": True, "pos": s.pos + k, "want_result": k + chunk >= len(tokens), **head})
+                s.seq += 1
+            s.pos += len(tokens)
+            waiting[(s.req, s.seq - 1)] = s
 
-        def restart(s: dict) -> None:
+        def restart(s: _Sequence) -> None:
             """A new request for ``s`` fed with its whole log: every stage's cache is rebuilt."""
-            s["req"], s["seq"], s["pos"] = uuid.uuid4().hex[:16], 0, 0
-            feed(s, s["ids"] + s["out"])
+            s.req, s.seq, s.pos = uuid.uuid4().hex[:16], 0, 0
+            feed(s, s.log())
 
         recoveries = 0
         try:
@@ -682,25 +700,25 @@ class Session:
                     live = list(waiting.values())
                     waiting.clear()
                     for s in live:
-                        self._release(s["req"])
+                        self._release(s.req)
                         restart(s)
-                    stats["replays"].append({"sequences": len(live), "replayed_tokens": sum(len(s["ids"]) + len(s["out"]) for s in live),
+                    stats["replays"].append({"sequences": len(live), "replayed_tokens": sum(len(s.log()) for s in live),
                                              "cause": type(e).__name__, "recover_ms": round((time.perf_counter() - t_r) * 1e3, 1)})
                     continue
                 self._result_bytes.pop(key, None)
                 s = waiting.pop(key)
-                tok = s["sampler"].pick(msg.tensors)
-                s["out"].append(tok)
+                tok = s.sampler.pick(msg.tensors)
+                s.out.append(tok)
                 stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", [])]
                 if on_token is not None:
-                    on_token(s["i"], tok)
-                if len(s["out"]) < max_new_tokens:
+                    on_token(s.index, tok)
+                if len(s.out) < max_new_tokens:
                     feed(s, [tok])
         finally:
             for s in seqs:
-                if s["req"]:
-                    self._release(s["req"])
-        return [s["out"] for s in seqs]
+                if s.req:
+                    self._release(s.req)
+        return [s.out for s in seqs]
 
     # ------------------------------------------------------------------ lifecycle ----------
     def ping(self, timeout_s: float = 2.0) -> list[float]:
