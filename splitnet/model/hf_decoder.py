@@ -278,10 +278,13 @@ class HFDecoderStage(Stage):
         self.__dict__["_graphs"] = DecodeGraphs(self, pool, max_batch)
 
     @torch.no_grad()
-    def forward_batch(self, inputs: list[Mapping[str, torch.Tensor]], caches: list[SlotCache] | None, *, all_logits: bool = False) -> list[dict[str, torch.Tensor]]:
+    def forward_batch(self, inputs: list[Mapping[str, torch.Tensor]], caches: list[SlotCache] | None, *, all_logits: bool = False,
+                      head: bool = True) -> list[dict[str, torch.Tensor]]:
         """One forward for several requests, each (1, T) new tokens (or hidden states) after its
         own cached positions in ``caches`` (slots of one :meth:`cache_pool`); outputs per member,
-        in order. Without caches: members of equal shape stacked along the batch."""
+        in order. Without caches: members of equal shape stacked along the batch. ``head=False``
+        on the last stage fills the caches only (a prefill chunk whose logits nobody reads: the
+        LM head is often the stage's largest matrix) and returns empty outputs."""
         if caches is None:
             return super().forward_batch(inputs, None, all_logits=all_logits)
         if len(caches) != len(inputs) or not inputs:
@@ -316,6 +319,8 @@ class HFDecoderStage(Stage):
             c.advance(T)
         h = out.last_hidden_state  # (B, T, C)
         if self.head is not None:
+            if not head:
+                return [{} for _ in inputs]
             logits = self.head.logits(h if all_logits else h[:, -1:])
             logits = logits if all_logits else logits[:, -1]
             return [{"logits": logits[b : b + 1]} for b in range(len(inputs))]

@@ -531,7 +531,7 @@ class StageWorker:
         first = next(iter(inputs.values()), None)
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
         # members of one forward also share what leaves it: last stage or not, and the head reduction
-        options = (bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"))
+        options = (bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
         return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens)
 
     def _run_group(self, group: list[Member], peers: dict) -> None:
@@ -589,6 +589,9 @@ class StageWorker:
         if not cached:
             return self.stage.forward_batch(inputs, None, all_logits=all_logits)
         if self.pool is not None:
+            meta = group[0].work.msg.meta  # shared by the group (its signature)
+            if self.stage.is_last and not meta.get("route") and not meta.get("want_result", True):
+                return self.stage.forward_batch(inputs, [m.cache for m in group], head=False)  # nobody reads these logits
             return self.stage.forward_batch(inputs, [m.cache for m in group], all_logits=all_logits)
         return [self.stage(x, m.cache, all_logits=all_logits) for x, m in zip(inputs, group)]  # a stage without a pool
 
@@ -597,6 +600,8 @@ class StageWorker:
         device for the whole batch at once, moved in one copy per tensor; float32 from the last
         stage whatever the stage's dtype."""
         meta = group[0].work.msg.meta  # members share route end and head (their signature)
+        if not outputs[0]:
+            return outputs  # caches filled, nothing to send (a prefill chunk without a result)
         last = not meta.get("route")
         sizes = [next(iter(o.values())).shape[0] for o in outputs]
         batched = {k: torch.cat([o[k] for o in outputs]) if len(outputs) > 1 else outputs[0][k] for k in outputs[0]}

@@ -38,8 +38,8 @@ class _Bench:
         self.peers: dict = {}
         self.backlog: deque = deque()
 
-    def put(self, req: str, seq: int, ids: list[int], pos: int) -> None:
-        meta = {"cache": True, "pos": pos, "reply_to": self.reply_to, "head": "logits"}
+    def put(self, req: str, seq: int, ids: list[int], pos: int, want_result: bool = True) -> None:
+        meta = {"cache": True, "pos": pos, "reply_to": self.reply_to, "head": "logits", "want_result": want_result}
         msg = Message(kind="forward", req=req, seq=seq, tensors={"input_ids": np.asarray([ids], dtype=np.int64)}, meta=meta)
         self.backlog.append(_Work(msg, 0, 0.0))
 
@@ -114,6 +114,24 @@ def test_one_step_per_request_per_round_in_arrival_order(bench):
     full = load_model("tiny-llama").full()
     expected = full({"input_ids": torch.tensor([prompt])}, full.new_cache())["logits"][0]
     assert (torch.from_numpy(np.array(second[("x", 1)].tensors["logits"][0])) - expected).abs().max() <= 1e-4
+
+
+def test_a_chunk_without_a_result_fills_the_cache_and_skips_the_head(bench):
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    calls = []
+    head = bench.worker.stage.head
+    original = head.logits
+    head.logits = lambda h: (calls.append(h.shape), original(h))[1]
+    bench.put("x", 0, prompt[:5], 0, want_result=False)
+    bench.round()
+    assert not bench.inbox.poll(300) and calls == []  # no reply, no LM head
+    bench.put("x", 1, prompt[5:], 5)
+    bench.round()
+    got = bench.replies(1)[("x", 1)]
+    full = load_model("tiny-llama").full()
+    expected = full({"input_ids": torch.tensor([prompt])}, full.new_cache())["logits"][0]
+    assert (torch.from_numpy(np.array(got.tensors["logits"][0])) - expected).abs().max() <= 1e-4
+    assert len(calls) == 1
 
 
 def test_back_pressure_is_a_typed_limit_error():
