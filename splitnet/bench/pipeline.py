@@ -24,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="tiny-gpt2", help="decoder: built-in name, HF directory, or shape:NAME (random weights at a real size: "
                    "shape:llama-3-8b, shape:llama-3.2-1b, shape:qwen2-1.5b)")
     p.add_argument("--stages", type=int, default=3)
+    p.add_argument("--cuts", default="", help="block indices where stages 2..S start, e.g. 6,12,17 (default: even cuts)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (all stages share it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--torch-threads", type=int, default=1, help="torch threads per stage process (and for the baselines)")
@@ -140,6 +141,9 @@ def run(args: argparse.Namespace) -> dict:
     model_dir = shape_dir(args.model, device=args.device, dtype=args.dtype) if is_shape(args.model) else resolve_model_dir(args.model)
     cfg = read_config(model_dir)
     L = architecture_for(cfg).num_blocks
+    cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else even_cuts(L, args.stages)
+    if len(cuts) != args.stages - 1:
+        raise SystemExit(f"splitnet bench pipeline: --cuts gives {len(cuts) + 1} stages, --stages says {args.stages}")
     vocab = int(cfg.get("vocab_size", 257))
     rng = np.random.default_rng(0)
     prompt = [int(x) for x in rng.integers(0, min(vocab, 32000), args.prompt_tokens)]
@@ -161,7 +165,6 @@ def run(args: argparse.Namespace) -> dict:
         del model
     weight_bytes = base.get("weight_bytes") or sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
-    cuts = even_cuts(L, args.stages)
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
     stage_cpus = disjoint_cpus(args.stages, args.cpus_per_stage) if args.cpus_per_stage else []
     results: dict = {"prefill": [], "decode": []}
@@ -258,6 +261,7 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
         "config": {k: getattr(args, k) for k in ("model", "stages", "device", "dtype", "torch_threads", "cpus_per_stage", "prompt_tokens",
                                                  "new_tokens", "concurrency", "decode_prompt_tokens", "repeats", "max_batch_size", "batch_wait_ms")},
         "model_dir": str(model_dir),
+        "cuts": [st.blocks[0] for st in pipe.stages[1:]],
         "stages": [{"index": st.index, "blocks": list(st.blocks), "pid": st.pid} for st in pipe.stages],
         "device_copy_bandwidth_gb_s": round(bandwidth, 1),
         "weight_bytes": weight_bytes,
