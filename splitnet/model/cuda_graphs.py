@@ -42,12 +42,15 @@ class _GraphView:
         B = slots.shape[0]
         self._rows = slots.view(B, 1, 1)
         self._pos = lengths.view(B, 1, 1)
+        self._heads: torch.Tensor | None = None  # (1, H, 1), made at the first layer
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         keys, values = self.pool.layer(layer_idx, key_states)
-        heads = torch.arange(key_states.shape[1], device=key_states.device).view(1, -1, 1)
-        keys.index_put_((self._rows, heads, self._pos), key_states.to(keys.dtype))
-        values.index_put_((self._rows, heads, self._pos), value_states.to(values.dtype))
+        if self._heads is None or self._heads.shape[1] != key_states.shape[1]:
+            self._heads = torch.arange(key_states.shape[1], device=key_states.device).view(1, -1, 1)
+        index = (self._rows, self._heads, self._pos)
+        keys.index_put_(index, key_states.to(keys.dtype))
+        values.index_put_(index, value_states.to(values.dtype))
         return keys.index_select(0, self.slots)[:, :, : self.read_len], values.index_select(0, self.slots)[:, :, : self.read_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -81,12 +84,13 @@ class DecodeGraphs:
         """The stage's output for a (B, 1) ids or (B, 1, C) hidden batch: (B, vocab) logits on the
         last stage, else (B, 1, C) hidden; the caches advance by one."""
         B = len(caches)
+        if len({c.slot for c in caches}) != B:
+            raise ValueError("a batch holds each request at most once")
         Bb = _bucket(B, 1)
         Lb = _bucket(max(c.length for c in caches) + 1, self.min_length)
-        self.pool.view(caches, 1)  # grow the pool first if these members need it
         if self.pool.max_positions is not None:
             Lb = min(Lb, self.pool.max_positions)
-        self.pool._ensure(rows=self.pool.rows, positions=Lb)
+        self.pool.reserve(rows=max(c.slot for c in caches) + 1, positions=Lb)  # grow first: graphs hold the tensors by address
         if (self.pool.rows, self.pool.capacity) != self._pool_shape:
             self.graphs.clear()  # the pool's tensors moved
             self._mempool = torch.cuda.graph_pool_handle()  # a freed graph pool must not be captured into again
@@ -107,12 +111,10 @@ class DecodeGraphs:
     def _body(self, x: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, read_len: int) -> torch.Tensor:
         st = self.stage
         view = _GraphView(self.pool, slots, lengths, read_len)
-        device = x.device
-        kv = torch.arange(read_len, device=device).view(1, 1, -1)
-        pos = lengths.view(-1, 1, 1)
-        masks = st._masks_from(kv <= pos, kv, pos, device, next(st.parameters()).dtype)
+        positions = lengths.view(-1, 1)  # (B, 1): each member's one new token sits at its length
+        masks = st.slot_masks(positions, read_len, next(st.parameters()).dtype)
         kwargs = {"input_ids": x} if st.embed is not None else {"inputs_embeds": x}
-        out = st._run_shell(device, attention_mask=masks, position_ids=lengths.view(-1, 1), cache=view, use_cache=True, **kwargs)
+        out = st._run_shell(x.device, attention_mask=masks, position_ids=positions, cache=view, use_cache=True, **kwargs)
         h = out.last_hidden_state
         if st.head is not None:
             return st.head.logits(h[:, -1:])[:, -1]

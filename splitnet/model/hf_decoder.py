@@ -27,7 +27,7 @@ from torch import nn
 from splitnet.errors import ModelLoadError, StageError
 from splitnet.model.blocks import Architecture, Stage
 from splitnet.model.kv_cache import KVCache
-from splitnet.model.slot_cache import BatchCacheView, SlotCache, SlotPool
+from splitnet.model.slot_cache import SlotCache, SlotPool
 
 
 @dataclass(frozen=True)
@@ -243,15 +243,15 @@ class HFDecoderStage(Stage):
         """The KV cache of many requests that :meth:`forward_batch` batches over (one slot each)."""
         return SlotPool(max_slots=max_requests, max_positions=getattr(self.arch.hf, "max_position_embeddings", None), max_bytes=max_bytes)
 
-    def _batch_masks(self, view: BatchCacheView, device: torch.device, dtype: torch.dtype):
-        """Per-member causal (and sliding-window) masks over the members' slot rows."""
-        pos = view.positions(device).unsqueeze(-1)  # (B, T, 1) absolute position of each query
-        kv = torch.arange(view.read_len, device=device).view(1, 1, -1)  # (1, 1, read_len)
-        return self._masks_from(kv <= pos, kv, pos, device, dtype)
-
-    def _masks_from(self, causal: torch.Tensor, kv: torch.Tensor, pos: torch.Tensor, device: torch.device, dtype: torch.dtype):
-        """The masks in the form the family's forward takes: (B, 1, T, read_len), bool for SDPA,
-        additive for eager; a dict by layer type where the family has layer types."""
+    def slot_masks(self, positions: torch.Tensor, read_len: int, dtype: torch.dtype):
+        """Per-member causal (and sliding-window) masks over the members' slot rows, for queries
+        at ``positions`` (B, T) and keys 0..read_len-1 of each member's row, in the form the
+        family's forward takes: (B, 1, T, read_len), bool for SDPA, additive for eager; a dict by
+        layer type where the family has layer types."""
+        device = positions.device
+        pos = positions.unsqueeze(-1)  # (B, T, 1) absolute position of each query
+        kv = torch.arange(read_len, device=device).view(1, 1, -1)  # (1, 1, read_len)
+        causal = kv <= pos
         cfg, fam = self.stage_config, self.arch.family
 
         def finish(allowed: torch.Tensor) -> torch.Tensor:
@@ -313,8 +313,9 @@ class HFDecoderStage(Stage):
         view = pool.view(caches, T)
         param = next(self.parameters())
         kwargs: dict[str, Any] = {"input_ids": x} if self.embed is not None else {"inputs_embeds": x}
-        out = self._run_shell(device, attention_mask=self._batch_masks(view, device, param.dtype),
-                              position_ids=view.positions(device), cache=view, use_cache=True, **kwargs)
+        positions = view.positions(device)
+        out = self._run_shell(device, attention_mask=self.slot_masks(positions, view.read_len, param.dtype),
+                              position_ids=positions, cache=view, use_cache=True, **kwargs)
         for c in caches:
             c.advance(T)
         h = out.last_hidden_state  # (B, T, C)

@@ -43,7 +43,7 @@ class SlotPool:
         if not self._free:
             raise LimitExceeded(f"all {self.max_slots} KV cache slots of this stage are taken; release finished requests")
         slot = heapq.heappop(self._free)
-        self._ensure(rows=slot + 1, positions=0)
+        self.reserve(rows=slot + 1, positions=0)
         for layer in self.keys:
             self.keys[layer][slot].zero_()
             self.values[layer][slot].zero_()
@@ -70,8 +70,9 @@ class SlotPool:
         return self._bpp
 
     # ---------------------------------------------------------------- storage --------------
-    def _ensure(self, rows: int, positions: int) -> None:
-        """Grow every layer's tensors to hold ``rows`` slots and ``positions`` positions."""
+    def reserve(self, rows: int, positions: int) -> None:
+        """Grow every layer's tensors to hold ``rows`` slots and ``positions`` positions (a
+        LimitExceeded past the pool's limits)."""
         if self.max_positions is not None and positions > self.max_positions:
             raise LimitExceeded(f"a request needs {positions} cached positions; this stage holds at most {self.max_positions}")
         new_rows, new_cap = self.rows, self.capacity
@@ -107,7 +108,7 @@ class SlotPool:
         slots = [c.slot for c in caches]
         if len(set(slots)) != len(slots):
             raise ValueError("a batch holds each request at most once")
-        self._ensure(rows=max(slots) + 1, positions=max(lengths) + new_tokens)
+        self.reserve(rows=max(slots) + 1, positions=max(lengths) + new_tokens)
         return BatchCacheView(self, slots, lengths, new_tokens)
 
 
