@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, TypeVar
+from typing import Callable, Generic, Hashable, NamedTuple, TypeVar
 
 from splitnet.errors import ConfigError
 
@@ -60,6 +60,16 @@ def take_round(backlog: deque, *, key_of: Callable[[W], Hashable], is_release: C
     return releases, taken
 
 
+class StepOptions(NamedTuple):
+    """What a step asks of the forward beyond its inputs; members of one forward share them."""
+
+    all_logits: bool = False  # logits at every position (speculative verification)
+    last: bool = False  # the end of its route: the result goes to the client
+    head: str = "logits"  # the reduction the client asked for: logits, argmax or topk
+    top_k: int | None = None
+    want_result: bool = True  # False: fill the caches only (a prefill chunk before the last)
+
+
 @dataclass
 class Member(Generic[W]):
     """A forward ready to run: its work item, decoded inputs, cache and batching signature."""
@@ -70,6 +80,7 @@ class Member(Generic[W]):
     cache_key: str
     signature: tuple
     tokens: int
+    options: StepOptions = StepOptions()
 
 
 def pick_group(members: list[Member], limits: BatchLimits) -> tuple[list[Member], list[Member]]:
@@ -88,7 +99,7 @@ def pick_group(members: list[Member], limits: BatchLimits) -> tuple[list[Member]
     return group, rest
 
 
-def signature(inputs: dict, cached: bool, options: tuple) -> tuple:
+def signature(inputs: dict, cached: bool, options: StepOptions) -> tuple:
     """What members must share to run in one forward: tensor names, shapes but the batch
     dimension, dtypes, whether they hold a KV cache (then each is one sequence), and options."""
     parts = tuple((name, tuple(t.shape[1:]), str(t.dtype), int(t.shape[0]) if cached else None) for name, t in sorted(inputs.items()))

@@ -42,7 +42,7 @@ import zmq
 
 from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
 from splitnet.model import KVCache, load_model
-from splitnet.runtime.batching import BatchLimits, Member, pick_group, signature, take_round
+from splitnet.runtime.batching import BatchLimits, Member, StepOptions, pick_group, signature, take_round
 from splitnet.runtime.config import StageWorkerConfig
 from splitnet.runtime.cut_codec import CutCodecs
 from splitnet.wire import (
@@ -71,8 +71,8 @@ _PEER_REPLY = re.compile(r"peer:[0-9a-f]{8,64}")
 _POLL_MS = 100
 _MAX_ROUTE = 64
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
-_BAN_S = 10.0
-_ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one  # after a send times out, sends to that endpoint fail at once for this long
+_BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
+_ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one
 _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
@@ -531,8 +531,8 @@ class StageWorker:
         first = next(iter(inputs.values()), None)
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
         # members of one forward also share what leaves it: last stage or not, and the head reduction
-        options = (bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
-        return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens)
+        options = StepOptions(bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
+        return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens, options)
 
     def _run_group(self, group: list[Member], peers: dict) -> None:
         """One forward for ``group``; a failing batch is retried member by member, so only the
@@ -543,11 +543,10 @@ class StageWorker:
         cached = group[0].cache is not None
         if cached and self.pool is not None:
             group.sort(key=lambda m: m.cache.slot)  # consecutive slots read as one view, not a gather
-        all_logits = group[0].signature[2][0]
         lengths = [m.cache.length if m.cache is not None else 0 for m in group]
         t1 = time.perf_counter()
         try:
-            outputs = self._forward_members(group, cached, all_logits)
+            outputs = self._forward_members(group, cached)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)  # busy time is the GPU's, not the launches'
         except Exception as e:
@@ -584,13 +583,13 @@ class StageWorker:
             except Exception as e:
                 self._fail(peers, m.work, e)
 
-    def _forward_members(self, group: list[Member], cached: bool, all_logits: bool) -> list[dict]:
-        inputs = [m.inputs for m in group]
+    def _forward_members(self, group: list[Member], cached: bool) -> list[dict]:
+        inputs, opts = [m.inputs for m in group], group[0].options  # options are shared by the group (its signature)
+        all_logits = opts.all_logits
         if not cached:
             return self.stage.forward_batch(inputs, None, all_logits=all_logits)
         if self.pool is not None:
-            meta = group[0].work.msg.meta  # shared by the group (its signature)
-            if self.stage.is_last and not meta.get("route") and not meta.get("want_result", True):
+            if self.stage.is_last and opts.last and not opts.want_result:
                 return self.stage.forward_batch(inputs, [m.cache for m in group], head=False)  # nobody reads these logits
             return self.stage.forward_batch(inputs, [m.cache for m in group], all_logits=all_logits)
         return [self.stage(x, m.cache, all_logits=all_logits) for x, m in zip(inputs, group)]  # a stage without a pool
@@ -599,14 +598,14 @@ class StageWorker:
         """The members' outputs in host memory, reduced as their head asks (argmax, top-k) on the
         device for the whole batch at once, moved in one copy per tensor; float32 from the last
         stage whatever the stage's dtype."""
-        meta = group[0].work.msg.meta  # members share route end and head (their signature)
         if not outputs[0]:
             return outputs  # caches filled, nothing to send (a prefill chunk without a result)
-        last = not meta.get("route")
+        opts = group[0].options  # members share route end and head (their signature)
+        last = opts.last
         sizes = [next(iter(o.values())).shape[0] for o in outputs]
         batched = {k: torch.cat([o[k] for o in outputs]) if len(outputs) > 1 else outputs[0][k] for k in outputs[0]}
-        if last and "logits" in batched and meta.get("head", "logits") != "logits":
-            batched = _reduce_logits(batched["logits"], meta)
+        if last and "logits" in batched and opts.head != "logits":
+            batched = _reduce_logits(batched["logits"], group[0].work.msg.meta)
         total = sum(sizes)
         host = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in batched.items()}
         parts = {k: torch.split(v, sizes) if v.dim() and v.shape[0] == total else [v] * len(sizes) for k, v in host.items()}
