@@ -86,13 +86,16 @@ def generate_compiled(model, prompts: list[list[int]], n_new: int, device: str) 
 
 
 def measure(model_dir: Path, device: str, dtype: str, prompt: list[int], batch_prompts: list[list[int]], n_new: int, repeats: int,
-            kinds: list[str]) -> dict:
-    """Every baseline in ``kinds`` ("eager", "compiled") on ``prompt`` alone and on ``batch_prompts``."""
+            kinds: list[str], check_prompts: list[list[int]] = ()) -> dict:
+    """Every baseline in ``kinds`` ("eager", "compiled") on ``prompt`` alone and on ``batch_prompts``;
+    with the model loaded once, also the eager greedy tokens of each of ``check_prompts`` alone
+    (``reference_decode_tokens``)."""
     import torch
 
     model = load(model_dir, device, dtype)
     doc: dict = {"weight_bytes": sum(p.numel() * p.element_size() for p in model.parameters())}
     try:
+        doc["reference_decode_tokens"] = [greedy_eager(model, [p], n_new, device)[0][0] for p in check_prompts]
         if "eager" in kinds:
             runs = [greedy_eager(model, [prompt], n_new, device) for _ in range(repeats + 1)][1:]
             doc["eager"] = {"ttft_ms": round(statistics.median(r[1] for r in runs), 2),
@@ -104,7 +107,6 @@ def measure(model_dir: Path, device: str, dtype: str, prompt: list[int], batch_p
             batch = [greedy_eager(model, batch_prompts, n_new, device) for _ in range(2)][1]
             doc["eager"][f"batch_{len(batch_prompts)}_tokens_per_s"] = round(len(batch_prompts) * 1e3 / batch[2], 1)
             doc["eager"]["batch"] = len(batch_prompts)
-            doc["reference_batch_tokens"] = batch[0]
         if "compiled" in kinds:
             res: dict = {"batch": len(batch_prompts)}
             for label, ps in (("one", [prompt]), ("batch", batch_prompts)):

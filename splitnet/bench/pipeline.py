@@ -157,12 +157,9 @@ def run(args: argparse.Namespace) -> dict:
     threads = args.cpus_per_stage or args.torch_threads
     torch.set_num_threads(max(1, threads))  # the baselines get the threads of one stage
     bandwidth = hf_baselines.device_bandwidth_gb_s(args.device, threads)
-    base = hf_baselines.measure(model_dir, args.device, args.dtype, prompt, decode_prompts, args.new_tokens, args.repeats, kinds) if kinds else {}
-    ref_decode: list[list[int]] = []
-    if kinds:
-        model = hf_baselines.load(model_dir, args.device, args.dtype)
-        ref_decode = [hf_baselines.greedy_eager(model, [p], args.new_tokens, args.device)[0][0] for p in decode_prompts[: args.check_sequences]]
-        del model
+    base = hf_baselines.measure(model_dir, args.device, args.dtype, prompt, decode_prompts, args.new_tokens, args.repeats, kinds,
+                                check_prompts=decode_prompts[: args.check_sequences]) if kinds else {}
+    ref_decode: list[list[int]] = base.get("reference_decode_tokens", [])
     weight_bytes = base.get("weight_bytes") or sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
@@ -265,7 +262,7 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
         "stages": [{"index": st.index, "blocks": list(st.blocks), "pid": st.pid} for st in pipe.stages],
         "device_copy_bandwidth_gb_s": round(bandwidth, 1),
         "weight_bytes": weight_bytes,
-        "baselines": {k: v for k, v in base.items() if k not in ("reference_tokens", "reference_batch_tokens", "reference_teacher_argmax")},
+        "baselines": {k: v for k, v in base.items() if k not in ("reference_tokens", "reference_decode_tokens", "reference_teacher_argmax")},
         **results,
         "summary": summary,
     }
