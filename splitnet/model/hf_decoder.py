@@ -115,9 +115,24 @@ def _materialize(meta_module: nn.Module, what: str, filled: Mapping[str, torch.T
     return module
 
 
+class HFArchitecture(Architecture):
+    """A family built from transformers' modules: sizes come from its transformers config
+    ``self.hf`` (whose attribute map also answers for DistilBERT's ``n_layers`` and ``dim``)."""
+
+    hf: Any
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.hf.num_hidden_layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.hf.hidden_size)
+
+
 class HFEmbed(nn.Module):
     """The family's input modules under their checkpoint names (``embed_tokens``; GPT-2's ``wte``
-    and ``wpe``)."""
+    and ``wpe``; encoders' and ViT's ``embeddings``)."""
 
     def __init__(self, modules: Mapping[str, nn.Module]):
         super().__init__()
@@ -393,7 +408,7 @@ class HFDecoderStage(Stage):
         return result
 
 
-class HFDecoderArchitecture(Architecture):
+class HFDecoderArchitecture(HFArchitecture):
     """A decoder family of :data:`FAMILIES`, built from transformers' modules."""
 
     kind = "decoder"
@@ -407,14 +422,6 @@ class HFDecoderArchitecture(Architecture):
         self.hf = hf_config(config)
         with torch.device("meta"):
             self._meta = _base_class(self.family)(self.hf)
-
-    @property
-    def num_blocks(self) -> int:
-        return int(self.hf.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.hf.hidden_size)
 
     def meta_task_model(self):
         """The model transformers would load this checkpoint into (for its name mapping)."""

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from splitnet.errors import ModelLoadError, StageError
-from splitnet.model.blocks import Architecture, Stage
+from splitnet.model.blocks import Stage
 from splitnet.model.pooling import MeanPoolHead
-from splitnet.model.hf_decoder import _base_class, _materialize, hf_config
+from splitnet.model.hf_decoder import HFArchitecture, HFEmbed, _base_class, _materialize, hf_config
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,6 @@ class _PassThrough(nn.Module):
         if inputs_embeds is None:
             inputs_embeds = next(a for a in reversed(args) if isinstance(a, torch.Tensor))
         return inputs_embeds
-
-
-class HFEncoderEmbed(nn.Module):
-    def __init__(self, embeddings: nn.Module):
-        super().__init__()
-        self.embeddings = embeddings
 
 
 class SequenceClassificationHead(nn.Module):
@@ -151,7 +145,7 @@ class HFEncoderStage(Stage):
         return {"hidden": h, "attention_mask": mask}
 
 
-class HFEncoderArchitecture(Architecture):
+class HFEncoderArchitecture(HFArchitecture):
     """A text-encoder family of :data:`ENCODER_FAMILIES`, built from transformers' modules."""
 
     kind = "encoder"
@@ -180,14 +174,6 @@ class HFEncoderArchitecture(Architecture):
         """The model transformers would load this checkpoint into (for its name mapping)."""
         return self._meta_classifier if self.classifies else _meta_base(self.family, self.hf, pooler=True)
 
-    @property
-    def num_blocks(self) -> int:
-        return int(getattr(self.hf, "num_hidden_layers", None) or self.hf.n_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(getattr(self.hf, "hidden_size", None) or self.hf.dim)
-
     def _layers(self):
         return _get(self._meta, self.family.layers_path)
 
@@ -201,7 +187,7 @@ class HFEncoderArchitecture(Architecture):
                     filled[full] = torch.arange(self.hf.max_position_embeddings).expand((1, -1))
                 elif buf == "token_type_ids":
                     filled[full] = torch.zeros((1, self.hf.max_position_embeddings), dtype=torch.long)
-        return HFEncoderEmbed(_materialize(emb, "embedding", filled))
+        return HFEmbed({"embeddings": _materialize(emb, "embedding", filled)})
 
     def build_block(self, index: int) -> nn.Module:
         return _materialize(self._layers()[index], f"block {index}")

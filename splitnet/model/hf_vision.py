@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from splitnet.errors import ModelLoadError, StageError
-from splitnet.model.blocks import Architecture, Stage
-from splitnet.model.hf_decoder import _materialize, hf_config
+from splitnet.model.blocks import Stage
+from splitnet.model.hf_decoder import HFArchitecture, HFEmbed, _materialize, hf_config
 
 
 def _vit_model_class():
@@ -43,12 +43,6 @@ class _PassThrough(nn.Module):
 
     def forward(self, hidden, **kwargs):
         return hidden
-
-
-class ViTEmbedParts(nn.Module):
-    def __init__(self, embeddings: nn.Module):
-        super().__init__()
-        self.embeddings = embeddings
 
 
 class ViTHeadParts(nn.Module):
@@ -96,7 +90,7 @@ class HFViTStage(Stage):
         return {"hidden": h}
 
 
-class HFViTArchitecture(Architecture):
+class HFViTArchitecture(HFArchitecture):
     kind = "vision"
 
     def __init__(self, config: Mapping[str, Any]):
@@ -113,16 +107,8 @@ class HFViTArchitecture(Architecture):
         with torch.device("meta"):
             return ViTForImageClassification(self.hf) if self.num_labels else _vit_model_class()(self.hf, add_pooling_layer=False)
 
-    @property
-    def num_blocks(self) -> int:
-        return int(self.hf.num_hidden_layers)
-
-    @property
-    def hidden_size(self) -> int:
-        return int(self.hf.hidden_size)
-
     def build_embed(self) -> nn.Module:
-        return ViTEmbedParts(_materialize(self._meta.embeddings, "embedding"))
+        return HFEmbed({"embeddings": _materialize(self._meta.embeddings, "embedding")})
 
     def build_block(self, index: int) -> nn.Module:
         return _materialize(self._meta.layers[index], f"block {index}")
