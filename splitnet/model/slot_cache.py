@@ -169,9 +169,14 @@ class BatchCacheView:
         self.read_len = max(lengths) + new_tokens  # keys every member's row is read up to (the mask trims)
         self.consecutive = slots == list(range(slots[0], slots[0] + len(slots)))
         self._index: tuple[torch.Tensor, ...] | None = None
+        self._positions: torch.Tensor | None = None
 
     def positions(self, device: torch.device) -> torch.Tensor:
-        return slot_positions(self.lengths, self.new_tokens, device)
+        """(B, T) positions of the members' new tokens, copied to ``device`` once per forward
+        (the stage's position ids, its masks and every layer's writes use them)."""
+        if self._positions is None or self._positions.device != torch.device(device):
+            self._positions = slot_positions(self.lengths, self.new_tokens, device)
+        return self._positions
 
     def _write_index(self, k: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if self._index is None or self._index[0].device != k.device or self._index[1].shape[1] != k.shape[1]:
