@@ -120,6 +120,17 @@ class HFArchitecture(Architecture):
     ``self.hf`` (whose attribute map also answers for DistilBERT's ``n_layers`` and ``dim``)."""
 
     hf: Any
+    #: model_type -> family, and what they are called in the refusal of another model_type
+    families: Mapping[str, Any] = {}
+    family_kind: str = ""
+
+    def __init__(self, config: Mapping[str, Any]):
+        super().__init__(config)
+        model_type = config.get("model_type")
+        if model_type not in self.families:
+            raise ModelLoadError(f"model_type {model_type!r} is not {self.family_kind} splitnet builds from transformers ({', '.join(sorted(self.families))})")
+        self.family = self.families[model_type]
+        self.hf = hf_config(config)
 
     @property
     def num_blocks(self) -> int:
@@ -412,14 +423,11 @@ class HFDecoderArchitecture(HFArchitecture):
     """A decoder family of :data:`FAMILIES`, built from transformers' modules."""
 
     kind = "decoder"
+    families = FAMILIES
+    family_kind = "a decoder family"
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        model_type = config.get("model_type")
-        if model_type not in FAMILIES:
-            raise ModelLoadError(f"model_type {model_type!r} is not a decoder family splitnet builds from transformers ({', '.join(sorted(FAMILIES))})")
-        self.family = FAMILIES[model_type]
-        self.hf = hf_config(config)
         with torch.device("meta"):
             self._meta = _base_class(self.family)(self.hf)
 

@@ -19,10 +19,10 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from splitnet.errors import ModelLoadError, StageError
+from splitnet.errors import StageError
 from splitnet.model.blocks import Stage
 from splitnet.model.pooling import MeanPoolHead
-from splitnet.model.hf_decoder import HFArchitecture, HFEmbed, _base_class, _materialize, hf_config
+from splitnet.model.hf_decoder import HFArchitecture, HFEmbed, _base_class, _materialize
 
 
 @dataclass(frozen=True)
@@ -149,14 +149,11 @@ class HFEncoderArchitecture(HFArchitecture):
     """A text-encoder family of :data:`ENCODER_FAMILIES`, built from transformers' modules."""
 
     kind = "encoder"
+    families = ENCODER_FAMILIES
+    family_kind = "an encoder family"
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        model_type = config.get("model_type")
-        if model_type not in ENCODER_FAMILIES:
-            raise ModelLoadError(f"model_type {model_type!r} is not an encoder family splitnet builds from transformers ({', '.join(sorted(ENCODER_FAMILIES))})")
-        self.family = ENCODER_FAMILIES[model_type]
-        self.hf = hf_config(config)
         archs = config.get("architectures") or [""]
         sentence = bool(config.get("_splitnet_pooling", {}).get("from_files"))
         self.classifies = archs[0].endswith("ForSequenceClassification") and not sentence

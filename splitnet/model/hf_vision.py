@@ -18,7 +18,7 @@ from torch import nn
 
 from splitnet.errors import ModelLoadError, StageError
 from splitnet.model.blocks import Stage
-from splitnet.model.hf_decoder import HFArchitecture, HFEmbed, _materialize, hf_config
+from splitnet.model.hf_decoder import HFArchitecture, HFEmbed, _materialize
 
 
 def _vit_model_class():
@@ -92,10 +92,11 @@ class HFViTStage(Stage):
 
 class HFViTArchitecture(HFArchitecture):
     kind = "vision"
+    families = {"vit": "vit"}  # the one family; registered for model_type vit only
+    family_kind = "a vision family"
 
     def __init__(self, config: Mapping[str, Any]):
         super().__init__(config)
-        self.hf = hf_config(config)
         with torch.device("meta"):
             self._meta = _vit_model_class()(self.hf, add_pooling_layer=False)
         self.num_labels = len(config.get("id2label") or {}) if config.get("architectures", [""])[0].endswith("ForImageClassification") else 0
