@@ -42,6 +42,8 @@ class StageWorkerConfig:
         cuda_graphs: on CUDA, replay captured graphs for decode steps (one per batch and length bucket).
         cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
             default to their number.
+        metrics_port: serve Prometheus ``/metrics`` and ``/health`` over HTTP on this port of the
+            bind host (0: any free port, reported in ``info``; None: off).
     """
 
     model: str
@@ -68,6 +70,7 @@ class StageWorkerConfig:
     batch_wait_ms: float = 5.0
     cuda_graphs: bool = True
     cpus: tuple[int, ...] = field(default_factory=tuple)
+    metrics_port: int | None = None
 
     def __post_init__(self) -> None:
         if self.start_block < 0 or self.end_block <= self.start_block:
@@ -87,3 +90,5 @@ class StageWorkerConfig:
             raise ConfigError(f"StageWorkerConfig.cpus must be core numbers, got {self.cpus}")
         if self.cache_ttl_s <= 0:
             raise ConfigError("StageWorkerConfig.cache_ttl_s must be positive")
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"StageWorkerConfig.metrics_port must be a TCP port (0-65535, 0: any free one), got {self.metrics_port}")

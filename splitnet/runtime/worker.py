@@ -45,6 +45,7 @@ from splitnet.model import KVCache, load_model
 from splitnet.runtime.batching import BatchLimits, Member, StepOptions, pick_group, signature, take_round
 from splitnet.runtime.config import StageWorkerConfig
 from splitnet.runtime.cut_codec import CutCodecs
+from splitnet.runtime.metrics import StageIdentity, stage_metrics
 from splitnet.wire import (
     DEFAULT_LIMITS,
     Message,
@@ -156,6 +157,8 @@ class StageWorker:
             os.sched_setaffinity(0, config.cpus)  # this process and the threads it starts from now on
         if config.torch_threads or config.cpus:
             torch.set_num_threads(config.torch_threads or len(config.cpus))
+        # the metrics port is bound before the model loads: a taken port fails at once
+        self.metrics = stage_metrics(StageIdentity(config.stage_index, config.model, config.start_block, config.end_block), config.bind, config.metrics_port)
         bm = load_model(config.model, blocks=range(config.start_block, config.end_block))
         self.model_name = config.model
         self.fingerprint = bm.fingerprint()
@@ -166,7 +169,7 @@ class StageWorker:
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
-        self._active: dict[str, float] = {}  # requests that ran a step here lately -> when (see _await_stragglers)
+        self._rhythms = StepRhythms(active_s=_ACTIVE_S)  # when each request's next step is due (see _await_stragglers)
         self._last_forward_s = 0.0
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -195,7 +198,7 @@ class StageWorker:
         # half-open ghost connection instead of being locked out; who may then receive results is
         # decided by the authenticated key, not the id (peer_replies)
         router.setsockopt(zmq.ROUTER_HANDOVER, 1)
-        monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED) if self.socket_config.security is not None else None
+        monitor = router.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_FAILED_AUTH) if self.socket_config.security is not None else None
         replies = self.ctx.socket(zmq.PULL)
         replies.bind(self._replies_endpoint)
         compute = threading.Thread(target=self._compute_loop, name="splitnet-compute", daemon=True)
@@ -203,6 +206,7 @@ class StageWorker:
         try:
             self.endpoint = _bind(router, self.config.bind)
             compute.start()
+            self.metrics.bind_worker(self)
             self._announce_ready()
             poller = zmq.Poller()
             poller.register(router, zmq.POLLIN)
@@ -214,6 +218,7 @@ class StageWorker:
                     log.warning("parent process %d is gone; stage %d exits", self.config.parent_pid, self.config.stage_index)
                     break
                 ready = dict(poller.poll(_POLL_MS))
+                self.metrics.tick()
                 self._note_disconnects(monitor)
                 if self.peer_replies.expire():
                     log.warning("results for a client whose connection could not be confirmed were dropped")
@@ -246,6 +251,7 @@ class StageWorker:
                 monitor.close(linger=0)
             router.close(linger=0)
             replies.close(linger=0)
+            self.metrics.close()
 
     def _note_disconnects(self, monitor: zmq.Socket | None) -> None:
         """Drain the ROUTER's monitor: a disconnect anywhere unconfirms every routing id's holder."""
@@ -254,9 +260,11 @@ class StageWorker:
         changed = False
         while True:
             try:
-                monitor.recv_multipart(flags=zmq.NOBLOCK)
+                event = monitor.recv_multipart(flags=zmq.NOBLOCK)
             except zmq.Again:
                 break
+            if self.metrics.handshake_refused(event):
+                continue  # a refused handshake (counted) changes no connection
             changed = True
         if changed:
             self.peer_replies.connections_changed()
@@ -321,6 +329,8 @@ class StageWorker:
             "codec_hash": self.codecs.out.codebook_hash if self.codecs.out is not None else "",
             "cached_requests": len(self.caches.caches),
             "stats": dict(self.stats),
+            "queue_depth": self.work.qsize(),
+            "metrics_url": self.metrics.url,
         }
 
     def _principal(self, frames: list) -> str:
@@ -386,6 +396,7 @@ class StageWorker:
     def _refuse(self, router: zmq.Socket, identity: bytes, err: SplitnetError, msg: Message | None = None) -> None:
         """Answer ``identity`` with ``err`` as a typed error message (about ``msg`` when it was decoded)."""
         req, seq, epoch = (msg.req, msg.seq, msg.epoch) if msg is not None else ("", 0, 0)
+        self.metrics.observe_refusal(err.code)
         self._reply(router, identity, error_message(req, seq, epoch, err.code, str(err), stage=self.config.stage_index))
 
     def _reply(self, router: zmq.Socket, identity: bytes, msg: Message) -> None:
@@ -435,20 +446,18 @@ class StageWorker:
           steps, and without waiting the stage would alternate between two half-size batches
           forever (on a memory-bound device each costing about a full one).
         Only the first stage waits for requests; stages that all did would wait for each other."""
-        now = time.monotonic()
-        for key, t in list(self._active.items()):
-            if now - t > _ACTIVE_S:
-                del self._active[key]
         if not backlog or self.batch_limits.max_batch_size == 1:
             return True
         if self.stage.is_first:
-            if len(self._active) <= 1:
+            expected = self._rhythms.expected(time.monotonic())
+            if len(expected) <= 1:
                 return True
-            deadline = now + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+            deadline = time.monotonic() + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
         else:
-            deadline = now + self.config.batch_wait_ms / 1000
+            expected = set()
+            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
         while True:
-            if self._batch_complete(backlog):
+            if self._batch_complete(backlog, expected):
                 return True
             left = deadline - time.monotonic()
             if left <= 0 or len(backlog) >= self.config.queue_depth:
@@ -461,7 +470,7 @@ class StageWorker:
                 return False
             backlog.append(item)
 
-    def _batch_complete(self, backlog: deque) -> bool:
+    def _batch_complete(self, backlog: deque, expected: set) -> bool:
         forwards = [w for w in backlog if w.msg.kind == "forward"]
         if not forwards:
             return True
@@ -471,7 +480,7 @@ class StageWorker:
                 return True
             return sum(1 for w in forwards if w.msg.meta.get("upstream_batch") == mark) >= min(mark[1], self.batch_limits.max_batch_size)
         queued = {cache_key(w.origin, w.msg.req) for w in forwards}
-        return len(queued) >= min(len(self._active), self.batch_limits.max_batch_size) or not self._active.keys() - queued
+        return len(queued) >= self.batch_limits.max_batch_size or not expected - queued
 
     def _run_round(self, backlog: deque, peers: dict) -> None:
         """Run what is runnable now: pending releases, then one batched forward (the oldest
@@ -480,7 +489,7 @@ class StageWorker:
                                      is_release=lambda w: w.msg.kind == "release", max_members=self.batch_limits.max_batch_size)
         for item in releases:
             self.caches.drop(cache_key(item.origin, item.msg.req))
-            self._active.pop(cache_key(item.origin, item.msg.req), None)
+            self._rhythms.drop(cache_key(item.origin, item.msg.req))
         members = []
         for item in taken:
             try:
@@ -501,6 +510,7 @@ class StageWorker:
         if not isinstance(e, SplitnetError):
             log.error("stage %d failed on request %s", self.config.stage_index, msg.req, exc_info=e)
             e = StageError(f"stage {self.config.stage_index} failed: {type(e).__name__}: {e}")
+        self.metrics.observe_refusal(e.code)
         self.caches.drop(cache_key(item.origin, msg.req))
         self._reply_to_origin(peers, item, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
 
@@ -561,16 +571,19 @@ class StageWorker:
             return
         compute_ms = (time.perf_counter() - t1) * 1e3
         self._last_forward_s = compute_ms / 1e3
-        if cached:
+        if cached and self.stage.is_first:
             now = time.monotonic()
             for m in group:
-                if not m.work.msg.meta.get("final"):
-                    self._active[m.cache_key] = now
+                if m.work.msg.meta.get("final"):
+                    self._rhythms.drop(m.cache_key)
+                else:
+                    self._rhythms.note(m.cache_key, now)
         self.stats["busy_s"] += compute_ms / 1e3
         self.stats["batches"] += 1
         self._batch_id = (self._batch_id + 1) % (1 << 31)
         self.stats["batched_requests"] += len(group)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
+        self.metrics.observe_batch(len(group), compute_ms / 1e3, sum(m.tokens for m in group), sum(m.work.wire_bytes for m in group))
         try:
             outputs = self._to_host(group, outputs)
         except Exception as e:
