@@ -169,7 +169,7 @@ class StageWorker:
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
-        self._rhythms = StepRhythms(active_s=_ACTIVE_S)  # when each request's next step is due (see _await_stragglers)
+        self._active: dict[str, float] = {}  # requests that ran a step here lately -> when (see _await_stragglers)
         self._last_forward_s = 0.0
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -446,18 +446,20 @@ class StageWorker:
           steps, and without waiting the stage would alternate between two half-size batches
           forever (on a memory-bound device each costing about a full one).
         Only the first stage waits for requests; stages that all did would wait for each other."""
+        now = time.monotonic()
+        for key, t in list(self._active.items()):
+            if now - t > _ACTIVE_S:
+                del self._active[key]
         if not backlog or self.batch_limits.max_batch_size == 1:
             return True
         if self.stage.is_first:
-            expected = self._rhythms.expected(time.monotonic())
-            if len(expected) <= 1:
+            if len(self._active) <= 1:
                 return True
-            deadline = time.monotonic() + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+            deadline = now + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
         else:
-            expected = set()
-            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
+            deadline = now + self.config.batch_wait_ms / 1000
         while True:
-            if self._batch_complete(backlog, expected):
+            if self._batch_complete(backlog):
                 return True
             left = deadline - time.monotonic()
             if left <= 0 or len(backlog) >= self.config.queue_depth:
@@ -470,7 +472,7 @@ class StageWorker:
                 return False
             backlog.append(item)
 
-    def _batch_complete(self, backlog: deque, expected: set) -> bool:
+    def _batch_complete(self, backlog: deque) -> bool:
         forwards = [w for w in backlog if w.msg.kind == "forward"]
         if not forwards:
             return True
@@ -480,7 +482,7 @@ class StageWorker:
                 return True
             return sum(1 for w in forwards if w.msg.meta.get("upstream_batch") == mark) >= min(mark[1], self.batch_limits.max_batch_size)
         queued = {cache_key(w.origin, w.msg.req) for w in forwards}
-        return len(queued) >= self.batch_limits.max_batch_size or not expected - queued
+        return len(queued) >= min(len(self._active), self.batch_limits.max_batch_size) or not self._active.keys() - queued
 
     def _run_round(self, backlog: deque, peers: dict) -> None:
         """Run what is runnable now: pending releases, then one batched forward (the oldest
@@ -489,7 +491,7 @@ class StageWorker:
                                      is_release=lambda w: w.msg.kind == "release", max_members=self.batch_limits.max_batch_size)
         for item in releases:
             self.caches.drop(cache_key(item.origin, item.msg.req))
-            self._rhythms.drop(cache_key(item.origin, item.msg.req))
+            self._active.pop(cache_key(item.origin, item.msg.req), None)
         members = []
         for item in taken:
             try:
@@ -571,13 +573,11 @@ class StageWorker:
             return
         compute_ms = (time.perf_counter() - t1) * 1e3
         self._last_forward_s = compute_ms / 1e3
-        if cached and self.stage.is_first:
+        if cached:
             now = time.monotonic()
             for m in group:
-                if m.work.msg.meta.get("final"):
-                    self._rhythms.drop(m.cache_key)
-                else:
-                    self._rhythms.note(m.cache_key, now)
+                if not m.work.msg.meta.get("final"):
+                    self._active[m.cache_key] = now
         self.stats["busy_s"] += compute_ms / 1e3
         self.stats["batches"] += 1
         self._batch_id = (self._batch_id + 1) % (1 << 31)
