@@ -16,6 +16,7 @@ from torch import nn
 from splitnet.errors import ModelLoadError
 from splitnet.model import builtin
 from splitnet.model.blocks import Architecture, BlockModel
+from splitnet.model.efficientnet import MODEL_TYPE as EFFICIENTNET_LITE, EfficientNetLiteArchitecture
 from splitnet.model.gpt2 import GPT2Architecture
 from splitnet.model.hf_decoder import FAMILIES as HF_DECODER_FAMILIES
 from splitnet.model.hf_decoder import HFDecoderArchitecture
@@ -28,6 +29,7 @@ from splitnet.model.weights import load_into, load_tensors, read_config, weight_
 ARCHITECTURES: dict[str, type[Architecture]] = {
     "gpt2": GPT2Architecture,
     "vit": HFViTArchitecture,
+    EFFICIENTNET_LITE: EfficientNetLiteArchitecture,
     **{model_type: HFDecoderArchitecture for model_type in HF_DECODER_FAMILIES},
     **{model_type: HFEncoderArchitecture for model_type in ENCODER_FAMILIES},
 }
