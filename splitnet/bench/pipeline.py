@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--baselines", default="", help="transformers baselines: eager,compiled (default: eager on cpu, both on cuda; 'none' for none)")
     p.add_argument("--max-batch-size", type=int, default=64, help="stage batching limit (1: one request per forward)")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="stage option: wait this long at most for active requests' next steps")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="stage option: wait this long at most for active requests' next steps")
     p.add_argument("--check-sequences", type=int, default=4, help="decode sequences whose tokens are checked against transformers")
 
 

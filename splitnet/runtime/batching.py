@@ -104,3 +104,49 @@ def signature(inputs: dict, cached: bool, options: StepOptions) -> tuple:
     dimension, dtypes, whether they hold a KV cache (then each is one sequence), and options."""
     parts = tuple((name, tuple(t.shape[1:]), str(t.dtype), int(t.shape[0]) if cached else None) for name, t in sorted(inputs.items()))
     return (parts, cached, options)
+
+
+@dataclass
+class _Rhythm:
+    last_s: float
+    interval_s: float | None = None  # smoothed time between two of its steps here
+
+
+class StepRhythms:
+    """When the first stage should expect each active request's next step.
+
+    A request that ran a (non-final) step here is *expected* while it keeps its rhythm: at most
+    ``active_s`` since its last step and at most ``patience`` times its smoothed step interval.
+    A stalled client (reading, thinking, gone) stops being waited for after a couple of its own
+    intervals instead of delaying everyone else's batches for ``active_s``.
+    """
+
+    def __init__(self, active_s: float = 1.0, patience: float = 2.0, smoothing: float = 0.5):
+        self.active_s, self.patience, self.smoothing = active_s, patience, smoothing
+        self._rhythms: dict[Hashable, _Rhythm] = {}
+
+    def note(self, key: Hashable, now_s: float) -> None:
+        r = self._rhythms.get(key)
+        if r is None:
+            self._rhythms[key] = _Rhythm(now_s)
+            return
+        gap = now_s - r.last_s
+        r.interval_s = gap if r.interval_s is None else self.smoothing * gap + (1 - self.smoothing) * r.interval_s
+        r.last_s = now_s
+
+    def drop(self, key: Hashable) -> None:
+        self._rhythms.pop(key, None)
+
+    def expected(self, now_s: float) -> set:
+        """Keys whose next step should arrive soon; forgets requests idle past ``active_s``."""
+        out = set()
+        for key, r in list(self._rhythms.items()):
+            idle = now_s - r.last_s
+            if idle > self.active_s:
+                del self._rhythms[key]
+            elif r.interval_s is None or idle <= self.patience * r.interval_s:
+                out.add(key)
+        return out
+
+    def __len__(self) -> int:
+        return len(self._rhythms)

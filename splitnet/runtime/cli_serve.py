@@ -37,7 +37,7 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--insecure", action="store_true", help="serve plaintext without authentication (warns; needed for a non-loopback bind without --server-key)")
     p.add_argument("--max-batch-size", type=int, default=64, help="most requests one forward combines (1: no batching)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="most new tokens one forward combines over its requests")
-    p.add_argument("--batch-wait-ms", type=float, default=5.0, help="wait up to this long (and at most one forward's time) for the next steps of active requests before running a smaller batch")
+    p.add_argument("--batch-wait-ms", type=float, default=20.0, help="wait up to this long for the rest of a batch: the first stage for the next steps of requests keeping their rhythm (never longer than its last forward), a later stage for the rest of the upstream batch")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of replaying captured graphs")
     p.add_argument("--cpus", default="", help="CPU cores to pin this stage to, e.g. 0-3 or 0,2,4 (torch threads default to their number)")
     p.add_argument("--max-request-cache-mib", type=int, default=0, help="KV cache memory limit per request (MiB; 0: same as --max-cache-mib)")
@@ -54,18 +54,18 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         from splitnet.runtime.plan_io import stage_from_plan
 
         s = stage_from_plan(args.plan, args.stage)
-        model = model or s["model"]
-        blocks = blocks or f"{s['blocks'][0]}:{s['blocks'][1]}"
-        bind = bind or s.get("bind") or "tcp://0.0.0.0:0"
-        codec_out = codec_out or s.get("codec_out", "")
-        codec_files += s.get("codec_files", [])
+        model = model or s.model
+        blocks = blocks or f"{s.start_block}:{s.end_block}"
+        bind = bind or s.bind or "tcp://0.0.0.0:0"
+        codec_out = codec_out or s.codec_out
+        codec_files += list(s.codec_files)
         stage_index = args.stage
     if not model or not blocks:
         raise ConfigError("serve-stage needs --model and --blocks START:END (or --plan and --stage)")
     try:
         start, end = (int(x) for x in blocks.split(":"))
-    except ValueError as e:
-        raise ConfigError(f"--blocks must look like START:END, got {blocks!r}") from e
+    except ValueError:
+        raise ConfigError(f"--blocks must look like START:END (e.g. 0:2), got {blocks!r}") from None
     return StageWorkerConfig(
         model=model,
         start_block=start,
@@ -89,6 +89,17 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         cpus=parse_cpus(args.cpus),
         metrics_port=getattr(args, "metrics_port", None),
     )
+
+
+def preflight(config: StageWorkerConfig) -> None:
+    """What can be checked before the weights load: codecs by name, the port, the model's blocks."""
+    from splitnet.runtime.preflight import check_blocks_in_model, check_codec_spec, check_port_free
+
+    check_codec_spec(config.codec_out, "--codec-out")
+    for f in config.codec_files:
+        check_codec_spec(f, "--codec-file")
+    check_port_free(config.bind, f"stage {config.stage_index}")
+    check_blocks_in_model(config.model, config.start_block, config.end_block, f"stage {config.stage_index}")
 
 
 def parse_cpus(text: str) -> tuple[int, ...]:
@@ -129,11 +140,12 @@ def run(args: argparse.Namespace) -> int:
         from splitnet.wire.security import check_transport, stage_socket_config
 
         config = config_from_args(args)
+        preflight(config)
         sock_cfg = stage_socket_config(args.server_key, args.keys_dir, args.insecure, config.bind, config.send_timeout_ms, check_transport(args.transport),
                                        stage_keys_dir=args.stage_keys_dir, max_message_bytes=config.max_input_bytes)
         serve_forever(config, socket_config=sock_cfg, max_request_cache_bytes=args.max_request_cache_mib * 1024 * 1024 or None)
     except SplitnetError as e:
-        print(f"splitnet serve-stage: {type(e).__name__}: {e}")
+        print(f"splitnet serve-stage: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 2
     # The worker has closed its sockets and joined its compute thread. Leave without running C++
     # static destructors: torch's and libzmq's background threads can abort an orderly interpreter

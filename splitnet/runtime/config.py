@@ -37,8 +37,9 @@ class StageWorkerConfig:
         max_batch_size: most requests one forward combines (decode steps of many sequences,
             prefill chunks of equal length); 1 runs one request per forward.
         max_batch_tokens: most new tokens one forward combines over its requests.
-        batch_wait_ms: how long a stage may wait for the next steps of requests it served in the
-            last second before running a smaller batch (never longer than its last forward).
+        batch_wait_ms: how long a stage may wait for the rest of a batch: the first stage for the
+            next steps of the requests keeping their step rhythm (never longer than its last
+            forward), a later stage for the rest of the upstream stage's batch.
         cuda_graphs: on CUDA, replay captured graphs for decode steps (one per batch and length bucket).
         cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
             default to their number.
@@ -67,7 +68,7 @@ class StageWorkerConfig:
     max_input_bytes: int = 128 * 1024**2
     max_batch_size: int = 64
     max_batch_tokens: int = 4096
-    batch_wait_ms: float = 5.0
+    batch_wait_ms: float = 20.0
     cuda_graphs: bool = True
     cpus: tuple[int, ...] = field(default_factory=tuple)
     metrics_port: int | None = None

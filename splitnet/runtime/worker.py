@@ -42,7 +42,7 @@ import zmq
 
 from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
 from splitnet.model import KVCache, load_model
-from splitnet.runtime.batching import BatchLimits, Member, StepOptions, pick_group, signature, take_round
+from splitnet.runtime.batching import BatchLimits, Member, StepOptions, StepRhythms, pick_group, signature, take_round
 from splitnet.runtime.config import StageWorkerConfig
 from splitnet.runtime.cut_codec import CutCodecs
 from splitnet.runtime.metrics import StageIdentity, stage_metrics
@@ -169,7 +169,7 @@ class StageWorker:
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
-        self._active: dict[str, float] = {}  # requests that ran a step here lately -> when (see _await_stragglers)
+        self._rhythms = StepRhythms(active_s=_ACTIVE_S)  # when each request's next step is due (see _await_stragglers)
         self._last_forward_s = 0.0
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -441,25 +441,25 @@ class StageWorker:
           its oldest item came in is queued: the upstream stage sends a batch's outputs one
           message each (``meta.upstream_batch`` = [batch id, members]).
         - The first stage (inputs straight from the clients) waits, up to ``batch_wait_ms`` and
-          at most its last forward's time, for the next steps of requests that ran here in the
-          last second: while one batch computes, the clients of the previous one send their next
-          steps, and without waiting the stage would alternate between two half-size batches
-          forever (on a memory-bound device each costing about a full one).
+          at most its last forward's time, for the next steps of the requests it expects (those
+          keeping their step rhythm, :class:`StepRhythms`): while one batch computes, the clients
+          of the previous one send their next steps, and without waiting the stage would
+          alternate between two half-size batches forever (on a memory-bound device, or two
+          stages sharing one GPU, each costs about a full one). Waiting at most one forward's
+          time never costs more than the second forward it saves.
         Only the first stage waits for requests; stages that all did would wait for each other."""
-        now = time.monotonic()
-        for key, t in list(self._active.items()):
-            if now - t > _ACTIVE_S:
-                del self._active[key]
         if not backlog or self.batch_limits.max_batch_size == 1:
             return True
         if self.stage.is_first:
-            if len(self._active) <= 1:
+            expected = self._rhythms.expected(time.monotonic())
+            if len(expected) <= 1:
                 return True
-            deadline = now + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+            deadline = time.monotonic() + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
         else:
-            deadline = now + self.config.batch_wait_ms / 1000
+            expected = set()
+            deadline = time.monotonic() + self.config.batch_wait_ms / 1000
         while True:
-            if self._batch_complete(backlog):
+            if self._batch_complete(backlog, expected):
                 return True
             left = deadline - time.monotonic()
             if left <= 0 or len(backlog) >= self.config.queue_depth:
@@ -472,7 +472,7 @@ class StageWorker:
                 return False
             backlog.append(item)
 
-    def _batch_complete(self, backlog: deque) -> bool:
+    def _batch_complete(self, backlog: deque, expected: "set | frozenset" = frozenset()) -> bool:
         forwards = [w for w in backlog if w.msg.kind == "forward"]
         if not forwards:
             return True
@@ -482,7 +482,7 @@ class StageWorker:
                 return True
             return sum(1 for w in forwards if w.msg.meta.get("upstream_batch") == mark) >= min(mark[1], self.batch_limits.max_batch_size)
         queued = {cache_key(w.origin, w.msg.req) for w in forwards}
-        return len(queued) >= min(len(self._active), self.batch_limits.max_batch_size) or not self._active.keys() - queued
+        return len(queued) >= self.batch_limits.max_batch_size or not expected - queued
 
     def _run_round(self, backlog: deque, peers: dict) -> None:
         """Run what is runnable now: pending releases, then one batched forward (the oldest
@@ -491,7 +491,7 @@ class StageWorker:
                                      is_release=lambda w: w.msg.kind == "release", max_members=self.batch_limits.max_batch_size)
         for item in releases:
             self.caches.drop(cache_key(item.origin, item.msg.req))
-            self._active.pop(cache_key(item.origin, item.msg.req), None)
+            self._rhythms.drop(cache_key(item.origin, item.msg.req))
         members = []
         for item in taken:
             try:
@@ -573,11 +573,13 @@ class StageWorker:
             return
         compute_ms = (time.perf_counter() - t1) * 1e3
         self._last_forward_s = compute_ms / 1e3
-        if cached:
+        if cached and self.stage.is_first:
             now = time.monotonic()
             for m in group:
-                if not m.work.msg.meta.get("final"):
-                    self._active[m.cache_key] = now
+                if m.work.msg.meta.get("final"):
+                    self._rhythms.drop(m.cache_key)
+                else:
+                    self._rhythms.note(m.cache_key, now)
         self.stats["busy_s"] += compute_ms / 1e3
         self.stats["batches"] += 1
         self._batch_id = (self._batch_id + 1) % (1 << 31)

@@ -21,7 +21,7 @@ from splitnet.model import load_model
 from splitnet.runtime.batching import BatchLimits, Member, pick_group, take_round
 from splitnet.runtime.config import StageWorkerConfig
 from splitnet.runtime.launcher import launch_pipeline
-from splitnet.runtime.worker import StageWorker, _Work
+from splitnet.runtime.worker import StageWorker, _Work, cache_key
 from splitnet.wire import Message, SocketConfig, decode_message, make_socket
 
 pytestmark = pytest.mark.timeout(180)
@@ -196,6 +196,19 @@ def test_a_later_stage_waits_for_the_whole_upstream_batch():
         assert w._batch_complete(items)
         assert w._batch_complete(deque([_Work(Message(kind="forward", req="x", meta={"upstream_batch": "junk"}), 0, 0.0)]))  # bad marks never wait
         w.stage.embed = saved
+    finally:
+        b.close()
+
+
+def test_the_first_stage_waits_only_for_requests_it_expects():
+    b = _Bench()
+    try:
+        w = b.worker
+        items = deque(_Work(Message(kind="forward", req=r), 0, 0.0, origin="o") for r in ("a", "b"))
+        keys = {r: cache_key("o", r) for r in ("a", "b", "c")}
+        assert not w._batch_complete(items, {keys["a"], keys["b"], keys["c"]})  # c is due: wait for it
+        assert w._batch_complete(items, {keys["a"], keys["b"]})  # everyone due is queued
+        assert w._batch_complete(items, set())
     finally:
         b.close()
 

@@ -135,3 +135,21 @@ def test_cacheless_members_are_stacked_and_split(tmp_path_factory):
     outs = st.forward_batch(xs, None)
     for x, out in zip(xs, outs):
         assert (out["logits"] - st(x)["logits"]).abs().max() <= 1e-5
+
+
+def test_step_rhythms_expect_requests_that_keep_their_rhythm():
+    from splitnet.runtime.batching import StepRhythms
+
+    r = StepRhythms(active_s=1.0, patience=2.0)
+    for t in (0.0, 0.01, 0.02):
+        r.note("a", t)
+        r.note("b", t)
+    r.note("a", 0.03)
+    assert r.expected(0.035) == {"a", "b"}  # b is 15 ms late on a 10 ms rhythm: still expected
+    assert r.expected(0.045) == {"a"}  # b is 25 ms late, > 2 intervals: not waited for
+    r.note("c", 0.05)  # one step only: no rhythm yet, expected until active_s
+    assert "c" in r.expected(0.9)
+    assert r.expected(2.0) == set() and len(r) == 0  # idle past active_s: forgotten
+    r.note("d", 0.0)
+    r.drop("d")
+    assert "d" not in r.expected(0.0)
