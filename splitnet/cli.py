@@ -15,6 +15,8 @@ _COMMAND_MODULES = [
     "splitnet.runtime.cli_demo",  # demo
     "splitnet.runtime.cli_serve",  # serve-stage
     "splitnet.cloud.server",  # serve (all stages of a plan on one device, supervised)
+    "splitnet.cloud.cli_api",  # api (OpenAI-compatible HTTP server over a pipeline)
+    "splitnet.cloud.cli_status",  # status (liveness, model, blocks and load of stages)
     "splitnet.bench.cli",  # bench <suite>
     "splitnet.codecs.cli",  # calibrate
     "splitnet.planner.cli",  # plan, profile
