@@ -159,6 +159,9 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
         if c.replays:
             metrics.replays.inc(c.replays)
 
+    def token_ids(body: _Sampling, c: Completion) -> dict:
+        return {"prompt_token_ids": c.prompt_ids, "token_ids": c.tokens} if body.return_token_ids else {}
+
     def usage(c: Completion) -> dict:
         return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.tokens), "total_tokens": c.prompt_tokens + len(c.tokens)}
 
@@ -225,7 +228,8 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
         t0 = time.perf_counter()
         c = await run_in_threadpool(generate_blocking, req, None, threading.Event())
         account(route, c, t0)
-        return {**base, "choices": [{"index": 0, "text": c.text, "logprobs": None, "finish_reason": _finish(c.finish_reason)}], "usage": usage(c)}
+        choice = {"index": 0, "text": c.text, "logprobs": None, "finish_reason": _finish(c.finish_reason), **token_ids(body, c)}
+        return {**base, "choices": [choice], "usage": usage(c)}
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
@@ -257,7 +261,8 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
         c = await run_in_threadpool(generate_blocking, req, None, threading.Event())
         account(route, c, t0)
         message = {"role": "assistant", "content": c.text}
-        return {**base, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(c.finish_reason)}], "usage": usage(c)}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": _finish(c.finish_reason), **token_ids(body, c)}
+        return {**base, "choices": [choice], "usage": usage(c)}
 
     # ------------------------------------------------------------------ embeddings ---------
     @app.post("/v1/embeddings")

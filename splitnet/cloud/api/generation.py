@@ -28,6 +28,7 @@ class Completion:
     ttft_s: float | None = None
     replays: int = 0
     stats: dict = field(default_factory=dict)
+    prompt_ids: list[int] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -100,4 +101,4 @@ def run_generation(session: Any, tokenizer: Any, req: GenerationRequest, on_delt
     rest = texts.flush()
     if rest and on_delta is not None and finish != "cancelled":
         on_delta(rest)
-    return Completion(texts.text, tokens, finish, len(req.prompt_ids), ttft, len(stats.get("replays") or []), stats)
+    return Completion(texts.text, tokens, finish, len(req.prompt_ids), ttft, len(stats.get("replays") or []), stats, list(req.prompt_ids))

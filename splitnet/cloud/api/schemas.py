@@ -39,6 +39,7 @@ class _Sampling(_Strict):
     frequency_penalty: float = 0.0
     logit_bias: dict[str, float] | None = None
     user: str | None = Field(None, max_length=256)
+    return_token_ids: bool = Field(False, description="extension (vLLM's name): the choice also carries prompt_token_ids and token_ids")
 
     @field_validator("n")
     @classmethod
