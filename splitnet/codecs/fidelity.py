@@ -69,25 +69,41 @@ def _output_tensor(out: Mapping[str, Any]):
     raise CodecError(f"the last stage returned {sorted(out)}; no logits or embedding to compare")
 
 
-def cut_features(bm, cut: int, inputs: Iterable[tuple[Mapping[str, np.ndarray], int]], *, progress=None) -> list[CutFeatures]:
-    """Run blocks [0, cut) and the unsplit tail [cut, L) on every input ((first-stage inputs, raw bytes))."""
+def cut_features(bm, cut: int, inputs: Iterable[tuple[Mapping[str, np.ndarray], int]], *, progress=None,
+                 batch_size: int = 16) -> list[CutFeatures]:
+    """Run blocks [0, cut) and the unsplit tail [cut, L) on every input ((first-stage inputs, raw
+    bytes)); inputs of equal shapes (images) run in batches of ``batch_size``."""
     import torch
 
     head, tail = bm.stage(0, cut), bm.stage(cut, bm.num_blocks)
     all_logits = bm.kind == "decoder"
     out: list[CutFeatures] = []
     with torch.no_grad():
-        for x, raw in inputs:
-            tx = {k: torch.from_numpy(np.asarray(v)) for k, v in x.items()}
+        for group in _batches(list(inputs), batch_size if bm.kind == "vision" else 1):
+            tx = {k: torch.from_numpy(np.concatenate([np.asarray(x[k]) for x, _ in group])) for k in group[0][0]}
             mid = head(tx)
             hidden = mid["hidden"]
             carry = {k: v for k, v in mid.items() if k != "hidden"}
             ref = _output_tensor(tail({"hidden": hidden, **carry}, all_logits=all_logits))
-            ids = np.asarray(x["input_ids"]) if all_logits else None
-            out.append(CutFeatures(hidden.float().numpy(), carry, ref, ids, int(raw)))
+            for i, (x, raw) in enumerate(group):
+                ids = np.asarray(x["input_ids"]) if all_logits else None
+                out.append(CutFeatures(hidden[i : i + 1].float().numpy(), {k: v[i : i + 1] for k, v in carry.items()},
+                                       ref[i : i + 1], ids, int(raw)))
             if progress is not None:
-                progress.update(1)
+                progress.update(len(group))
     return out
+
+
+def _batches(items: list, size: int) -> list[list]:
+    """Consecutive runs of items whose input shapes agree, at most ``size`` long."""
+    groups: list[list] = []
+    for it in items:
+        shapes = {k: np.shape(v) for k, v in it[0].items()}
+        if groups and len(groups[-1]) < size and {k: np.shape(v) for k, v in groups[-1][0][0].items()} == shapes:
+            groups[-1].append(it)
+        else:
+            groups.append([it])
+    return groups
 
 
 def calibration_tokens(features: Sequence[CutFeatures]) -> tuple[np.ndarray, np.ndarray]:
@@ -103,7 +119,7 @@ def calibration_tokens(features: Sequence[CutFeatures]) -> tuple[np.ndarray, np.
     return np.ascontiguousarray(np.concatenate(rows), dtype=np.float32), np.asarray(lens, dtype=np.int64)
 
 
-def evaluate_codec(bm, cut: int, codec, features: Sequence[CutFeatures], *, progress=None) -> CutFidelity:
+def evaluate_codec(bm, cut: int, codec, features: Sequence[CutFeatures], *, progress=None, batch_size: int = 16) -> CutFidelity:
     """Encode each held-out input's cut features with ``codec``, run the tail on the decoded ones,
     and compare with the unsplit model."""
     import torch
@@ -117,24 +133,31 @@ def evaluate_codec(bm, cut: int, codec, features: Sequence[CutFeatures], *, prog
     all_logits = bm.kind == "decoder"
     wire = fp16_bytes = raw = 0
     cos_sum, cos_n = 0.0, 0
+    decoded_all: list[np.ndarray] = []
+    for f in features:  # one payload per input: the bytes one request sends
+        payload = codec.encode(f.hidden)
+        decoded = np.asarray(codec.decode(payload), dtype=np.float32).reshape(f.hidden.shape)
+        wire += payload.nbytes
+        fp16_bytes += fp16.encode(f.hidden).nbytes
+        raw += f.raw_nbytes
+        a, b = f.hidden.reshape(-1, f.hidden.shape[-1]), decoded.reshape(-1, f.hidden.shape[-1])
+        cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
+        cos_sum += float(cos.sum())
+        cos_n += cos.size
+        decoded_all.append(decoded)
     refs, tests, ids = [], [], []
+    size = batch_size if bm.kind == "vision" else 1
     with torch.no_grad():
-        for f in features:
-            payload = codec.encode(f.hidden)
-            decoded = np.asarray(codec.decode(payload), dtype=np.float32).reshape(f.hidden.shape)
-            wire += payload.nbytes
-            fp16_bytes += fp16.encode(f.hidden).nbytes
-            raw += f.raw_nbytes
-            a, b = f.hidden.reshape(-1, f.hidden.shape[-1]), decoded.reshape(-1, f.hidden.shape[-1])
-            cos = (a * b).sum(1) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-12)
-            cos_sum += float(cos.sum())
-            cos_n += cos.size
-            out = _output_tensor(tail({"hidden": torch.from_numpy(decoded), **f.carry}, all_logits=all_logits))
-            refs.append(f.reference.float())
-            tests.append(out.float())
-            ids.append(f.input_ids)
+        for i in range(0, len(features), size):
+            group = features[i : i + size]
+            hidden = torch.from_numpy(np.concatenate(decoded_all[i : i + size]))
+            carry = {k: torch.cat([f.carry[k] for f in group]) for k in group[0].carry}
+            out = _output_tensor(tail({"hidden": hidden, **carry}, all_logits=all_logits)).float()
+            refs.extend(f.reference.float() for f in group)
+            tests.extend(out[j : j + 1] for j in range(len(group)))
+            ids.extend(f.input_ids for f in group)
             if progress is not None:
-                progress.update(1)
+                progress.update(len(group))
     task = task_measures(bm.kind, refs, tests, ids)
     primary = PRIMARY_MEASURE.get(bm.kind, "cut_cosine")
     n = len(features)
