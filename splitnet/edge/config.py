@@ -21,7 +21,14 @@ class ClientConfig:
             NAT; ``"bind"``: the client binds ``reply_host`` and the last stage connects to it.
         reply_host: address this client binds for results with ``reply_via="bind"``; it must be
             reachable from the last stage.
-        max_recoveries: most stage replacements + replays for one request (with a recovery hook).
+        max_recoveries: most recoveries (stage replacements + replays, and failed attempts
+            inside a recovery) one request may use before it fails (with a recovery hook).
+        recovery_refill_tokens: one recovery is given back per this many tokens generated
+            since the last one (0: never), so a long generation survives faults far apart.
+        disconnect_grace_s: a stage whose connection closed (socket monitor) and has not come
+            back within this is unavailable at once, before its heartbeat window ends.
+        max_pending_replies: most replies held for requests not yet collected; beyond it a new
+            reply raises LimitExceeded (replies of released requests or old epochs are dropped).
         prefill_chunk_tokens: prompt tokens per prefill chunk (chunks flow through the stages
             one after another, so stage i works on chunk k+1 while stage i+1 works on chunk k).
         client_key: this client's CURVE keypair file (``NAME.key_secret`` from ``splitnet keys gen``);
@@ -41,6 +48,9 @@ class ClientConfig:
     reply_host: str = "127.0.0.1"
     prefill_chunk_tokens: int = 64
     max_recoveries: int = 3
+    recovery_refill_tokens: int = 256
+    disconnect_grace_s: float = 0.5
+    max_pending_replies: int = 1024
     client_key: str = ""
     server_key: str | tuple[str, ...] = ""
     transport: str = "curvezmq"
@@ -53,6 +63,12 @@ class ClientConfig:
             raise ConfigError("ClientConfig.heartbeat_liveness must be >= 1")
         if self.max_recoveries < 0:
             raise ConfigError("ClientConfig.max_recoveries must be >= 0")
+        if self.recovery_refill_tokens < 0:
+            raise ConfigError("ClientConfig.recovery_refill_tokens must be >= 0 (0: the budget never refills)")
+        if self.disconnect_grace_s <= 0:
+            raise ConfigError(f"ClientConfig.disconnect_grace_s must be positive, got {self.disconnect_grace_s!r}")
+        if self.max_pending_replies < 1:
+            raise ConfigError("ClientConfig.max_pending_replies must be >= 1")
         if self.prefill_chunk_tokens < 1:
             raise ConfigError("ClientConfig.prefill_chunk_tokens must be >= 1")
         if bool(self.client_key) != bool(self.server_key):

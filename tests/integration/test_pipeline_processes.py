@@ -62,7 +62,7 @@ def test_results_come_back_either_way(minilm_pipe, reply_via):
     so it works behind NAT); "bind": the last stage connects back to an endpoint the client binds."""
     with splitnet.connect(minilm_pipe.endpoints, config=ClientConfig(timeout_s=30, reply_via=reply_via)) as s:
         assert s.reply_to.startswith("peer:" if reply_via == "connection" else "tcp://127.0.0.1:")
-        assert (s._results is None) == (reply_via == "connection")
+        assert s.links.binds_results == (reply_via == "bind")
         out = s.infer({"text": ["results find their way home"]})["embedding"]
         assert out.shape == (1, 384) and s.last_stats["result_bytes"] > 384 * 4
         assert len(s.ping()) == 3
@@ -102,8 +102,10 @@ def test_generate_matches_unsplit_greedy_and_uses_kv_cache(gpt_pipe):
 
 def test_stream_and_seeded_sampling(gpt_pipe):
     with splitnet.connect(gpt_pipe.endpoints, timeout_s=30) as s:
-        streamed = list(s.stream("abc", 6))
-        assert streamed == s.generate("abc", 6).tokens
+        events = list(s.stream("abc", 6))
+        result = s.generate("abc", 6)
+        assert [e.token for e in events[:-1]] == result.tokens and events[-1].tokens == result.tokens
+        assert [e.offset for e in events[:-1]] == list(range(6)) and "".join(e.text for e in events[:-1]) == result.text
         a = s.generate("abc", 8, sampling=SamplingConfig(temperature=1.5, top_k=50, seed=7)).tokens
         b = s.generate("abc", 8, sampling=SamplingConfig(temperature=1.5, top_k=50, seed=7)).tokens
         c = s.generate("abc", 8, sampling=SamplingConfig(temperature=1.5, top_k=50, seed=8)).tokens
@@ -115,7 +117,8 @@ def test_generate_many_equals_one_at_a_time(gpt_pipe):
     with splitnet.connect(gpt_pipe.endpoints, timeout_s=30) as s:
         together = s.generate_many(prompts, 6)
         alone = [s.generate(p, 6).tokens for p in prompts]
-    assert together == alone
+    assert [r.tokens for r in together] == alone
+    assert [r.text for r in together] == [s.tokenizer.decode(t) for t in alone] and {r.finish_reason for r in together} == {"length"}
 
 
 def test_decode_step_without_prefill_is_a_typed_error(gpt_pipe):

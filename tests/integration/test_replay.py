@@ -7,6 +7,7 @@ import pytest
 
 import splitnet
 from splitnet.edge.config import ClientConfig
+from splitnet.edge.generation import GenerationResult, TokenChunk
 from splitnet.edge.sampling import SamplingConfig
 from splitnet.errors import StageUnavailable
 from splitnet.runtime.launcher import launch_pipeline
@@ -24,12 +25,19 @@ def test_generation_survives_a_killed_stage(kill_leftovers, victim, sampling):
             expected = s.generate(prompt, 24, sampling=sampling).tokens
         with splitnet.connect(pipe.endpoints, config=FAST, recovery=pipe.respawn_stage) as s:
             old_pid = pipe.stages[victim].pid
-            got, stats = [], {}
-            for tok in s.stream(prompt, 24, sampling=sampling, _out=stats):
-                got.append(tok)
-                if len(got) == 10:
-                    pipe.kill_stage(victim)
+            got, results = [], []
+            for event in s.stream(prompt, 24, sampling=sampling):
+                if isinstance(event, TokenChunk):
+                    got.append(event.token)
+                    if len(got) == 10:
+                        pipe.kill_stage(victim)
+                else:
+                    results.append(event)
             assert got == expected
+            [result] = results
+            assert isinstance(result, GenerationResult) and result.tokens == expected and result.finish_reason == "length"
+            assert result.replays == 1
+            stats = result.stats
             assert len(stats["replays"]) == 1 and stats["replays"][0]["after_tokens"] == 10
             assert s.recoveries[0]["replaced"] == [victim] and s.epoch == 1
             assert pipe.stages[victim].pid != old_pid
@@ -64,7 +72,7 @@ def test_generate_many_survives_a_killed_stage(kill_leftovers):
     sampling = SamplingConfig(temperature=1.0, top_k=40, seed=5)
     with launch_pipeline("tiny-gpt2", [2, 4]) as pipe:
         with splitnet.connect(pipe.endpoints, config=FAST) as s:
-            expected = s.generate_many(prompts, 10, sampling=sampling)
+            expected = [r.tokens for r in s.generate_many(prompts, 10, sampling=sampling)]
         with splitnet.connect(pipe.endpoints, config=FAST, recovery=pipe.respawn_stage) as s:
             seen: list[tuple[int, int]] = []
 
@@ -73,8 +81,8 @@ def test_generate_many_survives_a_killed_stage(kill_leftovers):
                 if len(seen) == 12:
                     pipe.kill_stage(1)
 
-            stats: dict = {}
-            got = s.generate_many(prompts, 10, sampling=sampling, on_token=on_token, _out=stats)
-            assert got == expected
+            results = s.generate_many(prompts, 10, sampling=sampling, on_token=on_token)
+            assert [r.tokens for r in results] == expected and [r.index for r in results] == [0, 1, 2]
             assert len(seen) == 30, "a token was produced twice or lost"
-            assert len(stats["replays"]) == 1 and s.recoveries[0]["replaced"] == [1]
+            assert len(s.last_stats["replays"]) == 3  # one recovery, each of the 3 unfinished sequences replayed once
+            assert len(s.recoveries) == 1 and s.recoveries[0]["replaced"] == [1]

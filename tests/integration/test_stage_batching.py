@@ -167,7 +167,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_tokens(kill_leftovers)
     with launch_pipeline("tiny-llama", [1]) as pipe:
         with splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=60)) as s:
             alone = [s.generate(p, 12).tokens for p in prompts]
-            together = s.generate_many(prompts, 12)
+            together = [r.tokens for r in s.generate_many(prompts, 12)]
         got: dict[int, list[int]] = {}
         sessions = [splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=60)) for _ in prompts]
         threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, sessions[i].generate(prompts[i], 12).tokens)) for i in range(len(prompts))]

@@ -1,0 +1,403 @@
+"""The client's links to the stages of one pipeline, and their liveness, behind one poll loop.
+
+:class:`StageLinks` owns one DEALER per stage (all with this session's routing id, so the last
+stage can send results back over the client's own connection) and, with
+``ClientConfig(reply_via="bind")``, the bound results ROUTER. Every wait of the session goes
+through :meth:`StageLinks.wait_until`, the one loop (zguide ``lpclient``) that
+
+- receives what arrives and hands each decoded message to the session's ``on_message``;
+- answers a stage's ``ping`` (a stage asks who holds a connection before it sends a result);
+- sends heartbeats once per ``heartbeat_interval_s``;
+- watches liveness: any message from a stage (or a result whose trace names it) counts as a
+  sign of life; half-way through a silent window the connection is closed and reopened (libzmq
+  never reconnects a link that failed with a protocol error, and a new connection takes the
+  routing id back from a half-open ghost); a stage silent for a whole window
+  (``heartbeat_interval_s x heartbeat_liveness``) raises :class:`StageUnavailable`;
+- watches each socket's disconnect events (zmq socket monitor): a stage whose connection closed
+  and has not come back within ``disconnect_grace_s`` is unavailable at once, without waiting
+  for the heartbeat window (a killed process closes its sockets).
+
+A socket belongs to one thread: use a StageLinks from the thread that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from splitnet.edge.config import ClientConfig
+from splitnet.errors import AuthError, ProtocolError, StageUnavailable
+from splitnet.wire import DEFAULT_LIMITS, Message, SocketConfig, decode_message, encode_message, make_socket, message_nbytes
+from splitnet.wire.security import HandshakeWatch, set_peer_key
+
+log = logging.getLogger("splitnet.sdk")
+
+#: on_message(stage index or None for the bound results socket, message, bytes received)
+OnMessage = Callable[[int | None, Message, int], None]
+
+_LIVENESS_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
+_POLL_SLICE_S = 0.05  # the loop wakes at least this often to check deadlines and liveness
+
+
+@dataclass
+class _Link:
+    """One stage's connection and what the loop knows about it."""
+
+    index: int
+    endpoint: str
+    sock: zmq.Socket
+    monitor: zmq.Socket | None = None  # disconnect events (None while a HandshakeWatch holds the socket's monitor)
+    last_seen: float = 0.0  # monotonic time of the last sign of life
+    reopened_at: float = 0.0
+    disconnected_at: float | None = None  # the connection closed and has not come back since
+
+
+class StageLinks:
+    """Sockets to every stage of a pipeline, one poll loop, heartbeats and liveness."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[str],
+        config: ClientConfig,
+        socket_config: SocketConfig,
+        stage_keys: list[bytes] | None,
+        routing_id: bytes,
+        on_message: OnMessage,
+    ):
+        self.config = config
+        self.socket_config = socket_config
+        self._stage_keys = stage_keys
+        self._routing_id = routing_id
+        self._on_message = on_message
+        self.ctx = zmq.Context.instance()
+        self._poller = zmq.Poller()
+        self._watch: HandshakeWatch | None = None
+        self._next_ping = 0.0
+        self._pongs: set[tuple[int, str]] = set()  # (stage, ping id) answered
+        self._results: zmq.Socket | None = None
+        self._links: list[_Link] = []
+        self._closed = False
+        try:
+            if config.reply_via == "bind":
+                self._results = make_socket(self.ctx, zmq.ROUTER, socket_config, server=True)
+                self._results.setsockopt(zmq.ROUTER_MANDATORY, 0)
+                port = self._results.bind_to_random_port(f"tcp://{config.reply_host}", min_port=20000, max_port=60000)
+                self.reply_to = f"tcp://{config.reply_host}:{port}"
+                self._poller.register(self._results, zmq.POLLIN)
+            else:
+                self.reply_to = "peer:" + routing_id.decode()  # a 128-bit random id, sent only inside CURVE's encryption
+            self.begin_handshake()
+            now = time.monotonic()
+            for i, ep in enumerate(endpoints):
+                self._links.append(_Link(i, ep, self._open(i, ep), last_seen=now))
+        except BaseException:
+            self.close()
+            raise
+
+    # ------------------------------------------------------------------ sockets ------------
+    @property
+    def endpoints(self) -> list[str]:
+        return [link.endpoint for link in self._links]
+
+    @property
+    def binds_results(self) -> bool:
+        """Whether results come to a socket this client bound (``reply_via="bind"``)."""
+        return self._results is not None
+
+    def __len__(self) -> int:
+        return len(self._links)
+
+    def _open(self, i: int, endpoint: str) -> zmq.Socket:
+        s = make_socket(self.ctx, zmq.DEALER, self.socket_config)
+        if self._stage_keys is not None:
+            set_peer_key(s, self._stage_keys[i])
+        s.setsockopt(zmq.ROUTING_ID, self._routing_id)  # the stage replies (and the last stage returns results) to this id
+        if self._watch is not None:
+            self._watch.add(s, endpoint)  # handshake failures (wrong/missing key) surface as AuthError
+        s.connect(endpoint)
+        self._poller.register(s, zmq.POLLIN)
+        return s
+
+    def _start_monitor(self, link: _Link) -> None:
+        # an address of our own: the one pyzmq derives from the socket's fd may still be bound
+        # by the handshake watch's monitor that was just closed
+        addr = f"inproc://splitnet.links.{uuid.uuid4().hex}"
+        link.sock.monitor(addr, _LIVENESS_EVENTS)
+        link.monitor = self.ctx.socket(zmq.PAIR)
+        link.monitor.connect(addr)
+        self._poller.register(link.monitor, zmq.POLLIN)
+
+    def _stop_monitor(self, link: _Link) -> None:
+        if link.monitor is None:
+            return
+        self._poller.unregister(link.monitor)
+        try:
+            link.sock.disable_monitor()
+        except zmq.ZMQError:
+            pass
+        link.monitor.close(linger=0)
+        link.monitor = None
+
+    def _close_link(self, link: _Link) -> None:
+        self._stop_monitor(link)
+        self._poller.unregister(link.sock)
+        link.sock.close(linger=0)
+
+    def replace(self, i: int, endpoint: str) -> None:
+        """Connect stage ``i`` to ``endpoint`` (a new process), with a fresh silence clock."""
+        link = self._links[i]
+        self._close_link(link)
+        link.endpoint = endpoint
+        link.sock = self._open(i, endpoint)
+        link.last_seen = time.monotonic()
+        link.disconnected_at = None
+        if self._watch is None:
+            self._start_monitor(link)
+
+    def reopen(self, i: int) -> None:
+        """A fresh connection to stage ``i`` (same endpoint, same routing id); its silence clock runs on."""
+        link = self._links[i]
+        seen, gone = link.last_seen, link.disconnected_at
+        self.replace(i, link.endpoint)
+        link.last_seen, link.disconnected_at = seen, gone
+        link.reopened_at = time.monotonic()
+
+    # ------------------------------------------------------------------ handshake phase ----
+    def begin_handshake(self) -> None:
+        """Sockets opened from now on report handshake failures (AuthError) until end_handshake()."""
+        if self._watch is None:
+            self._watch = HandshakeWatch(secure=self.socket_config.security is not None)
+
+    def end_handshake(self) -> None:
+        """Hand every socket's monitor to the disconnect watch."""
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        for link in self._links:
+            if link.monitor is None:
+                self._start_monitor(link)
+
+    # ------------------------------------------------------------------ sending ------------
+    def send(self, i: int, msg: Message) -> bool:
+        """Queue ``msg`` to stage ``i`` without blocking; False when it cannot take it now."""
+        return self.send_frames(i, encode_message(msg))
+
+    def send_frames(self, i: int, frames: list) -> bool:
+        try:
+            self._links[i].sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+
+    def send_or_wait(self, i: int, frames: list, timeout_s: float) -> int:
+        """Send ``frames`` to stage ``i``, polling (heartbeats, liveness) while it cannot take them;
+        StageUnavailable when it does not within ``timeout_s``. Returns the bytes sent."""
+        sent: list[bool] = []
+
+        def try_send() -> bool:
+            if not sent and self.send_frames(i, frames):
+                sent.append(True)
+            return bool(sent)
+
+        self.wait_until(try_send, timeout_s, lambda: StageUnavailable(
+            f"stage {i} at {self._links[i].endpoint} accepted no message within {timeout_s:.1f} s; is it running?"))
+        return message_nbytes(frames)
+
+    def ping_all(self, req: str = "hb") -> None:
+        now = time.monotonic()
+        for i in range(len(self._links)):
+            self.send(i, Message(kind="ping", req=req, meta={"t": now}))
+
+    # ------------------------------------------------------------------ the loop -----------
+    def wait_until(
+        self,
+        done: Callable[[], bool],
+        timeout_s: float,
+        on_timeout: Callable[[], Exception],
+        *,
+        heartbeats: bool = True,
+        liveness: bool = True,
+    ) -> None:
+        """Poll until ``done()`` is true; raise ``on_timeout()`` after ``timeout_s``. With
+        ``heartbeats`` stages are pinged once per interval; with ``liveness`` a silent or
+        disconnected stage raises StageUnavailable."""
+        deadline = time.monotonic() + timeout_s
+        if liveness:
+            self.restart_clocks()
+        while not done():
+            now = time.monotonic()
+            if now >= deadline:
+                raise on_timeout()
+            if heartbeats and now >= self._next_ping:
+                self.ping_all()
+                self._next_ping = now + self.config.heartbeat_interval_s
+            slice_s = min(deadline - now, _POLL_SLICE_S, max(self._next_ping - now, 0.001) if heartbeats else _POLL_SLICE_S)
+            self.poll(slice_s)
+            if self._watch is not None:
+                self._watch.check()
+            if liveness:
+                self.check_liveness()
+
+    def poll(self, timeout_s: float) -> None:
+        """Receive whatever arrives within ``timeout_s`` (at least 1 ms)."""
+        for sock, _ in self._poller.poll(max(1, int(timeout_s * 1000))):
+            if sock is self._results:
+                frames = sock.recv_multipart(copy=False)
+                self._deliver(None, frames[1:])
+                continue
+            link = self._link_of(sock)
+            if link is None:
+                continue
+            if sock is link.monitor:
+                self._monitor_events(link)
+            else:
+                link.last_seen = time.monotonic()
+                self._deliver(link.index, sock.recv_multipart(copy=False))
+
+    def _link_of(self, sock: zmq.Socket) -> _Link | None:
+        for link in self._links:
+            if sock is link.sock or sock is link.monitor:
+                return link
+        return None
+
+    def _deliver(self, stage: int | None, body: list) -> None:
+        try:
+            msg = decode_message(body, DEFAULT_LIMITS)
+        except (ProtocolError, AuthError):
+            return  # a malformed reply is dropped; the request then times out with a clear error
+        if stage is not None and msg.kind == "ping":  # the stage asks who holds this connection before it sends a result
+            self.send(stage, Message(kind="pong", req=msg.req, seq=msg.seq))
+            return
+        if stage is not None and msg.kind == "pong":
+            self._pongs.add((stage, msg.req))
+            return
+        if msg.kind == "result":  # a result proves every stage in its trace worked on it
+            now = time.monotonic()
+            for t in msg.meta.get("trace", []):
+                if isinstance(t, dict) and type(t.get("stage")) is int and 0 <= t["stage"] < len(self._links):
+                    self._links[t["stage"]].last_seen = now
+        self._on_message(stage, msg, message_nbytes([getattr(f, "buffer", f) for f in body]))
+
+    def _monitor_events(self, link: _Link) -> None:
+        while link.monitor is not None:
+            try:
+                ev = recv_monitor_message(link.monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if ev["event"] == zmq.EVENT_DISCONNECTED:
+                if link.disconnected_at is None:
+                    link.disconnected_at = time.monotonic()
+                    log.info("stage %d at %s closed its connection", link.index, link.endpoint)
+            elif ev["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                link.disconnected_at = None
+
+    # ------------------------------------------------------------------ liveness -----------
+    @property
+    def window_s(self) -> float:
+        """How long a stage may stay silent: heartbeat interval x liveness."""
+        return self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+
+    def restart_clocks(self) -> None:
+        """Silence counts from the start of a wait at the earliest (time between requests is not silence)."""
+        now = time.monotonic()
+        for link in self._links:
+            link.last_seen = max(link.last_seen, now)
+
+    def silent_s(self, i: int) -> float:
+        return time.monotonic() - self._links[i].last_seen
+
+    def is_down(self, i: int) -> bool:
+        """Whether stage ``i`` is known dead now: silent for a window, or disconnected past the grace."""
+        link, now = self._links[i], time.monotonic()
+        if now - link.last_seen > self.window_s:
+            return True
+        return link.disconnected_at is not None and now - link.disconnected_at > self.config.disconnect_grace_s
+
+    def check_liveness(self) -> None:
+        """Raise StageUnavailable for a stage that is down; half-way through a silent window,
+        close and reopen its connection once (lazy pirate)."""
+        now = time.monotonic()
+        window = self.window_s
+        for link in self._links:
+            silent = now - link.last_seen
+            if link.disconnected_at is not None and now - link.disconnected_at > self.config.disconnect_grace_s:
+                raise StageUnavailable(
+                    f"stage {link.index} at {link.endpoint} closed its connection {now - link.disconnected_at:.1f} s ago "
+                    "and has not come back; the process is gone or restarting"
+                )
+            if silent > window / 2 and now - link.reopened_at > window:
+                log.info("stage %d at %s silent for %.1f s: reopening the connection", link.index, link.endpoint, silent)
+                self.reopen(link.index)
+            if silent > window:
+                raise StageUnavailable(
+                    f"stage {link.index} at {link.endpoint} missed {self.config.heartbeat_liveness} heartbeats "
+                    f"({silent:.1f} s silent); the process or its link is down"
+                )
+
+    def silent_stages(self) -> list[int]:
+        """Stages that are down: those already known down count at once; the others are pinged
+        and each gets one liveness window to answer (any message counts)."""
+        self.poll(0.001)  # events and replies already queued
+        dead = {i for i in range(len(self._links)) if self.is_down(i)}
+        start = time.monotonic()
+        probe = f"probe-{start:.6f}"
+        answered: set[int] = set()
+        before = {link.index: link.last_seen for link in self._links}
+
+        def settled() -> bool:
+            for link in self._links:
+                if link.index not in dead and (link.last_seen > before[link.index] or (link.index, probe) in self._pongs):
+                    answered.add(link.index)
+            return len(answered) + len(dead) >= len(self._links)
+
+        next_ping = [0.0]
+
+        def settled_or_ping() -> bool:
+            if settled():
+                return True
+            if time.monotonic() >= next_ping[0]:
+                for i in range(len(self._links)):
+                    if i not in dead and i not in answered:
+                        self.send(i, Message(kind="ping", req=probe))
+                next_ping[0] = time.monotonic() + min(0.2, self.window_s / 3)
+            return False
+
+        try:
+            self.wait_until(settled_or_ping, self.window_s, lambda: TimeoutError(), heartbeats=False, liveness=False)
+        except TimeoutError:
+            pass
+        self._pongs = {p for p in self._pongs if p[1] != probe}
+        return sorted(i for i in range(len(self._links)) if i not in answered)
+
+    def ping(self, i: int, timeout_s: float) -> float:
+        """Round-trip time (ms) of one ping to stage ``i``."""
+        req = f"p{i}-{time.monotonic():.6f}"
+        t0 = time.perf_counter()
+        if not self.send(i, Message(kind="ping", req=req)):
+            raise StageUnavailable(f"stage {i} at {self._links[i].endpoint} is not connected")
+        self.wait_until(lambda: (i, req) in self._pongs, timeout_s, lambda: StageUnavailable(
+            f"stage {i} at {self._links[i].endpoint} did not answer a ping within {timeout_s} s"), heartbeats=False, liveness=False)
+        self._pongs.discard((i, req))
+        return (time.perf_counter() - t0) * 1e3
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._watch is not None:
+            self._watch.close()
+            self._watch = None
+        for link in self._links:
+            self._stop_monitor(link)
+            link.sock.close(linger=0)
+        if self._results is not None:
+            self._results.close(linger=0)
+
+
+__all__ = ["OnMessage", "StageLinks"]

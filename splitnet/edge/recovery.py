@@ -1,0 +1,122 @@
+"""Moving lost stages to live processes, for a session whose requests are then replayed.
+
+:class:`StageRecovery` runs one recovery: find the stages that are down (one liveness window at
+most; those already known down count at once), call the user's hook for each of them in
+parallel (``recovery(stage_index) -> endpoint``, e.g.
+:meth:`splitnet.runtime.launcher.LocalPipeline.respawn_stage`), connect to the new endpoints,
+start a new epoch and re-run the ``info`` handshake. A fault inside it (a hook that raises,
+a new process that dies before the handshake, a handshake timeout) does not end the
+recovery: it tries again, each try spending one unit of the generation's
+:class:`~splitnet.edge.generation.RecoveryBudget`, with an exponential back-off between tries;
+only an exhausted budget ends it, with a StageUnavailable that names the last fault.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from splitnet.edge.generation import RecoveryBudget
+from splitnet.errors import AuthError, PlanMismatch, StageUnavailable, UnknownRequest
+
+log = logging.getLogger("splitnet.sdk")
+
+RecoveryHook = Callable[[int], str]
+
+
+@dataclass(frozen=True)
+class RecoveryRecord:
+    """One completed recovery, for reports: what failed, what was replaced, the new epoch."""
+
+    cause: str
+    replaced: list[int]
+    epoch: int
+    recover_ms: float
+    attempts: int
+
+
+def replace_in_parallel(hook: RecoveryHook, stages: list[int]) -> dict[int, str]:
+    """``hook(i)`` for every stage at once (a respawn takes seconds: two dead stages should not
+    take twice as long); the first hook failure is raised after all have finished."""
+    if not stages:
+        return {}
+    if len(stages) == 1:
+        return {stages[0]: hook(stages[0])}
+    with ThreadPoolExecutor(max_workers=len(stages), thread_name_prefix="splitnet-recovery") as pool:
+        futures = {i: pool.submit(hook, i) for i in stages}
+        errors = []
+        out = {}
+        for i, f in futures.items():
+            try:
+                out[i] = f.result()
+            except Exception as e:  # noqa: BLE001 - reported below, with the stage
+                errors.append((i, e))
+    if errors:
+        i, e = errors[0]
+        raise StageUnavailable(f"stage {i} could not be replaced: {type(e).__name__}: {e}") from e
+    return out
+
+
+class StageRecovery:
+    """The recovery procedure of one session; the session supplies its links and handshake."""
+
+    def __init__(
+        self,
+        hook: RecoveryHook | None,
+        silent_stages: Callable[[], list[int]],
+        replace: Callable[[int, str], None],
+        new_epoch: Callable[[], int],
+        handshake: Callable[[], None],
+        backoff_s: float = 0.1,
+        max_backoff_s: float = 2.0,
+    ):
+        self.hook = hook
+        self._silent_stages = silent_stages
+        self._replace = replace
+        self._new_epoch = new_epoch
+        self._handshake = handshake
+        self.backoff_s = backoff_s
+        self.max_backoff_s = max_backoff_s
+        self.records: list[RecoveryRecord] = []
+
+    def __call__(self, cause: StageUnavailable | UnknownRequest, budget: RecoveryBudget) -> None:
+        """Make the pipeline usable again for a replay, or raise.
+
+        ``UnknownRequest`` (a stage lost the request's cache but is alive) needs no
+        replacement: it spends one unit and the replay alone rebuilds the cache. A lost stage
+        without a hook re-raises ``cause``."""
+        if isinstance(cause, UnknownRequest):
+            budget.spend(cause)
+            return
+        if self.hook is None:
+            raise cause
+        budget.spend(cause)
+        t0 = time.perf_counter()
+        attempts, delay = 1, self.backoff_s
+        while True:
+            try:
+                dead = self._silent_stages()
+                for i, endpoint in replace_in_parallel(self.hook, dead).items():
+                    self._replace(i, endpoint)
+                epoch = self._new_epoch()  # replies of the old pipeline generation are dropped from here on
+                self._handshake()
+            except (AuthError, PlanMismatch):
+                raise  # a replacement that serves another model or refuses our key: no retry helps
+            except Exception as e:  # noqa: BLE001 - a fault inside recovery: try again within the budget
+                log.warning("recovery attempt %d failed: %s", attempts, e)
+                try:
+                    budget.spend(StageUnavailable(f"recovery failed after {attempts} attempts; last: {type(e).__name__}: {e}"))
+                except StageUnavailable as spent:
+                    raise spent from e
+                attempts += 1
+                time.sleep(delay)  # back-off between attempts (bounded, from the budget)
+                delay = min(delay * 2, self.max_backoff_s)
+                continue
+            self.records.append(RecoveryRecord(str(cause)[:300], dead, epoch, round((time.perf_counter() - t0) * 1e3, 1), attempts))
+            return
+
+
+__all__ = ["RecoveryHook", "RecoveryRecord", "StageRecovery", "replace_in_parallel"]
