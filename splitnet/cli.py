@@ -49,8 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
+    from splitnet.errors import SplitnetError
+
     try:
         return int(args.func(args) or 0)
+    except SplitnetError as e:  # a user mistake or an unreachable peer: one line, no traceback
+        print(f"splitnet {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from splitnet.errors import ConfigError
 
 log = logging.getLogger("splitnet.cloud")
+USER_ERROR_EXIT = 2  # what `splitnet serve-stage` returns for a SplitnetError raised before serving
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class SupervisedProcess:
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
     failed: bool = False
+    refused: bool = False  # exited with USER_ERROR_EXIT: a configuration mistake, not a crash
 
 
 class Supervisor:
@@ -68,6 +70,12 @@ class Supervisor:
                 continue
             code = c.proc.poll()
             if code is None:
+                continue
+            if c.next_start == 0.0 and code == USER_ERROR_EXIT:
+                # serve-stage exits 2 for a configuration mistake (port taken, bad codec, blocks):
+                # a restart would fail the same way, so say it once instead of looping
+                log.error("%s refused to start (exit code %d, its error is above); not restarting", c.name, code)
+                c.failed = c.refused = True
                 continue
             if c.next_start == 0.0:
                 c.restarts = [t for t in c.restarts if now - t < self.policy.window_s]

@@ -23,8 +23,10 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 _BYTE_LM = {"vocab_size": 257, "bos_token_id": 256, "eos_token_id": 256, "splitnet_tokenizer": "bytes"}
 
@@ -195,6 +197,7 @@ def write_once(target: Path, marker: str, write) -> Path:
 def write_random_checkpoint(config: dict, out_dir: Path, seed: int = 0) -> None:
     """Build every part of ``config``'s architecture with seeded random weights and save it as a
     Hugging Face directory with checkpoint-style tensor names."""
+    import torch
     from safetensors.torch import save_file
 
     from splitnet.model.loading import architecture_for

@@ -1,8 +1,16 @@
 """The plan file: which blocks run where, which codec crosses each cut, and what the planner predicts.
 
 A plan is a YAML (or JSON) document a person can read and edit; :func:`load_plan` validates it and
-raises :class:`splitnet.errors.ConfigError` naming the field and the reason. The runtime reads
-``plan.stages[i].blocks`` (a half-open ``(start, end)`` block range) and ``plan.stages[i].endpoint``.
+raises :class:`splitnet.errors.ConfigError` naming the field and the reason. It is the only plan
+reader: ``splitnet serve``, ``serve-stage --plan`` and ``connect(plan)`` all go through
+:func:`as_plan`. The runtime reads ``plan.stages[i].blocks`` (a half-open ``(start, end)`` block
+range), ``.endpoint`` and ``.runtime``, and checks the blocks against the model it loads with
+:func:`check_plan_fits_model` before any process starts.
+
+The validation is written out by hand over dataclasses rather than with pydantic: every message
+names the field path and the fix (``plan.stages[1].blocks: ...``), cross-field rules (contiguous
+stages, one cut per stage boundary, codec_out equal to its cut's codec) are most of the checks,
+and the planner builds these records positionally in its hot loops.
 """
 
 from __future__ import annotations
@@ -20,6 +28,20 @@ from splitnet.documents import read_document
 from splitnet.errors import ConfigError
 
 PLAN_VERSION = 1
+STAGE_RUNTIMES = ("torch", "onnxruntime")
+
+
+def check_endpoint(endpoint: Any, where: str) -> str:
+    """``endpoint`` if it is ``tcp://HOST:PORT`` (port 1..65535) or ``ipc://PATH``, else a ConfigError."""
+    example = "tcp://10.0.0.2:5555"
+    if not isinstance(endpoint, str) or not endpoint:
+        raise ConfigError(f"{where}: must be an address such as {example}, got {endpoint!r}")
+    if endpoint.startswith("ipc://") and len(endpoint) > len("ipc://"):
+        return endpoint
+    host, sep, port = endpoint.removeprefix("tcp://").rpartition(":")
+    if not endpoint.startswith("tcp://") or not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ConfigError(f"{where}: must be tcp://HOST:PORT with a port in 1..65535 (e.g. {example}), got {endpoint!r}")
+    return endpoint
 
 
 def _req(d: Mapping, key: str, where: str) -> Any:
@@ -46,6 +68,7 @@ class StagePlan:
     device: str
     endpoint: str | None = None
     codec_out: str | None = None
+    runtime: str = "torch"
 
     def __post_init__(self) -> None:
         w = f"stages[{self.index}]"
@@ -60,8 +83,10 @@ class StagePlan:
         self.blocks = (int(b[0]), int(b[1]))
         if not isinstance(self.device, str) or not self.device:
             raise ConfigError(f"{w}.device: must be a device name, got {self.device!r}")
-        if self.endpoint is not None and (not isinstance(self.endpoint, str) or not self.endpoint):
-            raise ConfigError(f"{w}.endpoint: must be an address string such as tcp://10.0.0.2:5555, got {self.endpoint!r}")
+        if self.endpoint is not None:
+            check_endpoint(self.endpoint, f"{w}.endpoint")
+        if self.runtime not in STAGE_RUNTIMES:
+            raise ConfigError(f"{w}.runtime: must be one of {', '.join(STAGE_RUNTIMES)}, got {self.runtime!r}")
 
     @property
     def start(self) -> int:
@@ -76,6 +101,8 @@ class StagePlan:
         if self.endpoint:
             d["endpoint"] = self.endpoint
         d["codec_out"] = self.codec_out
+        if self.runtime != "torch":
+            d["runtime"] = self.runtime
         return d
 
 
@@ -275,6 +302,33 @@ class Plan:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+
+def as_plan(plan: "Plan | Mapping | str | Path") -> Plan:
+    """A validated :class:`Plan` from a Plan, a mapping (a parsed document) or a YAML/JSON file."""
+    if isinstance(plan, Plan):
+        return plan
+    if isinstance(plan, Mapping):
+        return Plan.from_dict(plan)
+    if isinstance(plan, (str, Path)):
+        return load_plan(plan)
+    if hasattr(plan, "to_dict"):
+        return Plan.from_dict(plan.to_dict())
+    raise ConfigError(f"a plan is a Plan, a mapping or a YAML/JSON file path, got {type(plan).__name__}")
+
+
+def check_plan_fits_model(plan: Plan, model_blocks: int, model_name: str | None = None) -> None:
+    """Refuse a plan whose stages reach past the ``model_blocks`` blocks the model really has
+    (before any stage process starts; a stage asked for missing blocks cannot load)."""
+    name = model_name or plan.model
+    for s in plan.stages:
+        if s.end > model_blocks:
+            raise ConfigError(f"plan stage {s.index} (device {s.device}) asks for blocks {list(s.blocks)}, but model "
+                              f"{name} has {model_blocks} blocks (0..{model_blocks - 1}); fix stages[{s.index}].blocks "
+                              f"or re-run `splitnet plan` for this model")
+    if plan.num_blocks != model_blocks:
+        raise ConfigError(f"plan.num_blocks is {plan.num_blocks}, but model {name} has {model_blocks} blocks; "
+                          "re-run `splitnet plan` for this model")
 
 
 def load_plan(path: str | Path) -> Plan:

@@ -22,7 +22,7 @@ def plan_from_assignment(model: ModelProfile, fleet: Fleet, wl: Workload, asg: A
     stages, cuts = [], []
     for i, (dev, a, b) in enumerate(asg.stages):
         codec_out = asg.codecs[i] if i < len(asg.codecs) else None
-        stages.append(StagePlan(i, (a, b), dev, fleet.device(dev).endpoint, codec_out))
+        stages.append(StagePlan(i, (a, b), dev, fleet.device(dev).endpoint, codec_out, fleet.device(dev).runtime))
         if codec_out is not None:
             c = model.codec(codec_out)
             cc = model.cut_codec_cost(b - 1, c)

@@ -46,7 +46,14 @@ def run(args: argparse.Namespace) -> int:
     from splitnet.errors import SplitnetError
     from splitnet.runtime.launcher import launch_pipeline
 
+    from splitnet.runtime.preflight import check_codec_spec
+
     model = args.model or ("tiny-gpt2" if args.generate else "minilm")
+    try:
+        check_codec_spec(args.codec, "--codec")  # before any process starts
+    except SplitnetError as e:
+        print(f"splitnet demo: {e}", file=sys.stderr)
+        return 2
     if not args.json:
         print(f"splitnet demo: starting {args.stages} stage processes for {model} on 127.0.0.1 (plaintext, loopback only) ...", flush=True)
     try:
@@ -68,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
             doc["startup_s"] = round(startup_s, 2)
     except SplitnetError as e:
         print(f"splitnet demo failed: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        return 2
     doc = {"model": model, "codec": args.codec or "raw", **doc}
     doc["client_pid"] = __import__("os").getpid()
     ok = doc["outputs_match"]
@@ -182,6 +189,7 @@ def _report(doc: dict) -> str:
     else:
         kv = doc["kv_cache"]
         lines.append(f"task       {doc['task']} from a {doc['prompt_tokens']}-token prompt")
+        lines.append(f"text       {doc['text']!r}")
         lines.append(f"tokens     {doc['tokens']}")
         lines.append(f"reference  {doc['reference_tokens']}  ({doc['reference']})")
         lines.append(f"kv cache   tokens computed per stage {kv['tokens_computed_per_stage']} (without cache: {kv['would_be_without_cache']})")

@@ -207,6 +207,10 @@ def launch_pipeline(
     codecs = list(codecs) if codecs is not None else [""] * len(cuts)
     if len(codecs) != len(cuts):
         raise ConfigError(f"{len(codecs)} codecs given for {len(cuts)} cuts")
+    from splitnet.runtime.preflight import check_codec_spec
+
+    for i, c in enumerate(codecs):
+        check_codec_spec(c, f"codec of cut {i}")  # in this process, before any stage starts
     spec = _LaunchSpec(str(model), host, torch_threads, tuple(codec_files), tuple(extra_args), dict(env or {}), ready_timeout_s, tuple(stage_cpus))
     blocks = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
     stages = _spawn_stages(spec, [(i, b, codecs[i] if i < len(codecs) else "") for i, b in enumerate(blocks)])
