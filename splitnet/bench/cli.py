@@ -17,6 +17,7 @@ SUITES = {
     "models": "splitnet.bench.models",
     "pipeline": "splitnet.bench.pipeline",
     "speculative": "splitnet.bench.speculative",
+    "vision": "splitnet.bench.vision",
 }
 
 
