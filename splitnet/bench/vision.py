@@ -126,7 +126,8 @@ def run(args: argparse.Namespace) -> dict:
         "fidelity": {k: round(v, 6) for k, v in classifier_agreement(torch.cat(ref_logits), torch.cat(jpeg_logits)).items()},
     }
 
-    rows = []
+    rows: list[dict] = []
+    skipped: list[dict] = []
     for cut in cuts:
         side, _, ch = bm.arch.cut_shape(cut)
         held_feats = cut_features(bm, cut, held_inputs)
@@ -141,6 +142,9 @@ def run(args: argparse.Namespace) -> dict:
         for spec, name, config in codecs:
             codec = make_codec(name, **config)
             t0 = time.perf_counter()
+            if name == "pq" and ch % int(config.get("m", 8)):
+                skipped.append({"split_after": cut, "setting": spec, "why": f"pq m={config.get('m', 8)} does not divide the {ch} channels"})
+                continue
             if codec.needs_fit:
                 codec.fit(cal_vectors, progress=False)
             fit_s = time.perf_counter() - t0
@@ -170,6 +174,7 @@ def run(args: argparse.Namespace) -> dict:
         "whole_photo_top5": P.whole_photo_predictions(bm),
         "baseline_cloud_only": cloud_only,
         "results": rows,
+        "skipped": skipped,
         "goal": {
             "bar": f"cut bytes <= {GOAL_BYTES_PCT_OF_JPEG} % of the JPEG q{args.jpeg_quality} at top-1 agreement >= {GOAL_TOP1:.0%}",
             "met_by": [f"cut {r['split_after']} {r['setting']}" for r in meeting],
