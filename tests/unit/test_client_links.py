@@ -1,0 +1,162 @@
+"""StageLinks, the client's one poll loop: real sockets on 127.0.0.1 against fake stages (a
+ROUTER in a thread that answers pings the way a stage's I/O thread does)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import zmq
+
+from splitnet.edge.config import ClientConfig
+from splitnet.edge.links import StageLinks
+from splitnet.errors import StageUnavailable
+from splitnet.wire import Message, SocketConfig, decode_message, encode_message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeStage:
+    """A ROUTER that answers ``ping`` with ``pong`` and pings each new client once (unless ``silent``:
+    a frozen process), as a stage does before it sends a result, and can send a result to the last client."""
+
+    def __init__(self, silent: bool = False):
+        self.silent = silent
+        self.pings = 0
+        self.pongs_from_client = 0
+        self.identities: list[bytes] = []
+        self._stop = threading.Event()
+        self._to_send: list[Message] = []
+        self._close_now = threading.Event()
+        self._ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        assert self._ready.wait(5)
+
+    def _run(self) -> None:
+        sock = zmq.Context.instance().socket(zmq.ROUTER)
+        sock.setsockopt(zmq.LINGER, 0)
+        port = sock.bind_to_random_port("tcp://127.0.0.1")
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self._ready.set()
+        try:
+            while not self._stop.is_set() and not self._close_now.is_set():
+                while self._to_send and self.identities:
+                    sock.send_multipart([self.identities[-1], *encode_message(self._to_send.pop(0))])
+                if not sock.poll(20):
+                    continue
+                ident, *body = sock.recv_multipart()
+                if ident not in self.identities:
+                    self.identities.append(ident)
+                    if not self.silent:
+                        sock.send_multipart([ident, *encode_message(Message(kind="ping", req="confirm"))])
+                msg = decode_message(body)
+                if msg.kind == "ping":
+                    self.pings += 1
+                    if not self.silent:
+                        sock.send_multipart([ident, *encode_message(Message(kind="pong", req=msg.req))])
+                elif msg.kind == "pong":
+                    self.pongs_from_client += 1
+        finally:
+            sock.close(linger=0)
+
+    def send(self, msg: Message) -> None:
+        self._to_send.append(msg)
+
+    def close_socket(self) -> None:
+        self._close_now.set()
+        self.thread.join(5)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.thread.join(5)
+
+
+@pytest.fixture
+def stages():
+    made: list[FakeStage] = []
+
+    def make(**kw) -> FakeStage:
+        made.append(FakeStage(**kw))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.stop()
+
+
+def _links(endpoints, got, **cfg) -> StageLinks:
+    config = ClientConfig(**{"heartbeat_interval_s": 0.1, "heartbeat_liveness": 3, **cfg})
+    links = StageLinks(endpoints, config, SocketConfig(), None, b"ab" * 16, lambda i, m, n: got.append((i, m, n)))
+    links.end_handshake()
+    return links
+
+
+def test_one_loop_delivers_results_answers_stage_pings_and_sends_heartbeats(stages):
+    a, b = stages(), stages()
+    got: list = []
+    links = _links([a.endpoint, b.endpoint], got)
+    try:
+        assert links.reply_to == "peer:" + "ab" * 16
+        # a message sent to a stage, then a result from it arrives through the loop
+        links.wait_until(lambda: links.send(1, Message(kind="ping", req="first")), 5, lambda: AssertionError("no send"))
+        b.send(Message(kind="result", req="r1", seq=4, meta={"trace": []}))
+        links.wait_until(lambda: any(m.kind == "result" for _, m, _ in got), 5, lambda: AssertionError("no result"))
+        [(stage, msg, nbytes)] = [x for x in got if x[1].kind == "result"]
+        assert stage == 1 and msg.req == "r1" and msg.seq == 4 and nbytes > 0
+        # the stage's own ping is answered by the loop, not handed on
+        links.wait_until(lambda: b.pongs_from_client >= 1, 5, lambda: AssertionError("the stage's ping got no pong"))
+        assert all(m.kind not in ("ping", "pong") for _, m, _ in got)
+        pings_before = a.pings
+        links.wait_until(lambda: a.pings >= pings_before + 3, 5, lambda: AssertionError("no heartbeats"))
+    finally:
+        links.close()
+
+
+def test_a_silent_stage_misses_its_heartbeats(stages):
+    live, silent = stages(), stages(silent=True)
+    links = _links([live.endpoint, silent.endpoint], [])
+    try:
+        with pytest.raises(StageUnavailable, match=r"stage 1 at .* missed 3 heartbeats"):
+            links.wait_until(lambda: False, 20, lambda: AssertionError("the window did not end the wait"))
+        assert links.silent_stages() == [1]  # known down already: counted without a second window
+    finally:
+        links.close()
+
+
+def test_a_closed_connection_is_a_liveness_signal_before_the_window_ends(stages):
+    a = stages()
+    links = _links([a.endpoint], [], heartbeat_interval_s=5.0, heartbeat_liveness=3, disconnect_grace_s=0.2)
+    try:
+        first = Message(kind="ping", req="first")
+        links.wait_until(lambda: (links.send(0, first) or True) and a.pings >= 1, 5, lambda: AssertionError("no first ping"))
+        a.close_socket()  # the process's socket closes (a killed stage)
+        with pytest.raises(StageUnavailable, match="closed its connection"):
+            links.wait_until(lambda: False, 14, lambda: AssertionError("the disconnect was not seen"))
+    finally:
+        links.close()
+
+
+def test_probe_names_only_the_stages_that_do_not_answer(stages):
+    a, b, c = stages(), stages(silent=True), stages()
+    links = _links([a.endpoint, b.endpoint, c.endpoint], [])
+    try:
+        assert links.silent_stages() == [1]
+        assert links.ping(0, 5) > 0
+        with pytest.raises(StageUnavailable, match="did not answer a ping"):
+            links.ping(1, 0.3)
+    finally:
+        links.close()
+
+
+def test_send_or_wait_gives_up_on_a_stage_that_accepts_nothing():
+    ctx = zmq.Context.instance()
+    probe = ctx.socket(zmq.ROUTER)
+    port = probe.bind_to_random_port("tcp://127.0.0.1")
+    probe.close(linger=0)  # a port nobody listens on: with ZMQ_IMMEDIATE nothing can be queued
+    links = _links([f"tcp://127.0.0.1:{port}"], [])
+    try:
+        with pytest.raises(StageUnavailable, match="accepted no message"):
+            links.send_or_wait(0, encode_message(Message(kind="ping")), 0.1)  # shorter than the liveness window
+    finally:
+        links.close()
