@@ -163,6 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     weight_bytes = base.get("weight_bytes") or sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
 
     extra = ["--device", args.device, "--dtype", args.dtype, "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms)]
+    if args.device.startswith("cuda"):
+        extra.append("--shared-device")  # every stage on this one GPU
     stage_cpus = disjoint_cpus(args.stages, args.cpus_per_stage) if args.cpus_per_stage else []
     results: dict = {"prefill": [], "decode": []}
     import splitnet

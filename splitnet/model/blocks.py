@@ -118,14 +118,21 @@ class Stage(nn.Module):
         return h
 
     def token_ids_input(self, inputs: Mapping[str, torch.Tensor], vocab_size: int) -> torch.Tensor:
-        """The first stage's ``input_ids``, every id checked against the vocabulary."""
+        """The first stage's ``input_ids``, every id checked against the vocabulary, on this
+        stage's device.
+
+        Ids given in host memory (the worker leaves them there) are checked before they are
+        copied: checking them on a GPU would wait for everything queued on it, once per step.
+        """
         ids = inputs.get("input_ids")
         if ids is None:
             raise StageError(f"{self!r} expects input_ids, got {sorted(inputs)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-            bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
-            raise StageError(f"token id {bad} is outside the vocabulary 0..{vocab_size - 1}")
-        return ids
+        if ids.numel():
+            lo, hi = (int(v) for v in torch.aminmax(ids))
+            if lo < 0 or hi >= vocab_size:
+                raise StageError(f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary 0..{vocab_size - 1}")
+        param = next(self.parameters(), None)
+        return ids.to(param.device, non_blocking=True) if param is not None and ids.device != param.device else ids
 
     def new_cache(self) -> KVCache:
         """An empty per-request KV cache of the type this stage's blocks write."""

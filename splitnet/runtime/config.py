@@ -40,6 +40,10 @@ class StageWorkerConfig:
         batch_wait_ms: how long a stage may wait for the rest of a batch: the first stage for the
             next steps of the requests keeping their step rhythm (never longer than its last
             forward), a later stage for the rest of the upstream stage's batch.
+        shared_device: every stage of this pipeline runs on this stage's device (one GPU): the
+            first stage then waits up to ``batch_wait_ms`` for all the requests it expects, since
+            two half batches cost about two full forwards on one device; stages on devices of their
+            own wait at most one forward, so that groups at different stages keep them all busy.
         cuda_graphs: on CUDA, replay captured graphs for decode steps (one per batch and length bucket).
         cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
             default to their number.
@@ -70,6 +74,7 @@ class StageWorkerConfig:
     max_batch_tokens: int = 4096
     batch_wait_ms: float = 20.0
     cuda_graphs: bool = True
+    shared_device: bool = False
     cpus: tuple[int, ...] = field(default_factory=tuple)
     metrics_port: int | None = None
 

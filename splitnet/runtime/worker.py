@@ -445,8 +445,11 @@ class StageWorker:
           keeping their step rhythm, :class:`StepRhythms`): while one batch computes, the clients
           of the previous one send their next steps, and without waiting the stage would
           alternate between two half-size batches forever (on a memory-bound device, or two
-          stages sharing one GPU, each costs about a full one). Waiting at most one forward's
-          time never costs more than the second forward it saves.
+          stages sharing one GPU, each costs about a full one). On devices of their own it waits
+          at most one forward's time: groups at different stages then keep every stage busy,
+          and a group one stage away comes back within about one forward. With
+          ``shared_device`` (all stages on one GPU) it waits the whole ``batch_wait_ms``: there
+          a second group costs a second forward on the same device.
         Only the first stage waits for requests; stages that all did would wait for each other."""
         if not backlog or self.batch_limits.max_batch_size == 1:
             return True
@@ -454,7 +457,8 @@ class StageWorker:
             expected = self._rhythms.expected(time.monotonic())
             if len(expected) <= 1:
                 return True
-            deadline = time.monotonic() + min(self.config.batch_wait_ms / 1000, self._last_forward_s)
+            wait_s = self.config.batch_wait_ms / 1000
+            deadline = time.monotonic() + (wait_s if self.config.shared_device else min(wait_s, self._last_forward_s))
         else:
             expected = set()
             deadline = time.monotonic() + self.config.batch_wait_ms / 1000
@@ -528,6 +532,9 @@ class StageWorker:
                 t = t.view(torch.bfloat16)
             if t.is_floating_point():
                 t = t.to(self.dtype)
+            elif name == "input_ids" and self.stage.is_first:
+                inputs[name] = t  # the stage checks token ids against its vocabulary on the host, then copies them
+                continue
             inputs[name] = t.to(self.device, non_blocking=True)
         item.decode_ms = (time.perf_counter() - t0) * 1e3
         item.started_at = t0
