@@ -186,6 +186,12 @@ class Session:
             raise PlanMismatch(f"stages cover blocks 0:{expected} of {ordered[0]['num_blocks']}; the last stage must end at the head")
         self._infos = ordered
 
+    def refresh(self, timeout_s: float | None = None) -> list[dict]:
+        """Ask every stage again what it serves and how it is doing (``info``: blocks, cached
+        requests, counters); returns :attr:`stages`."""
+        self._handshake(self.config.connect_timeout_s if timeout_s is None else timeout_s)
+        return self.stages
+
     @property
     def endpoints(self) -> list[str]:
         return self.links.endpoints
