@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -98,6 +99,27 @@ def test_chat_completion_streaming_and_not_equal_session_generate(gpt):
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == msg.content
     assert chunks[-2].choices[0].finish_reason == r.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
+
+
+def test_concurrent_requests_and_a_dropped_stream(gpt):
+    """Requests served at once (two sessions, batched by the stages) give the tokens they give
+    alone; a client that leaves mid-stream frees its session for the next requests."""
+    client, endpoints = gpt
+    prompts = ["import numpy as np", "class Stage:", "for i in range(10):"]
+    alone = [client.completions.create(model="tiny-gpt2", prompt=p, max_tokens=8, temperature=0, extra_body={"return_token_ids": True})
+             .choices[0].model_extra["token_ids"] for p in prompts]
+    stream = client.chat.completions.create(model="tiny-gpt2", messages=[{"role": "user", "content": "x"}], max_tokens=1000, temperature=0, stream=True)
+    next(iter(stream))
+    stream.close()  # the client goes away after the first chunk: its 1,000 tokens would hold the session for many seconds
+    health = str(client.base_url).removesuffix("/v1/") + "/health"
+    deadline = time.monotonic() + 10
+    while httpx.get(health).json()["sessions_busy"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(health).json()["sessions_busy"] == 0
+    with ThreadPoolExecutor(3) as pool:
+        together = list(pool.map(lambda p: client.completions.create(model="tiny-gpt2", prompt=p, max_tokens=8, temperature=0,
+                                                                     extra_body={"return_token_ids": True}).choices[0].model_extra["token_ids"], prompts))
+    assert together == alone
 
 
 def test_seeded_sampling_is_reproducible(gpt):

@@ -5,6 +5,8 @@ sequences, end-of-text, context checks before work, chat templates, SDK result s
 from __future__ import annotations
 
 import json
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -174,6 +176,31 @@ def test_pipeline_failure_is_503_and_the_session_is_replaced():
     r = completion(make_client(session))
     assert r.status_code == 503 and "missed 3 heartbeats" in r.json()["error"]["message"]
     assert session.closed  # a failed session is not handed to the next request
+
+
+class BlockingSession(ScriptedSession):
+    def __init__(self, release):
+        super().__init__(b"ab")
+        self.release, self.entered = release, threading.Event()
+
+    def stream(self, prompt, max_new_tokens, *, sampling=None, timeout_s=None):
+        self.entered.set()
+        self.release.wait(10)
+        yield from super().stream(prompt, max_new_tokens, sampling=sampling, timeout_s=timeout_s)
+
+
+def test_no_free_session_is_503_busy_and_the_held_request_completes():
+    release = threading.Event()
+    session = BlockingSession(release)
+    client = make_client(session, sessions=1)
+    client.app.state.pool.acquire_timeout_s = 0.3
+    with ThreadPoolExecutor(1) as pool:
+        first = pool.submit(completion, client, max_tokens=2)
+        assert session.entered.wait(10)
+        r = completion(client, max_tokens=2)
+        release.set()
+        assert r.status_code == 503 and r.json()["error"]["code"] == "pipeline_busy" and "--sessions" in r.json()["error"]["message"]
+        assert first.result(timeout=10).json()["choices"][0]["text"] == "ab"
 
 
 def test_embeddings_on_a_decoder_is_400():

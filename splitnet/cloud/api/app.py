@@ -180,7 +180,9 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
 
         async def produce() -> None:
             try:
-                events.put_nowait(("done", await run_in_threadpool(generate_blocking, req, on_delta, cancelled)))
+                done = await run_in_threadpool(generate_blocking, req, on_delta, cancelled)
+                account(route, done, t0)  # here, not in the consumer: a stream the client left is counted too
+                events.put_nowait(("done", done))
             except APIError as e:
                 events.put_nowait(("error", e))
             except Exception as e:  # noqa: BLE001 - reported to the client as an error event
@@ -198,7 +200,6 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
                     yield _event(value.body())
                     break
                 else:
-                    account(route, value, t0)
                     yield _event(chunk(None, value.finish_reason))
                     if final_usage is not None:
                         yield _event(final_usage(value))
