@@ -37,6 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--request-timeout-s", type=float, default=300.0, help="longest one request may run")
     p.add_argument("--acquire-timeout-s", type=float, default=30.0, help="longest wait for a free session before answering 503")
     p.add_argument("--default-max-tokens", type=int, default=256, help="new tokens of a chat completion that names no max_tokens")
+    p.add_argument("--metrics-need-key", action="store_true", help="/metrics asks for an API key too (default: /metrics and /health are open)")
     add_client_arguments(p)
     p.add_argument("--log-level", default="WARNING")
 
@@ -73,7 +74,8 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError(f"refusing to serve {args.host}:{args.port} without API keys: pass --api-key KEY or --api-keys-file FILE, "
                               "or --no-auth to let anyone who reaches the port use the pipeline")
         config = APIConfig(served_model_name=args.served_model_name, sessions=args.sessions, acquire_timeout_s=args.acquire_timeout_s,
-                           step_timeout_s=args.step_timeout_s, request_timeout_s=args.request_timeout_s, default_max_tokens=args.default_max_tokens)
+                           step_timeout_s=args.step_timeout_s, request_timeout_s=args.request_timeout_s, default_max_tokens=args.default_max_tokens,
+                           metrics_need_key=args.metrics_need_key)
         _check_port(args.host, args.port)
         client = client_config(args, timeout_s=args.step_timeout_s)
         pool, facts = open_pipeline(args.plan or [e.strip() for e in args.endpoints.split(",") if e.strip()], client, config, args.model_dir)
@@ -81,7 +83,9 @@ def run(args: argparse.Namespace) -> int:
 
         from splitnet.cloud.api.app import create_app
 
-        app = create_app(facts, pool, config, keys)
+        from splitnet.cloud.cli_status import probe
+
+        app = create_app(facts, pool, config, keys, stage_probe=lambda: probe(list(facts.endpoints), client, timeout_s=2.0, sample_s=0.0))
         print(f"splitnet api: serving {facts.served_name} ({facts.kind}, {facts.num_stages} stages) at http://{args.host}:{args.port}/v1"
               f"{'' if keys.enabled else ' without API keys'}", flush=True)
         server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level.lower(),

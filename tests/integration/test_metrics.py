@@ -134,6 +134,9 @@ def test_api_metrics_move_with_requests(procs):
         assert value(after, hist, **route) == value(before, hist, **route) + 1
     health = httpx.get(base + "/health").json()
     assert health["status"] == "ok" and health["stages"] == 2
+    deep = httpx.get(base + "/health", params={"stages": "true"}, timeout=30)
+    assert deep.status_code == 200 and [st["blocks"] for st in deep.json()["stage_status"]] == [[0, 3], [3, 6]]
+    assert all(st["live"] and st["rtt_ms"] > 0 for st in deep.json()["stage_status"])
 
 
 def status(*args: str) -> subprocess.CompletedProcess:

@@ -21,6 +21,7 @@ from splitnet.cloud.api.config import APIConfig
 from splitnet.cloud.api.pipeline import PipelineFacts
 from splitnet.cloud.api.sdk_adapter import stream_tokens, token_ids
 from splitnet.cloud.api.sessions import SessionPool
+from splitnet.cloud.cli_status import StageStatus
 from splitnet.errors import ConfigError, StageUnavailable
 from splitnet.model.tokenizer import ByteTokenizer
 
@@ -46,7 +47,8 @@ class ScriptedSession:
         self.closed = True
 
 
-def make_client(session, *, template: ChatTemplate | None = None, max_positions: int | None = 1024, kind: str = "decoder", keys=(KEY,), sessions=1):
+def make_client(session, *, template: ChatTemplate | None = None, max_positions: int | None = 1024, kind: str = "decoder", keys=(KEY,), sessions=1,
+                config: APIConfig | None = None, stage_probe=None):
     facts = PipelineFacts(model="tiny-gpt2", served_name="tiny-gpt2", kind=kind, fingerprint="f" * 16, max_positions=max_positions, num_stages=2,
                           tokenizer=ByteTokenizer(), eos_ids=frozenset({256}), chat_template=template or ChatTemplate(None), model_dir="")
     opened = []
@@ -56,7 +58,7 @@ def make_client(session, *, template: ChatTemplate | None = None, max_positions:
         return session
 
     pool = SessionPool(open_session, sessions, acquire_timeout_s=2.0)
-    app = create_app(facts, pool, APIConfig(sessions=sessions), APIKeys(keys))
+    app = create_app(facts, pool, config or APIConfig(sessions=sessions), APIKeys(keys), stage_probe=stage_probe)
     client = TestClient(app)
     client.headers["Authorization"] = f"Bearer {KEY}"
     return client
@@ -265,3 +267,14 @@ def test_sdk_adapter_reads_plain_and_typed_results():
     stats: dict = {}
     assert list(stream_tokens(_TypedSession(), [1], 2, sampling=None, timeout_s=1.0, stats=stats)) == [5, 6]  # the result repeats no token
     assert stats["replays"] == [{"after_tokens": 1}]
+
+
+def test_health_with_stages_is_503_when_one_is_down_and_metrics_may_need_the_key():
+    probe = lambda: [StageStatus("tcp://a:1", live=True, blocks=[0, 3]), StageStatus("tcp://b:2", error="no answer within 2 s")]  # noqa: E731
+    client = make_client(ScriptedSession(b"x"), config=APIConfig(metrics_need_key=True), stage_probe=probe)
+    assert client.get("/health").status_code == 200  # the server itself
+    r = client.get("/health", params={"stages": "true"})
+    assert r.status_code == 503 and r.json()["status"] == "degraded"
+    assert [st["live"] for st in r.json()["stage_status"]] == [True, False]
+    assert client.get("/metrics").status_code == 200
+    assert client.get("/metrics", headers={"Authorization": ""}).status_code == 401

@@ -39,8 +39,11 @@ from splitnet.errors import SplitnetError
 _ROUTES = {"/v1/models", "/v1/models/{model_id}", "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/health", "/metrics"}
 
 
-def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys: APIKeys) -> FastAPI:
-    """The ASGI app serving ``facts``' pipeline through ``pool``'s sessions."""
+def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys: APIKeys,
+               stage_probe: Callable[[], list[Any]] | None = None) -> FastAPI:
+    """The ASGI app serving ``facts``' pipeline through ``pool``'s sessions. ``stage_probe()``
+    (e.g. :func:`splitnet.cloud.cli_status.probe` over the pipeline's endpoints) answers
+    ``GET /health?stages=true``."""
     app = FastAPI(title="splitnet OpenAI-compatible API", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = APIMetrics()
     metrics.sessions_total.set(pool.size)
@@ -97,12 +100,24 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
 
     # ------------------------------------------------------------------ health, metrics ----
     @app.get("/health")
-    async def health() -> JSONResponse:
-        return JSONResponse({"status": "ok", "model": facts.served_name, "kind": facts.kind, "stages": facts.num_stages,
-                             "sessions": pool.size, "sessions_busy": pool.busy})
+    async def health(stages: bool = False) -> JSONResponse:
+        body: dict[str, Any] = {"status": "ok", "model": facts.served_name, "kind": facts.kind, "stages": facts.num_stages,
+                                "sessions": pool.size, "sessions_busy": pool.busy}
+        if not stages:
+            return JSONResponse(body)
+        if stage_probe is None:
+            raise invalid("this server has no stage probe; ask /health without stages=true", "stages")
+        found = await run_in_threadpool(stage_probe)  # each stage asked over its control protocol, no session taken
+        body["stage_status"] = [{"endpoint": st.endpoint, "live": st.live, "blocks": st.blocks, "queue_depth": st.queue_depth,
+                                 "rtt_ms": st.rtt_ms, "error": st.error} for st in found]
+        if not all(st.live for st in found):
+            body["status"] = "degraded"
+        return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
     @app.get("/metrics")
-    async def prometheus() -> Response:
+    async def prometheus(request: Request) -> Response:
+        if config.metrics_need_key:
+            authorize(request)
         metrics.sessions_busy.set(pool.busy)
         from prometheus_client import CONTENT_TYPE_LATEST
 

@@ -24,6 +24,7 @@ class APIConfig:
         max_embedding_inputs: most inputs of one ``/v1/embeddings`` request.
         max_embedding_tokens: longest input of ``/v1/embeddings`` (tokens; longer ones are cut,
             as sentence-transformers does).
+        metrics_need_key: ``/metrics`` asks for an API key too (``/health`` never does).
     """
 
     served_model_name: str = ""
@@ -34,6 +35,7 @@ class APIConfig:
     default_max_tokens: int = 256
     max_embedding_inputs: int = 256
     max_embedding_tokens: int = 512
+    metrics_need_key: bool = False
 
     def __post_init__(self) -> None:
         for name in ("sessions", "default_max_tokens", "max_embedding_inputs", "max_embedding_tokens"):

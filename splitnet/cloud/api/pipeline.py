@@ -27,6 +27,7 @@ class PipelineFacts:
     eos_ids: frozenset[int]
     chat_template: ChatTemplate
     model_dir: str
+    endpoints: tuple[str, ...] = ()
 
 
 def _eos_ids(model_dir: Path, tokenizer: Any) -> frozenset[int]:
@@ -75,4 +76,5 @@ def read_facts(session: Any, served_name: str = "", model_dir: str = "") -> Pipe
         eos_ids=_eos_ids(d, tokenizer) if kind == "decoder" else frozenset(),
         chat_template=load_chat_template(d),
         model_dir=str(d),
+        endpoints=tuple(session.endpoints),
     )
