@@ -12,9 +12,19 @@ import httpx
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free port below Linux's ephemeral range (a client reconnecting to a port in that range
+    can be handed a TCP self-connection by the kernel, which then holds the port)."""
+    import random
+
+    for _ in range(200):
+        port = random.randint(20000, 30000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                return port
+            except OSError:
+                continue
+    raise RuntimeError("no free port in 20000-30000")
 
 
 def start_api(args: list[str], timeout_s: float = 90.0, env: dict | None = None) -> tuple[subprocess.Popen, str]:

@@ -11,6 +11,7 @@ import httpx
 import numpy as np
 import openai
 import pytest
+import yaml
 
 import splitnet
 from api_processes import free_port, start_api, stop
@@ -21,8 +22,13 @@ pytestmark = pytest.mark.timeout(240)
 KEY = "sk-splitnet-test-0123456789abcdef"
 
 
+def _plan(model: str, endpoints: list[str]) -> dict:
+    stages = [{"index": i, "blocks": b, "device": d, "endpoint": e} for i, (b, d, e) in enumerate(zip(([0, 3], [3, 6]), ("edge", "cloud"), endpoints))]
+    return {"model": model, "num_blocks": 6, "stages": stages, "cuts": [{"after_block": 2, "codec": "fp16", "bytes_per_token": 768.0}]}
+
+
 @pytest.fixture(scope="module")
-def servers():
+def servers(tmp_path_factory):
     """tiny-gpt2 and minilm, each in two stage processes behind its own `splitnet api` process
     (all started at once: on a 2-core CI the imports overlap). Yields {model: (client, endpoints)}."""
     procs = []
@@ -32,7 +38,10 @@ def servers():
                                                                ("0:3", ["--insecure"], "minilm"), ("3:6", ["--insecure"], "minilm")]))
             procs += [p for p, _ in stages]
             eps = [e for _, e in stages]
-            apis = list(pool.map(lambda e: start_api(["--endpoints", ",".join(e), "--api-key", KEY, "--sessions", "2"]), [eps[:2], eps[2:]]))
+            plan = tmp_path_factory.mktemp("plan") / "plan.yaml"  # minilm's API finds its stages in a plan
+            plan.write_text(yaml.safe_dump(_plan("minilm", eps[2:])))
+            apis = list(pool.map(lambda a: start_api([*a, "--api-key", KEY, "--sessions", "2"]),
+                                 [["--endpoints", ",".join(eps[:2])], ["--plan", str(plan)]]))
         procs += [p for p, _ in apis]
         yield {name: (openai.OpenAI(base_url=base + "/v1", api_key=KEY, max_retries=0, timeout=60), e)
                for name, (_, base), e in zip(("tiny-gpt2", "minilm"), apis, (eps[:2], eps[2:]))}
@@ -171,12 +180,20 @@ def _api_error(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "splitnet.cli", "api", *args], capture_output=True, text=True, timeout=60)
 
 
-def test_startup_mistakes_end_with_one_line_before_serving():
+def test_startup_mistakes_end_with_one_line_before_serving(tmp_path):
     dead = f"tcp://127.0.0.1:{free_port()}"
     r = _api_error(["--endpoints", dead, "--connect-timeout-s", "1", "--port", str(free_port())])
     assert r.returncode == 2 and "StageUnavailable" in r.stderr and dead in r.stderr and "Traceback" not in r.stderr
     r = _api_error(["--endpoints", dead, "--host", "0.0.0.0", "--port", str(free_port())])
     assert r.returncode == 2 and "without API keys" in r.stderr and "Traceback" not in r.stderr
+    plan = tmp_path / "plan.yaml"
+    doc = _plan("minilm", [dead, dead])
+    del doc["stages"][1]["endpoint"]
+    plan.write_text(yaml.safe_dump(doc))
+    r = _api_error(["--plan", str(plan), "--port", str(free_port())])
+    assert r.returncode == 2 and "no endpoint" in r.stderr and "Traceback" not in r.stderr
+    r = _api_error(["--endpoints", dead, "--api-key", "short", "--port", str(free_port())])
+    assert r.returncode == 2 and "at least 16 characters" in r.stderr and "Traceback" not in r.stderr
     import socket
 
     with socket.socket() as taken:
