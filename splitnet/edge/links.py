@@ -56,6 +56,7 @@ class _Link:
     last_seen: float = 0.0  # monotonic time of the last sign of life
     reopened_at: float = 0.0
     disconnected_at: float | None = None  # the connection closed and has not come back since
+    declared_down: bool = False  # a liveness check raised for it; cleared by its next message
 
 
 class StageLinks:
@@ -157,6 +158,7 @@ class StageLinks:
         link.sock = self._open(i, endpoint)
         link.last_seen = time.monotonic()
         link.disconnected_at = None
+        link.declared_down = False
         if self._watch is None:
             self._start_monitor(link)
 
@@ -258,6 +260,7 @@ class StageLinks:
                 self._monitor_events(link)
             else:
                 link.last_seen = time.monotonic()
+                link.declared_down = False
                 self._deliver(link.index, sock.recv_multipart(copy=False))
 
     def _link_of(self, sock: zmq.Socket) -> _Link | None:
@@ -313,9 +316,10 @@ class StageLinks:
         return time.monotonic() - self._links[i].last_seen
 
     def is_down(self, i: int) -> bool:
-        """Whether stage ``i`` is known dead now: silent for a window, or disconnected past the grace."""
+        """Whether stage ``i`` is known dead now: a liveness check found it silent for a whole
+        window (and it said nothing since), or it is disconnected past the grace."""
         link, now = self._links[i], time.monotonic()
-        if now - link.last_seen > self.window_s:
+        if link.declared_down:
             return True
         return link.disconnected_at is not None and now - link.disconnected_at > self.config.disconnect_grace_s
 
@@ -327,6 +331,7 @@ class StageLinks:
         for link in self._links:
             silent = now - link.last_seen
             if link.disconnected_at is not None and now - link.disconnected_at > self.config.disconnect_grace_s:
+                link.declared_down = True
                 raise StageUnavailable(
                     f"stage {link.index} at {link.endpoint} closed its connection {now - link.disconnected_at:.1f} s ago "
                     "and has not come back; the process is gone or restarting"
@@ -335,6 +340,7 @@ class StageLinks:
                 log.info("stage %d at %s silent for %.1f s: reopening the connection", link.index, link.endpoint, silent)
                 self.reopen(link.index)
             if silent > window:
+                link.declared_down = True
                 raise StageUnavailable(
                     f"stage {link.index} at {link.endpoint} missed {self.config.heartbeat_liveness} heartbeats "
                     f"({silent:.1f} s silent); the process or its link is down"

@@ -110,8 +110,11 @@ class Session:
         self.last_stats: dict = {}
         self._closed = False
         self.links = StageLinks(endpoints, self.config, self.socket_config, self._stage_keys, uuid.uuid4().hex.encode(), self._on_message)
+        # a replacement reported ready answers info at once: its handshake waits two liveness
+        # windows at most, so a replacement lost inside the recovery is retried soon
+        recovery_handshake_s = min(self.config.connect_timeout_s, max(2 * self.links.window_s, 1.0))
         self._recovery = StageRecovery(recovery, self.links.silent_stages, self._replace_stage, self._new_epoch,
-                                       lambda: self._handshake(self.config.connect_timeout_s))
+                                       lambda: self._handshake(recovery_handshake_s))
         try:
             self._handshake(self.config.connect_timeout_s)
         except BaseException:
