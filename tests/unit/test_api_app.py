@@ -50,7 +50,7 @@ class ScriptedSession:
 def make_client(session, *, template: ChatTemplate | None = None, max_positions: int | None = 1024, kind: str = "decoder", keys=(KEY,), sessions=1,
                 config: APIConfig | None = None, stage_probe=None):
     facts = PipelineFacts(model="tiny-gpt2", served_name="tiny-gpt2", kind=kind, fingerprint="f" * 16, max_positions=max_positions, num_stages=2,
-                          tokenizer=ByteTokenizer(), eos_ids=frozenset({256}), chat_template=template or ChatTemplate(None), model_dir="")
+                          tokenizer=ByteTokenizer(), eos_ids=frozenset({256}), chat_template=template or ChatTemplate(None), model_dir="", vocab_size=257)
     opened = []
 
     def open_session():
@@ -98,6 +98,7 @@ def test_missing_or_wrong_key_is_401_openai_shaped_and_counted():
     ({"no_such_option": 1}, "no_such_option"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": ["one", "two"]}, "prompt"),
+    ({"prompt": [1, 2, 300]}, "prompt"),
 ])
 def test_unsupported_or_invalid_parameters_are_400_before_any_work(body, param):
     session = ScriptedSession(b"x")

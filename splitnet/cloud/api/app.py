@@ -135,6 +135,10 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
         check_model(model_id)
         return model_card()
 
+    def check_token_ids(ids: list[int], param: str) -> None:
+        if facts.vocab_size is not None and any(t >= facts.vocab_size for t in ids):
+            raise invalid(f"token id {max(ids)} is outside the model's vocabulary of {facts.vocab_size} tokens", param)
+
     # ------------------------------------------------------------------ generation ---------
     def prepare(body: _Sampling, prompt_ids: list[int], max_tokens: int | None, route: str) -> GenerationRequest:
         """The generation a request asks for, checked against the model before any work."""
@@ -231,6 +235,7 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
         check_model(body.model)
         route = "/v1/completions"
         prompt_ids = list(body.prompt) if isinstance(body.prompt, list) else list(facts.tokenizer.encode(body.prompt))
+        check_token_ids(prompt_ids, "prompt")
         req = prepare(body, prompt_ids, body.max_tokens, "completions")
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         base = {"id": rid, "object": "text_completion", "created": created, "model": facts.served_name, "system_fingerprint": facts.fingerprint[:16]}
@@ -301,6 +306,8 @@ def create_app(facts: PipelineFacts, pool: SessionPool, config: APIConfig, keys:
         elif all(isinstance(x, list) for x in body.input):
             if any(len(x) > max_len for x in body.input):
                 raise invalid(f"a token input longer than {max_len} tokens", "input")
+            for x in body.input:
+                check_token_ids(list(x), "input")
             inputs = pad_batch([list(x) for x in body.input], int(getattr(facts.tokenizer, "pad_id", 0) or 0), numpy=True)
         else:
             raise invalid("input mixes strings and token lists", "input")

@@ -28,6 +28,7 @@ class PipelineFacts:
     chat_template: ChatTemplate
     model_dir: str
     endpoints: tuple[str, ...] = ()
+    vocab_size: int | None = None
 
 
 def _eos_ids(model_dir: Path, tokenizer: Any) -> frozenset[int]:
@@ -60,7 +61,8 @@ def read_facts(session: Any, served_name: str = "", model_dir: str = "") -> Pipe
                           "pass --model-dir with a copy of its config.json and tokenizer files") from e
     if not (d / "config.json").is_file():
         raise ConfigError(f"--model-dir {d} has no config.json")
-    tokenizer = _tokenizer_for(read_config(d), d)
+    model_config = read_config(d)
+    tokenizer = _tokenizer_for(model_config, d)
     kind = str(first["kind"])
     if tokenizer is None and kind in ("decoder", "encoder"):
         raise ConfigError(f"model {model!r} has no tokenizer (tokenizer.json) in {d}; the API needs one to turn text into tokens")
@@ -77,4 +79,5 @@ def read_facts(session: Any, served_name: str = "", model_dir: str = "") -> Pipe
         chat_template=load_chat_template(d),
         model_dir=str(d),
         endpoints=tuple(session.endpoints),
+        vocab_size=model_config.get("vocab_size") if isinstance(model_config.get("vocab_size"), int) else None,
     )
