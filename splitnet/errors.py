@@ -50,6 +50,13 @@ class UnknownRequest(StageError):
     code = "unknown_request"
 
 
+class StaleEpoch(ProtocolError):
+    """A message of a request stamped with an older epoch than one the stage already saw for it
+    (sent before the client's recovery started a new epoch): refused, never run."""
+
+    code = "stale_epoch"
+
+
 class PlanMismatch(SplitnetError):
     """The plan, model or codebook hash a peer expects differs from what is loaded."""
 

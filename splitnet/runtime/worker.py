@@ -40,7 +40,7 @@ from typing import Any
 import torch
 import zmq
 
-from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetError, StageError, UnknownRequest
+from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetError, StageError, StaleEpoch, UnknownRequest
 from splitnet.model import KVCache, load_model
 from splitnet.runtime.batching import BatchLimits, Member, StepOptions, StepRhythms, pick_group, signature, take_round
 from splitnet.runtime.config import StageWorkerConfig
@@ -58,6 +58,7 @@ from splitnet.wire import (
     message_nbytes,
 )
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
+from splitnet.runtime.request_ledger import RequestLedger
 from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
 from splitnet.wire.sockets import frame_user_id, recv_bounded
@@ -170,6 +171,8 @@ class StageWorker:
         self.codecs = CutCodecs(config.codec_out, config.codec_files)
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
         self._rhythms = StepRhythms(active_s=_ACTIVE_S)  # when each request's next step is due (see _await_stragglers)
+        self.ledger = RequestLedger(max(4096, 4 * config.max_requests))  # newest epoch and cancelled steps per request (compute thread)
+        self._compute_tick = time.monotonic()  # when the compute thread last finished a round or found nothing to do
         self._last_forward_s = 0.0
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -184,7 +187,7 @@ class StageWorker:
         self.stop_event = threading.Event()
         self.endpoint = ""
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
-                      "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0}
+                      "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
@@ -333,6 +336,14 @@ class StageWorker:
             "metrics_url": self.metrics.url,
         }
 
+    def progress(self) -> dict[str, Any]:
+        """What a heartbeat reports of the work, so liveness sees a stuck compute thread and not
+        only an answering I/O thread: forwards done, steps queued, and how long ago the compute
+        thread last finished a round or found nothing to do (grows while it is stuck, or while
+        one forward runs long)."""
+        return {"forwards": self.stats["forwards"], "batches": self.stats["batches"], "queued": self.work.qsize(),
+                "compute_tick_age_s": round(time.monotonic() - self._compute_tick, 3)}
+
     def _principal(self, frames: list) -> str:
         """The CURVE key that authenticated this message ("" without keys)."""
         if self.socket_config.security is None:
@@ -361,7 +372,7 @@ class StageWorker:
             self._refuse(router, identity, e)
             return
         if msg.kind == "ping":
-            self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t")}))
+            self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t"), "progress": self.progress()}))
         elif msg.kind == "info":
             self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta=self.info()))
         elif msg.kind in ("pong", "info_reply"):
@@ -416,6 +427,7 @@ class StageWorker:
                     break
                 if backlog:
                     self._run_round(backlog, peers)
+                self._compute_tick = time.monotonic()
         finally:
             for s in peers.values():
                 s.close(linger=0)
@@ -491,6 +503,7 @@ class StageWorker:
     def _run_round(self, backlog: deque, peers: dict) -> None:
         """Run what is runnable now: pending releases, then one batched forward (the oldest
         step and every other request's step that stacks with it); the rest waits in ``backlog``."""
+        self._drop_cancelled(backlog)
         releases, taken = take_round(backlog, key_of=lambda w: cache_key(w.origin, w.msg.req),
                                      is_release=lambda w: w.msg.kind == "release", max_members=self.batch_limits.max_batch_size)
         for item in releases:
@@ -509,6 +522,20 @@ class StageWorker:
         if group:
             self._run_group(group, peers)
 
+    def _drop_cancelled(self, backlog: deque) -> None:
+        """Drop queued steps of requests given up: those before a release of theirs (the client
+        replays under a new request id), or after this stage failed to pass one on."""
+        for w in backlog:
+            if w.msg.kind == "release":
+                self.ledger.cancel(cache_key(w.origin, w.msg.req), w.received_at)
+        n = len(backlog)
+        for _ in range(n):
+            w = backlog.popleft()
+            if w.msg.kind == "forward" and self.ledger.is_cancelled(cache_key(w.origin, w.msg.req), w.received_at):
+                self.stats["cancelled_steps"] += 1
+                continue
+            backlog.append(w)
+
     def _fail(self, peers: dict, item: _Work, e: Exception) -> None:
         """Answer ``item``'s client with ``e`` as a typed error; its cache on this stage is gone."""
         msg = item.msg
@@ -517,12 +544,14 @@ class StageWorker:
             log.error("stage %d failed on request %s", self.config.stage_index, msg.req, exc_info=e)
             e = StageError(f"stage {self.config.stage_index} failed: {type(e).__name__}: {e}")
         self.metrics.observe_refusal(e.code)
-        self.caches.drop(cache_key(item.origin, msg.req))
+        if not isinstance(e, StaleEpoch):  # a stale step must not touch the newer epoch's cache
+            self.caches.drop(cache_key(item.origin, msg.req))
         self._reply_to_origin(peers, item, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
 
     def _prepare(self, item: _Work) -> Member:
         """Decode and check one forward's inputs, find (or make) its cache and check its position."""
         msg, meta = item.msg, item.msg.meta
+        self.ledger.check_epoch(cache_key(item.origin, msg.req), msg.epoch, msg.req)
         t0 = time.perf_counter()
         arrays = self.codecs.decode(msg.tensors, meta)
         inputs = {}
@@ -728,7 +757,9 @@ class StageWorker:
                 while len(self._banned) > _MAX_PEERS:
                     self._banned.pop(next(iter(self._banned)))
             if on_fail is not None:
-                # the next stage is unreachable: tell the client instead of hanging it
+                # the next stage is unreachable: tell the client once instead of hanging it, and
+                # drop the request's queued steps instead of running and failing each of them
+                self.ledger.cancel(cache_key(on_fail.origin, on_fail.msg.req), time.monotonic())
                 err = error_message(msg.req, msg.seq, msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)
                 self._reply_to_origin(peers, on_fail, err)
             else:

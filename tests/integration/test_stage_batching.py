@@ -213,6 +213,38 @@ def test_the_first_stage_waits_only_for_requests_it_expects():
         b.close()
 
 
+def test_a_release_cancels_the_steps_queued_before_it(bench):
+    bench.put("gone", 0, [1, 2, 3], 0, want_result=False)
+    bench.put("gone", 1, [4, 5], 3, want_result=False)
+    bench.release("gone")
+    bench.put("kept", 0, [1, 2, 3], 0)
+    for w in bench.backlog:  # arrival order: the release came after both chunks of "gone"
+        w.received_at = {"gone": 1.0, "kept": 3.0}[w.msg.req] + 0.1 * w.msg.seq
+    bench.backlog[2].received_at = 2.0
+    bench.round()
+    bench.round()
+    assert bench.replies(1)[("kept", 0)].kind == "result"
+    assert bench.worker.stats["cancelled_steps"] == 2 and bench.worker.stats["forwards"] == 1
+    assert not bench.worker.caches.caches.get(cache_key("", "gone"))
+
+
+def test_a_step_of_an_older_epoch_is_refused_and_leaves_the_cache_alone(bench):
+    bench.put("r", 0, [1, 2, 3], 0)
+    bench.backlog[-1].msg = Message(kind="forward", req="r", seq=0, epoch=2, tensors=bench.backlog[-1].msg.tensors, meta=bench.backlog[-1].msg.meta)
+    bench.round()
+    assert bench.replies(1)[("r", 0)].kind == "result"
+    bench.put("r", 1, [4], 3)  # epoch 0: sent before the client's recovery
+    bench.round()
+    err = bench.replies(1)[("r", 1)]
+    assert err.kind == "error" and err.meta["code"] == "stale_epoch"
+    assert bench.worker.caches.caches[cache_key("", "r")].length == 3
+
+
+def test_heartbeats_report_compute_progress(bench):
+    p = bench.worker.progress()
+    assert set(p) >= {"forwards", "queued", "compute_tick_age_s"} and p["compute_tick_age_s"] >= 0
+
+
 def test_cpu_pinning_options():
     import os
 
