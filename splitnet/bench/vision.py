@@ -69,6 +69,10 @@ def _split_codecs(text: str) -> list[str]:
     return [p.strip() for p in out if p.strip()]
 
 
+def _r(v):
+    return round(v, 6) if isinstance(v, float) else v
+
+
 def jpeg(rgb: np.ndarray, quality: int) -> tuple[int, np.ndarray]:
     """(bytes of the JPEG at ``quality``, the decoded RGB) of an (H, W, 3) uint8 image."""
     from PIL import Image
@@ -123,7 +127,7 @@ def run(args: argparse.Namespace) -> dict:
         "bytes_per_image_mean": round(float(jpeg_bytes.mean()), 1),
         "bytes_per_image_p50": float(np.median(jpeg_bytes)),
         "bytes_per_image_max": int(jpeg_bytes.max()),
-        "fidelity": {k: round(v, 6) for k, v in classifier_agreement(torch.cat(ref_logits), torch.cat(jpeg_logits)).items()},
+        "fidelity": {k: _r(v) for k, v in classifier_agreement(torch.cat(ref_logits), torch.cat(jpeg_logits)).items()},
     }
 
     rows: list[dict] = []
@@ -157,12 +161,14 @@ def run(args: argparse.Namespace) -> dict:
                 "ratio_vs_jpeg": round(res.ratio_vs_raw, 3),
                 "ratio_vs_fp16": round(res.ratio_vs_fp16, 3),
                 "cut_cosine": round(res.cut_cosine, 6),
-                "fidelity": {k: round(v, 6) for k, v in res.task.items()},
+                "fidelity": {k: _r(v) for k, v in res.task.items()},
                 "calibration_vectors": int(cal_vectors.shape[0]) if codec.needs_fit else 0,
                 "fit_s": round(fit_s, 2),
                 "meets_goal": bool(pct <= GOAL_BYTES_PCT_OF_JPEG and res.task["top1_agreement"] >= GOAL_TOP1),
             })
     meeting = [r for r in rows if r["meets_goal"]]
+    meeting_confident = [r for r in rows if r["pct_of_jpeg"] <= GOAL_BYTES_PCT_OF_JPEG
+                         and (r["fidelity"].get("top1_agreement_confident") or 0.0) >= GOAL_TOP1]
     return {
         "config": {"quick": bool(args.quick), "model": "efficientnet-lite0", "cuts": cuts, "codecs": specs, "per_source": per_source,
                    "held_out_fraction": args.held_out_fraction, "jpeg_quality": args.jpeg_quality, "seed": args.seed},
@@ -179,19 +185,27 @@ def run(args: argparse.Namespace) -> dict:
             "bar": f"cut bytes <= {GOAL_BYTES_PCT_OF_JPEG} % of the JPEG q{args.jpeg_quality} at top-1 agreement >= {GOAL_TOP1:.0%}",
             "met_by": [f"cut {r['split_after']} {r['setting']}" for r in meeting],
             "smallest_meeting": min(meeting, key=lambda r: r["wire_bytes_per_image"])["setting"] if meeting else None,
+            "met_on_confident_crops_only_by": [f"cut {r['split_after']} {r['setting']}" for r in meeting_confident],
+            "confident_crops_note": "crops whose unsplit top-1 probability is >= 0.5 (fidelity.confident_fraction of the held-out set)",
         },
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
 
 
+def _nan(v) -> float:
+    return float("nan") if v is None else float(v)
+
+
 def summarize(doc: dict) -> str:
     b = doc["baseline_cloud_only"]
     lines = [f"vision bench ({'quick' if doc['config']['quick'] else 'full'}), {doc['data']['held_out_crops']} held-out crops, {doc['elapsed_s']:.0f} s",
-             f"cloud-only JPEG: {b['bytes_per_image_mean']:.0f} B/image, top1 {b['fidelity']['top1_agreement']:.4f}"]
+             f"cloud-only JPEG: {b['bytes_per_image_mean']:.0f} B/image, top1 {b['fidelity']['top1_agreement']:.4f}, "
+             f"confident top1 {_nan(b['fidelity'].get('top1_agreement_confident')):.4f} "
+             f"({b['fidelity'].get('confident_fraction', float('nan')):.0%} of the crops confident)"]
     for r in doc["results"]:
         f = r["fidelity"]
         lines.append(f"cut {r['split_after']:2d} {r['setting']:26s} {r['wire_bytes_per_image']:9.1f} B  {r['pct_of_jpeg']:7.2f} % of JPEG  "
                      f"x{r['ratio_vs_fp16']:6.1f} vs fp16  cos {r['cut_cosine']:.4f}  top1 {f['top1_agreement']:.4f}  "
-                     f"top5 {f['top5_overlap']:.4f}  KL {f['kl_mean']:.5f}{'  GOAL' if r['meets_goal'] else ''}")
+                     f"top5 {f['top5_overlap']:.4f}  KL {f['kl_mean']:.5f}  confident top1 {_nan(f.get('top1_agreement_confident')):.4f}{'  GOAL' if r['meets_goal'] else ''}")
     lines.append(f"goal ({doc['goal']['bar']}): {doc['goal']['met_by'] or 'not met'}")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 At the cut: the mean cosine of each decoded feature vector with the original. At the output, the
 task's own measure against the unsplit model (the same stages without the codec):
 
-- classifiers (vision): top-1 agreement, top-5 overlap, KL(p_unsplit || p_codec) of the softmax;
+- classifiers (vision): top-1 agreement, top-5 overlap, KL(p_unsplit || p_codec) of the softmax,
+  and top-1 agreement on the inputs whose unsplit top-1 probability is >= 0.5;
 - encoders: cosine of the sentence embeddings;
 - LMs: greedy (argmax) agreement per position, teacher-forced, and the perplexity change on the
   input's own next tokens.
@@ -23,6 +24,10 @@ from splitnet.errors import CodecError
 
 #: the measure --min-fidelity is compared with, per model kind
 PRIMARY_MEASURE = {"vision": "top1_agreement", "encoder": "embedding_cosine", "decoder": "greedy_agreement"}
+
+
+#: the unsplit model's top-1 probability from which an input counts as confident
+CONFIDENT_P = 0.5
 
 
 class FidelityBelowMinimum(CodecError):
@@ -198,7 +203,7 @@ def task_measures(kind: str, refs: list, tests: list, ids: list) -> dict[str, fl
     return classifier_agreement(r, t)
 
 
-def classifier_agreement(ref_logits, test_logits, k: int = 5) -> dict[str, float]:
+def classifier_agreement(ref_logits, test_logits, k: int = 5) -> dict[str, float | None]:
     """top-1 agreement, top-k overlap (shared classes / k) and mean KL(p_ref || p_test) of (N, K) logits."""
     import torch
 
@@ -208,4 +213,10 @@ def classifier_agreement(ref_logits, test_logits, k: int = 5) -> dict[str, float
     overlap = float((a[:, :, None] == b[:, None, :]).any(-1).float().sum(-1).mean() / k)
     lp, lq = ref_logits.log_softmax(-1), test_logits.log_softmax(-1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
-    return {"top1_agreement": top1, f"top{k}_overlap": overlap, "kl_mean": float(kl.mean()), "kl_max": float(kl.max())}
+    # inputs the unsplit model is sure of (top-1 probability >= CONFIDENT_P): a flip there is codec
+    # damage, not a coin toss between near-equal classes
+    confident = lp.exp().max(-1).values >= CONFIDENT_P
+    agree = ref_logits.argmax(-1) == test_logits.argmax(-1)
+    return {"top1_agreement": top1, f"top{k}_overlap": overlap, "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
+            "confident_fraction": float(confident.float().mean()),
+            "top1_agreement_confident": float(agree[confident].float().mean()) if bool(confident.any()) else None}

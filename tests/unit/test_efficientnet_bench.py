@@ -25,3 +25,19 @@ def test_jpeg_baseline_is_a_real_jpeg():
     assert dec.shape == img.shape and dec.dtype == np.uint8
     assert n_smooth < n_noise  # bytes follow the content: it is measured, not assumed
     assert jpeg(img, 50)[0] < n_noise
+
+
+def test_classifier_agreement_measures():
+    import torch
+
+    from splitnet.codecs.fidelity import classifier_agreement
+
+    ref = torch.tensor([[6.0, 0, 0, 0, 0, 0, 0], [0.2, 0.1, 0, 0, 0, 0, 0]])
+    same = classifier_agreement(ref, ref.clone(), k=2)
+    assert same["top1_agreement"] == 1.0 and same["top2_overlap"] == 1.0 and abs(same["kl_mean"]) < 1e-6
+    test = torch.tensor([[6.0, 0, 0, 0, 0, 0, 0], [0.1, 0.2, 0, 0, 0, 0, 0]])  # the unsure one flips
+    got = classifier_agreement(ref, test, k=2)
+    assert got["top1_agreement"] == 0.5 and got["top2_overlap"] == 1.0 and got["kl_mean"] > 0
+    assert got["confident_fraction"] == 0.5 and got["top1_agreement_confident"] == 1.0
+    unsure = classifier_agreement(ref[1:], test[1:], k=2)
+    assert unsure["confident_fraction"] == 0.0 and unsure["top1_agreement_confident"] is None
