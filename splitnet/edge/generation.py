@@ -15,6 +15,7 @@ Results are typed: :class:`GenerationResult` (one per sequence) and, from ``stre
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
@@ -365,11 +366,12 @@ def stream_events(
     """TokenChunk per token of one sequence, then its GenerationResult."""
     t0 = time.perf_counter()
     text = IncrementalText(tokenizer()) if tokenizer is not None else None
-    for _, new in decode(client, [s], sampling, budget, timeout_s=timeout_s, t0=t0):
-        for j, tok in enumerate(new):
-            offset = len(s.out) - len(new) + j
-            delta = text.push(s.out[:offset + 1], final=s.done and j == len(new) - 1) if text is not None else None
-            yield TokenChunk(tok, offset, delta, s.index)
+    with closing(decode(client, [s], sampling, budget, timeout_s=timeout_s, t0=t0)) as steps:
+        for _, new in steps:
+            for j, tok in enumerate(new):
+                offset = len(s.out) - len(new) + j
+                delta = text.push(s.out[:offset + 1], final=s.done and j == len(new) - 1) if text is not None else None
+                yield TokenChunk(tok, offset, delta, s.index)
     yield s.result(t0, tokenizer().decode(s.out) if tokenizer is not None else None)
 
 

@@ -85,6 +85,10 @@ class ReplyStore:
         self.counts.most_held = max(self.counts.most_held, len(self._replies))
         return True
 
+    def held(self) -> dict[Key, Message]:
+        """A copy of what is held now, by (request, step)."""
+        return {k: m for k, (m, _) in self._replies.items()}
+
     def take(self, keys: set[Key]) -> tuple[Key, Message, int] | None:
         """The reply to one of ``keys`` if any arrived: ``(key, message, bytes)``. Raises the
         request's first error (typed, with the stage that failed) when one of those requests failed."""

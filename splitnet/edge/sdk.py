@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from contextlib import closing
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -341,6 +342,11 @@ class Session:
         self._replies.open(req)
         return self._forward(req, seq, tensors, **dict(meta))
 
+    @property
+    def _pending(self) -> dict[Key, Message]:
+        """The replies held now (read by the hostile-peer harness)."""
+        return self._replies.held()
+
     def _wait_any(self, keys: set[Key], timeout_s: float | None = None) -> tuple[Key, Message]:
         key, msg, _ = self.wait_reply(keys, timeout_s)
         return key, msg
@@ -425,10 +431,11 @@ class Session:
 
     def _stream(self, s: SequenceState, sampling: SamplingConfig | None, timeout_s: float | None, text: Callable[[], Any] | None) -> Iterator[StreamEvent]:
         self.last_stats = s.stats  # the live stats, readable after an error too
-        for event in stream_events(self, s, sampling, self._budget(), timeout_s=timeout_s, tokenizer=text):
-            if isinstance(event, GenerationResult):
-                self.last_stats = event.stats
-            yield event
+        with closing(stream_events(self, s, sampling, self._budget(), timeout_s=timeout_s, tokenizer=text)) as events:
+            for event in events:  # a caller that stops early closes this: the request is released at once
+                if isinstance(event, GenerationResult):
+                    self.last_stats = event.stats
+                yield event
 
     def generate(
         self,
@@ -445,9 +452,10 @@ class Session:
         with a ``draft`` model, speculatively: see :meth:`stream`)."""
         events = self.stream(prompt, max_new_tokens, sampling=sampling, stop_token=stop_token, timeout_s=timeout_s,
                              draft=draft, speculate_tokens=speculate_tokens)
-        for event in events:
-            if isinstance(event, GenerationResult):
-                return event
+        with closing(events):
+            for event in events:
+                if isinstance(event, GenerationResult):
+                    return event
         raise AssertionError("stream ended without a result")  # pragma: no cover - stream_events always ends with one
 
     def generate_many(
@@ -474,10 +482,11 @@ class Session:
         seqs = new_sequences([self._prompt_ids(p) for p in prompts], max_new_tokens, sampling, stop_token=stop_token,
                              max_positions=self.max_positions)
         t0 = time.perf_counter()
-        for s, new in decode(self, seqs, sampling, self._budget(), timeout_s=timeout_s, t0=t0):
-            if on_token is not None:
-                for tok in new:
-                    on_token(s.index, tok)
+        with closing(decode(self, seqs, sampling, self._budget(), timeout_s=timeout_s, t0=t0)) as steps:
+            for s, new in steps:  # an on_token that raises closes this: every request is released
+                if on_token is not None:
+                    for tok in new:
+                        on_token(s.index, tok)
         text = self._text_of(prompts)
         results = [s.result(t0, text().decode(s.out) if text is not None else None) for s in seqs]
         self.last_stats = {"replays": [r for s in seqs for r in s.stats["replays"]], "sequences": len(seqs),
@@ -504,6 +513,10 @@ class Session:
         self.close()
 
 
+_CONFIG_FIELDS = frozenset(f.name for f in fields(ClientConfig))
+_SESSION_OPTIONS = frozenset(p for p in inspect.signature(Session.__init__).parameters if p not in ("self", "endpoints", "config"))
+
+
 def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | None = None, timeout_s: float | None = None, **kwargs: Any) -> Session:
     """Open a :class:`Session` over stage endpoints (listed in order) or a plan file.
 
@@ -513,7 +526,14 @@ def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | 
         config: timeouts and heartbeat settings.
         timeout_s: the longest wait for anything: a request's result, and the whole connect
             (its handshake waits at most ``min(timeout_s, config.connect_timeout_s)``).
+        **kwargs: :class:`Session` options (``recovery``, ``tokenizer``, ``local_stage``,
+            ``local_codec``, ``socket_config``) and any :class:`ClientConfig` field, which
+            overrides ``config`` (``connect(eps, client_key=..., server_key=...)``).
     """
+    overrides = {k: kwargs.pop(k) for k in list(kwargs) if k in _CONFIG_FIELDS}
+    unknown = sorted(set(kwargs) - _SESSION_OPTIONS)
+    if unknown:
+        raise ConfigError(f"connect() got unknown option(s) {unknown}; known: {sorted(_SESSION_OPTIONS | _CONFIG_FIELDS | {'config', 'timeout_s'})}")
     expected_hash = ""
     is_plan = (isinstance(stages, (str, Path)) and not str(stages).startswith(("tcp://", "ipc://"))) or (
         hasattr(stages, "stages") and not isinstance(stages, (list, tuple))
@@ -525,7 +545,7 @@ def connect(stages: Sequence[str] | str | Path | Any, *, config: ClientConfig | 
         stages = endpoints_from_plan(stages)
     elif isinstance(stages, str):
         stages = [stages]
-    config = config or ClientConfig()
+    config = replace(config or ClientConfig(), **overrides)
     if timeout_s is not None:
         config = replace(config, timeout_s=timeout_s, connect_timeout_s=min(config.connect_timeout_s, timeout_s))
     session = Session(list(stages), config, **kwargs)

@@ -90,3 +90,14 @@ def test_generation_on_an_encoder_says_use_infer(minilm_pipe):
             s.generate("hello", 4)
         with pytest.raises(ConfigError, match="use infer"):
             s.generate_many(["hello"], 4)
+
+
+def test_connect_takes_client_config_fields_and_refuses_unknown_options(gpt_pipe):
+    """README's ``connect(..., local_stage=..., local_codec=..., **keys)`` with keys =
+    dict(client_key=..., server_key=...): ClientConfig fields are accepted as keywords."""
+    with splitnet.connect(gpt_pipe.endpoints, config=ClientConfig(timeout_s=30), heartbeat_interval_s=0.5, prefill_chunk_tokens=4) as s:
+        assert s.config.heartbeat_interval_s == 0.5 and s.config.prefill_chunk_tokens == 4 and s.config.timeout_s == 30
+    with pytest.raises(ConfigError, match=r"unknown option\(s\) \['timeout'\]"):
+        splitnet.connect(gpt_pipe.endpoints, timeout=3)
+    with pytest.raises(ConfigError, match="client_key and server_key go together"):
+        splitnet.connect(gpt_pipe.endpoints, client_key="keys/laptop.key_secret")

@@ -178,7 +178,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_tokens(kill_leftovers)
         for s in sessions:
             s.close()
         with splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=60)) as s:
-            stats = [info["stats"] for info in s._handshake()]
+            stats = [info["stats"] for info in s.refresh()]
     assert together == alone
     assert [got[i] for i in range(len(prompts))] == alone
     assert all(st["max_batch"] > 1 for st in stats), stats
