@@ -135,14 +135,15 @@ def _ranges(cores: list[int]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from splitnet.errors import SplitnetError
-    from splitnet.runtime.worker import serve_forever
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         from splitnet.wire.security import check_transport, stage_socket_config
 
         config = config_from_args(args)
-        preflight(config)
+        preflight(config)  # before the worker (torch, transformers) is even imported
+        from splitnet.runtime.worker import serve_forever
+
         sock_cfg = stage_socket_config(args.server_key, args.keys_dir, args.insecure, config.bind, config.send_timeout_ms, check_transport(args.transport),
                                        stage_keys_dir=args.stage_keys_dir, max_message_bytes=config.max_input_bytes)
         serve_forever(config, socket_config=sock_cfg, max_request_cache_bytes=args.max_request_cache_mib * 1024 * 1024 or None)
