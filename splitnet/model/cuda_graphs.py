@@ -51,7 +51,8 @@ class _GraphView:
         index = (self._rows, self._heads, self._pos)
         keys.index_put_(index, key_states.to(keys.dtype))
         values.index_put_(index, value_states.to(values.dtype))
-        return keys.index_select(0, self.slots)[:, :, : self.read_len], values.index_select(0, self.slots)[:, :, : self.read_len]
+        # slice, then gather: only the members' first read_len positions are copied, not the whole capacity
+        return keys[:, :, : self.read_len].index_select(0, self.slots), values[:, :, : self.read_len].index_select(0, self.slots)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0  # positions are given explicitly

@@ -118,15 +118,20 @@ class _CacheTable:
         self.last_used[req] = time.monotonic()
         return cache
 
-    def check_memory(self, req: str) -> None:
+    def check_memory(self, req: str, total: int | None = None) -> None:
+        """Raise LimitExceeded (and drop ``req``) when it, or all caches together (``total``,
+        summed here when not given: a batch sums once for all its members), are over the limits."""
         own = self.caches[req].nbytes if req in self.caches else 0
         if own > self.max_request_bytes:
             self.drop(req)
             raise LimitExceeded(f"request {req!r} holds {own} bytes of KV cache, over the per-request limit of {self.max_request_bytes}; it was dropped")
-        total = sum(c.nbytes for c in self.caches.values())
+        total = self.total_bytes() if total is None else total
         if total > self.max_bytes:
             self.drop(req)
             raise LimitExceeded(f"KV caches use {total} bytes, over this stage's limit of {self.max_bytes}; request {req!r} dropped")
+
+    def total_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches.values())
 
     def drop(self, req: str) -> None:
         cache = self.caches.pop(req, None)
@@ -628,9 +633,10 @@ class StageWorker:
             for m in group:
                 self._fail(peers, m.work, e)
             return
+        cache_bytes = self.caches.total_bytes() if cached else 0  # once for the batch, not once per member
         for m, out in zip(group, outputs):
             try:
-                self._finish(m, out, compute_ms, len(group), peers)
+                self._finish(m, out, compute_ms, len(group), peers, cache_bytes)
             except Exception as e:
                 self._fail(peers, m.work, e)
 
@@ -662,12 +668,12 @@ class StageWorker:
         parts = {k: torch.split(v, sizes) if v.dim() and v.shape[0] == total else [v] * len(sizes) for k, v in host.items()}
         return [{k: parts[k][i] for k in host} for i in range(len(sizes))]
 
-    def _finish(self, m: Member, outputs: dict, compute_ms: float, batch: int, peers: dict) -> None:
+    def _finish(self, m: Member, outputs: dict, compute_ms: float, batch: int, peers: dict, cache_bytes: int | None = None) -> None:
         """Send one member's outputs (in host memory) on: to the next stage of its route, or to its client."""
         item, cache, ckey = m.work, m.cache, m.cache_key
         msg, meta = item.msg, item.msg.meta
         if cache is not None:
-            self.caches.check_memory(ckey)
+            self.caches.check_memory(ckey, cache_bytes)
         route = list(meta.get("route") or [])
         t2 = time.perf_counter()
         if route:
