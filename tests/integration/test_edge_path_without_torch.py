@@ -53,7 +53,7 @@ def test_cli_help_and_edge_commands_without_torch(tmp_path):
     r = _run("""
         import sys
         from splitnet.cli import main
-        for argv in (["--help"], ["serve", "--help"], ["keys", "gen", "--out", sys.argv[1], "--name", "phone"]):
+        for argv in (["--help"], ["serve", "--help"], ["status", "--help"], ["export-onnx", "--help"], ["keys", "gen", "--out", sys.argv[1], "--name", "phone"]):
             try:
                 code = main(argv)
             except SystemExit as e:  # argparse's --help
