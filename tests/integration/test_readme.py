@@ -1,5 +1,5 @@
 """README.md runs as written: every shell command and Python snippet is extracted and run, in order,
-in a fresh directory (with this checkout's examples/ and venv linked in, as in a clone).
+in a fresh directory (with this checkout's examples/, deploy/ and venv linked in, as in a clone).
 
 A command is skipped or changed only by a rule below, with its reason printed. Servers
 (`serve-stage`, `serve --device cloud`) run in the background until the end, so the snippets after
@@ -111,7 +111,8 @@ def _wait_ready(p: subprocess.Popen, ready: str, cmd: str, timeout_s: float = 18
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_readme_runs_as_written(tmp_path, kill_leftovers):
-    (tmp_path / "examples").symlink_to(ROOT / "examples")
+    for name in ("examples", "deploy"):  # what a clone has next to README.md
+        (tmp_path / name).symlink_to(ROOT / name)
     (tmp_path / ".venv").symlink_to(VENV)
     env = {**os.environ, "PATH": f"{VENV / 'bin'}{os.pathsep}{os.environ['PATH']}"}
     background: list[subprocess.Popen] = []
