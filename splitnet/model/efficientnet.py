@@ -214,7 +214,8 @@ class EfficientNetLiteArchitecture(Architecture):
 
     @property
     def hidden_size(self) -> int:
-        return -1  # the channel count changes from cut to cut: see cut_shape
+        """The width of what the embed (stem) emits; every later cut has its own: see cut_shape."""
+        return int(self.config["stem_channels"])
 
     def cut_shape(self, before_block: int) -> tuple[int, int, int]:
         """(H, W, C) of the feature map entering block ``before_block`` (= after block - 1)."""
