@@ -118,3 +118,15 @@ def test_preprocess_scales_as_the_tf_lite_weights_expect():
     assert np.allclose(x, (255 - 127) / 128)
     with pytest.raises(ValueError, match="RGB"):
         preprocess(np.zeros((4, 4, 5), np.uint8))
+
+
+def test_the_planner_profiler_reads_every_cut(bm):
+    from splitnet.planner.profiler import profile_model
+
+    prof = profile_model(bm, repeats=1, warmup=0, codecs=("int8",), progress=False)
+    assert len(prof.blocks) == 16 and prof.embed.out_channels == 32 and prof.head.out_channels == 1000
+    for i, block in enumerate(prof.blocks):
+        side, _, ch = bm.arch.cut_shape(i + 1)
+        assert block.out_channels == ch
+    # int8 per map position: one byte per channel plus its share of the payload's side information
+    assert 192 <= prof.blocks[14].codec_costs["int8"]["bytes_per_token"] < 192 * 1.2
