@@ -27,6 +27,10 @@ class ClientConfig:
             since the last one (0: never), so a long generation survives faults far apart.
         disconnect_grace_s: a stage whose connection closed (socket monitor) and has not come
             back within this is unavailable at once, before its heartbeat window ends.
+        compute_stall_s: a stage whose heartbeat says its compute thread has not finished a
+            round for this long (and for 4 x the longest step this client saw it compute),
+            with no forward done since its previous heartbeat, counts as failed: its I/O thread
+            answers, but the work does not move (a frozen compute thread is replaced).
         max_pending_replies: most replies held for requests not yet collected; beyond it a new
             reply raises LimitExceeded (replies of released requests or old epochs are dropped).
         prefill_chunk_tokens: prompt tokens per prefill chunk (chunks flow through the stages
@@ -50,6 +54,7 @@ class ClientConfig:
     max_recoveries: int = 3
     recovery_refill_tokens: int = 256
     disconnect_grace_s: float = 0.5
+    compute_stall_s: float = 5.0
     max_pending_replies: int = 1024
     client_key: str = ""
     server_key: str | tuple[str, ...] = ""
@@ -67,6 +72,8 @@ class ClientConfig:
             raise ConfigError("ClientConfig.recovery_refill_tokens must be >= 0 (0: the budget never refills)")
         if self.disconnect_grace_s <= 0:
             raise ConfigError(f"ClientConfig.disconnect_grace_s must be positive, got {self.disconnect_grace_s!r}")
+        if self.compute_stall_s <= 0:
+            raise ConfigError(f"ClientConfig.compute_stall_s must be positive, got {self.compute_stall_s!r}")
         if self.max_pending_replies < 1:
             raise ConfigError("ClientConfig.max_pending_replies must be >= 1")
         if self.prefill_chunk_tokens < 1:

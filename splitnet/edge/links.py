@@ -57,6 +57,9 @@ class _Link:
     reopened_at: float = 0.0
     disconnected_at: float | None = None  # the connection closed and has not come back since
     declared_down: bool = False  # a liveness check raised for it; cleared by its next message
+    compute_stuck: str = ""  # why its heartbeats say the compute thread is stuck ("" while it moves)
+    forwards_seen: int | None = None  # forwards its previous heartbeat reported
+    longest_step_s: float = 0.0  # the longest compute time its traces reported to this client
 
 
 class StageLinks:
@@ -159,6 +162,7 @@ class StageLinks:
         link.last_seen = time.monotonic()
         link.disconnected_at = None
         link.declared_down = False
+        link.compute_stuck, link.forwards_seen, link.longest_step_s = "", None, 0.0
         if self._watch is None:
             self._start_monitor(link)
 
@@ -279,13 +283,37 @@ class StageLinks:
             return
         if stage is not None and msg.kind == "pong":
             self._pongs.add((stage, msg.req))
+            self._check_progress(self._links[stage], msg.meta.get("progress"))
             return
         if msg.kind == "result":  # a result proves every stage in its trace worked on it
             now = time.monotonic()
             for t in msg.meta.get("trace", []):
                 if isinstance(t, dict) and type(t.get("stage")) is int and 0 <= t["stage"] < len(self._links):
-                    self._links[t["stage"]].last_seen = now
+                    link = self._links[t["stage"]]
+                    link.last_seen = now
+                    if isinstance(t.get("compute_ms"), (int, float)):
+                        link.longest_step_s = max(link.longest_step_s, float(t["compute_ms"]) / 1e3)
         self._on_message(stage, msg, message_nbytes([getattr(f, "buffer", f) for f in body]))
+
+    def _check_progress(self, link: _Link, progress: object) -> None:
+        """Liveness that sees the work: a heartbeat whose compute thread has not ticked for
+        ``compute_stall_s`` (and 4 x the longest step seen on this stage), with no forward
+        done since the previous heartbeat, marks the stage stuck; one that moves clears it."""
+        if not isinstance(progress, dict):
+            return
+        forwards, age = progress.get("forwards"), progress.get("compute_tick_age_s")
+        if type(forwards) is not int or not isinstance(age, (int, float)):
+            return
+        limit = max(self.config.compute_stall_s, 4 * link.longest_step_s)
+        moved = link.forwards_seen is None or forwards != link.forwards_seen
+        link.forwards_seen = forwards
+        if age > limit and not moved:
+            if not link.compute_stuck:
+                log.warning("stage %d at %s: compute thread stuck for %.1f s (%s steps queued)", link.index, link.endpoint, age, progress.get("queued"))
+            link.compute_stuck = (f"its compute thread has finished no step for {age:.1f} s (limit {limit:.1f} s, "
+                                  f"{progress.get('queued')} steps queued); its I/O thread answers but the work does not move")
+        else:
+            link.compute_stuck = ""
 
     def _monitor_events(self, link: _Link) -> None:
         while link.monitor is not None:
@@ -319,7 +347,7 @@ class StageLinks:
         """Whether stage ``i`` is known dead now: a liveness check found it silent for a whole
         window (and it said nothing since), or it is disconnected past the grace."""
         link, now = self._links[i], time.monotonic()
-        if link.declared_down:
+        if link.declared_down or link.compute_stuck:
             return True
         return link.disconnected_at is not None and now - link.disconnected_at > self.config.disconnect_grace_s
 
@@ -330,6 +358,9 @@ class StageLinks:
         window = self.window_s
         for link in self._links:
             silent = now - link.last_seen
+            if link.compute_stuck:
+                link.declared_down = True
+                raise StageUnavailable(f"stage {link.index} at {link.endpoint}: {link.compute_stuck}")
             if link.disconnected_at is not None and now - link.disconnected_at > self.config.disconnect_grace_s:
                 link.declared_down = True
                 raise StageUnavailable(
@@ -358,7 +389,10 @@ class StageLinks:
 
         def settled() -> bool:
             for link in self._links:
-                if link.index not in dead and (link.last_seen > before[link.index] or (link.index, probe) in self._pongs):
+                if link.compute_stuck:
+                    dead.add(link.index)  # it answers, but its work does not move
+                    answered.discard(link.index)
+                elif link.index not in dead and (link.last_seen > before[link.index] or (link.index, probe) in self._pongs):
                     answered.add(link.index)
             return len(answered) + len(dead) >= len(self._links)
 

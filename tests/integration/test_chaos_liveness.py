@@ -1,0 +1,159 @@
+"""Liveness that sees the work (#18): a stage whose I/O thread answers heartbeats while its
+compute thread is stuck counts as failed on the client, and the supervisor kills (then restarts)
+a stage that is hung: no answer, or work queued that does not move."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+
+import pytest
+import zmq
+
+from splitnet.cloud.supervisor import HangPolicy, RestartPolicy, Supervisor
+from splitnet.edge.config import ClientConfig
+from splitnet.edge.links import StageLinks
+from splitnet.errors import ConfigError, StageUnavailable
+from splitnet.wire import Message, SocketConfig, decode_message, encode_message
+
+pytestmark = pytest.mark.timeout(60)
+
+
+class FakeStage:
+    """A ROUTER on a random port that answers pings with the progress ``progress()`` gives."""
+
+    def __init__(self, progress):
+        self.progress = progress
+        self.ctx = zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        port = self.sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
+        self.endpoint = f"tcp://127.0.0.1:{port}"
+        self.stop = threading.Event()
+        self.pongs = 0
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            if not self.sock.poll(20):
+                continue
+            ident, *body = self.sock.recv_multipart()
+            msg = decode_message(body)
+            if msg.kind == "ping":
+                self.pongs += 1
+                reply = Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": 1, "t": msg.meta.get("t"), "progress": self.progress()})
+                self.sock.send_multipart([ident, *encode_message(reply)])
+        self.sock.close(linger=0)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+
+
+def _links(endpoint: str, **cfg) -> StageLinks:
+    config = ClientConfig(heartbeat_interval_s=0.1, heartbeat_liveness=30, **cfg)
+    links = StageLinks([endpoint], config, SocketConfig(), None, b"chaos-liveness-client", lambda *_: None)
+    links.end_handshake()
+    return links
+
+
+def test_a_stuck_compute_thread_counts_as_failed_though_pings_are_answered():
+    t0 = time.monotonic()
+    stage = FakeStage(lambda: {"forwards": 7, "batches": 7, "queued": 2, "compute_tick_age_s": round(time.monotonic() - t0 + 0.5, 3)})
+    links = _links(stage.endpoint, compute_stall_s=0.6)
+    try:
+        with pytest.raises(StageUnavailable, match="compute thread has finished no step"):
+            links.wait_until(lambda: False, 20.0, lambda: TimeoutError("the stuck stage was never declared failed"))
+        assert stage.pongs >= 2, "the stage answered heartbeats all along"
+        assert links.is_down(0)
+        assert links.silent_stages() == [0], "recovery must replace a stage that answers but does not work"
+    finally:
+        links.close()
+        stage.close()
+
+
+def test_a_stage_whose_forwards_move_is_not_failed_even_with_an_old_tick():
+    forwards = [0]
+
+    def progress():
+        forwards[0] += 1  # a long forward per heartbeat, but work moves
+        return {"forwards": forwards[0], "batches": forwards[0], "queued": 3, "compute_tick_age_s": 5.0}
+
+    stage = FakeStage(progress)
+    links = _links(stage.endpoint, compute_stall_s=0.5)
+    try:
+        with pytest.raises(TimeoutError, match="no failure"):
+            links.wait_until(lambda: False, 1.5, lambda: TimeoutError("no failure"))
+        assert stage.pongs >= 5 and not links.is_down(0)
+    finally:
+        links.close()
+        stage.close()
+
+
+def test_compute_stall_must_be_positive():
+    with pytest.raises(ConfigError, match="compute_stall_s"):
+        ClientConfig(compute_stall_s=0)
+
+
+def _supervise(probe, hang: HangPolicy) -> Supervisor:
+    sup = Supervisor({"stage0": [sys.executable, "-c", "import time; time.sleep(120)"]},
+                     RestartPolicy(max_restarts=3, backoff_initial_s=0.1, backoff_max_s=0.2), hang=hang, probe=probe)
+    sup.start()
+    return sup
+
+
+def _run_until(sup: Supervisor, cond, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        sup.poll()
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+HANG = HangPolicy(check_interval_s=0.1, hang_timeout_s=0.6, startup_timeout_s=5.0, probe_timeout_s=0.1)
+
+
+def test_supervisor_restarts_a_stage_with_queued_work_that_does_not_move():
+    sup = _supervise(lambda cmd, t: {"stats": {"forwards": 4}, "queue_depth": 2}, HANG)
+    try:
+        first = sup.children[0].proc.pid
+        assert _run_until(sup, lambda: sup.children[0].proc.pid != first, 10), "a hung stage was not restarted"
+        assert sup.children[0].hung_kills == 1 and sup.children[0].proc.poll() is None
+    finally:
+        sup.stop()
+
+
+def test_supervisor_restarts_a_stage_that_stops_answering():
+    answers = [0]
+
+    def probe(cmd, t):
+        answers[0] += 1
+        return {"stats": {"forwards": 0}, "queue_depth": 0} if answers[0] <= 2 else None
+
+    sup = _supervise(probe, HANG)
+    try:
+        first = sup.children[0].proc.pid
+        assert _run_until(sup, lambda: sup.children[0].proc.pid != first, 10)
+        assert sup.children[0].hung_kills == 1
+    finally:
+        sup.stop()
+
+
+def test_supervisor_leaves_a_busy_stage_whose_work_moves_and_an_idle_one():
+    n = [0]
+
+    def probe(cmd, t):
+        n[0] += 1
+        return {"stats": {"forwards": n[0] if n[0] % 2 else 0}, "queue_depth": 5 if n[0] % 2 else 0}
+
+    sup = _supervise(probe, HANG)
+    try:
+        first = sup.children[0].proc.pid
+        _run_until(sup, lambda: False, 2.0)
+        assert n[0] >= 8, "the heartbeat was not asked"
+        assert sup.children[0].proc.pid == first and sup.children[0].hung_kills == 0
+    finally:
+        sup.stop()
