@@ -18,6 +18,8 @@ SUITES = {
     "pipeline": "splitnet.bench.pipeline",
     "speculative": "splitnet.bench.speculative",
     "vision": "splitnet.bench.vision",
+    "e2e": "splitnet.bench.e2e",
+    "chaos": "splitnet.bench.chaos",
 }
 
 

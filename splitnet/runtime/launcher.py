@@ -68,6 +68,27 @@ class LocalPipeline:
         self.stages[index] = new
         return new.endpoint
 
+    def start_stage(self, index: int, blocks: tuple[int, int], *, bind: str = "", codec: str = "") -> StageProcess:
+        """Start one more ``serve-stage`` process for ``blocks`` (a warm standby, a re-planned
+        stage, or ``bind``: a restart on a known endpoint) and wait for its READY; it is stopped
+        with the pipeline but not put in ``stages`` (the caller decides when it serves)."""
+        if self._spec is None:
+            raise ConfigError("this pipeline was not started by launch_pipeline; cannot start stages")
+        new = _spawn_stages(self._spec, [(index, tuple(blocks), codec)], binds={index: bind} if bind else None)[0]
+        self._procs.append(new.popen)
+        return new
+
+    def restart_stage_in_place(self, index: int) -> str:
+        """Kill stage ``index`` and start a fresh process for its blocks on the same endpoint
+        (as a supervisor restarting it would); returns the endpoint."""
+        old = self.stages[index]
+        if old.popen.poll() is None:
+            old.popen.kill()
+            old.popen.wait(timeout=10)
+        codec = self._codecs[index] if index < len(self._codecs) else ""
+        self.stages[index] = self.start_stage(index, old.blocks, bind=old.endpoint, codec=codec)
+        return old.endpoint
+
     def close(self) -> None:
         self._finalizer()
 
@@ -103,8 +124,9 @@ class _LaunchSpec:
     stage_cpus: tuple[str, ...] = ()  # per stage index: cores to pin it to ("" or missing: not pinned)
 
 
-def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], str]]) -> list[StageProcess]:
-    """Start one process per (index, blocks, codec) and wait for every READY handshake."""
+def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], str]], binds: dict[int, str] | None = None) -> list[StageProcess]:
+    """Start one process per (index, blocks, codec) and wait for every READY handshake
+    (``binds``: an endpoint per index to bind instead of a free port)."""
     ctx = zmq.Context.instance()
     ready = make_socket(ctx, zmq.ROUTER, SocketConfig(), server=True)
     ready_port = ready.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
@@ -115,7 +137,7 @@ def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], st
                 sys.executable, "-m", "splitnet.runtime.cli_serve",
                 "--model", spec.model,
                 "--blocks", f"{a}:{b}",
-                "--bind", f"tcp://{spec.host}:0",
+                "--bind", (binds or {}).get(i) or f"tcp://{spec.host}:0",
                 "--stage-index", str(i),
                 "--ready-endpoint", f"tcp://127.0.0.1:{ready_port}",
                 "--parent-pid", str(os.getpid()),
