@@ -671,8 +671,9 @@ def run(args: argparse.Namespace) -> dict:
     deadline = t0 + args.time_budget_s
     per_model = [kinds[i::len(models)] for i in range(len(models))]
     runs = []
-    for m, ks in zip(models, per_model):
-        runs.append(_campaign(m, ks, random.Random(rng.random()), args, deadline, config))
+    for j, (m, ks) in enumerate(zip(models, per_model)):  # each model gets its share of the time budget
+        share = t0 + args.time_budget_s * (j + 1) / len(models)
+        runs.append(_campaign(m, ks, random.Random(rng.random()), args, min(share, deadline), config))
     total = {k: sum(r[k] for r in runs) for k in ("faults_injected", "requests", "token_identical", "lost", "duplicated", "typed_errors",
                                                   "untyped_errors", "false_failovers", "replacements")}
     hist = {k: sum(r["history"][k] for r in runs) for k in runs[0]["history"]}
