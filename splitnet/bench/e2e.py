@@ -1,0 +1,451 @@
+"""e2e: split vs cloud-only vs edge-only for EfficientNet-Lite0 over shaped links in the netns lab.
+
+Two namespace hosts, ``edge`` and ``cloud``, joined by one veth link whose rate is shaped by
+``tc tbf`` and whose delay comes from the lab's relay (half the RTT each way; this kernel has no
+netem). At every (bandwidth, RTT) point each option serves held-out photo crops with real
+processes and sockets, and the client in the edge host times each request:
+
+* cloud-only: the crop's JPEG (q90) to a cloud process that decodes it and runs the whole model
+  (:mod:`splitnet.bench.e2e_jpeg`);
+* edge-only: the whole model in the edge client (no network);
+* split: an edge stage (blocks [0, cut), ``splitnet serve-stage``) and a cloud stage ([cut, 16)),
+  with each codec on the cut, driven by :func:`splitnet.connect`.
+
+Edge compute is core 0 of this machine (the edge stage, the edge-only client and the edge profile
+pinned to it, one torch thread), cloud compute core 1. Bytes on the wire are the veth's own
+counters in the edge host (both directions, every frame: TCP/IP headers, heartbeats), per
+request. Fidelity is top-1 agreement with the unsplit model on the original pixels.
+
+The planner's prediction comes from profiles measured in the same run
+(:mod:`splitnet.bench.e2e_profile`): per-block times on each core, codec bytes / time / fidelity at
+every candidate cut, and a per-message overhead calibrated at one unshaped, undelayed point
+outside the sweep. At each point the planner's choice (lowest predicted latency among options
+whose codec keeps ``--fidelity-floor`` top-1 agreement) is compared with the measured best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from splitnet.bench.vision import _split_codecs, parse_codec_spec
+from splitnet.lab.netns import LinkSpec
+
+DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 5.0, 15.0, 50.0, 100.0)
+QUICK_BANDWIDTHS = (1.0, 5.0, 50.0)
+DEFAULT_RTTS = (20.0, 80.0)
+QUICK_RTTS = (20.0,)
+DEFAULT_CODECS = ("fp16", "int8", "int4", "topk:k=16", "pq:m=16,nbits=8", "rvq:stages=2,nbits=8", "alignedvq:stages=2,nbits=8")
+QUICK_CODECS = ("fp16", "int8")
+DEFAULT_CUTS = tuple(range(1, 16))
+QUICK_CUTS = (11, 15)
+#: the issue's vision bar
+GOAL_SPEEDUP = 2.0
+GOAL_TOP1 = 0.99
+GOAL_BYTES_PCT_OF_JPEG = 5.0
+GOAL_MAX_MBIT = 2.0
+EDGE_CORE, CLOUD_CORE = 0, 1
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true", help="CI size: 3 bandwidths, RTT 20 ms, fp16/int8, cuts 11/15, 4 requests a point")
+    p.add_argument("--plot", help="write latency vs bandwidth per option (PNG) to this file")
+    p.add_argument("--bandwidths", help=f"Mbit/s, comma-separated (default {','.join(map(str, DEFAULT_BANDWIDTHS))})")
+    p.add_argument("--rtts", help="RTT ms, comma-separated (default 20,80)")
+    p.add_argument("--codecs", help="codec settings on the cut, e.g. 'fp16,int8,pq:m=16/nbits=8' (default: fp16, int8, int4, topk, pq, rvq, alignedvq)")
+    p.add_argument("--cuts", help="candidate cuts the planner may choose from, 1..15 (default all; --quick 11,15)")
+    p.add_argument("--cut", type=int, help="measure the split at this cut (default: the planner's choice at the lowest bandwidth and RTT)")
+    p.add_argument("--requests", type=int, help="timed requests per option and point (default 10; --quick 4)")
+    p.add_argument("--crops", type=int, help="held-out crops the requests cycle through (default 40; --quick 8)")
+    p.add_argument("--profile-crops", type=int, help="held-out crops for the codec profile's fidelity (default 24; --quick 8)")
+    p.add_argument("--per-source", type=int, help="crops per photo for the photo set (default 20; --quick 6)")
+    p.add_argument("--fidelity-floor", type=float, default=GOAL_TOP1, help="top-1 agreement a split codec must keep to be chosen (default 0.99)")
+    p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _floats(text: str | None, default) -> list[float]:
+    return [float(x) for x in text.split(",")] if text else list(default)
+
+
+def _config(a: argparse.Namespace) -> dict:
+    q = a.quick
+    cfg = {
+        "quick": bool(q),
+        "bandwidths_mbit_s": _floats(a.bandwidths, QUICK_BANDWIDTHS if q else DEFAULT_BANDWIDTHS),
+        "rtts_ms": _floats(a.rtts, QUICK_RTTS if q else DEFAULT_RTTS),
+        "codecs": _split_codecs(a.codecs) if a.codecs else list(QUICK_CODECS if q else DEFAULT_CODECS),
+        "candidate_cuts": [int(c) for c in a.cuts.split(",")] if a.cuts else list(QUICK_CUTS if q else DEFAULT_CUTS),
+        "cut": a.cut,
+        "requests": a.requests if a.requests is not None else (4 if q else 10),
+        "crops": a.crops if a.crops is not None else (8 if q else 40),
+        "profile_crops": a.profile_crops if a.profile_crops is not None else (8 if q else 24),
+        "per_source": a.per_source if a.per_source is not None else (6 if q else 20),
+        "held_out_fraction": 0.25,
+        "fidelity_floor": a.fidelity_floor,
+        "jpeg_quality": a.jpeg_quality,
+        "seed": a.seed,
+    }
+    bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
+    if bad:
+        raise ValueError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
+    if any(not 1 <= c <= 15 for c in cfg["candidate_cuts"]) or (a.cut is not None and not 1 <= a.cut <= 15):
+        raise ValueError("cuts must be in 1..15 (blocks on the edge)")
+    if cfg["requests"] < 1 or cfg["crops"] < 1 or cfg["profile_crops"] < 1:
+        raise ValueError("--requests, --crops and --profile-crops must be >= 1")
+    if not 0.0 <= cfg["fidelity_floor"] <= 1.0 or not 1 <= cfg["jpeg_quality"] <= 100:
+        raise ValueError("--fidelity-floor must be in [0, 1] and --jpeg-quality in 1..100")
+    return cfg
+
+
+# ---------------------------------------------------------------------------- processes in the lab
+class _Client:
+    """One e2e_client process in the edge host, driven line by line."""
+
+    def __init__(self, lab, option: str, endpoints: str, cfg: dict, cpus: str = ""):
+        cmd = [sys.executable, "-m", "splitnet.bench.e2e_client", "--option", option, "--endpoints", endpoints,
+               "--per-source", str(cfg["per_source"]), "--seed", str(cfg["seed"]), "--held-out-fraction", str(cfg["held_out_fraction"]),
+               "--crops", str(cfg["crops"]), "--jpeg-quality", str(cfg["jpeg_quality"]), "--timeout-s", "120"]
+        if cpus:
+            cmd += ["--cpus", cpus]
+        self.lab = lab
+        self.proc, _ = lab.spawn("edge", cmd, ready_prefix="READY", timeout_s=180, stdin=True)
+
+    def run(self, n: int) -> dict:
+        from splitnet.errors import StageUnavailable
+        from splitnet.lab.netns import read_line
+
+        self.proc.stdin.write(f"run {n}\n")
+        self.proc.stdin.flush()
+        try:
+            line = read_line(self.proc, lambda s: s.startswith("{"), timeout_s=60 + 10 * n)
+        except (TimeoutError, EOFError) as e:
+            raise StageUnavailable(f"e2e client gave no result: {e}") from None
+        out = json.loads(line)
+        if "error" in out:
+            raise StageUnavailable(f"e2e client: {out['error']}")
+        return out
+
+    def close(self) -> None:
+        self.lab.stop([self.proc])
+
+
+def shaped(bandwidth_mbit_s: float) -> LinkSpec:
+    """The link at ``bandwidth_mbit_s`` with a small tbf bucket: 2 ms of rate, at least 2 KiB (one
+    frame). The lab's default bucket (10 ms, at least 16 KiB) would let a whole 13 KB JPEG or int8
+    payload pass at line rate after an idle gap, so a 1 Mbit/s link would not behave as one."""
+    return LinkSpec(rate_mbit=bandwidth_mbit_s, burst_kbyte=max(2.0, bandwidth_mbit_s * 1e6 / 8 * 0.002 / 1024))
+
+
+def _veth_bytes(lab) -> int:
+    dev = lab.link("edge", "cloud").dev_a if lab.link("edge", "cloud").a == "edge" else lab.link("edge", "cloud").dev_b
+    r = lab.run_in("edge", ["cat", f"/sys/class/net/{dev}/statistics/tx_bytes", f"/sys/class/net/{dev}/statistics/rx_bytes"], timeout_s=20)
+    return sum(int(x) for x in r.stdout.split())
+
+
+def _relay(lab, endpoint: str, delay_ms: float):
+    """A relay in the edge host that delays each direction by ``delay_ms`` (None, endpoint when 0)."""
+    if delay_ms <= 0:
+        return None, endpoint
+    cmd = [sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{lab.addr('edge')}:0", "--target", endpoint,
+           "--delay-ms", str(delay_ms), "--jitter-ms", "0", "--loss-pct", "0", "--seed", "0"]
+    p, line = lab.spawn("edge", cmd, ready_prefix="RELAY", timeout_s=30)
+    return p, "tcp://" + line.split()[1]
+
+
+def _measure(lab, client: _Client, requests: int) -> dict:
+    client.run(1)  # warm-up: connections, caches
+    before = _veth_bytes(lab)
+    out = client.run(requests)
+    out["link_bytes_per_request"] = (_veth_bytes(lab) - before) / requests
+    return out
+
+
+def _stats(out: dict, ref_top1: np.ndarray) -> dict:
+    lat = np.asarray(out["latency_ms"], dtype=np.float64)
+    agree = [int(t == ref_top1[c]) for c, t in zip(out["crop"], out["top1"])]
+    return {"p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2),
+            "mean_ms": round(float(lat.mean()), 2), "requests": int(lat.size),
+            "link_bytes_per_request": round(float(out["link_bytes_per_request"]), 1),
+            "payload_bytes_per_request": round(float(np.mean(out["payload_bytes"])), 1),
+            "agree": agree}
+
+
+# ---------------------------------------------------------------------------- the run
+def run(args: argparse.Namespace) -> dict:
+    import torch
+
+    from splitnet.bench import photos as P
+    from splitnet.bench import e2e_profile as EP
+    from splitnet.bench.e2e_client import held_out_crops
+    from splitnet.bench.e2e_jpeg import decode_jpeg, encode_jpeg
+    from splitnet.codecs import make_codec
+    from splitnet.codecs.fidelity import calibration_tokens, cut_features
+    from splitnet.codecs.store import save_codec
+    from splitnet.lab.netns import check_root, lab_topology
+    from splitnet.model import load_model
+    from splitnet.model.efficientnet import to_pixel_values
+
+    t_start = time.perf_counter()
+    cfg = _config(args)
+    codecs = [(s, *parse_codec_spec(s)) for s in cfg["codecs"]]
+    for _, name, conf in codecs:
+        make_codec(name, **conf)  # unknown codecs and bad settings fail here, before any work
+    reason = check_root()
+    if reason:
+        raise PermissionError(f"splitnet bench e2e builds network namespaces: {reason}")
+    if len(os.sched_getaffinity(0)) < 2:
+        raise RuntimeError("splitnet bench e2e pins the edge to core 0 and the cloud to core 1: it needs 2 usable cores")
+    if args.plot:
+        import matplotlib  # noqa: F401 - fail before the work when the plot cannot be drawn
+
+    # ---- data and the unsplit reference ------------------------------------------------------
+    bm = load_model("efficientnet-lite0")
+    crops = held_out_crops(cfg["per_source"], cfg["seed"], cfg["held_out_fraction"], cfg["crops"])
+    all_crops = P.photo_crops(per_source=cfg["per_source"], seed=cfg["seed"])
+    cal, held = P.split_crops(all_crops, held_out_fraction=cfg["held_out_fraction"], seed=cfg["seed"])
+    rgbs = [P.crop_pixels(c) for c in crops]
+    px = np.stack([to_pixel_values(x) for x in rgbs])
+    full = bm.full()
+    with torch.no_grad():
+        ref_top1 = full({"pixel_values": torch.from_numpy(px)})["logits"].argmax(-1).numpy()
+    jpegs = [encode_jpeg(x, cfg["jpeg_quality"]) for x in rgbs]
+    with torch.no_grad():
+        jpeg_top1 = full({"pixel_values": torch.from_numpy(np.stack([to_pixel_values(decode_jpeg(j)) for j in jpegs]))})["logits"].argmax(-1).numpy()
+    prof_crops = held[len(crops):len(crops) + cfg["profile_crops"]] or held[: cfg["profile_crops"]]
+    prof_inputs = [({"pixel_values": to_pixel_values(P.crop_pixels(c))[None]}, 0) for c in prof_crops]
+
+    # ---- profiles, measured here: compute per core, JPEG path, codecs at candidate cuts --------
+    x1 = px[:1]
+    with EP.pinned({EDGE_CORE}):
+        edge_t = EP.measure_compute(bm, x1)
+        enc_ms = EP.median_ms(lambda: encode_jpeg(rgbs[0], cfg["jpeg_quality"]))
+    with EP.pinned({CLOUD_CORE}):
+        cloud_t = EP.measure_compute(bm, x1)
+        cloud_jpeg_ms = EP.median_ms(lambda: to_pixel_values(decode_jpeg(jpegs[0])))
+    cloud_speed = edge_t.full_ms / cloud_t.full_ms
+    cloud_costs = EP.CloudOnlyCosts(float(np.mean([len(j) for j in jpegs])), enc_ms, cloud_jpeg_ms + cloud_t.full_ms)
+
+    stateless = [c for c in codecs if not make_codec(c[1], **c[2]).needs_fit]
+    fitted = [c for c in codecs if make_codec(c[1], **c[2]).needs_fit]
+    costs: list[EP.CutCodecCost] = []
+    with EP.pinned({EDGE_CORE}):
+        for cut in cfg["candidate_cuts"]:
+            feats = cut_features(bm, cut, prof_inputs)
+            for spec, name, conf in stateless:
+                costs.append(EP.measure_cut_codec(bm, cut, spec, make_codec(name, **conf), feats))
+    settings = [s for s, _, _ in codecs]
+    profile = EP.build_profile(bm, edge_t, costs, settings)
+
+    # ---- the cut to measure: the planner's choice at the slowest point (stateless codecs) -------
+    split_opts = [{"kind": "split", "cut": c.cut, "setting": c.setting} for c in costs]
+    if cfg["cut"] is None:
+        fl = EP.fleet_at(min(cfg["bandwidths_mbit_s"]), min(cfg["rtts_ms"]), cloud_speed, 0.0)
+        pred = EP.predict_options(profile, fl, split_opts, cloud_costs, 0.0, cfg["fidelity_floor"])
+        allowed = [n for n, p in pred.items() if p["allowed"]] or list(pred)
+        best = min(allowed, key=lambda n: pred[n]["predicted_ms"])
+        cut = int(best.split("@")[1].split(":")[0])
+    else:
+        cut = cfg["cut"]
+
+    # ---- fitted codecs at that cut: calibrated on the calibration crops only, saved, served -----
+    work = Path(tempfile.mkdtemp(prefix="splitnet-e2e-"))
+    codec_files: dict[str, str] = {}
+    fits = []
+    if fitted:
+        cal_feats = []
+        for i in range(0, len(cal), 64):
+            cal_feats.extend(cut_features(bm, cut, [({"pixel_values": P.pixel_values([c])}, 0) for c in cal[i:i + 64]]))
+        vectors, _ = calibration_tokens(cal_feats)
+        del cal_feats
+        feats = cut_features(bm, cut, prof_inputs)
+        _, _, ch = bm.arch.cut_shape(cut)
+        for spec, name, conf in fitted:
+            if name == "pq" and ch % int(conf.get("m", 8)):
+                raise ValueError(f"{spec}: m does not divide the {ch} channels at cut {cut}")
+            codec = make_codec(name, **conf)
+            t0 = time.perf_counter()
+            codec.fit(vectors, progress=False)
+            fits.append({"setting": spec, "fit_s": round(time.perf_counter() - t0, 2), "calibration_vectors": int(vectors.shape[0])})
+            path = work / f"{name}-{len(codec_files)}.codec"
+            save_codec(codec, path)
+            codec_files[spec] = str(path)
+            with EP.pinned({EDGE_CORE}):
+                costs.append(EP.measure_cut_codec(bm, cut, spec, codec, feats))
+        profile = EP.build_profile(bm, edge_t, costs, settings)
+
+    # ---- the options ---------------------------------------------------------------------------
+    options = [{"kind": "cloud"}, {"kind": "edge"}] + [{"kind": "split", "cut": cut, "setting": s} for s in settings]
+    names = [EP.option_name(o["kind"], o.get("cut"), o.get("setting")) for o in options]
+    measured: dict[tuple[float, float], dict[str, dict]] = {}
+    calib: dict[str, dict] = {}
+    lab_name = f"e2e{os.getpid() % 1000}"
+    with lab_topology(["edge", "cloud"], {("edge", "cloud"): LinkSpec(rate_mbit=0)}, name=lab_name) as lab:
+        for o, name in zip(options, names):
+            procs, client_cpus = [], ""
+            if o["kind"] == "cloud":
+                p, line = lab.spawn("cloud", [sys.executable, "-m", "splitnet.bench.e2e_jpeg", "--bind", f"tcp://{lab.addr('cloud')}:0",
+                                              "--cpus", str(CLOUD_CORE)], ready_prefix="READY", timeout_s=180)
+                procs.append(p)
+                target = line.split()[1]
+                client_cpus = str(EDGE_CORE)
+            elif o["kind"] == "split":
+                extra = ["--insecure", "--max-batch-size", "1", "--batch-wait-ms", "0"]  # one client: no batching waits
+                cfile = codec_files.get(o["setting"])
+                p_cloud, ep_cloud = lab.stage_process("cloud", "efficientnet-lite0", (cut, bm.num_blocks), stage_index=1,
+                                                      extra_args=[*extra, "--cpus", str(CLOUD_CORE), *(["--codec-file", cfile] if cfile else [])])
+                p_edge, ep_edge = lab.stage_process("edge", "efficientnet-lite0", (0, cut), stage_index=0,
+                                                    extra_args=[*extra, "--cpus", str(EDGE_CORE), "--codec-out", cfile or o["setting"]])
+                procs += [p_cloud, p_edge]
+                target = ep_cloud
+            else:
+                target = ""
+                client_cpus = str(EDGE_CORE)
+            try:
+                # calibration point: unshaped, undelayed link, outside the sweep
+                if o["kind"] != "edge" and o["kind"] not in calib:
+                    lab.set_link("edge", "cloud", LinkSpec(rate_mbit=0))
+                    ep = f"{ep_edge},{target}" if o["kind"] == "split" else target
+                    client = _Client(lab, o["kind"], ep, cfg, client_cpus)
+                    try:
+                        calib[o["kind"]] = {"option": name, **_stats(_measure(lab, client, cfg["requests"]), ref_top1)}
+                    finally:
+                        client.close()
+                for rtt in cfg["rtts_ms"]:  # one relay and one client per RTT; the rate changes under them
+                    relay, ep_far = _relay(lab, target, rtt / 2.0) if target else (None, "")
+                    procs.append(relay)
+                    ep = f"{ep_edge},{ep_far}" if o["kind"] == "split" else ep_far
+                    client = _Client(lab, o["kind"], ep, cfg, client_cpus)
+                    try:
+                        for bw in cfg["bandwidths_mbit_s"]:
+                            lab.set_link("edge", "cloud", shaped(bw))
+                            measured.setdefault((bw, rtt), {})[name] = _stats(_measure(lab, client, cfg["requests"]), ref_top1)
+                    finally:
+                        client.close()
+                    lab.stop([relay])
+                    procs.remove(relay)
+            finally:
+                lab.stop(procs)
+
+    # ---- overheads from the calibration point, predictions, comparison --------------------------
+    fl0 = EP.fleet_at(1e6, 0.0, cloud_speed, 0.0)
+    pred0 = EP.predict_options(profile, fl0, options, cloud_costs, 0.0, cfg["fidelity_floor"])
+    split_overhead = max(0.0, (calib["split"]["p50_ms"] - pred0[calib["split"]["option"]]["predicted_ms"]) / 2.0) if "split" in calib else 0.0
+    cloud_overhead = max(0.0, (calib["cloud"]["p50_ms"] - pred0[names[0]]["predicted_ms"]) / 2.0) if "cloud" in calib else 0.0
+
+    agree_all: dict[str, list[int]] = {n: [] for n in names}
+    for pt in measured.values():
+        for n, m in pt.items():
+            agree_all[n].extend(m.pop("agree"))
+    for c in calib.values():
+        c.pop("agree", None)
+    top1 = {n: float(np.mean(v)) if v else None for n, v in agree_all.items()}
+    prof_fid = {c.setting: c.top1_agreement for c in costs if c.cut == cut}
+
+    points, compared = [], []
+    for (bw, rtt), ms in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        fl = EP.fleet_at(bw, rtt, cloud_speed, split_overhead)
+        pred = EP.predict_options(profile, fl, options, cloud_costs, cloud_overhead, cfg["fidelity_floor"])
+        cmp = EP.compare_point(pred, {n: ms[n]["p50_ms"] for n in names})
+        compared.append(cmp)
+        points.append({"bandwidth_mbit_s": bw, "rtt_ms": rtt,
+                       "options": {n: {**ms[n], "predicted_ms": round(pred[n]["predicted_ms"], 2), "allowed": pred[n]["allowed"]} for n in names},
+                       "planner": cmp})
+
+    jpeg_mean = cloud_costs.jpeg_bytes
+    split_rows = []
+    for s in settings:
+        n = EP.option_name("split", cut, s)
+        c = next(x for x in costs if x.cut == cut and x.setting == s)
+        split_rows.append({"option": n, "cut_payload_bytes_per_image": round(c.bytes_per_image, 1),
+                           "pct_of_jpeg": round(100 * c.bytes_per_image / jpeg_mean, 2),
+                           "top1_agreement_e2e": top1[n], "top1_agreement_profile": round(prof_fid[s], 4)})
+    goal = _vision_goal(points, names, top1, split_rows, cfg)
+    doc = {
+        "config": cfg,
+        "model": "efficientnet-lite0",
+        "split_cut": cut,
+        "split_cut_how": "given (--cut)" if cfg["cut"] is not None else
+                         f"the planner's choice at {min(cfg['bandwidths_mbit_s'])} Mbit/s, {min(cfg['rtts_ms'])} ms among stateless codecs meeting the floor",
+        "cut_map": list(bm.arch.cut_shape(cut)),
+        "data": {"crops_measured": len(crops), "profile_crops": len(prof_inputs), "calibration_crops": len(cal),
+                 "held_out_photos": list(P.HELD_OUT_SOURCES)},
+        "edge_scaling": {
+            "how": "edge = core 0 (edge stage, edge-only client and edge profile pinned there, 1 torch thread); cloud = core 1. "
+                   "The planner's edge device has compute_speed_rel 1.0 (the profile was measured on core 0); a fleet device "
+                   "k times slower is modelled by compute_speed_rel 1/k on these per-block times.",
+            "edge_core_ms": edge_t.as_dict(), "cloud_core_ms": cloud_t.as_dict(), "cloud_compute_speed_rel": round(cloud_speed, 4),
+        },
+        "cloud_only_path": {"jpeg_bytes_mean": round(jpeg_mean, 1), "jpeg_encode_ms_edge": round(enc_ms, 3),
+                            "jpeg_decode_plus_model_ms_cloud": round(cloud_costs.cloud_ms, 3),
+                            "jpeg_top1_agreement_vs_original_pixels": round(float((jpeg_top1 == ref_top1).mean()), 4)},
+        "calibration_point": {"link": "unshaped, no relay (outside the sweep)", "results": calib,
+                              "split_overhead_ms_per_message": round(split_overhead, 3),
+                              "cloud_overhead_ms_per_message": round(cloud_overhead, 3)},
+        "codec_profile": [c.as_dict() for c in costs],
+        "fits": fits,
+        "fidelity_top1_e2e": top1,
+        "split_codecs_at_cut": split_rows,
+        "points": points,
+        "planner_summary": EP.summarize_planner(compared),
+        "goal": goal,
+        "elapsed_s": round(time.perf_counter() - t_start, 1),
+    }
+    if args.plot:
+        from splitnet.bench.e2e_plot import plot_latency
+
+        doc["plot"] = plot_latency(doc, args.plot)
+    return doc
+
+
+def _vision_goal(points: list[dict], names: list[str], top1: dict, split_rows: list[dict], cfg: dict) -> dict:
+    """The issue's bar at each point <= 2 Mbit/s: a split codec >= 2x faster than cloud-only, with
+    top-1 >= 99 % and cut bytes <= 5 % of the JPEG."""
+    rows = []
+    good = {r["option"] for r in split_rows if (r["top1_agreement_e2e"] or 0) >= GOAL_TOP1 and r["pct_of_jpeg"] <= GOAL_BYTES_PCT_OF_JPEG}
+    for p in points:
+        if p["bandwidth_mbit_s"] > GOAL_MAX_MBIT:
+            continue
+        cloud = p["options"]["cloud-only"]["p50_ms"]
+        splits = {n: o["p50_ms"] for n, o in p["options"].items() if n.startswith("split@")}
+        fastest = min(splits, key=splits.get)
+        rows.append({"bandwidth_mbit_s": p["bandwidth_mbit_s"], "rtt_ms": p["rtt_ms"], "cloud_only_p50_ms": cloud,
+                     "fastest_split": fastest, "speedup": round(cloud / splits[fastest], 3),
+                     "best_speedup_meeting_fidelity_and_bytes": round(max((cloud / splits[n] for n in good), default=0.0), 3)})
+    met = bool(rows) and all(r["best_speedup_meeting_fidelity_and_bytes"] >= GOAL_SPEEDUP for r in rows)
+    return {"bar": f"at <= {GOAL_MAX_MBIT} Mbit/s a split codec >= {GOAL_SPEEDUP}x faster than cloud-only, top-1 >= {GOAL_TOP1:.0%}, "
+                   f"cut bytes <= {GOAL_BYTES_PCT_OF_JPEG} % of JPEG q{cfg['jpeg_quality']}",
+            "codecs_meeting_fidelity_and_bytes": sorted(good), "points": rows, "met": met}
+
+
+def summarize(doc: dict) -> str:
+    lines = [f"e2e bench ({'quick' if doc['config']['quick'] else 'full'}), split at cut {doc['split_cut']}, {doc['elapsed_s']:.0f} s"]
+    for p in doc["points"]:
+        lines.append(f"{p['bandwidth_mbit_s']:6.1f} Mbit/s RTT {p['rtt_ms']:4.0f} ms  planner {p['planner']['planner_choice']} "
+                     f"(x{p['planner']['choice_over_best']:.2f} of best {p['planner']['measured_best']})")
+        for n, o in p["options"].items():
+            lines.append(f"    {n:34s} p50 {o['p50_ms']:8.1f}  p95 {o['p95_ms']:8.1f}  pred {o['predicted_ms']:8.1f} ms  "
+                         f"{o['link_bytes_per_request']:9.0f} B on the link")
+    s = doc["planner_summary"]
+    lines.append(f"planner: {s['choice_within_10pct']}/{s['points']} points within 10 %, MAPE {s['mape_pct_all_options']} % (all options), "
+                 f"{s['mape_pct_planner_choice']} % (choices)")
+    lines.append(f"vision goal met: {doc['goal']['met']}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:  # pragma: no cover - `splitnet bench e2e` is the entry point
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    print(json.dumps(run(p.parse_args(argv)), indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
