@@ -26,7 +26,9 @@ class ClientConfig:
         recovery_refill_tokens: one recovery is given back per this many tokens generated
             since the last one (0: never), so a long generation survives faults far apart.
         disconnect_grace_s: a stage whose connection closed (socket monitor) and has not come
-            back within this is unavailable at once, before its heartbeat window ends.
+            back within this is unavailable at once, before its heartbeat window ends (a
+            stage restarted on the same endpoint reconnects within it; on links with long
+            round trips, raise it above a reconnect + handshake time).
         compute_stall_s: a stage whose heartbeat says its compute thread has not finished a
             round for this long (and for 4 x the longest step this client saw it compute),
             with no forward done since its previous heartbeat, counts as failed: its I/O thread
@@ -53,7 +55,7 @@ class ClientConfig:
     prefill_chunk_tokens: int = 64
     max_recoveries: int = 3
     recovery_refill_tokens: int = 256
-    disconnect_grace_s: float = 0.5
+    disconnect_grace_s: float = 1.0
     compute_stall_s: float = 5.0
     max_pending_replies: int = 1024
     client_key: str = ""

@@ -307,6 +307,9 @@ def decode(
             s = waiting.pop(key)
             new = s.accept(msg, t0, received)
             budget.progress(len(new))
+            if s.done:  # its caches are freed on every stage now, not when the last sequence ends
+                client.release(s.req)
+                s.req = ""
             yield s, new
     finally:
         for s in seqs:
