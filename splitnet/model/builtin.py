@@ -172,7 +172,8 @@ def materialize(name: str) -> Path:
         return target
     config = BUILTIN_CONFIGS[name]
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:10]
-    return write_once(cache_dir() / "models" / f"{name}-{digest}", "model.safetensors",
+    # "-2": the checkpoint names' format (the first wrote ViT's embeddings under embeddings.embeddings.)
+    return write_once(cache_dir() / "models" / f"{name}-{digest}-2", "model.safetensors",
                       lambda out: write_random_checkpoint(config, out, seed=int(digest, 16) % (2**31)))
 
 
@@ -222,8 +223,7 @@ def write_random_checkpoint(config: dict, out_dir: Path, seed: int = 0) -> None:
                     t = t / (2 * arch.num_blocks) ** 0.5  # GPT-2's scaled residual init
             tensors[prefix + k] = t.contiguous()
 
-    embed_prefix = base + ("embeddings." if config["model_type"] == "vit" else "")
-    init(arch.build_embed(), embed_prefix)
+    init(arch.build_embed(), base)  # the embed module carries its checkpoint names (HFEmbed: embeddings., embed_tokens., wte.)
     for i in range(arch.num_blocks):
         init(arch.build_block(i), _block_name(config, base, i))
     head = arch.build_head()
