@@ -15,6 +15,10 @@ hands out warm standbys (:class:`StandbyPool`), and a seeded, recorded schedule 
 - ``restart_same_endpoint``: the stage is killed and a fresh process binds the same endpoint (as
   a supervisor restart does); the hook gives the clients that endpoint back.
 
+The schedule is drawn from ``--seed``; a kill waits for a warm standby per stage, and while the
+standbys warm up (a stage process takes seconds to start) short freezes are injected as
+fillers. Every fault actually injected, fillers included, is recorded in order (``runs[].faults``).
+
 Every send and receive of every client is logged with (req, seq, epoch) and the session's epoch
 (a wrapper around the session's links and reply store), and checked afterwards: each request's
 tokens equal those of the fault-free run of the same request (run first, on the same pipeline:
@@ -456,13 +460,22 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
                 th.start()
             time.sleep(1.0)
             faults: list[FaultRecord] = []
-            for n, kind in enumerate(kinds):
+            for kind in kinds:
                 if time.monotonic() > deadline:
                     break
+                # a kill needs a warm standby per stage (a process takes seconds to start): while
+                # the pool refills, short freezes are injected (recorded as fillers)
+                while _REPLACES[kind] and not pool.all_ready(0) and time.monotonic() < deadline \
+                        and sum(f.fired for f in faults) < len(kinds):
+                    faults.append(_inject(len(faults), "stop_short", model, rng, pipe, pool, history, window_s))
+                    faults[-1].note = "filler while the standbys warm up"
+                    _settle(history, faults[-1], args.tenants, window_s)
+                if sum(f.fired for f in faults) >= len(kinds) or time.monotonic() > deadline:
+                    break
                 if _REPLACES[kind] and not pool.all_ready(90):
-                    faults.append(FaultRecord(n, kind, [], "", model, note="no warm standby within 90 s; not injected"))
+                    faults.append(FaultRecord(len(faults), kind, [], "", model, note="no warm standby within 90 s; not injected"))
                     continue
-                faults.append(_inject(n, kind, model, rng, pipe, pool, history, window_s))
+                faults.append(_inject(len(faults), kind, model, rng, pipe, pool, history, window_s))
                 _settle(history, faults[-1], args.tenants, window_s)
             stop.set()
             for th in threads:
