@@ -465,7 +465,7 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
                     break
                 # a kill needs a warm standby per stage (a process takes seconds to start): while
                 # the pool refills, short freezes are injected (recorded as fillers)
-                while _REPLACES[kind] and not pool.all_ready(0) and time.monotonic() < deadline \
+                while not args.quick and _REPLACES[kind] and not pool.all_ready(0) and time.monotonic() < deadline \
                         and sum(f.fired for f in faults) < len(kinds):
                     faults.append(_inject(len(faults), "stop_short", model, rng, pipe, pool, history, window_s))
                     faults[-1].note = "filler while the standbys warm up"
