@@ -280,6 +280,11 @@ def run(args: argparse.Namespace) -> dict:
             with EP.pinned({EDGE_CORE}):
                 costs.append(EP.measure_cut_codec(bm, cut, spec, codec, feats))
         profile = EP.build_profile(bm, edge_t, costs, settings)
+    for spec, name, conf in stateless:  # a stateless setting with options travels as a codec file too
+        if conf:
+            path = work / f"{name}-{len(codec_files)}.codec"
+            save_codec(make_codec(name, **conf), path)
+            codec_files[spec] = str(path)
 
     # ---- the options ---------------------------------------------------------------------------
     options = [{"kind": "cloud"}, {"kind": "edge"}] + [{"kind": "split", "cut": cut, "setting": s} for s in settings]
