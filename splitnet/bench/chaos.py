@@ -228,6 +228,7 @@ class FaultRecord:
     recover_s: float | None = None
     fault_to_token_s: float | None = None
     failovers: int = 0  # recoveries started by any tenant because of this fault
+    first_cause: str = ""  # what the first recovery after it was for
     note: str = ""
 
 
@@ -256,13 +257,16 @@ class StandbyPool:
         self._pool_lock = threading.Lock()
         self._stop = threading.Event()
         self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._refill, name="chaos-standbys", daemon=True)
+        self._starting: dict[int, int] = {}  # stage -> standbys being started now
+        # two starts at once: a stage process spends most of its start-up importing and loading
+        self._threads = [threading.Thread(target=self._refill, name=f"chaos-standbys-{k}", daemon=True) for k in range(2)]
 
     def start(self) -> None:
         with ThreadPoolExecutor(max_workers=len(self.ready)) as pool:
             for i, sp in zip(self.ready, pool.map(self._spawn, self.ready)):
                 self.ready[i].append(sp)
-        self._thread.start()
+        for th in self._threads:
+            th.start()
 
     def _spawn(self, i: int) -> Any:
         t0 = time.monotonic()
@@ -272,7 +276,10 @@ class StandbyPool:
 
     def _refill(self) -> None:
         while not self._stop.is_set():
-            short = [i for i, lst in self.ready.items() if len(lst) < self.per_stage]
+            with self._pool_lock:
+                short = [i for i, lst in self.ready.items() if len(lst) + self._starting.get(i, 0) < self.per_stage]
+                if short:
+                    self._starting[short[0]] = self._starting.get(short[0], 0) + 1
             if not short:
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -281,17 +288,20 @@ class StandbyPool:
                 sp = self._spawn(short[0])
             except Exception:  # noqa: BLE001 - a standby that failed to start is tried again
                 time.sleep(1.0)
-                continue
+                sp = None
             with self._pool_lock:
-                self.ready[short[0]].append(sp)
+                self._starting[short[0]] -= 1
+                if sp is not None:
+                    self.ready[short[0]].append(sp)
 
     def all_ready(self, timeout_s: float) -> bool:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        while True:
             if all(len(lst) >= self.per_stage for lst in self.ready.values()):
                 return True
+            if time.monotonic() >= deadline:
+                return False
             time.sleep(0.2)
-        return False
 
     def __call__(self, i: int) -> str:
         with self.locks[i]:
@@ -320,7 +330,8 @@ class StandbyPool:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
-        self._thread.join(timeout=60)
+        for th in self._threads:
+            th.join(timeout=60)
         for lst in self.ready.values():
             for sp in lst:
                 if sp.popen.poll() is None:
@@ -550,6 +561,7 @@ def _settle(history: History, rec: FaultRecord, tenants: int, window_s: float) -
     starts = [e for e in evs if e.what == "recover_start"]
     rec.failovers = len(starts)
     if starts:
+        rec.first_cause = f"{starts[0].kind}: {starts[0].detail}"
         rec.detect_s = round(starts[0].t - rec.t_fault, 3)
         ends = [e for e in evs if e.what == "recover_end" and e.tenant == starts[0].tenant and e.t >= starts[0].t]
         if ends:
