@@ -462,19 +462,29 @@ def routing_id_squatting(lab: HostileLab) -> dict:
 
 
 def forged_plaintext_error(lab: HostileLab) -> dict:
-    """On path, after the handshake, inject a plaintext ZMTP error message into the stage -> client
-    stream; the client must not raise it (nor keep it), and must keep working."""
+    """On path to the first stage, read the id of the request the client just sent and inject a
+    plaintext ZMTP error message for it into the stage -> client stream, ahead of any real reply;
+    the client must not raise it (nor keep it), and must keep working. Without keys the attacker
+    can read the id and the client has no way to tell the forgery from the stage's own error."""
+    import re
+
     from splitnet.bench.tap import Tap
 
-    body = encode_message(Message(kind="error", req="x", meta={"status": "error", "code": "auth", "msg": "FORGED by the attacker"}))[0]
-    frame = bytes([0x00, len(body)]) + body if len(body) < 256 else bytes([0x02]) + len(body).to_bytes(8, "big") + body
-    tap = Tap(host_port(lab.endpoints[1]))
+    req_field = re.compile(rb"\xa3req\xb0([0-9a-f]{16})")
+
+    def forge(chunk: bytes) -> bytes | None:
+        m = req_field.search(chunk)
+        if m is None or b"forward" not in chunk:
+            return None
+        body = encode_message(Message(kind="error", req=m.group(1).decode(), meta={"status": "error", "code": "auth", "msg": "FORGED by the attacker"}))[0]
+        return bytes([0x00, len(body)]) + body if len(body) < 256 else bytes([0x02]) + len(body).to_bytes(8, "big") + body
+
+    tap = Tap(host_port(lab.endpoints[0]))
     forged_seen = False
     ok = False
     try:
-        s = lab.session("victim", endpoints=[lab.endpoints[0], tap.endpoint])  # handshake done, session idle
-        tap.inject_now(frame)
-        time.sleep(0.3)
+        s = lab.session("victim", endpoints=[tap.endpoint, *lab.endpoints[1:]])  # handshake done, session idle
+        tap.inject_on_upstream(forge)
         for _ in range(3):
             try:
                 ok = bool(np.allclose(lab._embed(s), lab.reference, atol=1e-5)) or ok

@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 import threading
 from dataclasses import dataclass, field
+from typing import Callable
 
 _CHUNK = 1 << 16
 
@@ -38,6 +39,7 @@ class Tap:
         self.conns: list[_Conn] = []
         self._inject: bytes = b""
         self._inject_after = 0
+        self._forge: Callable[[bytes], bytes | None] | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._accept, daemon=True, name="tap-accept")]
@@ -48,6 +50,14 @@ class Tap:
         sent ``after_bytes`` on it (after the handshake, between two real frames)."""
         with self._lock:
             self._inject, self._inject_after = data, after_bytes
+
+    def inject_on_upstream(self, forge: "Callable[[bytes], bytes | None]") -> None:
+        """On every connection, show each client -> stage chunk to ``forge`` before relaying it;
+        bytes it returns are written into the stage -> client stream first (an on-path attacker
+        answering a request it just saw, ahead of the stage). Called once per chunk until it
+        returns bytes."""
+        with self._lock:
+            self._forge = forge
 
     def inject_now(self, data: bytes, index: int = -1) -> None:
         """Write ``data`` into the stage -> client stream of connection ``index`` now (call it while
@@ -93,6 +103,12 @@ class Tap:
                     break
                 if upstream:
                     conn.to_stage.append(data)
+                    forge = self._forge
+                    forged = forge(data) if forge is not None else None
+                    if forged:
+                        self._forge = None
+                        with conn.write_lock:
+                            conn.client.sendall(forged)
                 else:
                     conn.from_stage_bytes += len(data)
                 if upstream:
