@@ -206,11 +206,13 @@ def test_connect_from_plan_file_checks_model_hash(minilm_pipe, tmp_path):
     from splitnet.model import load_model as _load
 
     fp = _load("minilm", blocks=[0]).fingerprint()
-    plan = {
+    plan = {  # the smallest plan the one validated reader takes: three stages, raw cuts
+        "version": 1,
         "model": "minilm",
         "model_hash": fp,
-        "stages": [{"index": i, "blocks": list(b), "endpoint": ep} for i, (b, ep) in enumerate(zip([(0, 2), (2, 4), (4, 6)], minilm_pipe.endpoints))],
-        "cuts": [],
+        "num_blocks": 6,
+        "stages": [{"index": i, "blocks": list(b), "device": f"host{i}", "endpoint": ep} for i, (b, ep) in enumerate(zip([(0, 2), (2, 4), (4, 6)], minilm_pipe.endpoints))],
+        "cuts": [{"after_block": b, "codec": "raw", "bytes_per_token": 1536.0} for b in (1, 3)],
     }
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(plan))
