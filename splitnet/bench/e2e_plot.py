@@ -1,5 +1,6 @@
 """The plot of ``splitnet bench e2e --plot FILE``: p50 latency vs bandwidth per option, one panel
-per RTT, with the crossover of cloud-only and the fastest split marked."""
+per RTT, with the crossovers of cloud-only and the fastest split marked: with any codec (red) and
+with a codec that keeps the fidelity floor (purple)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def plot_latency(doc: dict, path: str) -> dict:
     rtts = sorted({p["rtt_ms"] for p in doc["points"]})
     fig, axes = plt.subplots(1, len(rtts), figsize=(7 * len(rtts), 5), squeeze=False)
     crossings: dict[str, float | None] = {}
+    crossings_allowed: dict[str, float | None] = {}
     for ax, rtt in zip(axes[0], rtts):
         pts = sorted((p for p in doc["points"] if p["rtt_ms"] == rtt), key=lambda p: p["bandwidth_mbit_s"])
         bws = [p["bandwidth_mbit_s"] for p in pts]
@@ -44,7 +46,17 @@ def plot_latency(doc: dict, path: str) -> dict:
         crossings[str(rtt)] = x
         if x is not None:
             ax.axvline(x, color="red", ls=":", lw=1.5)
-            ax.annotate(f"crossover {x:g} Mbit/s", (x, max(cloud)), color="red", rotation=90, va="top", ha="right", fontsize=8)
+            ax.annotate(f"crossover {x:g} Mbit/s (any codec)", (x, max(cloud)), color="red", rotation=90, va="top", ha="right", fontsize=8)
+        kept = [[o["p50_ms"] for k, o in p["options"].items() if k.startswith("split@") and o.get("allowed")] for p in pts]
+        if all(kept):
+            xa = crossover_mbit_s(bws, cloud, [min(v) for v in kept])
+            crossings_allowed[str(rtt)] = xa
+            if xa is not None:
+                ax.axvline(xa, color="purple", ls="-.", lw=1.5)
+                ax.annotate(f"crossover {xa:g} Mbit/s (codecs keeping the floor)", (xa, max(cloud)), color="purple", rotation=90,
+                            va="top", ha="left", fontsize=8)
+        else:
+            crossings_allowed[str(rtt)] = None
         chosen = [p["options"][p["planner"]["planner_choice"]]["p50_ms"] for p in pts]
         ax.scatter(bws, chosen, s=90, facecolors="none", edgecolors="red", label="planner's choice", zorder=5)
         ax.set_xscale("log")
@@ -57,4 +69,5 @@ def plot_latency(doc: dict, path: str) -> dict:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return {"file": path, "crossover_cloud_vs_fastest_split_mbit_s": crossings}
+    return {"file": path, "crossover_cloud_vs_fastest_split_mbit_s": crossings,
+            "crossover_cloud_vs_fastest_split_keeping_floor_mbit_s": crossings_allowed}

@@ -65,5 +65,5 @@ def test_planner_summary_plot_and_cleanup(doc):
     assert s["mape_pct_all_options"] >= 0
     assert d["calibration_point"]["split_overhead_ms_per_message"] >= 0
     assert plot.exists() and plot.stat().st_size > 10_000
-    assert set(d["plot"]["crossover_cloud_vs_fastest_split_mbit_s"]) == {"20.0"}
+    assert set(d["plot"]["crossover_cloud_vs_fastest_split_mbit_s"]) == set(d["plot"]["crossover_cloud_vs_fastest_split_keeping_floor_mbit_s"]) == {"20.0"}
     assert not [lab for lab in list_labs() if lab["name"].startswith("e2e")]
