@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from splitnet.bench.vision import _split_codecs, parse_codec_spec
+from splitnet.errors import ConfigError
 from splitnet.lab.netns import LinkSpec
 
 DEFAULT_BANDWIDTHS = (0.5, 1.0, 2.0, 5.0, 15.0, 50.0, 100.0)
@@ -95,13 +96,13 @@ def _config(a: argparse.Namespace) -> dict:
     }
     bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
     if bad:
-        raise ValueError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
+        raise ConfigError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
     if any(not 1 <= c <= 15 for c in cfg["candidate_cuts"]) or (a.cut is not None and not 1 <= a.cut <= 15):
-        raise ValueError("cuts must be in 1..15 (blocks on the edge)")
+        raise ConfigError("cuts must be in 1..15 (blocks on the edge)")
     if cfg["requests"] < 1 or cfg["crops"] < 1 or cfg["profile_crops"] < 1:
-        raise ValueError("--requests, --crops and --profile-crops must be >= 1")
+        raise ConfigError("--requests, --crops and --profile-crops must be >= 1")
     if not 0.0 <= cfg["fidelity_floor"] <= 1.0 or not 1 <= cfg["jpeg_quality"] <= 100:
-        raise ValueError("--fidelity-floor must be in [0, 1] and --jpeg-quality in 1..100")
+        raise ConfigError("--fidelity-floor must be in [0, 1] and --jpeg-quality in 1..100")
     return cfg
 
 
@@ -196,13 +197,16 @@ def run(args: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     cfg = _config(args)
     codecs = [(s, *parse_codec_spec(s)) for s in cfg["codecs"]]
-    for _, name, conf in codecs:
-        make_codec(name, **conf)  # unknown codecs and bad settings fail here, before any work
+    for spec, name, conf in codecs:
+        try:
+            make_codec(name, **conf)  # unknown codecs and bad settings fail here, before any work
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"--codecs {spec!r}: {e}") from e
     reason = check_root()
     if reason:
-        raise PermissionError(f"splitnet bench e2e builds network namespaces: {reason}")
+        raise ConfigError(f"splitnet bench e2e builds network namespaces: {reason}")
     if len(os.sched_getaffinity(0)) < 2:
-        raise RuntimeError("splitnet bench e2e pins the edge to core 0 and the cloud to core 1: it needs 2 usable cores")
+        raise ConfigError("splitnet bench e2e pins the edge to core 0 and the cloud to core 1: it needs 2 usable cores")
     if args.plot:
         import matplotlib  # noqa: F401 - fail before the work when the plot cannot be drawn
 
@@ -269,7 +273,7 @@ def run(args: argparse.Namespace) -> dict:
         _, _, ch = bm.arch.cut_shape(cut)
         for spec, name, conf in fitted:
             if name == "pq" and ch % int(conf.get("m", 8)):
-                raise ValueError(f"{spec}: m does not divide the {ch} channels at cut {cut}")
+                raise ConfigError(f"{spec}: m does not divide the {ch} channels at cut {cut}")
             codec = make_codec(name, **conf)
             t0 = time.perf_counter()
             codec.fit(vectors, progress=False)
