@@ -260,7 +260,8 @@ def run(args: argparse.Namespace) -> dict:
         cut = cfg["cut"]
 
     # ---- fitted codecs at that cut: calibrated on the calibration crops only, saved, served -----
-    work = Path(tempfile.mkdtemp(prefix="splitnet-e2e-"))
+    work_dir = tempfile.TemporaryDirectory(prefix="splitnet-e2e-")  # removed when run() returns or raises
+    work = Path(work_dir.name)
     codec_files: dict[str, str] = {}
     fits = []
     if fitted:
