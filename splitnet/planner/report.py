@@ -136,6 +136,30 @@ def cut_curve(model: ModelProfile, fleet: Fleet, wl: Workload, partner: str) -> 
     return pts
 
 
+def _chosen_cut(plan: Plan, src: str, partner: str, L: int) -> int | None:
+    """Where the left panel's x axis has the plan: its cut when it is the two-stage split
+    source -> partner it draws, L-1 when it runs all on the source; None for any other plan."""
+    if len(plan.stages) == 1 and plan.stages[0].device == src:
+        return L - 1
+    if len(plan.stages) == 2 and plan.stages[0].device == src and plan.stages[1].device == partner:
+        return plan.stages[0].blocks[1] - 1
+    return None
+
+
+def _mark_chosen(ax, plan: Plan, src: str, partner: str, L: int) -> None:
+    """The chosen plan as one point at its own cut (at the fleet's bandwidth), never a line
+    across cuts it did not choose; a plan the panel cannot show is named in a note instead."""
+    latency = plan.predicted.latency_ms
+    k = _chosen_cut(plan, src, partner, L)
+    if k is not None:
+        ax.plot([k], [latency], marker="X", ms=12, color="k", ls="none",
+                label=f"chosen plan: cut after {k} ({latency:.0f} ms at the fleet's uplink)" if k < L - 1 else f"chosen plan: all on {src} ({latency:.0f} ms)")
+        return
+    route = " -> ".join(f"{st.device}[{_blocks(*st.blocks)}]" for st in plan.stages)
+    ax.text(0.02, 0.02, f"chosen plan ({len(plan.stages)} stages, not a cut on this panel): {route}, {latency:.0f} ms",
+            transform=ax.transAxes, fontsize=7, va="bottom")
+
+
 def plot_plan(plan: Plan, model: ModelProfile, fleet: Fleet, wl: Workload, bandwidths: list[float], path: str,
               mode: str = "auto") -> None:
     """Two panels: latency against the cut point (source -> partner) at each uplink bandwidth, and the
@@ -164,8 +188,7 @@ def plot_plan(plan: Plan, model: ModelProfile, fleet: Fleet, wl: Workload, bandw
                 i = min(range(len(ys)), key=ys.__getitem__)
                 ax1.plot([xs[i]], [ys[i]], marker="*", ms=14, color=line.get_color())
         if plan.predicted is not None:
-            ax1.axhline(plan.predicted.latency_ms, color="k", ls="--", lw=1,
-                        label=f"chosen plan ({len(plan.stages)} stages)")
+            _mark_chosen(ax1, plan, src, partner, L)
         ax1.set_xticks(range(L))
         ax1.set_xticklabels([str(k) for k in range(L - 1)] + ["all\nlocal"])
         ax1.set_title(f"two stages: {src} -> {partner}, cut after block k (best codec; * = best cut)")

@@ -359,3 +359,18 @@ def test_cli_plan_reports_errors(tmp_path, capsys):
     rc = main(["plan", "--model", "minilm", "--devices", str(bad)])
     err = capsys.readouterr().err
     assert rc == 2 and "no feasible plan" in err
+
+
+def test_the_plot_marks_the_chosen_plan_at_its_own_cut_only():
+    from types import SimpleNamespace
+
+    from splitnet.planner.plan import StagePlan
+    from splitnet.planner.report import _chosen_cut
+
+    def plan(*stages):  # only the stages matter here
+        return SimpleNamespace(stages=[StagePlan(i, b, d) for i, (d, b) in enumerate(stages)])
+
+    assert _chosen_cut(plan(("phone", (0, 2)), ("cloud", (2, 6))), "phone", "cloud", 6) == 1
+    assert _chosen_cut(plan(("phone", (0, 6))), "phone", "cloud", 6) == 5  # all local: the panel's last point
+    assert _chosen_cut(plan(("phone", (0, 2)), ("laptop", (2, 6))), "phone", "cloud", 6) is None  # not on this panel
+    assert _chosen_cut(plan(("phone", (0, 1)), ("laptop", (1, 3)), ("cloud", (3, 6))), "phone", "cloud", 6) is None
