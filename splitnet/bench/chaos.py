@@ -552,9 +552,14 @@ def _settle(history: History, rec: FaultRecord, tenants: int, window_s: float) -
         return
     hold = window_s * 1.5 if rec.kind == "stop_long" else window_s * 0.5 if rec.kind == "stop_short" else 0.0
     deadline = time.monotonic() + 60 + hold
+    expect_failover = rec.kind != "stop_short"
     while time.monotonic() < deadline:
         evs = history.since(rec.t_fault + hold)
-        if len({e.tenant for e in evs if e.what == "take"}) >= tenants and not _recovering(history.since(rec.t_fault)):
+        since_fault = history.since(rec.t_fault)
+        if expect_failover:  # the tenants' progress counts after the first recovery (replies already on their way do not)
+            first = next((e.t for e in since_fault if e.what == "recover_start"), None)
+            evs = [e for e in since_fault if first is not None and e.t > first]
+        if len({e.tenant for e in evs if e.what == "take"}) >= tenants and not _recovering(since_fault):
             break
         time.sleep(0.1)
     evs = history.since(rec.t_fault)
