@@ -432,11 +432,10 @@ def routing_id_squatting(lab: HostileLab) -> dict:
     a result for the victim is on its way. The insider must get no result."""
     victim = lab.session("victim")
     lab._embed(victim)
-    rid = victim._routing_id
+    links = victim.links
+    rid = links._routing_id
     last = len(lab.endpoints) - 1
-    old = victim._controls[last]
-    victim._poller.unregister(old)
-    old.close(linger=0)  # the victim's link to the last stage drops
+    links._links[last].sock.disconnect(links._links[last].endpoint)  # the victim's link to the last stage drops
     time.sleep(0.3)
     squatter = lab.raw_socket(last, "insider", routing_id=rid)
     time.sleep(0.5)
@@ -445,7 +444,7 @@ def routing_id_squatting(lab: HostileLab) -> dict:
         from splitnet.wire.security import load_public_key
 
         fwd = fwd._replace(meta={**fwd.meta, "route_keys": [load_public_key(str(lab.dir / "stage1.key")).decode()]})
-    victim._controls[0].send_multipart(encode_message(fwd))  # the victim's own request, over its link to stage 0
+    links._links[0].sock.send_multipart(encode_message(fwd))  # the victim's own request, over its link to stage 0
     got = _drain(squatter, 2.0)
     silent_results = [m for m in got if m.kind == "result"]
     for m in got:  # now answer the stage's pings, as a squatter that talks would
@@ -453,7 +452,7 @@ def routing_id_squatting(lab: HostileLab) -> dict:
             squatter.send_multipart(encode_message(Message(kind="pong", req=m.req)))
     squatter.send_multipart(encode_message(Message(kind="ping", req="hello")))
     fwd2 = fwd._replace(req="victim-req-2")
-    victim._controls[0].send_multipart(encode_message(fwd2))
+    links._links[0].sock.send_multipart(encode_message(fwd2))
     got2 = _drain(squatter, 2.0)
     talking_results = [m for m in got2 if m.kind == "result"]
     squatter.close(linger=0)

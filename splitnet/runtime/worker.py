@@ -59,6 +59,7 @@ from splitnet.wire import (
 )
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
 from splitnet.runtime.request_ledger import RequestLedger
+from splitnet.wire.headers import ForwardHeader
 from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
 from splitnet.wire.sockets import frame_user_id, recv_bounded
@@ -68,10 +69,8 @@ log = logging.getLogger("splitnet.worker")
 #: ``meta.reply_to`` of a client that takes results over its own connection to each stage (no
 #: inbound port, so it works behind NAT): "peer:" + the routing id its sockets connect with
 PEER_REPLY_PREFIX = "peer:"
-_PEER_REPLY = re.compile(r"peer:[0-9a-f]{8,64}")
 
 _POLL_MS = 100
-_MAX_ROUTE = 64
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
 _BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
 _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one
@@ -784,26 +783,9 @@ def _reduce_logits(logits: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:
 
 
 def _check_forward_meta(msg: Message) -> None:
-    meta = msg.meta
-    reply_to = meta.get("reply_to")
-    if not isinstance(reply_to, str) or not (reply_to.startswith(("tcp://", "ipc://", "inproc://")) or _PEER_REPLY.fullmatch(reply_to)):
-        raise ProtocolError("forward message needs meta.reply_to: an endpoint string, or 'peer:' + the client's routing id (8-64 hex digits)")
-    route = meta.get("route", [])
-    if not isinstance(route, list) or len(route) > _MAX_ROUTE or not all(isinstance(r, str) and r.startswith(("tcp://", "ipc://", "inproc://")) for r in route):
-        raise ProtocolError("meta.route must be a list of endpoint strings")
-    if "pos" in meta and not (isinstance(meta["pos"], int) and meta["pos"] >= 0):
-        raise ProtocolError("meta.pos must be a non-negative int")
-    head = meta.get("head", "logits")
-    if head not in ("logits", "argmax", "topk"):
-        raise ProtocolError("meta.head must be 'logits', 'argmax' or 'topk'")
-    if head == "topk" and not (isinstance(meta.get("top_k"), int) and 1 <= meta["top_k"] <= 1024):
-        raise ProtocolError("meta.head 'topk' needs meta.top_k, an int in 1..1024")
-    keys = [meta["reply_key"]] if "reply_key" in meta else []
-    route_keys = meta.get("route_keys", [])
-    if not isinstance(route_keys, list) or len(route_keys) > len(route):
-        raise ProtocolError("meta.route_keys must be a list with at most one key per route entry")
-    if not all(isinstance(k, str) and len(k) == 40 and k.isascii() for k in keys + route_keys):
-        raise ProtocolError("meta.reply_key and meta.route_keys must hold 40-character Z85 CURVE public keys")
+    """A forward's meta is its declared header (:class:`~splitnet.wire.headers.ForwardHeader`):
+    unknown versions, unknown keys and wrong types are refused before the step is queued."""
+    ForwardHeader.from_meta(msg.meta)
 
 
 def _bind(sock: zmq.Socket, endpoint: str) -> str:
