@@ -343,6 +343,19 @@ class StageLinks:
     def silent_s(self, i: int) -> float:
         return time.monotonic() - self._links[i].last_seen
 
+    def lost_reply_suspect(self, since_s: float) -> int | None:
+        """A stage whose connection was reopened after ``since_s`` (monotonic), that has spoken
+        on the new connection, and whose reply still has not come ``max(window, 4 x its longest
+        step)`` after the reopen: a reply it sent while the old connection was being replaced
+        is lost (libzmq drops what was queued for a closed pipe). None when there is none.
+        A replay is the cure; a false alarm costs one replay, never a wrong token."""
+        now = time.monotonic()
+        for link in self._links:
+            if link.reopened_at > since_s and link.last_seen > link.reopened_at:
+                if now - link.reopened_at > max(self.window_s, 4 * link.longest_step_s):
+                    return link.index
+        return None
+
     def is_down(self, i: int) -> bool:
         """Whether stage ``i`` is known dead now: a liveness check found it silent for a whole
         window (and it said nothing since), or it is disconnected past the grace."""

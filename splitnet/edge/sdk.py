@@ -300,12 +300,18 @@ class Session:
         came within ``timeout_s`` (default ``ClientConfig.timeout_s``)."""
         timeout_s = self.config.timeout_s if timeout_s is None else timeout_s
         got: list[tuple[Key, Message, int]] = []
+        since = time.monotonic()
 
         def arrived() -> bool:
             reply = self._replies.take(keys)
             if reply is not None:
                 got.append(reply)
-            return bool(got)
+                return True
+            lost = self.links.lost_reply_suspect(since)
+            if lost is not None:  # the stage is back but what it sent across the reopen is gone: replay now, not after timeout_s
+                raise UnknownRequest(f"stage {lost} at {self.endpoints[lost]} answered again after its connection was reopened, "
+                                     f"but the reply of {sorted(k[0] for k in keys)[:3]} did not come; replaying")
+            return False
 
         def nothing() -> StageUnavailable:
             silent = [i for i in range(len(self.links)) if self.links.silent_s(i) > self.config.heartbeat_interval_s * 2]
@@ -374,7 +380,7 @@ class Session:
                 sent = self._forward(req, 0, inputs, cache=False)
                 _, msg, received = self.wait_reply({(req, 0)}, timeout_s)
                 break
-            except StageUnavailable as e:
+            except (StageUnavailable, UnknownRequest) as e:
                 self._recovery(e, budget)  # a stateless request is simply sent again
             finally:
                 self._replies.release(req)

@@ -160,3 +160,33 @@ def test_send_or_wait_gives_up_on_a_stage_that_accepts_nothing():
             links.send_or_wait(0, encode_message(Message(kind="ping")), 0.1)  # shorter than the liveness window
     finally:
         links.close()
+
+
+def test_a_reply_lost_across_a_reopen_is_suspected_once_the_stage_speaks_again():
+    got: list = []
+    links = _links(["tcp://127.0.0.1:9", "tcp://127.0.0.1:10"], got)
+    try:
+        import time as _time
+
+        since = _time.monotonic()
+        assert links.lost_reply_suspect(since) is None
+        link = links._links[1]
+        link.reopened_at = since + 0.001
+        link.last_seen = since  # silent since the reopen: liveness decides, not this check
+        assert links.lost_reply_suspect(since) is None
+        link.last_seen = link.reopened_at + 0.001  # it spoke on the new connection...
+        assert links.lost_reply_suspect(since) is None  # ...but a window has not passed since the reopen
+        link.reopened_at = _time.monotonic() - 2 * links.window_s
+        link.last_seen = _time.monotonic()
+        assert links.lost_reply_suspect(since) is None  # reopened before this wait began
+        link.reopened_at = since + 0.001
+        link.last_seen = since + 0.002
+        link.longest_step_s = 0.0
+        import unittest.mock as _m
+        with _m.patch("splitnet.edge.links.time.monotonic", return_value=since + links.window_s + 0.01):
+            assert links.lost_reply_suspect(since) == 1
+        link.longest_step_s = links.window_s  # a stage with long steps gets 4 of them
+        with _m.patch("splitnet.edge.links.time.monotonic", return_value=since + links.window_s + 0.01):
+            assert links.lost_reply_suspect(since) is None
+    finally:
+        links.close()
