@@ -17,8 +17,6 @@ cloud + the logits back.
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -26,23 +24,13 @@ import numpy as np
 
 from splitnet.planner.cost import Assignment, Workload, evaluate
 from splitnet.planner.profiles import BlockProfile, CodecOption, DeviceProfile, Fleet, LinkProfile, ModelProfile
+from splitnet.planner.profiler import median_ms
 
 #: TCP/IPv4 payload per Ethernet frame on the veth: 1448 of 1514 bytes (timestamps on); tbf counts frames
 GOODPUT_FRACTION = 1448.0 / 1514.0
 #: bytes of one logits reply (1, 1000) float32
 LOGITS_BYTES = 4000.0
 EDGE, CLOUD = "edge", "cloud"
-
-
-def median_ms(fn, warmup: int = 2, repeats: int = 7) -> float:
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        ts.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(ts)
 
 
 class pinned:

@@ -21,7 +21,8 @@ DEFAULT_TOKENS = (1, 32, 128)
 PROFILED_CODECS = ("fp16", "int8", "int4")
 
 
-def _median_ms(fn, warmup: int, repeats: int) -> float:
+def median_ms(fn, warmup: int = 2, repeats: int = 7) -> float:
+    """Median wall time of ``fn()`` in ms over ``repeats`` calls, after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     ts = []
@@ -111,7 +112,7 @@ def profile_model(model: Any, tokens: Sequence[int] = DEFAULT_TOKENS, repeats: i
     with torch.no_grad():
         for T in tokens:
             inp = _first_input(bm, T)
-            embed_ms[T] = _median_ms(lambda: bm.embed(inp, 0), warmup, repeats)
+            embed_ms[T] = median_ms(lambda: bm.embed(inp, 0), warmup, repeats)
             h, ctx = bm.embed(inp, 0)
             seq_len[T] = h.shape[1] if h.dim() == 3 else 1
             tick()
@@ -119,12 +120,12 @@ def profile_model(model: Any, tokens: Sequence[int] = DEFAULT_TOKENS, repeats: i
             for i in range(L):
                 blk = bm.blocks[i]
                 h_in = h
-                block_ms[i][T] = _median_ms(lambda: blk(h_in, ctx, None, i), warmup, repeats)
+                block_ms[i][T] = median_ms(lambda: blk(h_in, ctx, None, i), warmup, repeats)
                 h = blk(h_in, ctx, None, i)
                 hs.append(h)
                 tick()
             feats[T] = (hs, ctx)
-            head_ms[T] = _median_ms(lambda: bm.head(h, ctx), warmup, repeats)
+            head_ms[T] = median_ms(lambda: bm.head(h, ctx), warmup, repeats)
             head_out = _out_tensor(bm.head(h, ctx))
             tick()
     # KV bytes per token of context for decoders (keys + values in the block's dtype)
@@ -157,9 +158,9 @@ def profile_model(model: Any, tokens: Sequence[int] = DEFAULT_TOKENS, repeats: i
                             codec = make_codec(name)
                             if getattr(codec, "needs_fit", False):
                                 continue
-                            enc_ms = _median_ms(lambda: codec.encode(xn), 1, max(1, repeats // 2))
+                            enc_ms = median_ms(lambda: codec.encode(xn), 1, max(1, repeats // 2))
                             payload = codec.encode(xn)
-                            dec_ms = _median_ms(lambda: codec.decode(payload), 1, max(1, repeats // 2))
+                            dec_ms = median_ms(lambda: codec.decode(payload), 1, max(1, repeats // 2))
                             xd = torch.from_numpy(np.asarray(codec.decode(payload), dtype=np.float32)).reshape(x.shape)
                             rest = {"hidden": xd.to(x.dtype), **bm.arch.carry(ctx)}
                             out = _out_tensor(bm.stage(k + 1, L)(rest))
