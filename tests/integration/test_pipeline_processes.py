@@ -170,7 +170,7 @@ def test_connect_to_nothing_raises_within_timeout():
     assert time.monotonic() - t0 < 5
 
 
-@pytest.mark.parametrize("victim", [1, 2])
+@pytest.mark.parametrize("victim", [1, pytest.param(2, marks=pytest.mark.slow)])  # the last stage too, in the slow suite (CI time)
 def test_killed_stage_raises_stage_unavailable(kill_leftovers, victim):
     config = ClientConfig(timeout_s=20, heartbeat_interval_s=0.3, heartbeat_liveness=3)
     with launch_pipeline("tiny-gpt2", [2, 4]) as pipe:
