@@ -202,7 +202,14 @@ class Session:
 
     @property
     def reply_to(self) -> str:
+        """Where the last stage sends results: ``"peer:" + routing id`` or a bound endpoint."""
         return self.links.reply_to
+
+    @reply_to.setter
+    def reply_to(self, endpoint: str) -> None:
+        """Have results sent somewhere else (a relay in front of a bound results socket, as the
+        netns lab's delay relay does)."""
+        self.links.reply_to = endpoint
 
     @property
     def stages(self) -> list[dict]:
