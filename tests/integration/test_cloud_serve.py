@@ -12,6 +12,7 @@ import sys
 import time
 
 import psutil_free
+from api_processes import free_port  # one free-port helper for the process tests
 import pytest
 import yaml
 
@@ -21,22 +22,6 @@ from splitnet.errors import StageUnavailable
 
 pytestmark = pytest.mark.timeout(180)
 FAST_S = 30  # a refusal comes before any weights load; generous for a loaded 2-core CI host
-
-
-def _free_port() -> int:
-    """A free port below Linux's ephemeral range: a client that keeps reconnecting to a port in
-    that range while the stage starts can be handed a TCP self-connection by the kernel."""
-    import random
-
-    for _ in range(100):
-        port = random.randint(20000, 30000)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-                return port
-            except OSError:
-                continue
-    raise RuntimeError("no free port")
 
 
 def _plan(ports: list[int | None], blocks=((0, 3), (3, 6)), num_blocks: int = 6) -> dict:
@@ -63,7 +48,7 @@ def _run_serve(path, device: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 def test_serve_plan_device_and_restart(tmp_path, kill_leftovers):
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(_plan(ports)))
     servers = [_serve(path, d, stdout=subprocess.PIPE) for d in ("edge", "cloud")]
@@ -102,7 +87,7 @@ def test_serve_plan_device_and_restart(tmp_path, kill_leftovers):
 
 def test_serve_refuses_a_device_without_stages(tmp_path):
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(_plan([_free_port(), _free_port()])))
+    path.write_text(yaml.safe_dump(_plan([free_port(), free_port()])))
     r = _run_serve(path, "laptop")
     assert r.returncode == 2 and "no stage on device 'laptop'" in r.stderr and "['cloud', 'edge']" in r.stderr
 
@@ -113,7 +98,7 @@ def test_serve_refuses_a_device_without_stages(tmp_path):
     (lambda d: d["stages"][1].__setitem__("endpoint", "127.0.0.1:5556"), "must be tcp://HOST:PORT"),
 ])
 def test_serve_uses_the_validated_plan_reader(tmp_path, mutate, message):
-    doc = _plan([_free_port(), _free_port()])
+    doc = _plan([free_port(), free_port()])
     mutate(doc)
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(doc))
@@ -125,7 +110,7 @@ def test_serve_uses_the_validated_plan_reader(tmp_path, mutate, message):
 def test_blocks_past_the_model_are_refused_before_any_stage_starts(tmp_path):
     """`blocks: [3, 7]` on the 6-block MiniLM (num_blocks edited to match): named at once, no restarts."""
     path = tmp_path / "plan.yaml"
-    path.write_text(yaml.safe_dump(_plan([_free_port(), _free_port()], blocks=((0, 3), (3, 7)), num_blocks=7)))
+    path.write_text(yaml.safe_dump(_plan([free_port(), free_port()], blocks=((0, 3), (3, 7)), num_blocks=7)))
     t0 = time.monotonic()
     r = _run_serve(path, "cloud")
     assert r.returncode == 2, r.stderr
@@ -134,7 +119,7 @@ def test_blocks_past_the_model_are_refused_before_any_stage_starts(tmp_path):
 
 
 def test_missing_endpoint_says_where_to_set_it_and_the_fleet_fills_it(tmp_path, kill_leftovers):
-    port = _free_port()
+    port = free_port()
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump(_plan([None, None])))
     r = _run_serve(path, "cloud")
@@ -165,7 +150,7 @@ def test_missing_endpoint_says_where_to_set_it_and_the_fleet_fills_it(tmp_path, 
 def test_onnxruntime_first_stage_is_exported_with_its_client_config(tmp_path, kill_leftovers):
     """A phone on onnxruntime: `serve --device phone` exports its stage and writes the client's
     config; the client then runs it without torch against the cloud stage served from the plan."""
-    port = _free_port()
+    port = free_port()
     doc = _plan([None, port], blocks=((0, 2), (2, 6)))
     doc["stages"][0].update(device="phone", runtime="onnxruntime")
     path = tmp_path / "plan.yaml"
