@@ -638,6 +638,8 @@ class StageWorker:
                 self._finish(m, out, compute_ms, len(group), peers, cache_bytes)
             except Exception as e:
                 self._fail(peers, m.work, e)
+                if cached:
+                    cache_bytes = self.caches.total_bytes()  # a dropped cache frees its bytes for the members after it
 
     def _forward_members(self, group: list[Member], cached: bool) -> list[dict]:
         inputs, opts = [m.inputs for m in group], group[0].options  # options are shared by the group (its signature)
