@@ -124,7 +124,7 @@ def _stage_step_ms(per_stage: dict) -> dict:
     out = {}
     for stage, acc in sorted(per_stage.items()):
         n = max(1, acc["steps"])
-        out[str(stage)] = {k: round(acc[k] / n, 3) for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms")}
+        out[str(stage)] = {k: round(acc.get(k, 0.0) / n, 3) for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms")}
     return out
 
 

@@ -355,9 +355,9 @@ def add_stage_times(stats: dict, msg: Message) -> None:
     for t in msg.meta.get("trace", []):
         if not isinstance(t, dict) or not isinstance(t.get("stage"), int):
             continue
-        acc = per.setdefault(t["stage"], {"steps": 0, "queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.0, "encode_ms": 0.0})
+        acc = per.setdefault(t["stage"], {"steps": 0, "queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.0, "encode_ms": 0.0, "held_ms": 0.0})
         acc["steps"] += 1
-        for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms"):
+        for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms"):
             if isinstance(t.get(k), (int, float)):
                 acc[k] += float(t[k])
 

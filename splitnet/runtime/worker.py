@@ -694,6 +694,7 @@ class StageWorker:
                 "encode_ms": round(encode_ms, 3),
                 "batch": batch,
                 "tokens_computed": cache.tokens_computed if cache is not None else None,
+                "held_ms": round((time.monotonic() - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
             }
         )
         next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch")}
