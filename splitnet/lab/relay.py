@@ -12,8 +12,19 @@ delays the chunk (and, by ordering, everything behind it) by one retransmission,
 ``loss_penalty_ms`` (default: one round trip of the emulated link, ``2 * delay_ms``, at least
 ``min_rto_ms`` = 5 ms). This is fast-retransmit recovery; it does not model cwnd halving.
 
+A run-time switch (:class:`LinkSwitch`) cuts the link or partitions one direction, for fault
+campaigns: ``cut`` stops both directions, ``partition up`` the bytes from the listening side to
+the target (client -> stage), ``partition down`` the way back, ``heal`` restores both. A stopped
+direction delivers nothing, on every connection of the relay, new ones included, until healed;
+what was sent meanwhile stays in the relay and the kernel's socket buffers and is delivered
+after the heal, in order, as TCP retransmits across a network partition that ends before the
+connection times out (a byte stream cannot lose bytes in the middle and stay a stream). With
+``--control stdin`` the relay reads one command per line (``cut``, ``partition up``,
+``partition down``, ``heal``) and answers each with ``OK <state>`` on stdout once it applies.
+
 Run as ``python -m splitnet.lab.relay --listen HOST:PORT --target HOST:PORT [--delay-ms ...]``;
-it prints ``RELAY host:port`` once listening (port 0 picks one).
+it prints ``RELAY host:port`` once listening (port 0 picks one). :func:`start_relay` and
+:class:`RelayProcess` start one from Python.
 """
 
 from __future__ import annotations
@@ -70,14 +81,51 @@ class Impairment:
 
 
 _CHUNK = 256 * 1024
+DIRECTIONS = ("up", "down")  # up: listening side -> target (client -> stage); down: the way back
+
+
+class LinkSwitch:
+    """Which directions of a relay's link carry bytes now (all of its connections). Used from
+    the relay's event loop; :meth:`apply` takes a control command."""
+
+    def __init__(self) -> None:
+        self._open = {d: asyncio.Event() for d in DIRECTIONS}
+        for ev in self._open.values():
+            ev.set()
+
+    @property
+    def state(self) -> str:
+        closed = [d for d in DIRECTIONS if not self._open[d].is_set()]
+        return "cut" if len(closed) == 2 else f"partition {closed[0]}" if closed else "open"
+
+    def apply(self, command: str) -> str:
+        """``cut`` | ``partition up`` | ``partition down`` | ``heal``; returns the new state.
+        Raises ConfigError for anything else."""
+        words = command.split()
+        if words == ["cut"]:
+            stop = set(DIRECTIONS)
+        elif len(words) == 2 and words[0] == "partition" and words[1] in DIRECTIONS:
+            stop = {words[1]}
+        elif words == ["heal"]:
+            stop = set()
+        else:
+            raise ConfigError(f"relay control: unknown command {command!r}; known: cut, partition up, partition down, heal")
+        for d in DIRECTIONS:
+            (self._open[d].clear if d in stop else self._open[d].set)()
+        return self.state
+
+    async def wait_open(self, direction: str) -> None:
+        await self._open[direction].wait()
 
 
 class _Pipe:
     """One direction of one connection: read chunks, release each at its due time, in order."""
 
-    def __init__(self, imp: Impairment, rng: random.Random):
+    def __init__(self, imp: Impairment, rng: random.Random, switch: LinkSwitch | None = None, direction: str = "up"):
         self.imp = imp
         self.rng = rng
+        self.switch = switch
+        self.direction = direction
         self.last_due = 0.0
         self.stats = {"chunks": 0, "bytes": 0, "lost_segments": 0}
 
@@ -115,6 +163,8 @@ class _Pipe:
                 wait = due - time.monotonic()
                 if wait > 0:
                     await asyncio.sleep(wait)  # the emulated delay itself, not synchronisation
+                if self.switch is not None:
+                    await self.switch.wait_open(self.direction)  # cut or partitioned: held until healed
                 writer.write(data)
                 await writer.drain()
                 self.stats["chunks"] += 1
@@ -125,8 +175,9 @@ class _Pipe:
         await asyncio.gather(pump_in(), pump_out())
 
 
-async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairment, ready) -> None:
+async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairment, ready, control: str = "") -> None:
     rng = random.Random(imp.seed)
+    switch = LinkSwitch()
 
     async def handle(c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         try:
@@ -142,8 +193,8 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         try:
             await asyncio.gather(
-                _Pipe(imp, random.Random(rng.random())).run(c_reader, t_writer),
-                _Pipe(imp, random.Random(rng.random())).run(t_reader, c_writer),
+                _Pipe(imp, random.Random(rng.random()), switch, "up").run(c_reader, t_writer),
+                _Pipe(imp, random.Random(rng.random()), switch, "down").run(t_reader, c_writer),
             )
         except (ConnectionError, OSError):
             pass
@@ -158,8 +209,103 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if control == "stdin":
+        reader = asyncio.StreamReader()
+        await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+        async def commands() -> None:
+            while True:
+                line = await reader.readline()
+                if not line:
+                    stop.set()  # the controller is gone: so is the link
+                    return
+                try:
+                    print(f"OK {switch.apply(line.decode().strip())}", flush=True)
+                except ConfigError as e:
+                    print(f"ERR {e}", flush=True)
+
+        loop.create_task(commands())
     async with server:
         await stop.wait()
+
+
+class RelayProcess:
+    """A relay process in front of one endpoint, with its link switch under control.
+
+    ``RelayProcess.start("127.0.0.1", "tcp://127.0.0.1:5555", Impairment(delay_ms=200))``;
+    :attr:`endpoint` is where to connect instead; :meth:`cut`, :meth:`partition`,
+    :meth:`heal` flip the switch and return once the relay applied it; :meth:`close` stops it.
+    """
+
+    def __init__(self, popen: Any, endpoint: str, target: str):
+        self.popen = popen
+        self.endpoint = endpoint
+        self.target = target
+        self.state = "open"
+
+    @classmethod
+    def start(cls, listen_host: str, target: str, imp: Impairment | None = None, *, timeout_s: float = 30.0,
+              prefix: tuple[str, ...] = ()) -> "RelayProcess":
+        """Start one (``prefix``: e.g. ``ip netns exec NS``); RuntimeError when it does not
+        report ``RELAY`` within ``timeout_s``."""
+        import subprocess
+
+        imp = imp or Impairment()
+        cmd = [*prefix, sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{listen_host}:0", "--target", target,
+               "--delay-ms", str(imp.delay_ms), "--jitter-ms", str(imp.jitter_ms), "--loss-pct", str(imp.loss_pct),
+               "--seed", str(imp.seed), "--control", "stdin"]
+        if imp.loss_penalty_ms is not None:
+            cmd += ["--loss-penalty-ms", str(imp.loss_penalty_ms)]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = _read_line(p, timeout_s)
+        if not line.startswith("RELAY"):
+            p.kill()
+            p.wait(timeout=5)
+            raise RuntimeError(f"the link emulator in front of {target} did not start: {line!r}")
+        return cls(p, "tcp://" + line.split()[1], target)
+
+    def control(self, command: str, timeout_s: float = 5.0) -> str:
+        """Send one control command; return the state the relay reports. RuntimeError when it
+        does not answer within ``timeout_s`` or refuses the command."""
+        if self.popen.poll() is not None:
+            raise RuntimeError(f"the relay in front of {self.target} has exited (code {self.popen.returncode})")
+        self.popen.stdin.write(command + "\n")
+        self.popen.stdin.flush()
+        line = _read_line(self.popen, timeout_s)
+        if not line.startswith("OK "):
+            raise RuntimeError(f"the relay in front of {self.target} did not apply {command!r}: {line!r}")
+        self.state = line[3:].strip()
+        return self.state
+
+    def cut(self) -> str:
+        return self.control("cut")
+
+    def partition(self, direction: str) -> str:
+        """Stop one direction: ``"up"`` (towards the target) or ``"down"`` (back from it)."""
+        return self.control(f"partition {direction}")
+
+    def heal(self) -> str:
+        return self.control("heal")
+
+    def close(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.terminate()
+            try:
+                self.popen.wait(timeout=5)
+            except Exception:  # noqa: BLE001 - a relay that ignores SIGTERM is killed
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        for f in (self.popen.stdin, self.popen.stdout):
+            if f is not None:
+                f.close()
+
+
+def _read_line(p: Any, timeout_s: float) -> str:
+    import selectors
+
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        return p.stdout.readline() if sel.select(timeout_s) else ""
 
 
 def start_relay(listen_host: str, target: str, delay_ms: float, timeout_s: float = 30.0) -> tuple[Any, str]:
@@ -197,13 +343,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-pct", type=float, default=0.0)
     p.add_argument("--loss-penalty-ms", type=float, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--control", choices=("", "stdin"), default="", help="stdin: read cut / partition up|down / heal, one per line")
     a = p.parse_args(argv)
     imp = Impairment(a.delay_ms, a.jitter_ms, a.loss_pct, a.loss_penalty_ms, seed=a.seed)
 
     def ready(host: str, port: int) -> None:
         print(f"RELAY {host}:{port}", flush=True)
 
-    asyncio.run(_serve(_hostport(a.listen), _hostport(a.target), imp, ready))
+    asyncio.run(_serve(_hostport(a.listen), _hostport(a.target), imp, ready, a.control))
     return 0
 
 
