@@ -18,6 +18,7 @@ SUITES = {
     "pipeline": "splitnet.bench.pipeline",
     "speculative": "splitnet.bench.speculative",
     "vision": "splitnet.bench.vision",
+    "lm": "splitnet.bench.lm",
     "e2e": "splitnet.bench.e2e",
     "chaos": "splitnet.bench.chaos",
 }
