@@ -138,7 +138,7 @@ def connect_snippet(config: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from splitnet.cloud.supervisor import RestartPolicy, Supervisor
+    from splitnet.cloud.supervisor import HangPolicy, RestartPolicy, Supervisor
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     passthrough = []
@@ -156,11 +156,12 @@ def run(args: argparse.Namespace) -> int:
         if value:
             passthrough += ["--device" if extra == "device_torch" else "--dtype", value]
     try:
+        hang = HangPolicy(hang_timeout_s=args.hang_timeout_s)
         client = export_edge_stages(args.plan, args.device, args.export_dir, args.devices, args.client_key, args.client_server_key)
         cmds = stage_commands(args.plan, args.device, args.host, passthrough, args.devices)
         if client is None and not cmds:
             raise ConfigError(f"device {args.device} has no stage to serve or export")
-        sup = Supervisor(cmds, RestartPolicy(max_restarts=args.max_restarts)) if cmds else None
+        sup = Supervisor(cmds, RestartPolicy(max_restarts=args.max_restarts), hang) if cmds else None
     except SplitnetError as e:
         print(f"splitnet serve: {e}", file=sys.stderr)
         return 2
@@ -201,6 +202,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--torch-device", dest="device_torch", default="", help="torch device for the stages (cpu, cuda)")
     p.add_argument("--dtype", default="", help="float32, float16 or bfloat16")
     p.add_argument("--max-restarts", type=int, default=5, help="restarts per stage within 5 minutes before giving up")
+    p.add_argument("--hang-timeout-s", type=float, default=30.0,
+                   help="a stage that answers no info, or has work queued and finishes none, for this long is killed and restarted")
     p.add_argument("--export-dir", default=".", help="where an onnxruntime stage of --device and its client config are written")
     p.add_argument("--client-key", default="", help="for the written client config: the client's secret key file")
     p.add_argument("--client-server-key", default="", help="for the written client config: the served stages' public keys, comma-separated")

@@ -1,6 +1,7 @@
 """Keep a set of stage processes running: restart a crashed one with bounded exponential backoff,
 and kill (then restart) a hung one: a stage whose heartbeat (``info`` on its control socket)
-gets no answer, or shows work queued and no forward done, for ``HangPolicy.hang_timeout_s``."""
+gets no answer, or shows work queued and no forward done, for ``HangPolicy.hang_timeout_s``
+(``splitnet serve --hang-timeout-s``). Keyed (CURVE) stages are asked as their own keypair."""
 
 from __future__ import annotations
 
@@ -69,10 +70,37 @@ class _Heartbeat:
     moved_at: float = 0.0  # last time it answered with no work queued, or with more forwards done
 
 
+def _probe_security(cmd: list[str]) -> tuple[bool, object | None]:
+    """How to ask a ``serve-stage`` command's stage for ``info``: (askable, socket security).
+    Plaintext with ``--insecure``; with ``--server-key`` (or ``SPLITNET_SERVER_KEY``, which the
+    child inherits) as the stage's own keypair, which every stage allows to connect (the key
+    file is on this node: the supervisor started the stage with it); otherwise not askable."""
+    import os
+
+    if "--insecure" in cmd:
+        return True, None
+    key = cmd[cmd.index("--server-key") + 1] if "--server-key" in cmd[:-1] else os.environ.get("SPLITNET_SERVER_KEY", "")
+    if not key:
+        return False, None
+    from splitnet.wire.security import DEFAULT_TRANSPORT, CurveConfig, load_keypair
+
+    transport = cmd[cmd.index("--transport") + 1] if "--transport" in cmd[:-1] else os.environ.get("SPLITNET_TRANSPORT", DEFAULT_TRANSPORT)
+    return True, CurveConfig(keypair=load_keypair(key), transport=transport)
+
+
 def info_probe(cmd: list[str], timeout_s: float) -> dict | None:
-    """A plaintext stage's ``info`` (None: no answer within ``timeout_s``); for a command that is
-    not a plaintext ``serve-stage`` (no ``--bind``, or keyed), nothing to ask: returns {}."""
-    if "--bind" not in cmd or "--insecure" not in cmd:
+    """A stage's ``info`` (None: no answer within ``timeout_s``), asked in plaintext for an
+    ``--insecure`` stage and over CURVE, authenticated as the stage's own keypair, for a keyed
+    one; for a command that is not a ``serve-stage`` with ``--bind`` (or a keyed one whose key
+    this process cannot read), nothing to ask: returns {}."""
+    if "--bind" not in cmd[:-1]:
+        return {}
+    try:
+        askable, security = _probe_security(cmd)
+    except Exception as e:  # noqa: BLE001 - an unreadable key: the stage itself will refuse to start, and say why
+        log.warning("cannot probe %s: %s", cmd[cmd.index("--bind") + 1], e)
+        return {}
+    if not askable:
         return {}
     bind = cmd[cmd.index("--bind") + 1]
     endpoint = bind.replace("://0.0.0.0:", "://127.0.0.1:").replace("://*:", "://127.0.0.1:")
@@ -82,9 +110,10 @@ def info_probe(cmd: list[str], timeout_s: float) -> dict | None:
     from splitnet.cloud.cli_status import _ask_info
     from splitnet.wire.security import HandshakeWatch
 
-    sock = make_socket(zmq.Context.instance(), zmq.DEALER, SocketConfig())
-    watch = HandshakeWatch(secure=False)
+    sock = make_socket(zmq.Context.instance(), zmq.DEALER, SocketConfig(security=security))
+    watch = HandshakeWatch(secure=security is not None)
     try:
+        watch.add(sock, endpoint)
         sock.connect(endpoint)
         info, _ = _ask_info(sock, watch, timeout_s)
         return info
