@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -35,6 +36,7 @@ def main() -> None:
     from splitnet.edge.config import ClientConfig
     from splitnet.runtime.launcher import launch_pipeline
 
+    os.environ["SPLITNET_TRACE_CLOCK"] = "1"  # the stages stamp received / sent on in CLOCK_MONOTONIC
     model = str(shape_dir(args.model, device=args.device, dtype=args.dtype)) if is_shape(args.model) else args.model
     extra = ["--device", args.device, "--dtype", args.dtype, *args.extra.split()]
     rows = []
@@ -44,13 +46,17 @@ def main() -> None:
             prompt = list(range(1, 65))
             s.generate(prompt, 8)
             per_tok, stage_ms, client_ms = [], [], []
+            events: list = []
+            stop = s.links.observe(events.append)
             for _ in range(args.repeats):
                 t_cpu = time.process_time()
                 r = s.generate(prompt, args.tokens)
                 client_ms.append((time.process_time() - t_cpu) * 1e3 / args.tokens)
                 per_tok.append((r.latency_ms - r.ttft_ms) / max(1, args.tokens - 1))
                 stage_ms.append(r.stats.get("decode_stage_ms", {}))
+            stop()
             pings = [s.ping() for _ in range(20)]
+        hops = _hops(events, n)
         steps = {st: acc for st, acc in stage_ms[-1].items()}
         mean = {st: {k: round(v / max(1, acc["steps"]), 3) for k, v in acc.items() if k != "steps"} for st, acc in steps.items()}
         compute = sum(m["compute_ms"] for m in mean.values())
@@ -61,6 +67,7 @@ def main() -> None:
             "in_stage_not_compute_ms": round(held - compute, 3), "outside_stages_ms": round(ms - held, 3),
             "hops": n + 1, "client_cpu_ms_per_token": round(statistics.median(client_ms), 3),
             "ping_rtt_ms_median": [round(statistics.median(q[i] for q in pings), 3) for i in range(n)],
+            "hop_ms_median": hops,
             "per_stage": mean,
         })
         print(json.dumps(rows[-1]), flush=True)
@@ -68,6 +75,33 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
+
+
+def _hops(events: list, n: int) -> dict:
+    """Median ms of each leg of a decode step from the clocks: client send -> stage 0 received,
+    stage i sent on -> stage i+1 received, last stage sent -> client received, client received ->
+    its next send (the client's own time), and each stage's held time."""
+    sends = {(e.req, e.seq): e.t_s for e in events if e.direction == "send" and e.kind == "forward"}
+    legs: dict[str, list[float]] = {}
+    last_recv = None
+    for e in events:
+        if e.direction == "send" and e.kind == "forward" and last_recv is not None:
+            legs.setdefault("client_turnaround", []).append((e.t_s - last_recv) * 1e3)
+            last_recv = None
+        if e.direction != "recv" or e.kind != "result":
+            continue
+        clocks = [t.get("clock_s") for t in (e.trace or []) if isinstance(t, dict)]
+        t0 = sends.get((e.req, e.seq))
+        if t0 is None or len(clocks) != n or any(c is None for c in clocks):
+            continue
+        legs.setdefault("client_to_stage0", []).append((clocks[0][0] - t0) * 1e3)
+        for i in range(n):
+            legs.setdefault(f"stage{i}_held", []).append((clocks[i][1] - clocks[i][0]) * 1e3)
+            if i + 1 < n:
+                legs.setdefault(f"stage{i}_to_stage{i + 1}", []).append((clocks[i + 1][0] - clocks[i][1]) * 1e3)
+        legs.setdefault(f"stage{n - 1}_to_client", []).append((e.t_s - clocks[-1][1]) * 1e3)
+        last_recv = e.t_s
+    return {k: round(statistics.median(v), 3) for k, v in legs.items() if v}
 
 
 if __name__ == "__main__":
