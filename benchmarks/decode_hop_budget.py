@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--extra", default="", help="extra serve-stage arguments, space-separated")
+    p.add_argument("--reply-via", default="connection", choices=["connection", "bind"], help="how results come back (ClientConfig.reply_via)")
     p.add_argument("--out", default="")
     args = p.parse_args()
 
@@ -42,12 +43,12 @@ def main() -> None:
     rows = []
     for n in [int(x) for x in args.stages.split(",")]:
         with launch_pipeline(model, num_stages=n, extra_args=extra, ready_timeout_s=600) as pipe, \
-                splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=600)) as s:
+                splitnet.connect(pipe.endpoints, config=ClientConfig(timeout_s=600, reply_via=args.reply_via)) as s:
             prompt = list(range(1, 65))
             s.generate(prompt, 8)
             per_tok, stage_ms, client_ms = [], [], []
             events: list = []
-            stop = s.links.observe(events.append)
+            stop = _observe(s, events)
             for _ in range(args.repeats):
                 t_cpu = time.process_time()
                 r = s.generate(prompt, args.tokens)
@@ -75,6 +76,45 @@ def main() -> None:
     if args.out:
         with open(args.out, "w") as f:
             json.dump(doc, f, indent=1)
+
+
+def _observe(session, events: list):
+    """Record every send and receive on the session's links (``StageLinks.observe`` where the
+    session has it; otherwise by wrapping the links' send and deliver); returns a stop function."""
+    links = session.links
+    if hasattr(links, "observe"):
+        return links.observe(events.append)
+    import types
+
+    import msgpack
+
+    from splitnet.wire import decode_message
+    from splitnet.wire.limits import DEFAULT_LIMITS
+
+    ev = types.SimpleNamespace
+    orig_send, orig_deliver = links.send_frames, links._deliver
+
+    def send_frames(i, frames):
+        ok = orig_send(i, frames)
+        h = msgpack.unpackb(bytes(frames[0]))
+        events.append(ev(direction="send", kind=h.get("kind"), req=h.get("req"), seq=h.get("seq"), t_s=time.monotonic(), trace=()))
+        return ok
+
+    def deliver(stage, body):
+        t = time.monotonic()
+        try:
+            msg = decode_message(body, DEFAULT_LIMITS)
+            events.append(ev(direction="recv", kind=msg.kind, req=msg.req, seq=msg.seq, t_s=t, trace=tuple(msg.meta.get("trace") or ())))
+        except Exception:  # noqa: BLE001 - the session's own delivery reports it
+            pass
+        return orig_deliver(stage, body)
+
+    links.send_frames, links._deliver = send_frames, deliver
+
+    def stop():
+        links.send_frames, links._deliver = orig_send, orig_deliver
+
+    return stop
 
 
 def _hops(events: list, n: int) -> dict:
