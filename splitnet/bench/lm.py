@@ -74,6 +74,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window-tokens", type=int, help="tokens per perplexity / calibration window (default: the model's context; --quick 96)")
     p.add_argument("--calibration-windows", type=int, help="training-text windows the codecs are fitted on (default 800; --quick 24)")
     p.add_argument("--max-train", type=int, default=200_000, help="calibration vectors the k-means / PQ / RVQ fits see (default 200000)")
+    p.add_argument("--batch", type=int, default=32, help="prompts / windows per forward (each row is its own request and message; default 32)")
     p.add_argument("--threads", type=int, default=1, help="torch and faiss threads (default 1: the machine is shared)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.add_argument("--seed", type=int, default=0)
@@ -117,24 +118,30 @@ def _nll(logits, ids: np.ndarray) -> tuple[float, int]:
     return float(torch.nn.functional.cross_entropy(logits[:-1], labels, reduction="sum")), int(labels.numel())
 
 
-def _reference(bm, data, new_tokens: int, bar) -> dict[str, Any]:
-    """The unsplit model on the held-out windows and prompts."""
+def _batches(x: np.ndarray, size: int):
+    for i in range(0, len(x), size):
+        yield x[i : i + size]
+
+
+def _reference(bm, data, new_tokens: int, batch: int, bar) -> dict[str, Any]:
+    """The unsplit model on the held-out windows and prompts (in the same batches as the split model)."""
     from splitnet.bench.lm_split import UnsplitLM, greedy, teacher_forced
 
     ref = UnsplitLM(bm)
     nll, n, argmax = 0.0, 0, []
-    for w in data.perplexity:
-        logits, _ = teacher_forced(ref, w)
-        a, k = _nll(logits, w)
-        nll, n = nll + a, n + k
-        argmax.append(logits.argmax(-1).numpy())
-        bar.update()
+    for ws in _batches(data.perplexity, batch):
+        logits, _ = teacher_forced(ref, ws)
+        for w, lg in zip(ws, logits):
+            a, k = _nll(lg, w)
+            nll, n = nll + a, n + k
+            argmax.append(lg.argmax(-1).numpy())
+        bar.update(len(ws))
     continuations = []
-    for p in data.prompts:
-        toks, _ = greedy(ref, p, new_tokens)
+    for ps in _batches(data.prompts, batch):
+        toks, _ = greedy(ref, ps, new_tokens)
         continuations.append(toks)
-        bar.update()
-    return {"nll": nll, "n": n, "ppl": math.exp(nll / n), "argmax": argmax, "continuations": np.asarray(continuations)}
+        bar.update(len(ps))
+    return {"nll": nll, "n": n, "ppl": math.exp(nll / n), "argmax": argmax, "continuations": np.concatenate(continuations)}
 
 
 def _cloud_only(data, new_tokens: int, tokenizer) -> dict[str, Any]:
@@ -175,7 +182,7 @@ def _fit(name: str, config: dict, anchors: bool, feats: np.ndarray, labels: np.n
     return codec.fit(feats, progress=False)
 
 
-def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, bar) -> dict[str, Any]:
+def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, batch: int, bar) -> dict[str, Any]:
     """The split model with ``codec`` on the same windows and prompts as the reference."""
     from splitnet.bench.lm_split import SplitLM, greedy, teacher_forced
 
@@ -183,33 +190,37 @@ def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, bar) -> dic
     nll, n, agree, total = 0.0, 0, 0, 0
     cos_sum, cos_n = 0.0, 0
     ppl_payload, ppl_tokens = 0, 0
-    for w, ref_argmax in zip(data.perplexity, ref["argmax"]):
-        logits, sent = teacher_forced(split, w)
-        a, k = _nll(logits, w)
-        nll, n = nll + a, n + k
-        agree += int((logits.argmax(-1).numpy() == ref_argmax).sum())
-        total += ref_argmax.size
+    refs = iter(ref["argmax"])
+    for ws in _batches(data.perplexity, batch):
+        logits, sent = teacher_forced(split, ws)
+        for w, lg, s in zip(ws, logits, sent):
+            ref_argmax = next(refs)
+            a, k = _nll(lg, w)
+            nll, n = nll + a, n + k
+            agree += int((lg.argmax(-1).numpy() == ref_argmax).sum())
+            total += ref_argmax.size
+            ppl_payload, ppl_tokens = ppl_payload + s.payload_nbytes, ppl_tokens + s.tokens
         x, y = split.last_cut
         cos = (x * y).sum(1) / np.maximum(np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1), 1e-12)
         cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.size
-        ppl_payload, ppl_tokens = ppl_payload + sent.payload_nbytes, ppl_tokens + sent.tokens
-        bar.update()
+        bar.update(len(ws))
     per_prompt, identical, prefix = [], 0, []
     pre_msg, pre_pay, pre_dat, dec_msg, dec_pay, dec_dat, dec_n = [], [], [], 0, 0, 0, 0
-    for p, want in zip(data.prompts, ref["continuations"]):
-        toks, sent = greedy(split, p, new_tokens)
-        got = np.asarray(toks)
-        eq = got == want
-        per_prompt.append(float(eq.mean()))
-        identical += int(eq.all())
-        prefix.append(int(np.argmin(eq)) if not eq.all() else eq.size)
-        pre_msg.append(sent[0].message_nbytes / sent[0].tokens)
-        pre_pay.append(sent[0].payload_nbytes / sent[0].tokens)
-        pre_dat.append(sent[0].data_nbytes / sent[0].tokens)
-        for s in sent[1:]:
-            dec_msg, dec_pay, dec_n = dec_msg + s.message_nbytes, dec_pay + s.payload_nbytes, dec_n + s.tokens
-            dec_dat += s.data_nbytes
-        bar.update()
+    wants = iter(ref["continuations"])
+    for ps in _batches(data.prompts, batch):
+        toks, sents = greedy(split, ps, new_tokens)
+        for got, sent in zip(toks, sents):
+            eq = got == next(wants)
+            per_prompt.append(float(eq.mean()))
+            identical += int(eq.all())
+            prefix.append(int(np.argmin(eq)) if not eq.all() else eq.size)
+            pre_msg.append(sent[0].message_nbytes / sent[0].tokens)
+            pre_pay.append(sent[0].payload_nbytes / sent[0].tokens)
+            pre_dat.append(sent[0].data_nbytes / sent[0].tokens)
+            for s in sent[1:]:
+                dec_msg, dec_pay, dec_n = dec_msg + s.message_nbytes, dec_pay + s.payload_nbytes, dec_n + s.tokens
+                dec_dat += s.data_nbytes
+        bar.update(len(ps))
     ppl = math.exp(nll / n)
     pp = np.asarray(per_prompt)
     ci = 1.96 * pp.std(ddof=1) / math.sqrt(pp.size) if pp.size > 1 else float("nan")
@@ -237,8 +248,11 @@ def _ratios(row: dict, fp16: dict, cloud: dict) -> None:
                                     for phase in ("prefill", "decode")}
     ok_fid = (row["perplexity"]["change_pct"] <= GOAL_PPL_INCREASE_PCT and row["greedy"]["positional_agreement"] >= GOAL_GREEDY)
     rv = row["ratio_vs_fp16"]
+    row["meets_fidelity_bar"] = bool(ok_fid)
     row["meets_bar"] = bool(ok_fid and rv["prefill_payload"] >= GOAL_RATIO_VS_FP16 and rv["decode_payload"] >= GOAL_RATIO_VS_FP16)
+    row["meets_bar_in_prefill"] = bool(ok_fid and rv["prefill_payload"] >= GOAL_RATIO_VS_FP16)
     row["meets_bar_framed"] = bool(ok_fid and rv["prefill_message"] >= GOAL_RATIO_VS_FP16 and rv["decode_message"] >= GOAL_RATIO_VS_FP16)
+    row["meets_bar_on_data_bytes_only"] = bool(ok_fid and rv["prefill_data"] >= GOAL_RATIO_VS_FP16 and rv["decode_data"] >= GOAL_RATIO_VS_FP16)
 
 
 def _pareto(rows: list[dict]) -> None:
@@ -314,7 +328,7 @@ def run(args: argparse.Namespace) -> dict:
 
     per_codec = len(data.perplexity) + len(data.prompts)
     bar = _progress(per_codec * (1 + len(cuts) * len(settings)), args.no_progress)
-    ref = _reference(bm, data, args.new_tokens, bar)
+    ref = _reference(bm, data, args.new_tokens, args.batch, bar)
     cloud = _cloud_only(data, args.new_tokens, bm.tokenizer)
     rows: list[dict] = []
     for cut in cuts:
@@ -329,7 +343,7 @@ def run(args: argparse.Namespace) -> dict:
             fit_s = time.perf_counter() - t0
             row = {"split_after": cut, "setting": spec, "codec": name, "config": codec.state()[1], "anchors": anchors,
                    "calibration_vectors": int(feats.shape[0]) if codec.needs_fit else 0, "fit_s": round(fit_s, 2),
-                   **_evaluate(bm, cut, codec, data, ref, args.new_tokens, bar)}
+                   **_evaluate(bm, cut, codec, data, ref, args.new_tokens, args.batch, bar)}
             row["eval_s"] = round(time.perf_counter() - t0 - fit_s, 2)
             if name == "fp16" and fp16_row is None:
                 fp16_row = row
@@ -345,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
     return {
         "config": {"quick": bool(q), "model": args.model, "cuts": cuts, "codecs": [s for s, _, _, _ in settings], "prompts": n_prompts,
                    "prompt_tokens": P, "new_tokens": args.new_tokens, "perplexity_windows": len(data.perplexity), "window_tokens": W,
-                   "calibration_windows": len(data.calibration), "max_train": args.max_train, "threads": args.threads, "seed": args.seed},
+                   "calibration_windows": len(data.calibration), "max_train": args.max_train, "batch": args.batch, "threads": args.threads, "seed": args.seed},
         "data": {
             "calibration": f"{len(data.calibration)} windows of {W} tokens from the model's TRAINING files (train_lm's split, "
                            f"holdout_every={data.holdout_every}); codecs are fitted on their cut features only",
@@ -363,7 +377,12 @@ def run(args: argparse.Namespace) -> dict:
             "bar": f">= {GOAL_RATIO_VS_FP16:g}x fewer bytes than fp16 (codec payload, in prefill and in decode), perplexity increase "
                    f"<= {GOAL_PPL_INCREASE_PCT:g} %, greedy positional agreement >= {GOAL_GREEDY:.0%} over {args.new_tokens} tokens",
             "met_by": [f"cut {r['split_after']} {r['setting']}" for r in meeting],
+            "met_in_prefill_by": [f"cut {r['split_after']} {r['setting']}" for r in rows if r["meets_bar_in_prefill"]],
             "met_with_framed_message_bytes_by": [f"cut {r['split_after']} {r['setting']}" for r in rows if r["meets_bar_framed"]],
+            "met_on_data_bytes_only_by": [f"cut {r['split_after']} {r['setting']}" for r in rows if r["meets_bar_on_data_bytes_only"]],
+            "levels": "met_by counts the codec payload (Payload.nbytes) in prefill and per decoded token; met_in_prefill_by the prefill "
+                      "payload only; met_with_framed_message_bytes_by whole forward messages; met_on_data_bytes_only_by leaves out the "
+                      "payload's entry (codec name, hash, shape): NOT the bar, shown for what the quantizer alone achieves",
             "best_greedy_at_8x": [{"setting": f"cut {r['split_after']} {r['setting']}", "greedy": r["greedy"]["positional_agreement"],
                                     "ci95": r["greedy"]["ci95"], "ppl_change_pct": r["perplexity"]["change_pct"],
                                     "ratio_decode_payload": r["ratio_vs_fp16"]["decode_payload"]} for r in by_ratio[:5]],

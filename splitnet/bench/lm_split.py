@@ -68,16 +68,20 @@ class UnsplitLM:
         self.cache = self.stage.new_cache()
 
     def forward(self, ids: np.ndarray, *, all_logits: bool = False):
-        """(1, V) logits of the last position (or (1, T, V) with ``all_logits``) for (1, T) ids."""
+        """(B, V) logits of the last position (or (B, T, V) with ``all_logits``) for (B, T) ids, and no messages."""
         import torch
 
-        return self.stage({"input_ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))}, self.cache,
-                          all_logits=all_logits)["logits"].float()
+        logits = self.stage({"input_ids": torch.from_numpy(np.ascontiguousarray(ids, dtype=np.int64))}, self.cache,
+                            all_logits=all_logits)["logits"].float()
+        return logits, []
 
 
 class SplitLM:
     """Edge blocks [0, cut) + codec + wire + cloud blocks [cut, L), each side with its own cache.
 
+    Each row of a (B, T) batch is one request: its cut features cross in a message of its own
+    (as B edge devices would send them); the two halves of the model run the B rows in one
+    forward, in lockstep, as :class:`UnsplitLM` does (same shapes, same arithmetic).
     ``codec`` is a fitted or stateless :class:`~splitnet.codecs.base.Codec`, or None (the cut's
     float32 tensor travels raw, as a stage without ``--codec`` sends it).
     """
@@ -99,63 +103,63 @@ class SplitLM:
         self.edge_cache, self.cloud_cache = self.edge.new_cache(), self.cloud.new_cache()
         self.pos = self.seq = 0
 
-    def forward(self, ids: np.ndarray, *, all_logits: bool = False):
-        """(logits, :class:`Sent`) for (1, T) ids fed after what this request already holds."""
-        import torch
-
-        from splitnet.codecs.framing import CODECS_KEY
+    def _cross(self, hidden) -> tuple[np.ndarray, Sent]:
+        """One request's (1, T, C) cut features through the edge's codec, the wire and the cloud's codec."""
+        from splitnet.codecs.framing import CODECS_KEY, extract_payloads
         from splitnet.wire.headers import ForwardHeader
         from splitnet.wire.message import Message, decode_message, encode_message, message_nbytes
 
-        ids = np.ascontiguousarray(ids, dtype=np.int64)
-        out = self.edge({"input_ids": torch.from_numpy(ids)}, self.edge_cache)
-        tensors, codec_meta = self.codecs.encode(out)
+        tensors, codec_meta = self.codecs.encode({"hidden": hidden})
         msg = Message(kind="forward", req=REQUEST_ID, seq=self.seq, epoch=0, tensors=tensors,
-                      meta=_header(self.pos, all_logits, codec_meta))
+                      meta=_header(self.pos, self._all_logits, codec_meta))
         frames = encode_message(msg)
-        sent = message_nbytes(frames)
         payload = data = 0
         if codec_meta.get(CODECS_KEY):
-            from splitnet.codecs.framing import extract_payloads
-
             _, payloads = extract_payloads(tensors, codec_meta)
             payload = sum(p.nbytes for p in payloads.values())
             data = sum(int(a.nbytes) for p in payloads.values() for a in p.parts.values())
-        # the cloud stage's side: the frames as they arrive, checked before use
-        got = decode_message(_frames_to_bytes(frames))
+        got = decode_message(_frames_to_bytes(frames))  # the cloud stage's side: checked before use
         ForwardHeader.from_meta(got.meta)
         raw = self.codecs.decode(got.tensors, got.meta)
-        hidden = torch.from_numpy(np.array(raw["hidden"], dtype=np.float32))
-        c = hidden.shape[-1]
-        self.last_cut = (out["hidden"].float().reshape(-1, c).numpy(), hidden.reshape(-1, c).numpy())  # (T, C) sent, received
-        logits = self.cloud({"hidden": hidden, **{k: torch.from_numpy(np.asarray(v)) for k, v in raw.items() if k != "hidden"}},
-                            self.cloud_cache, all_logits=all_logits)["logits"].float()
+        if sorted(raw) != ["hidden"]:
+            raise RuntimeError(f"the cut carried {sorted(raw)}; this bench handles decoders whose cut is the hidden state alone")
+        return np.asarray(raw["hidden"], dtype=np.float32), Sent(message_nbytes(frames), payload, data, int(hidden.shape[1]))
+
+    def forward(self, ids: np.ndarray, *, all_logits: bool = False):
+        """(logits, [one :class:`Sent` per row]) for (B, T) ids fed after what the requests already hold."""
+        import torch
+
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        hidden = self.edge({"input_ids": torch.from_numpy(ids)}, self.edge_cache)["hidden"]
+        self._all_logits = all_logits
+        crossed = [self._cross(hidden[b : b + 1]) for b in range(hidden.shape[0])]
+        received = torch.from_numpy(np.concatenate([h for h, _ in crossed]))
+        c = received.shape[-1]
+        self.last_cut = (hidden.float().reshape(-1, c).numpy(), received.reshape(-1, c).numpy())  # (B*T, C) sent, received
+        logits = self.cloud({"hidden": received}, self.cloud_cache, all_logits=all_logits)["logits"].float()
         self.pos += ids.shape[1]
         self.seq += 1
-        return logits, Sent(sent, payload, data, ids.shape[1])
+        return logits, [s for _, s in crossed]
 
 
-def greedy(model, prompt: np.ndarray, new_tokens: int) -> tuple[list[int], list[Sent]]:
-    """Free-running greedy continuation of (P,) ``prompt``: ``new_tokens`` ids, and the messages
-    sent (the prefill first, then one per decode step; the last token is never fed back)."""
+def greedy(model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, list[list[Sent]]]:
+    """Free-running greedy continuations of (B, P) ``prompts``: (B, new_tokens) ids, and per row
+    the messages it sent (the prefill first, then one per decode step; the last token is never fed back)."""
     model.reset()
-    sent: list[Sent] = []
-    out: list[int] = []
-    feed = prompt[None, :]
-    for _ in range(new_tokens):
-        r = model.forward(feed)
-        logits, s = r if isinstance(r, tuple) else (r, None)
-        if s is not None:
-            sent.append(s)
-        tok = int(logits.reshape(-1, logits.shape[-1])[-1].argmax())
-        out.append(tok)
-        feed = np.array([[tok]], dtype=np.int64)
+    sent: list[list[Sent]] = [[] for _ in range(prompts.shape[0])]
+    out = np.empty((prompts.shape[0], new_tokens), dtype=np.int64)
+    feed = prompts
+    for i in range(new_tokens):
+        logits, s = model.forward(feed)
+        for row, m in zip(sent, s):
+            row.append(m)
+        out[:, i] = logits.reshape(prompts.shape[0], -1, logits.shape[-1])[:, -1].argmax(-1).numpy()
+        feed = out[:, i : i + 1]
     return out, sent
 
 
-def teacher_forced(model, window: np.ndarray):
-    """(T, V) float logits of every position of (T,) ``window`` in one prefill, and what it sent."""
+def teacher_forced(model, windows: np.ndarray):
+    """(B, T, V) float logits of every position of (B, T) ``windows`` in one prefill each, and what each row sent."""
     model.reset()
-    r = model.forward(window[None, :], all_logits=True)
-    logits, s = r if isinstance(r, tuple) else (r, None)
-    return logits.reshape(-1, logits.shape[-1]), s
+    logits, s = model.forward(windows, all_logits=True)
+    return logits.reshape(windows.shape[0], windows.shape[1], -1), s
