@@ -8,8 +8,10 @@ GPU shared by the stages). Measured:
   limit (weight bytes / this device's measured copy bandwidth);
 - chunked prefill: time to first token for each chunk size, against the whole prompt at once
   (ideal speed-up with S stages and k equal chunks: S k / (k + S - 1), at most S);
-- decode: ``--concurrency`` clients at once (one session and one sequence each), tokens/s,
-  each stage's busy fraction and mean batch;
+- decode: ``--concurrency`` clients at once (one process, session and sequence each), tokens/s,
+  each stage's busy fraction and mean batch; and (``--drivers many``) the same number of
+  sequences driven by ONE client process through ``generate_many``, whose ready decode steps
+  go to stage 0 as one batch message;
 - greedy tokens against transformers' for the same prompts (batching on).
 """
 
@@ -39,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="stage batching limit (1: one request per forward)")
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="stage option: wait this long at most for active requests' next steps")
     p.add_argument("--check-sequences", type=int, default=4, help="decode sequences whose tokens are checked against transformers")
+    p.add_argument("--drivers", default="clients,many", help="who drives the decode runs: clients (one process per sequence), "
+                   "many (one process, generate_many over all of them); comma-separated")
 
 
 def _stage_stats(endpoints: list[str]) -> list[dict]:
@@ -70,9 +74,8 @@ def _teacher_forced_argmax(endpoints: list[str], ids: list[int]) -> list[int]:
     from splitnet.edge.config import ClientConfig
 
     with splitnet.connect(endpoints, config=ClientConfig(timeout_s=600)) as s:
-        s._send_forward("teacher", 0, {"input_ids": np.asarray([ids], dtype=np.int64)}, {"cache": False, "all_logits": True, "head": "argmax"})
-        _, msg = s._wait_any({("teacher", 0)})
-    return [int(x) for x in np.asarray(msg.tensors["argmax"]).reshape(-1)]
+        out = s.infer({"input_ids": np.asarray([ids], dtype=np.int64)}, all_logits=True, head="argmax")
+    return [int(x) for x in np.asarray(out["argmax"]).reshape(-1)]
 
 
 def _client_process(endpoints: list[str], prompt: list[int], n_new: int, start, results, index: int) -> None:
@@ -87,6 +90,55 @@ def _client_process(endpoints: list[str], prompt: list[int], n_new: int, start, 
         results.put((index, list(r.tokens), r.latency_ms, r.ttft_ms, r.stats.get("decode_stage_ms", {}), None))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
         results.put((index, None, 0.0, 0.0, {}, f"{type(e).__name__}: {e}"))
+
+
+def _many_process(endpoints: list[str], prompts: list[list[int]], n_new: int, start, results) -> None:
+    """One client process driving every prompt through ``generate_many``."""
+    import splitnet
+    from splitnet.edge.config import ClientConfig
+
+    try:
+        with splitnet.connect(endpoints, config=ClientConfig(timeout_s=600)) as s:
+            start.wait(timeout=120)
+            rs = s.generate_many(prompts, n_new)
+            batched = s.batch_messages
+        results.put(([list(r.tokens) for r in rs], [(r.latency_ms - r.ttft_ms) / max(1, n_new - 1) for r in rs], batched, None))
+    except BaseException as e:  # noqa: BLE001 - reported by the parent
+        results.put((None, [], False, f"{type(e).__name__}: {e}"))
+
+
+def _many(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float], bool]:
+    """ONE client process generating every prompt at once (``generate_many``); (tokens, wall s,
+    ms/token of each sequence, whether its steps travelled as batch messages)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    start = ctx.Barrier(2)
+    results = ctx.Queue()
+    proc = ctx.Process(target=_many_process, args=(endpoints, prompts, n_new, start, results), daemon=True)
+    proc.start()
+    try:
+        start.wait(timeout=180)
+        t0 = time.perf_counter()
+        tokens, per_tok, batched, error = results.get(timeout=900)
+        wall = time.perf_counter() - t0
+    finally:
+        proc.join(timeout=30)
+        if proc.is_alive():
+            proc.kill()
+    if error:
+        raise RuntimeError(f"the generate_many client failed: {error}")
+    return tokens, wall, per_tok, batched
+
+
+def _stage_deltas(before: list[dict], after: list[dict], wall: float) -> dict:
+    """Per stage, over one run: busy fraction, mean batch, batch messages received and sent."""
+    return {
+        "stage_busy_fraction": [round((a["busy_s"] - b["busy_s"]) / wall, 3) for a, b in zip(after, before)],
+        "stage_mean_batch": [round((a["batched_requests"] - b["batched_requests"]) / max(1, a["batches"] - b["batches"]), 2) for a, b in zip(after, before)],
+        "stage_batch_messages_in": [a.get("batch_messages_in", 0) - b.get("batch_messages_in", 0) for a, b in zip(after, before)],
+        "stage_batch_messages_out": [a.get("batch_messages_out", 0) - b.get("batch_messages_out", 0) for a, b in zip(after, before)],
+    }
 
 
 def _clients(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float], dict]:
@@ -153,6 +205,11 @@ def run(args: argparse.Namespace) -> dict:
     decode_prompts = [[int(x) for x in rng.integers(0, min(vocab, 32000), args.decode_prompt_tokens)] for _ in range(n_max)]
     kinds = args.baselines.split(",") if args.baselines else (["eager", "compiled"] if args.device.startswith("cuda") else ["eager"])
     kinds = [k for k in kinds if k and k != "none"]
+    drivers = [d for d in args.drivers.split(",") if d]
+    if not drivers or set(drivers) - {"clients", "many"}:
+        raise SystemExit(f"splitnet bench pipeline: --drivers takes clients and/or many, got {args.drivers!r}")
+    if "clients" not in drivers and 1 not in concurrency:
+        raise SystemExit("splitnet bench pipeline: --drivers many alone needs 1 in --concurrency (the one-sequence figure)")
 
     threads = args.cpus_per_stage or args.torch_threads
     torch.set_num_threads(max(1, threads))  # the baselines get the threads of one stage
@@ -166,7 +223,7 @@ def run(args: argparse.Namespace) -> dict:
     if args.device.startswith("cuda"):
         extra.append("--shared-device")  # every stage on this one GPU
     stage_cpus = disjoint_cpus(args.stages, args.cpus_per_stage) if args.cpus_per_stage else []
-    results: dict = {"prefill": [], "decode": []}
+    results: dict = {"prefill": [], "decode": [], "decode_many": []}
     import splitnet
     from splitnet.edge.config import ClientConfig
 
@@ -194,21 +251,33 @@ def run(args: argparse.Namespace) -> dict:
             })
         teacher = _teacher_forced_argmax(pipe.endpoints, prompt + base["reference_tokens"]) if "reference_tokens" in base else None
         for n in concurrency:
-            _clients(pipe.endpoints, decode_prompts[:n], 4)  # warm-up: these batch shapes
-            before = _stage_stats(pipe.endpoints)
-            tokens, wall, per_tok, step_ms = _clients(pipe.endpoints, decode_prompts[:n], args.new_tokens)
-            after = _stage_stats(pipe.endpoints)
-            busy = [round((a["busy_s"] - b["busy_s"]) / wall, 3) for a, b in zip(after, before)]
-            batch = [round((a["batched_requests"] - b["batched_requests"]) / max(1, a["batches"] - b["batches"]), 2) for a, b in zip(after, before)]
-            checked = [tokens[i] == ref_decode[i] for i in range(min(n, len(ref_decode)))]
-            diverge = [hf_baselines.first_divergence(tokens[i], ref_decode[i]) for i in range(min(n, len(ref_decode)))]
-            results["decode"].append({
-                "clients": n, "tokens": sum(len(t) for t in tokens), "seconds": round(wall, 3),
-                "tokens_per_s": round(sum(len(t) for t in tokens) / wall, 1),
-                "ms_per_token_median": round(statistics.median(per_tok), 3),
-                "stage_busy_fraction": busy, "stage_mean_batch": batch, "stage_step_ms_client_0": step_ms,
-                "tokens_checked": len(checked), "tokens_identical": sum(checked), "first_divergence": diverge,
-            })
+            if "clients" in drivers or n == 1:  # one sequence: the clients run is the single-sequence figure
+                _clients(pipe.endpoints, decode_prompts[:n], 4)  # warm-up: these batch shapes
+                before = _stage_stats(pipe.endpoints)
+                tokens, wall, per_tok, step_ms = _clients(pipe.endpoints, decode_prompts[:n], args.new_tokens)
+                deltas = _stage_deltas(before, _stage_stats(pipe.endpoints), wall)
+                checked = [tokens[i] == ref_decode[i] for i in range(min(n, len(ref_decode)))]
+                diverge = [hf_baselines.first_divergence(tokens[i], ref_decode[i]) for i in range(min(n, len(ref_decode)))]
+                results["decode"].append({
+                    "clients": n, "tokens": sum(len(t) for t in tokens), "seconds": round(wall, 3),
+                    "tokens_per_s": round(sum(len(t) for t in tokens) / wall, 1),
+                    "ms_per_token_median": round(statistics.median(per_tok), 3),
+                    **deltas, "stage_step_ms_client_0": step_ms,
+                    "tokens_checked": len(checked), "tokens_identical": sum(checked), "first_divergence": diverge,
+                })
+            if "many" in drivers and n > 1:
+                _many(pipe.endpoints, decode_prompts[:n], 4)  # warm-up
+                before = _stage_stats(pipe.endpoints)
+                tokens, wall, per_tok, batched = _many(pipe.endpoints, decode_prompts[:n], args.new_tokens)
+                deltas = _stage_deltas(before, _stage_stats(pipe.endpoints), wall)
+                checked = [tokens[i] == ref_decode[i] for i in range(min(n, len(ref_decode)))]
+                results["decode_many"].append({
+                    "sequences": n, "client_processes": 1, "batch_messages": batched, "tokens": sum(len(t) for t in tokens),
+                    "seconds": round(wall, 3), "tokens_per_s": round(sum(len(t) for t in tokens) / wall, 1),
+                    "ms_per_token_median": round(statistics.median(per_tok), 3), **deltas,
+                    "tokens_checked": len(checked), "tokens_identical": sum(checked),
+                    "first_divergence": [hf_baselines.first_divergence(tokens[i], ref_decode[i]) for i in range(min(n, len(ref_decode)))],
+                })
     if teacher is not None:
         ref = base["reference_teacher_argmax"]
         results["teacher_forced"] = {"positions": len(ref), "argmax_agreement": round(sum(a == b for a, b in zip(teacher, ref)) / len(ref), 4),
@@ -249,16 +318,27 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
         summary["first_divergence_1_seq"] = hf_baselines.first_divergence(first_tokens or [], base["reference_tokens"])
         if "compiled" in base:  # the noise floor: transformers' own compiled run against its eager one
             summary["transformers_compiled_first_divergence"] = base["compiled"]["first_divergence_from_eager"]
-        summary["tokens_identical_decode"] = f"{sum(d['tokens_identical'] for d in results['decode'])}/{sum(d['tokens_checked'] for d in results['decode'])}"
+        runs = results["decode"] + results.get("decode_many", [])
+        summary["tokens_identical_decode"] = f"{sum(d['tokens_identical'] for d in runs)}/{sum(d['tokens_checked'] for d in runs)}"
     for kind in ("eager", "compiled"):
         if kind in base:
             summary[f"split_over_{kind}_1_seq"] = round(split_ms / base[kind]["ms_per_token"], 3)
             key = f"batch_{base[kind]['batch']}_tokens_per_s"
             if base[kind]["batch"] == top["clients"]:
                 summary[f"split_over_{kind}_batch_{top['clients']}"] = round(top["tokens_per_s"] / base[kind][key], 3)
+            for m in results.get("decode_many", []):
+                if base[kind]["batch"] == m["sequences"]:
+                    summary[f"split_many_over_{kind}_batch_{m['sequences']}"] = round(m["tokens_per_s"] / base[kind][key], 3)
+    for m in results.get("decode_many", []):
+        n = m["sequences"]
+        summary[f"decode_many_tokens_per_s_{n}"] = m["tokens_per_s"]
+        clients = next((d for d in results["decode"] if d["clients"] == n), None)
+        if clients is not None:
+            summary[f"many_over_clients_{n}"] = round(m["tokens_per_s"] / clients["tokens_per_s"], 3)
     return {
         "config": {k: getattr(args, k) for k in ("model", "stages", "device", "dtype", "torch_threads", "cpus_per_stage", "prompt_tokens",
-                                                 "new_tokens", "concurrency", "decode_prompt_tokens", "repeats", "max_batch_size", "batch_wait_ms")},
+                                                 "new_tokens", "concurrency", "decode_prompt_tokens", "repeats", "max_batch_size", "batch_wait_ms",
+                                                 "drivers")},
         "model_dir": str(model_dir),
         "cuts": [st.blocks[0] for st in pipe.stages[1:]],
         "stages": [{"index": st.index, "blocks": list(st.blocks), "pid": st.pid} for st in pipe.stages],
@@ -283,5 +363,8 @@ def summarize(doc: dict) -> str:
     for d in doc["decode"]:
         lines.append(f"decode {d['clients']:>3} clients: {d['tokens_per_s']} tokens/s, busy {d['stage_busy_fraction']}, mean batch {d['stage_mean_batch']}, "
                      f"tokens identical {d['tokens_identical']}/{d['tokens_checked']}")
+    for m in doc.get("decode_many", []):
+        lines.append(f"decode {m['sequences']:>3} sequences, one generate_many process: {m['tokens_per_s']} tokens/s, busy {m['stage_busy_fraction']}, "
+                     f"mean batch {m['stage_mean_batch']}, batch messages in {m['stage_batch_messages_in']}, tokens identical {m['tokens_identical']}/{m['tokens_checked']}")
     lines.append(f"chunked prefill x{s['chunked_prefill_speedup']} (ideal x{s['chunked_prefill_ideal']}); concurrency ratio x{s['decode_concurrency_ratio']}")
     return "\n".join(lines)

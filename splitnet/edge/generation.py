@@ -92,6 +92,8 @@ class StepClient(Protocol):
 
     def wait_reply(self, keys: set[Key], timeout_s: float | None) -> tuple[Key, Message, int]: ...
 
+    def reply_ready(self, keys: set[Key]) -> bool: ...
+
     def release(self, req: str) -> None: ...
 
     def recover(self, cause: StageUnavailable | UnknownRequest, budget: "RecoveryBudget") -> None: ...
@@ -278,21 +280,39 @@ def decode(
 ) -> Iterator[tuple[SequenceState, list[int]]]:
     """Drive every sequence to its end; yield ``(sequence, new tokens)`` as replies arrive.
 
+    Each turn drains every reply that has arrived (a ``result_batch`` brings many at once), then
+    feeds every sequence that is ready: the one-token decode steps of several sequences go as
+    one batch message when the client can send them (``send_token_steps``, stages that take
+    batch messages), prefill chunks and speculative steps one message each. One sequence
+    (``generate``, ``stream``) takes the one-message path, with no wait and no extra copy.
+
     Feeding and waiting are inside the recovery ``try``: a stage lost before a feed is
     recovered like one lost during a wait."""
     t0 = time.perf_counter() if t0 is None else t0
     head = head_request(sampling or SamplingConfig())
     waiting: dict[Key, SequenceState] = {}
     chunk = client.prefill_chunk_tokens
+    batched = len(seqs) > 1 and bool(getattr(client, "batch_messages", False)) and hasattr(client, "send_token_steps")
     try:
         for s in seqs:
             s.restart(client.open_request())
         while any(not s.done for s in seqs):
             try:
-                for s in seqs:
-                    if not s.done and s.pending and (s.req, s.seq - 1) not in waiting:
+                ready = [s for s in seqs if not s.done and s.pending and (s.req, s.seq - 1) not in waiting]
+                steps = [s for s in ready if s.draft is None and len(s.pending) == 1] if batched else []
+                together = {id(s) for s in steps} if len(steps) >= 2 else set()
+                for s in ready:
+                    if id(s) not in together:
                         waiting[_feed(client, s, chunk, head)] = s
-                key, msg, received = client.wait_reply(set(waiting), timeout_s)
+                if len(steps) >= 2:
+                    for key, s in zip(_feed_steps(client, steps, head), steps):
+                        waiting[key] = s
+                arrived = [client.wait_reply(set(waiting), timeout_s)]
+                while len(arrived) < len(waiting):  # drain what has come already: the ready sequences are then fed together
+                    left = set(waiting) - {a[0] for a in arrived}
+                    if not client.reply_ready(left):
+                        break
+                    arrived.append(client.wait_reply(left, timeout_s))
             except (StageUnavailable, UnknownRequest) as e:
                 t_r = time.perf_counter()
                 client.recover(e, budget)
@@ -304,13 +324,14 @@ def decode(
                     s.stats["replays"].append({"after_tokens": len(s.out), "replayed_tokens": len(s.pending), "cause": type(e).__name__,
                                                "recover_ms": round((time.perf_counter() - t_r) * 1e3, 1)})
                 continue
-            s = waiting.pop(key)
-            new = s.accept(msg, t0, received)
-            budget.progress(len(new))
-            if s.done:  # its caches are freed on every stage now, not when the last sequence ends
-                client.release(s.req)
-                s.req = ""
-            yield s, new
+            for key, msg, received in arrived:
+                s = waiting.pop(key)
+                new = s.accept(msg, t0, received)
+                budget.progress(len(new))
+                if s.done:  # its caches are freed on every stage now, not when the last sequence ends
+                    client.release(s.req)
+                    s.req = ""
+                yield s, new
     finally:
         for s in seqs:
             if s.req:
@@ -333,6 +354,19 @@ def _feed(client: StepClient, s: SequenceState, chunk: int, head: dict) -> Key:
         s.fed += len(piece)
         s.seq += 1
     return (s.req, s.seq - 1)
+
+
+def _feed_steps(client: Any, steps: list[SequenceState], head: dict) -> list[Key]:
+    """Send the one pending token of each of ``steps`` as one batch message (decode steps);
+    return their keys, in order."""
+    sent = client.send_token_steps([(s.req, s.seq, s.pending[0], s.fed) for s in steps], head=head)
+    keys = []
+    for s, nbytes in zip(steps, sent):
+        s.pending, s.proposals, s.sent_bytes = [], [], nbytes
+        s.fed += 1
+        s.seq += 1
+        keys.append((s.req, s.seq - 1))
+    return keys
 
 
 def step_stats(msg: Message, sent: int, received: int, latency_ms: float) -> dict:

@@ -34,6 +34,7 @@ from zmq.utils.monitor import recv_monitor_message
 from splitnet.edge.config import ClientConfig
 from splitnet.errors import AuthError, ProtocolError, StageUnavailable
 from splitnet.wire import DEFAULT_LIMITS, Message, SocketConfig, decode_message, encode_message, make_socket, message_nbytes
+from splitnet.wire.batches import member_shares, split_batch
 from splitnet.wire.security import HandshakeWatch, set_peer_key
 
 log = logging.getLogger("splitnet.sdk")
@@ -273,11 +274,23 @@ class StageLinks:
                 return link
         return None
 
-    def _deliver(self, stage: int | None, body: list) -> None:
-        try:
-            msg = decode_message(body, DEFAULT_LIMITS)
-        except (ProtocolError, AuthError):
-            return  # a malformed reply is dropped; the request then times out with a clear error
+    def _deliver(self, stage: int | None, body: list, decoded: tuple[Message, int] | None = None) -> None:
+        """Handle received frames; ``decoded``: a result split off a ``result_batch`` (its
+        message and its share of the batch's bytes), delivered as a result of its own."""
+        if decoded is None:
+            try:
+                msg = decode_message(body, DEFAULT_LIMITS)
+                batch = split_batch(msg) if msg.kind == "result_batch" else None
+            except (ProtocolError, AuthError):
+                return  # a malformed reply is dropped; the request then times out with a clear error
+            if batch is not None:  # many of this client's results in one message: each goes on as one result
+                shares = member_shares([m.rows for m in batch[0].members], message_nbytes([getattr(f, "buffer", f) for f in body]))
+                for part, share in zip(batch[1], shares):
+                    self._deliver(stage, body, (part, share))
+                return
+        else:
+            msg = decoded[0]
+        nbytes = decoded[1] if decoded is not None else message_nbytes([getattr(f, "buffer", f) for f in body])
         if stage is not None and msg.kind == "ping":  # the stage asks who holds this connection before it sends a result
             self.send(stage, Message(kind="pong", req=msg.req, seq=msg.seq))
             return
@@ -293,7 +306,7 @@ class StageLinks:
                     link.last_seen = now
                     if isinstance(t.get("compute_ms"), (int, float)):
                         link.longest_step_s = max(link.longest_step_s, float(t["compute_ms"]) / 1e3)
-        self._on_message(stage, msg, message_nbytes([getattr(f, "buffer", f) for f in body]))
+        self._on_message(stage, msg, nbytes)
 
     def _check_progress(self, link: _Link, progress: object) -> None:
         """Liveness that sees the work: a heartbeat whose compute thread has not ticked for

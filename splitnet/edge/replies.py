@@ -10,6 +10,10 @@ The store is bounded and epoch-aware:
 - of a request's errors only the first is kept: a failing chunk makes the stage drop the
   request, so the chunks after it fail with ``UnknownRequest``, and the first error says why;
 - beyond ``max_entries`` a new reply raises :class:`LimitExceeded` instead of growing.
+
+A ``result_batch`` (many of this session's results in one message) is split into one ``result``
+per step before it gets here (:func:`splitnet.wire.batches.split_batch`, in the links' delivery),
+so each member passes the same epoch, open-request and bound checks as a result of its own.
 """
 
 from __future__ import annotations
@@ -88,6 +92,10 @@ class ReplyStore:
     def held(self) -> dict[Key, Message]:
         """A copy of what is held now, by (request, step)."""
         return {k: m for k, (m, _) in self._replies.items()}
+
+    def ready(self, keys: set[Key]) -> bool:
+        """Whether :meth:`take` would return a reply to one of ``keys``, or raise its error."""
+        return any(key in self._replies or key[0] in self._failed for key in keys)
 
     def take(self, keys: set[Key]) -> tuple[Key, Message, int] | None:
         """The reply to one of ``keys`` if any arrived: ``(key, message, bytes)``. Raises the

@@ -49,9 +49,10 @@ from splitnet.edge.links import StageLinks
 from splitnet.edge.recovery import RecoveryRecord, StageRecovery
 from splitnet.edge.replies import Key, ReplyStore
 from splitnet.edge.sampling import SamplingConfig
-from splitnet.errors import ConfigError, PlanMismatch, StageUnavailable, UnknownRequest, error_from_code
+from splitnet.errors import ConfigError, PlanMismatch, SplitnetError, StageUnavailable, UnknownRequest, error_from_code
 from splitnet.wire import Message, SocketConfig, encode_message
-from splitnet.wire.headers import ForwardHeader
+from splitnet.wire.batches import batch_message, member_shares
+from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader
 from splitnet.wire.security import load_server_keys
 
 __all__ = ["GenerationResult", "Session", "TokenChunk", "connect"]
@@ -227,6 +228,14 @@ class Session:
         return limit if isinstance(limit, int) and limit > 0 else None
 
     @property
+    def batch_messages(self) -> bool:
+        """Whether every stage takes batch messages (``info["batch_messages"]``): then steps of
+        many sequences go to stage 0 as one ``forward_batch`` and the stages send batches on
+        (results for this session as one ``result_batch``). False with an older stage anywhere,
+        or a local first stage: one message per step, as before."""
+        return self._local is None and bool(self._infos) and all(info.get("batch_messages") is True for info in self._infos)
+
+    @property
     def epoch(self) -> int:
         """The pipeline generation: it grows by one with every recovery; older replies are dropped."""
         return self._replies.epoch
@@ -296,10 +305,37 @@ class Session:
         if self._local is not None:
             tensors, codec_meta = self._run_local(req, tensors, fields.get("pos"))  # only the cut leaves the device
             fields.update(codec_meta)
-        route_keys = tuple(k.decode() for k in self._stage_keys[1:]) if self._stage_keys is not None else ()
-        header = ForwardHeader(reply_to=self.reply_to, route=tuple(self.endpoints[1:]), route_keys=route_keys, **fields)
+        if self.batch_messages:
+            fields.setdefault("batch_messages", True)
+        header = ForwardHeader(reply_to=self.reply_to, route=tuple(self.endpoints[1:]), route_keys=self._route_keys(), **fields)
         frames = encode_message(Message(kind="forward", req=req, seq=seq, epoch=self.epoch, tensors=tensors, meta=header.to_meta()))
         return self.links.send_or_wait(0, frames, self.config.timeout_s)
+
+    def _route_keys(self) -> tuple[str, ...]:
+        return tuple(k.decode() for k in self._stage_keys[1:]) if self._stage_keys is not None else ()
+
+    def send_token_steps(self, steps: Sequence[tuple[str, int, int, int]], *, head: dict) -> list[int]:
+        """Send one decode step (one token, cached, its result wanted) for each ``(req, seq,
+        token, pos)`` in ``steps`` as ONE ``forward_batch`` message to stage 0 (several when
+        there are more than :data:`MAX_BATCH_MEMBERS`); returns each step's share of the bytes
+        sent. Needs :attr:`batch_messages`."""
+        if not self.batch_messages:
+            raise ConfigError("send_token_steps needs stages that take batch messages; send each step with send_tokens")
+        sent: list[int] = []
+        for i in range(0, len(steps), MAX_BATCH_MEMBERS):
+            part = steps[i:i + MAX_BATCH_MEMBERS]
+            members = [BatchMember(req, seq, self.epoch, 1, header=ForwardHeader(
+                reply_to=self.reply_to, route=tuple(self.endpoints[1:]), route_keys=self._route_keys(), cache=True, pos=pos,
+                batch_messages=True, **head)) for req, seq, _, pos in part]
+            ids = np.asarray([[tok] for _, _, tok, _ in part], dtype=np.int64)  # (B, 1): one row per member
+            frames = encode_message(batch_message("forward_batch", members, {"input_ids": ids}))
+            sent += member_shares([1] * len(part), self.links.send_or_wait(0, frames, self.config.timeout_s))
+        return sent
+
+    def reply_ready(self, keys: set[Key]) -> bool:
+        """Whether a reply (or error) to one of ``keys`` has arrived already: :meth:`wait_reply`
+        would return (or raise) without waiting."""
+        return self._replies.ready(keys)
 
     def wait_reply(self, keys: set[Key], timeout_s: float | None = None) -> tuple[Key, Message, int]:
         """Wait for the first of ``keys`` to complete: ``(key, message, bytes received)``; raise
@@ -365,14 +401,29 @@ class Session:
         return key, msg
 
     # ------------------------------------------------------------------ encoders / vision --
-    def infer(self, inputs: Mapping[str, Any], *, timeout_s: float | None = None) -> dict[str, np.ndarray]:
+    def infer(self, inputs: Mapping[str, Any], *, timeout_s: float | None = None, all_logits: bool = False,
+              head: str = "logits", top_k: int | None = None) -> dict[str, np.ndarray]:
         """Run one batch through the pipeline and return the last stage's outputs.
 
         ``inputs`` holds model inputs (``input_ids``/``attention_mask``, ``pixel_values``, ``x``)
         as numpy arrays or torch tensors, or ``{"text": [...]}`` for models with a tokenizer.
         A wrong or missing key fails at once with a ConfigError naming the expected ones.
+
+        For a decoder (no KV cache is kept: one pass over the given tokens), ``all_logits``
+        returns the head's output at every position, not only the last, and ``head`` asks the
+        last stage to reduce the logits first: ``"argmax"`` (the greedy choice per position, as
+        ``argmax``) or ``"topk"`` with ``top_k`` (``topk_values``, ``topk_indices``).
         """
         inputs = check_infer_inputs(inputs, self.kind)
+        options: dict[str, Any] = {}
+        if all_logits or head != "logits" or top_k is not None:
+            if self.kind != "decoder":
+                raise ConfigError(f"all_logits, head and top_k are options of a decoder's head; this pipeline serves a {self.kind}")
+            options = {"all_logits": bool(all_logits), "head": head, "top_k": top_k}
+            try:
+                ForwardHeader(reply_to=self.reply_to, **options)
+            except SplitnetError as e:
+                raise ConfigError(f"infer(): {e}") from e
         if "text" in inputs:
             texts = inputs.pop("text")
             texts, max_length = [texts] if isinstance(texts, str) else list(texts), int(inputs.pop("max_length", 256))
@@ -384,7 +435,7 @@ class Session:
         while True:
             req = self.open_request()
             try:
-                sent = self._forward(req, 0, inputs, cache=False)
+                sent = self._forward(req, 0, inputs, cache=False, **options)
                 _, msg, received = self.wait_reply({(req, 0)}, timeout_s)
                 break
             except (StageUnavailable, UnknownRequest) as e:

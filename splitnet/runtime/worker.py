@@ -59,7 +59,8 @@ from splitnet.wire import (
 )
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
 from splitnet.runtime.request_ledger import RequestLedger
-from splitnet.wire.headers import ForwardHeader
+from splitnet.wire.batches import batch_message, member_shares, split_batch
+from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader
 from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
 from splitnet.wire.sockets import frame_user_id, recv_bounded
@@ -80,6 +81,28 @@ _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 def cache_key(origin: str, req: str) -> str:
     """KV caches are per (authenticated origin, request id): one client cannot reach another's."""
     return f"{origin}/{req}" if origin else req
+
+
+@dataclass
+class _Leaving:
+    """One member's output on its way out of a forward: to the next stage of its route, or to its client."""
+
+    member: Member
+    index: int  # its place in the batch (row order of the batch's host tensors)
+    outputs: dict  # its rows, in host memory
+    next_meta: dict  # the header fields it carries on (trace, route, codec fields added when sent)
+    route: list
+    route_keys: list
+    tokens_computed: int | None
+
+
+@dataclass(frozen=True)
+class _Whole:
+    """A forward's outputs for all its members in host memory: rows concatenated in member order."""
+
+    host: dict
+    shared: frozenset  # tensors every member gets whole (not one row block each)
+    sizes: list  # rows per member
 
 
 @dataclass
@@ -187,11 +210,12 @@ class StageWorker:
             self.stage.enable_cuda_graphs(self.pool, config.max_batch_size)
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self.ctx = zmq.Context.instance()
-        self.work: queue.Queue[_Work | None] = queue.Queue(maxsize=config.queue_depth)
+        self.work: queue.Queue[_Work | list[_Work] | None] = queue.Queue(maxsize=config.queue_depth)  # a list: one batch message's members
         self.stop_event = threading.Event()
         self.endpoint = ""
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
-                      "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0}
+                      "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0,
+                      "batch_messages_in": 0, "batch_messages_out": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
@@ -338,6 +362,7 @@ class StageWorker:
             "stats": dict(self.stats),
             "queue_depth": self.work.qsize(),
             "metrics_url": self.metrics.url,
+            "batch_messages": True,  # takes forward_batch (and sends batches on where each member's header allows)
         }
 
     def progress(self) -> dict[str, Any]:
@@ -381,6 +406,8 @@ class StageWorker:
             self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta=self.info()))
         elif msg.kind in ("pong", "info_reply"):
             pass  # a client answering this stage's ping (it proved who holds its routing id above)
+        elif msg.kind == "forward_batch":
+            self._queue_batch(router, identity, msg, principal, message_nbytes(body))
         elif msg.kind in ("forward", "release"):
             try:
                 if msg.kind == "forward":
@@ -398,6 +425,28 @@ class StageWorker:
         else:
             err = ProtocolError(f"a stage does not accept {msg.kind!r} messages")
             self._refuse(router, identity, err, msg)
+
+    def _queue_batch(self, router: zmq.Socket, identity: bytes, msg: Message, principal: str, nbytes: int) -> None:
+        """Split a ``forward_batch`` here, at the I/O boundary, into one work item per member:
+        each is checked as a forward of its own (its whole header), its origin decided by the
+        same rule as one message's (a client speaks for itself only), and its bytes are its share
+        of the message. The items are queued as one entry, so the compute thread takes the whole
+        batch at once and never waits for part of it; a member that fails later fails alone."""
+        try:
+            header, parts = split_batch(msg)
+            now = time.monotonic()
+            items = [_Work(p, share, now, self._origin(p, principal)) for p, share in zip(parts, member_shares([m.rows for m in header.members], nbytes))]
+        except ProtocolError as e:
+            self.stats["errors"] += 1
+            self._refuse(router, identity, e, msg)
+            return
+        try:
+            self.work.put_nowait(items)
+            self.stats["batch_messages_in"] += 1
+        except queue.Full:
+            err = LimitExceeded(f"stage {self.config.stage_index} has {self.config.queue_depth} requests queued; retry later")
+            for p in parts:
+                self._refuse(router, identity, err, p)
 
     def _origin(self, msg: Message, principal: str) -> str:
         """Whose request this is: the sender's key, or the origin a trusted upstream stage vouches for."""
@@ -447,15 +496,17 @@ class StageWorker:
                 return True
             if item is None:
                 return False
-            backlog.append(item)
+            _add(backlog, item)
         return True
 
     def _await_stragglers(self, backlog: deque) -> bool:
         """Wait briefly for the rest of a batch before running part of it. False when stopping.
 
         - A later stage waits (up to ``batch_wait_ms``) until every member of the upstream batch
-          its oldest item came in is queued: the upstream stage sends a batch's outputs one
-          message each (``meta.upstream_batch`` = [batch id, members]).
+          its oldest item came in is queued, when the upstream stage sent the batch's outputs
+          one message each (``meta.upstream_batch`` = [batch id, members sent this way]). A
+          batch that came as one ``forward_batch`` is queued whole and carries no mark: nothing
+          is waited for.
         - The first stage (inputs straight from the clients) waits, up to ``batch_wait_ms`` and
           at most its last forward's time, for the next steps of the requests it expects (those
           keeping their step rhythm, :class:`StepRhythms`): while one batch computes, the clients
@@ -490,7 +541,7 @@ class StageWorker:
                 return True
             if item is None:
                 return False
-            backlog.append(item)
+            _add(backlog, item)
 
     def _batch_complete(self, backlog: deque, expected: "set | frozenset" = frozenset()) -> bool:
         forwards = [w for w in backlog if w.msg.kind == "forward"]
@@ -627,19 +678,26 @@ class StageWorker:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
         self.metrics.observe_batch(len(group), compute_ms / 1e3, sum(m.tokens for m in group), sum(m.work.wire_bytes for m in group))
         try:
-            outputs = self._to_host(group, outputs)
+            outputs, whole = self._to_host(group, outputs)
         except Exception as e:
             for m in group:
                 self._fail(peers, m.work, e)
             return
         cache_bytes = self.caches.total_bytes() if cached else 0  # once for the batch, not once per member
-        for m, out in zip(group, outputs):
+        leaving: list[_Leaving] = []
+        for i, (m, out) in enumerate(zip(group, outputs)):
             try:
-                self._finish(m, out, compute_ms, len(group), peers, cache_bytes)
+                if m.cache is not None:
+                    self.caches.check_memory(m.cache_key, cache_bytes)
+                lv = self._finish(m, out, i)
             except Exception as e:
                 self._fail(peers, m.work, e)
                 if cached:
                     cache_bytes = self.caches.total_bytes()  # a dropped cache frees its bytes for the members after it
+                continue
+            if lv is not None:
+                leaving.append(lv)
+        self._send_on(peers, leaving, whole, compute_ms, len(group))
 
     def _forward_members(self, group: list[Member], cached: bool) -> list[dict]:
         inputs, opts = [m.inputs for m in group], group[0].options  # options are shared by the group (its signature)
@@ -652,12 +710,13 @@ class StageWorker:
             return self.stage.forward_batch(inputs, [m.cache for m in group], all_logits=all_logits)
         return [self.stage(x, m.cache, all_logits=all_logits) for x, m in zip(inputs, group)]  # a stage without a pool
 
-    def _to_host(self, group: list[Member], outputs: list[dict]) -> list[dict]:
+    def _to_host(self, group: list[Member], outputs: list[dict]) -> tuple[list[dict], "_Whole | None"]:
         """The members' outputs in host memory, reduced as their head asks (argmax, top-k) on the
         device for the whole batch at once, moved in one copy per tensor; float32 from the last
-        stage whatever the stage's dtype."""
+        stage whatever the stage's dtype. Also the whole batch's host tensors (members' rows
+        concatenated), which a batch message sends as they are."""
         if not outputs[0]:
-            return outputs  # caches filled, nothing to send (a prefill chunk without a result)
+            return outputs, None  # caches filled, nothing to send (a prefill chunk without a result)
         opts = group[0].options  # members share route end and head (their signature)
         last = opts.last
         sizes = [next(iter(o.values())).shape[0] for o in outputs]
@@ -666,23 +725,32 @@ class StageWorker:
             batched = _reduce_logits(batched["logits"], group[0].work.msg.meta)
         total = sum(sizes)
         host = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in batched.items()}
-        parts = {k: torch.split(v, sizes) if v.dim() and v.shape[0] == total else [v] * len(sizes) for k, v in host.items()}
-        return [{k: parts[k][i] for k in host} for i in range(len(sizes))]
+        split = {k for k, v in host.items() if v.dim() and v.shape[0] == total}
+        parts = {k: torch.split(v, sizes) if k in split else [v] * len(sizes) for k, v in host.items()}
+        return [{k: parts[k][i] for k in host} for i in range(len(sizes))], _Whole(host, frozenset(set(host) - split), sizes)
 
-    def _finish(self, m: Member, outputs: dict, compute_ms: float, batch: int, peers: dict, cache_bytes: int | None = None) -> None:
-        """Send one member's outputs (in host memory) on: to the next stage of its route, or to its client."""
+    def _finish(self, m: Member, outputs: dict, index: int) -> "_Leaving | None":
+        """What leaves for one member (outputs in host memory): its next stage's header fields,
+        or its result's; None when nobody reads it. Drops a final step's cache."""
         item, cache, ckey = m.work, m.cache, m.cache_key
-        msg, meta = item.msg, item.msg.meta
-        if cache is not None:
-            self.caches.check_memory(ckey, cache_bytes)
+        meta = item.msg.meta
         route = list(meta.get("route") or [])
-        t2 = time.perf_counter()
-        if route:
-            tensors, out_meta = self.codecs.encode(outputs)
-        else:
-            tensors, out_meta = dict(outputs), {}
-        encode_ms = (time.perf_counter() - t2) * 1e3
-        trace = list(meta.get("trace") or [])
+        next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch")}
+        self.stats["forwards"] += 1
+        tokens_computed = cache.tokens_computed if cache is not None else None
+        if meta.get("final") and cache is not None:
+            self.caches.drop(ckey)
+        if item.origin:
+            next_meta["origin"] = item.origin  # the next stage trusts it only from a stage key it lists
+        if not route and not meta.get("want_result", True):
+            return None
+        route_keys = list(meta.get("route_keys") or [])
+        return _Leaving(m, index, outputs, next_meta, route, route_keys, tokens_computed)
+
+    def _trace(self, lv: "_Leaving", compute_ms: float, encode_ms: float, batch: int) -> list:
+        """The member's trace with this stage's entry appended."""
+        item = lv.member.work
+        trace = list(item.msg.meta.get("trace") or [])
         trace.append(
             {
                 "stage": self.config.stage_index,
@@ -693,29 +761,103 @@ class StageWorker:
                 "compute_ms": round(compute_ms, 3),
                 "encode_ms": round(encode_ms, 3),
                 "batch": batch,
-                "tokens_computed": cache.tokens_computed if cache is not None else None,
+                "tokens_computed": lv.tokens_computed,
                 "held_ms": round((time.monotonic() - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
             }
         )
-        next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch")}
-        next_meta.update(out_meta)
-        next_meta["trace"] = trace
-        self.stats["forwards"] += 1
-        if meta.get("final") and cache is not None:
-            self.caches.drop(ckey)
-        if item.origin:
-            next_meta["origin"] = item.origin  # the next stage trusts it only from a stage key it lists
-        if route:
-            next_meta["route"] = route[1:]
-            next_meta["upstream_batch"] = [self._batch_id, batch]  # the next stage waits for the whole batch
-            route_keys = list(meta.get("route_keys") or [])
-            if len(route_keys) > 1:
-                next_meta["route_keys"] = route_keys[1:]
-            key = route_keys[0].encode() if route_keys else None  # for this request only
-            fwd = Message(kind="forward", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta)
-            self._send(peers, route[0], fwd, key=key, on_fail=item)
-        elif meta.get("want_result", True):
-            self._reply_to_origin(peers, item, Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=next_meta))
+        return trace
+
+    def _send_on(self, peers: dict, leaving: list["_Leaving"], whole: "_Whole | None", compute_ms: float, batch: int) -> None:
+        """Send what leaves a forward: members going to the same next stage (same route, same
+        keys) as one ``forward_batch``, results for the same client (same ``reply_to``, same
+        origin) as one ``result_batch``, when the members' headers say every later hop takes
+        batch messages (``batch_messages``) and the cut travels raw; otherwise one message each."""
+        by_hop: dict[tuple, list[_Leaving]] = {}
+        for lv in leaving:
+            if lv.route:
+                hop = ("forward", tuple(lv.route), tuple(lv.route_keys))
+            else:
+                hop = ("result", lv.member.work.msg.meta.get("reply_to", ""), lv.member.work.origin)
+            by_hop.setdefault(hop, []).append(lv)
+        for hop, lvs in by_hop.items():
+            raw_cut = hop[0] == "result" or self.codecs.out is None
+            if len(lvs) > 1 and raw_cut and whole is not None and all(lv.next_meta.get("batch_messages") for lv in lvs):
+                try:
+                    self._send_batch(peers, hop[0], lvs, whole, compute_ms, batch)
+                except Exception as e:  # the batch could not be built: its members fail, each to its own client
+                    for lv in lvs:
+                        self._fail(peers, lv.member.work, e)
+                continue
+            for lv in lvs:
+                try:
+                    self._send_one(peers, lv, compute_ms, batch, len(lvs))
+                except Exception as e:
+                    self._fail(peers, lv.member.work, e)
+
+    def _send_one(self, peers: dict, lv: "_Leaving", compute_ms: float, batch: int, to_same_hop: int) -> None:
+        msg, meta = lv.member.work.msg, lv.next_meta
+        t2 = time.perf_counter()
+        if lv.route:
+            tensors, out_meta = self.codecs.encode(lv.outputs)
+        else:
+            tensors, out_meta = dict(lv.outputs), {}
+        encode_ms = (time.perf_counter() - t2) * 1e3
+        meta.update(out_meta)
+        meta["trace"] = self._trace(lv, compute_ms, encode_ms, batch)
+        if lv.route:
+            meta["route"] = lv.route[1:]
+            meta["upstream_batch"] = [self._batch_id, to_same_hop]  # the next stage waits for the rest sent its way
+            if len(lv.route_keys) > 1:
+                meta["route_keys"] = lv.route_keys[1:]
+            key = lv.route_keys[0].encode() if lv.route_keys else None  # for this request only
+            fwd = Message(kind="forward", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=meta)
+            self._send(peers, lv.route[0], fwd, key=key, on_fail=[lv.member.work])
+        else:
+            self._reply_to_origin(peers, lv.member.work, Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, tensors=tensors, meta=meta))
+
+    def _send_batch(self, peers: dict, kind: str, lvs: list["_Leaving"], whole: "_Whole", compute_ms: float, batch: int) -> None:
+        """``lvs`` (one hop, in batch order) as batch messages: the batch's host tensors as they
+        are when ``lvs`` is the whole batch, else the members' rows concatenated; split into
+        several messages only when one would pass :data:`MAX_BATCH_MEMBERS` members."""
+        t2 = time.perf_counter()
+        if [lv.index for lv in lvs] == list(range(len(whole.sizes))):
+            tensors = dict(whole.host)
+        else:
+            tensors = {k: (v if k in whole.shared else torch.cat([lv.outputs[k] for lv in lvs])) for k, v in whole.host.items()}
+        out_meta: dict[str, Any] = {}
+        if kind == "forward":
+            tensors, out_meta = self.codecs.encode(tensors)  # raw cut: only the attention mask is compacted
+        shared = [k for k in tensors if k in whole.shared]
+        encode_ms = (time.perf_counter() - t2) * 1e3
+        chunks = [lvs[i:i + MAX_BATCH_MEMBERS] for i in range(0, len(lvs), MAX_BATCH_MEMBERS)]
+        start = 0
+        for chunk in chunks:
+            rows = [whole.sizes[lv.index] for lv in chunk]
+            part = {k: (v if k in whole.shared else v[start:start + sum(rows)]) for k, v in tensors.items()} if len(chunks) > 1 else tensors
+            start += sum(rows)
+            members = []
+            for lv, n in zip(chunk, rows):
+                msg, meta = lv.member.work.msg, lv.next_meta
+                trace = self._trace(lv, compute_ms, encode_ms, batch)
+                if kind == "forward":
+                    meta.update(out_meta)
+                    meta["trace"] = trace
+                    meta["route"] = lv.route[1:]
+                    if len(lv.route_keys) > 1:
+                        meta["route_keys"] = lv.route_keys[1:]
+                    if len(chunks) > 1:
+                        meta["upstream_batch"] = [self._batch_id, len(lvs)]  # the rest comes in the next message
+                    members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, header=ForwardHeader.from_meta(meta)))
+                else:
+                    members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, trace=tuple(trace)))
+            out = batch_message(f"{kind}_batch", members, part, shared)
+            self.stats["batch_messages_out"] += 1
+            first = chunk[0]
+            if kind == "forward":
+                key = first.route_keys[0].encode() if first.route_keys else None
+                self._send(peers, first.route[0], out, key=key, on_fail=[lv.member.work for lv in chunk])
+            else:
+                self._reply_to_origin(peers, first.member.work, out)  # one client, one origin: the same rule as one result
 
     def _reply_to_origin(self, peers: dict, item: _Work, msg: Message) -> None:
         """Send a result or error to the client the request belongs to, and to no one else: a
@@ -733,10 +875,10 @@ class StageWorker:
         key = item.origin.encode() if item.origin and self.socket_config.security is not None else None
         self._send(peers, reply_to, msg, key=key)
 
-    def _send(self, peers: dict, endpoint: str, msg: Message, key: bytes | None = None, on_fail: _Work | None = None) -> None:
+    def _send(self, peers: dict, endpoint: str, msg: Message, key: bytes | None = None, on_fail: list[_Work] | None = None) -> None:
         """Send ``msg`` to ``endpoint`` over a socket that authenticates the peer as ``key`` (None:
         the configured default peer key). With ``on_fail``, a peer that cannot take it is reported
-        to that request's client."""
+        to the client of each of those requests (the members of a batch message)."""
         frames = encode_message(msg)
         sock = peers.get((endpoint, key))
         if sock is None:
@@ -764,14 +906,23 @@ class StageWorker:
                 self._banned[ban] = time.monotonic() + _BAN_S
                 while len(self._banned) > _MAX_PEERS:
                     self._banned.pop(next(iter(self._banned)))
-            if on_fail is not None:
-                # the next stage is unreachable: tell the client once instead of hanging it, and
+            if on_fail:
+                # the next stage is unreachable: tell each client once instead of hanging it, and
                 # drop the request's queued steps instead of running and failing each of them
-                self.ledger.cancel(cache_key(on_fail.origin, on_fail.msg.req), time.monotonic())
-                err = error_message(msg.req, msg.seq, msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)
-                self._reply_to_origin(peers, on_fail, err)
+                for item in on_fail:
+                    self.ledger.cancel(cache_key(item.origin, item.msg.req), time.monotonic())
+                    err = error_message(item.msg.req, item.msg.seq, item.msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)
+                    self._reply_to_origin(peers, item, err)
             else:
                 log.warning("could not deliver %s for %s to %s", msg.kind, msg.req, endpoint)
+
+
+def _add(backlog: deque, item: "_Work | list[_Work]") -> None:
+    """Append a queued entry to the backlog: one work item, or the members of a batch message."""
+    if type(item) is list:
+        backlog.extend(item)
+    else:
+        backlog.append(item)
 
 
 def _reduce_logits(logits: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:

@@ -9,12 +9,20 @@ the wrong type with :class:`~splitnet.errors.ProtocolError` before anything uses
 
 Fields written by the client: ``route``, ``route_keys``, ``reply_to``, ``cache``, ``pos``,
 ``rewind``, ``want_result``, ``all_logits``, ``head``, ``top_k`` and, with a local edge stage,
-the cut codec's ``codecs`` / ``packed_tokens`` / ``mask_len``. Fields a stage adds for the next
-one: ``trace``, ``origin``, ``upstream_batch``, ``reply_key``, ``final``.
+the cut codec's ``codecs`` / ``packed_tokens`` / ``mask_len``, ``batch_messages``. Fields a stage
+adds for the next one: ``trace``, ``origin``, ``upstream_batch``, ``reply_key``, ``final``.
+
+Batch messages (kinds ``forward_batch`` and ``result_batch``) carry the steps of many requests in
+one message: every tensor once, its members' rows concatenated along the batch dimension, and a
+typed per-member header list. :class:`ForwardBatchHeader` and :class:`ResultBatchHeader` are their
+``meta``; each member of a forward batch is a whole :class:`ForwardHeader` (the fields the batch
+holds once, ``route``, ``route_keys``, ``mask_len`` and ``upstream_batch``, merged in), so a member
+split off a batch is checked exactly as a forward message of its own.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
@@ -58,6 +66,9 @@ class ForwardHeader:
         upstream_batch: ``[batch id, members]`` of the upstream forward this one came from.
         reply_key: the CURVE key the result socket must authenticate as.
         final: the request ends with this step (its cache may be dropped after it).
+        batch_messages: every stage after the receiving one and the client take batch messages
+            (``forward_batch``, ``result_batch``): set by a client whose stages all announce them
+            (``info["batch_messages"]``), so an older peer is never sent a kind it refuses.
         version: the header version (``hv``); only :data:`FORWARD_HEADER_VERSION` is understood.
     """
 
@@ -79,6 +90,7 @@ class ForwardHeader:
     upstream_batch: tuple[int, int] | None = None
     reply_key: str | None = None
     final: bool = False
+    batch_messages: bool = False
     version: int = field(default=FORWARD_HEADER_VERSION)
 
     def __post_init__(self) -> None:
@@ -87,26 +99,25 @@ class ForwardHeader:
     def to_meta(self) -> dict[str, Any]:
         """The msgpack-ready ``meta`` map: ``hv``, ``reply_to``, ``route`` and every field not at its default."""
         meta: dict[str, Any] = {"hv": self.version, "reply_to": self.reply_to, "route": list(self.route)}
-        for f in fields(self):
-            if f.name in ("version", "reply_to", "route"):
+        values = self.__dict__
+        for name, default in _OPTIONAL_FIELDS:
+            value = values[name]
+            if value == default:
                 continue
-            value = getattr(self, f.name)
-            if value == f.default:
-                continue
-            meta[f.name] = list(value) if isinstance(value, tuple) else value
+            meta[name] = list(value) if type(value) is tuple else value
         return meta
 
     @classmethod
     def from_meta(cls, meta: Any) -> "ForwardHeader":
         """Read and validate a received ``meta``; raise ProtocolError naming what is wrong."""
-        if not isinstance(meta, Mapping):
+        if not _is_map(meta):
             raise ProtocolError(f"a forward message's meta must be a map, got {type(meta).__name__}")
         version = meta.get("hv", FORWARD_HEADER_VERSION)
         if type(version) is not int or version != FORWARD_HEADER_VERSION:
             raise ProtocolError(f"forward header version {version!r} is not understood; this peer speaks version {FORWARD_HEADER_VERSION}")
-        unknown = sorted(str(k) for k in meta if k not in _FIELD_NAMES and k != "hv")
+        unknown = [k for k in meta if k not in _META_KEYS]
         if unknown:
-            raise ProtocolError(f"forward meta has unknown keys {unknown[:8]}; known: {sorted(_FIELD_NAMES - {'version'})}")
+            raise ProtocolError(f"forward meta has unknown keys {sorted(map(str, unknown))[:8]}; known: {sorted(_META_KEYS)}")
         if "reply_to" not in meta:
             raise ProtocolError("forward message needs meta.reply_to: an endpoint string, or 'peer:' + the client's routing id (8-64 hex digits)")
         values = {k: v for k, v in meta.items() if k != "hv"}
@@ -120,6 +131,12 @@ class ForwardHeader:
 
 
 _FIELD_NAMES = frozenset(f.name for f in fields(ForwardHeader))
+_META_KEYS = (_FIELD_NAMES - {"version"}) | {"hv"}  # the version travels as "hv"
+_OPTIONAL_FIELDS = tuple((f.name, f.default) for f in fields(ForwardHeader) if f.name not in ("version", "reply_to", "route"))
+
+
+def _is_map(v: Any) -> bool:
+    return type(v) is dict or isinstance(v, Mapping)  # the abc check is slow; msgpack gives dicts
 
 
 def _is_int(v: Any) -> bool:
@@ -128,16 +145,32 @@ def _is_int(v: Any) -> bool:
 
 def _check(h: ForwardHeader) -> None:
     """Every field's type and range; ProtocolError names the first that is wrong."""
-    if not isinstance(h.reply_to, str) or not (h.reply_to.startswith(_ENDPOINT_PREFIXES) or _PEER_REPLY.fullmatch(h.reply_to)):
+    try:
+        _check_addresses(h.reply_to, h.route, h.route_keys, h.reply_key, h.origin)  # the members of a batch repeat these: checked once
+    except TypeError:  # unhashable: not strings, so not valid
+        _check_addresses.__wrapped__(h.reply_to, h.route, h.route_keys, h.reply_key, h.origin)
+    _check_values(h)
+
+
+@functools.lru_cache(maxsize=1024)
+def _check_addresses(reply_to: Any, route: Any, route_keys: Any, reply_key: Any, origin: Any) -> None:
+    """The endpoint and key fields (a result cached per distinct tuple: only successes are kept)."""
+    if not isinstance(reply_to, str) or not (reply_to.startswith(_ENDPOINT_PREFIXES) or _PEER_REPLY.fullmatch(reply_to)):
         raise ProtocolError("forward message needs meta.reply_to: an endpoint string, or 'peer:' + the client's routing id (8-64 hex digits)")
-    if not isinstance(h.route, tuple) or len(h.route) > MAX_ROUTE or not all(isinstance(r, str) and r.startswith(_ENDPOINT_PREFIXES) for r in h.route):
+    if not isinstance(route, tuple) or len(route) > MAX_ROUTE or not all(isinstance(r, str) and r.startswith(_ENDPOINT_PREFIXES) for r in route):
         raise ProtocolError(f"meta.route must be a list of at most {MAX_ROUTE} endpoint strings (tcp://, ipc://, inproc://)")
-    if not isinstance(h.route_keys, tuple) or len(h.route_keys) > len(h.route):
+    if not isinstance(route_keys, tuple) or len(route_keys) > len(route):
         raise ProtocolError("meta.route_keys must be a list with at most one key per route entry")
-    keys = list(h.route_keys) + ([h.reply_key] if h.reply_key is not None else [])
+    keys = list(route_keys) + ([reply_key] if reply_key is not None else [])
     if not all(isinstance(k, str) and _Z85_KEY.fullmatch(k) for k in keys):
         raise ProtocolError("meta.reply_key and meta.route_keys must hold 40-character Z85 CURVE public keys")
-    for name in ("cache", "rewind", "want_result", "all_logits", "packed_tokens", "final"):
+    if origin is not None and not (isinstance(origin, str) and (origin == "" or _Z85_KEY.fullmatch(origin))):
+        raise ProtocolError("meta.origin must be a 40-character Z85 CURVE public key")
+
+
+def _check_values(h: ForwardHeader) -> None:
+    """The flags, positions, head, trace and marks."""
+    for name in ("cache", "rewind", "want_result", "all_logits", "packed_tokens", "final", "batch_messages"):
         if type(getattr(h, name)) is not bool:
             raise ProtocolError(f"meta.{name} must be true or false, got {getattr(h, name)!r}")
     if h.pos is not None and not (_is_int(h.pos) and h.pos >= 0):
@@ -152,14 +185,172 @@ def _check(h: ForwardHeader) -> None:
         raise ProtocolError(f"meta.top_k must be an int in 1..{MAX_TOP_K}, got {h.top_k!r}")
     if not isinstance(h.trace, tuple) or len(h.trace) > MAX_TRACE:
         raise ProtocolError(f"meta.trace must be a list of at most {MAX_TRACE} entries")
-    if h.origin is not None and not (isinstance(h.origin, str) and (h.origin == "" or _Z85_KEY.fullmatch(h.origin))):
-        raise ProtocolError("meta.origin must be a 40-character Z85 CURVE public key")
     if h.upstream_batch is not None and not (len(h.upstream_batch) == 2 and all(_is_int(x) and x >= 0 for x in h.upstream_batch)):
         raise ProtocolError("meta.upstream_batch must be [batch id, members], two non-negative ints")
-    if h.codecs is not None and not isinstance(h.codecs, Mapping):
+    if h.codecs is not None and not _is_map(h.codecs):
         raise ProtocolError(f"meta.codecs must be a map of tensor name -> payload, got {type(h.codecs).__name__}")
     if not _is_int(h.version):
         raise ProtocolError(f"forward header version must be an int, got {h.version!r}")
 
 
-__all__ = ["FORWARD_HEADER_VERSION", "ForwardHeader", "HEADS", "MAX_ROUTE", "MAX_TOP_K"]
+# ------------------------------------------------------------------ batch messages -----------
+#: version of a batch message's header (``meta["bv"]``)
+BATCH_HEADER_VERSION = 1
+MAX_BATCH_MEMBERS = 256  # steps one batch message may carry (msgpack's container limit is 1,024)
+#: ForwardHeader fields a forward batch holds once, for every member (one route per message)
+BATCH_FIELDS = ("route", "route_keys", "mask_len", "upstream_batch")
+#: ForwardHeader fields no member of a batch may carry: a batch's tensors travel raw, since a
+#: codec payload describes one tensor of one message, and a codec's scales may span its rows
+_NOT_IN_BATCH = ("codecs", "packed_tokens", "hv")
+_FORWARD_BATCH_KEYS = frozenset({"bv", "members", "shared", *BATCH_FIELDS})
+_RESULT_BATCH_KEYS = frozenset({"bv", "members", "shared"})
+_RESULT_MEMBER_KEYS = frozenset({"trace"})
+
+
+def _batch_fields(h: ForwardHeader) -> tuple:
+    d = h.__dict__
+    return (d["route"], d["route_keys"], d["mask_len"], d["upstream_batch"])  # BATCH_FIELDS, in order
+
+
+@dataclass(frozen=True)
+class BatchMember:
+    """One step carried by a batch message.
+
+    Attributes:
+        req, seq, epoch: the step, as a message of its own carries them in its header.
+        rows: how many rows of every split tensor are this member's (members in order).
+        header: in a forward batch, the member's whole :class:`ForwardHeader` (the batch's
+            route, route keys, mask length and upstream mark merged in); None in a result batch.
+        trace: in a result batch, the member's per-stage trace.
+    """
+
+    req: str
+    seq: int
+    epoch: int
+    rows: int
+    header: ForwardHeader | None = None
+    trace: tuple[Any, ...] = ()
+    meta: Any = field(default=None, compare=False, repr=False)  # a received member's checked fields, batch fields merged in
+
+
+@dataclass(frozen=True)
+class BatchHeader:
+    """``meta`` of a batch message: its members in row order and the tensors they share.
+
+    Wire form (msgpack map)::
+
+        {"bv": 1,
+         "members": [[req, seq, epoch, rows, {member fields}], ...],
+         "shared": [tensor names every member gets whole, e.g. "vocab"],
+         # forward_batch only, once for all members:
+         "route": [...], "route_keys": [...], "mask_len": T, "upstream_batch": [id, n]}
+
+    A forward member's fields are its :class:`ForwardHeader` fields but the batch's own (and but
+    ``codecs`` / ``packed_tokens``: a batch's tensors travel raw); a result member's are
+    ``{"trace": [...]}``.
+    """
+
+    kind: str  # "forward_batch" or "result_batch"
+    members: tuple[BatchMember, ...]
+    shared: tuple[str, ...] = ()
+    version: int = BATCH_HEADER_VERSION
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("forward_batch", "result_batch"):
+            raise ProtocolError(f"a batch header is for kind forward_batch or result_batch, not {self.kind!r}")
+        if not isinstance(self.members, tuple) or not 1 <= len(self.members) <= MAX_BATCH_MEMBERS:
+            raise ProtocolError(f"a batch message carries 1..{MAX_BATCH_MEMBERS} members")
+        if not isinstance(self.shared, tuple) or len(set(self.shared)) != len(self.shared) or not all(isinstance(n, str) and n for n in self.shared):
+            raise ProtocolError("meta.shared must be a list of distinct tensor names")
+        steps = set()
+        for m in self.members:
+            if not (isinstance(m.req, str) and m.req and _is_int(m.seq) and _is_int(m.epoch) and _is_int(m.rows) and m.rows >= 1):
+                raise ProtocolError("each batch member is [req (a non-empty string), seq (int), epoch (int), rows (int >= 1), fields (map)]")
+            if (m.req, m.seq) in steps:
+                raise ProtocolError(f"request {m.req!r} step {m.seq} appears twice in one batch message")
+            steps.add((m.req, m.seq))
+            if (self.kind == "forward_batch") != (m.header is not None):
+                raise ProtocolError("members of a forward batch carry a forward header; members of a result batch do not")
+        if self.kind == "forward_batch":
+            shared = _batch_fields(self.members[0].header)
+            for m in self.members:
+                h = m.header.__dict__
+                if h["codecs"] is not None or h["packed_tokens"]:
+                    raise ProtocolError("a forward batch carries raw tensors: its members may not carry codecs or packed_tokens")
+                if _batch_fields(m.header) != shared:
+                    raise ProtocolError(f"members of one forward batch share {list(BATCH_FIELDS)}: the route is the same for all")
+
+    @property
+    def total_rows(self) -> int:
+        return sum(m.rows for m in self.members)
+
+    def to_meta(self) -> dict[str, Any]:
+        """The msgpack-ready ``meta`` map (fields at their default left out)."""
+        meta: dict[str, Any] = {"bv": self.version}
+        members = []
+        for m in self.members:
+            if m.header is not None:
+                fields_ = m.header.to_meta()
+                for name in (*BATCH_FIELDS, "hv"):
+                    fields_.pop(name, None)
+            else:
+                fields_ = {"trace": list(m.trace)} if m.trace else {}
+            members.append([m.req, m.seq, m.epoch, m.rows, fields_])
+        meta["members"] = members
+        if self.shared:
+            meta["shared"] = list(self.shared)
+        if self.kind == "forward_batch":
+            first = self.members[0].header
+            meta["route"] = list(first.route)
+            if first.route_keys:
+                meta["route_keys"] = list(first.route_keys)
+            if first.mask_len is not None:
+                meta["mask_len"] = first.mask_len
+            if first.upstream_batch is not None:
+                meta["upstream_batch"] = list(first.upstream_batch)
+        return meta
+
+    @classmethod
+    def from_meta(cls, kind: str, meta: Any) -> "BatchHeader":
+        """Read and validate a received batch ``meta`` (every member's header too); raise
+        ProtocolError naming what is wrong, before anything uses it."""
+        if not _is_map(meta):
+            raise ProtocolError(f"a batch message's meta must be a map, got {type(meta).__name__}")
+        version = meta.get("bv")
+        if type(version) is not int or version != BATCH_HEADER_VERSION:
+            raise ProtocolError(f"batch header version {version!r} is not understood; this peer speaks version {BATCH_HEADER_VERSION}")
+        known = _FORWARD_BATCH_KEYS if kind == "forward_batch" else _RESULT_BATCH_KEYS
+        unknown = sorted(str(k) for k in meta if k not in known)
+        if unknown:
+            raise ProtocolError(f"{kind} meta has unknown keys {unknown[:8]}; known: {sorted(known)}")
+        raw = meta.get("members")
+        if not isinstance(raw, (list, tuple)) or not 1 <= len(raw) <= MAX_BATCH_MEMBERS:
+            raise ProtocolError(f"meta.members must be a list of 1..{MAX_BATCH_MEMBERS} members")
+        shared = meta.get("shared", [])
+        if not isinstance(shared, (list, tuple)):
+            raise ProtocolError("meta.shared must be a list of tensor names")
+        batch_fields = {f: meta[f] for f in BATCH_FIELDS if f in meta}
+        members = []
+        for i, entry in enumerate(raw):
+            if not (isinstance(entry, (list, tuple)) and len(entry) == 5 and _is_map(entry[4])):
+                raise ProtocolError(f"batch member {i} must be [req, seq, epoch, rows, fields]")
+            req, seq, epoch, rows, fields_ = entry
+            if kind == "forward_batch":
+                clash = sorted(str(k) for k in fields_ if k in BATCH_FIELDS or k in _NOT_IN_BATCH)
+                if clash:
+                    raise ProtocolError(f"batch member {i} carries {clash}: a forward batch holds {list(BATCH_FIELDS)} once, and no codec payloads")
+                merged = {**fields_, **batch_fields}
+                members.append(BatchMember(req, seq, epoch, rows, header=ForwardHeader.from_meta(merged), meta=merged))
+            else:
+                unknown = sorted(str(k) for k in fields_ if k not in _RESULT_MEMBER_KEYS)
+                if unknown:
+                    raise ProtocolError(f"result batch member {i} has unknown fields {unknown[:8]}; known: {sorted(_RESULT_MEMBER_KEYS)}")
+                trace = fields_.get("trace", [])
+                if not isinstance(trace, (list, tuple)) or len(trace) > MAX_TRACE:
+                    raise ProtocolError(f"result batch member {i}: trace must be a list of at most {MAX_TRACE} entries")
+                members.append(BatchMember(req, seq, epoch, rows, trace=tuple(trace)))
+        return cls(kind, tuple(members), tuple(shared), version)
+
+
+__all__ = ["BATCH_FIELDS", "BATCH_HEADER_VERSION", "BatchHeader", "BatchMember", "FORWARD_HEADER_VERSION", "ForwardHeader", "HEADS",
+           "MAX_BATCH_MEMBERS", "MAX_ROUTE", "MAX_TOP_K"]

@@ -31,6 +31,8 @@ KINDS = frozenset(
     {
         "forward",  # activations for a stage (client -> stage 0, stage i -> stage i+1)
         "result",  # output of the last stage (last stage -> client)
+        "forward_batch",  # forwards of many requests in one message (splitnet.wire.batches)
+        "result_batch",  # results of many of one client's requests in one message
         "error",  # a typed error as data
         "ping",  # liveness probe; answered with "pong"
         "pong",
