@@ -2,340 +2,90 @@
 
 Real ``serve-stage`` processes of tiny built-in models (``launch_pipeline``), several tenants at
 once (one :class:`~splitnet.edge.sdk.Session` each, ``generate`` / ``stream`` /
-``generate_many``, greedy and seeded sampling), clients connected with a recovery hook that
-hands out warm standbys (:class:`StandbyPool`), and a seeded, recorded schedule of faults:
-
-- ``kill_prefill`` / ``kill_decode``: SIGKILL of one stage while a request is in its prefill
-  (a later chunk is being sent) or in its decode (after some tokens);
-- ``kill_two``: two stages at once;
-- ``stop_short`` / ``stop_long``: SIGSTOP, then SIGCONT after half / one and a half liveness
-  windows (the short one must cause no failover; the long one is replaced);
-- ``kill_in_recovery``: a stage is killed, and the first replacement handed out for it is killed
-  before the client's handshake (a fault inside the recovery);
-- ``restart_same_endpoint``: the stage is killed and a fresh process binds the same endpoint (as
-  a supervisor restart does); the hook gives the clients that endpoint back.
+``generate_many``, greedy and seeded sampling), every stage behind a link relay on 127.0.0.1
+(:mod:`splitnet.lab.relay`; ``--no-relays`` connects directly and leaves the link faults out),
+clients connected with a recovery hook that hands out warm standbys
+(:class:`~splitnet.bench.chaos_pool.StandbyPool`), and a seeded, recorded schedule of faults of
+the kinds in :mod:`splitnet.bench.chaos_faults` (kills in prefill and decode, two at once, short
+and long SIGSTOP, a kill during recovery, a restart on the same endpoint, a frozen compute
+thread, a link cut, a one-way partition either way, a cut with no recovery possible).
 
 The schedule is drawn from ``--seed``; a kill waits for a warm standby per stage, and while the
 standbys warm up (a stage process takes seconds to start) short freezes are injected as
-fillers. Every fault actually injected, fillers included, is recorded in order (``runs[].faults``).
+fillers. Every fault actually injected, fillers included, is recorded in order (``runs[].faults``)
+with the outcome its kind must have and the one it had.
 
 Every send and receive of every client is logged with (req, seq, epoch) and the session's epoch
-(a wrapper around the session's links and reply store), and checked afterwards: each request's
-tokens equal those of the fault-free run of the same request (run first, on the same pipeline:
-the baseline), streamed tokens arrive exactly once (no offset twice, none missing), no reply of
-an older epoch is used, no step is taken twice, no forward is sent for a released request, and
-every stage holds no cache at the end (``info.cached_requests``).
+(the session's public message hook), and checked afterwards: each request's tokens equal those
+of the fault-free run of the same request (run first, on the same pipeline: the baseline),
+streamed tokens arrive exactly once, no reply of an older epoch is used, no step is taken twice,
+no forward is sent for a released request, and every stage holds no cache at the end.
+
+``--impair delay=200,jitter=20,loss=0.01`` runs no faults: the tenants run through relays that
+add that one-way delay (ms), jitter (+- ms) and segment loss (a fraction) to every link, and the
+figures say whether any recovery started (``false_failovers``, which must be 0) and whether the
+tokens equal the unimpaired run's.
 
 Figures: ``faults_injected``, ``requests``, ``token_identical``, ``lost``, ``duplicated``,
-``typed_errors``, ``untyped_errors``, ``false_failovers``, ``detect_s`` / ``recover_s`` /
-``fault_to_token_s`` / ``replay_over_prefill`` (p50, p90, max), ``pending_max`` (the most
-replies a session held), ``cold_start_s`` (what a respawn without a standby costs: a new stage
-process to READY), the fault schedule and what each fault caused.
+``typed_errors`` (``typed_errors_expected``: those of the recovery-impossible faults, each
+within 2 x the window or not), ``untyped_errors``, ``false_failovers``, ``detect_s`` /
+``recover_s`` / ``fault_to_token_s`` (p50, p90, max; also per kind), ``fault_to_token_parts``
+(where that time went: detection, probe, hook, handshake, replay send and wait, the replay's
+queue and compute time at the stages), ``replay_over_prefill`` (a replay of N chunks over a
+fresh prefill of N chunks of the same campaign), ``pending_max``, ``cold_start_s`` (a new stage
+process to READY), ``outcomes_ok`` (faults whose outcome was the expected one), the schedule.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
-import signal
 import statistics
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import msgpack
-
-FAULT_KINDS = ("kill_prefill", "kill_decode", "kill_two", "stop_short", "stop_long", "kill_in_recovery", "restart_same_endpoint")
-# campaign mix: freezes are cheap, kills cost a standby each (a stage process takes seconds to start)
-_WEIGHTS = {"kill_prefill": 3, "kill_decode": 4, "kill_two": 1, "stop_short": 5, "stop_long": 2, "kill_in_recovery": 1, "restart_same_endpoint": 1}
-_QUICK_SCHEDULE = ("stop_short", "kill_decode", "kill_prefill", "kill_in_recovery", "restart_same_endpoint")
-_REPLACES = {"kill_prefill": 1, "kill_decode": 1, "kill_two": 2, "stop_long": 1, "kill_in_recovery": 2, "restart_same_endpoint": 0, "stop_short": 0}
+from splitnet.bench.chaos_faults import FAULT_KINDS, LINK_KINDS, PARTS, QUICK_SCHEDULE, REPLACES, WEIGHTS, FaultRecord, inject, settle
+from splitnet.bench.chaos_history import History, check_history, instrument
+from splitnet.bench.chaos_pool import StandbyPool
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="tiny-gpt2 only, 2 tenants, one fault of five kinds (for CI)")
-    p.add_argument("--faults", type=int, default=200, help="faults to inject (spread over the models); quick: 5")
+    p.add_argument("--quick", action="store_true", help=f"tiny-gpt2 only, 2 tenants, one fault of {len(QUICK_SCHEDULE)} kinds (for CI)")
+    p.add_argument("--faults", type=int, default=200, help=f"faults to inject (spread over the models); quick: {len(QUICK_SCHEDULE)}")
     p.add_argument("--seed", type=int, default=0, help="seed of the fault schedule and of the request mix")
-    p.add_argument("--models", default="tiny-gpt2,tiny-llama", help="built-in decoders, one pipeline each, one after the other")
-    p.add_argument("--tenants", type=int, default=3, help="clients at once (one session each); quick: 2")
+    p.add_argument("--models", default="tiny-gpt2,tiny-llama", help="built-in decoders, one pipeline each")
+    p.add_argument("--concurrent-models", action="store_true",
+                   help="run the models' campaigns at the same time, each with the whole time budget (for hosts with many cores)")
+    p.add_argument("--tenants", type=int, default=3, help="clients at once per pipeline (one session each); quick: 2")
     p.add_argument("--time-budget-s", type=float, default=540.0, help="stop injecting when the campaign has run this long (reported)")
     p.add_argument("--heartbeat-interval-s", type=float, default=None, help="ClientConfig.heartbeat_interval_s (default: the SDK default)")
     p.add_argument("--standbys", type=int, default=1, help="warm standby processes kept per stage")
+    p.add_argument("--start-workers", type=int, default=2, help="standby processes started at once per pipeline")
+    p.add_argument("--no-relays", action="store_true", help="clients and stages connect directly (no link faults, no --impair)")
+    p.add_argument("--impair", default="", help="no faults: every link through a relay with delay=MS,jitter=MS,loss=FRACTION")
 
 
-# ---------------------------------------------------------------------- the history ------------
-@dataclass
-class Event:
-    """One thing a client did or saw."""
+def parse_impair(text: str) -> Any:
+    """``delay=200,jitter=20,loss=0.01`` -> an Impairment (ms, ms, loss as a fraction of segments)."""
+    from splitnet.errors import ConfigError
+    from splitnet.lab.relay import Impairment
 
-    t: float
-    tenant: int
-    what: str  # send | recv | take | release | recover_start | recover_end | token
-    kind: str = ""
-    req: str = ""
-    seq: int = -1
-    epoch: int = -1
-    session_epoch: int = -1
-    detail: Any = None
-
-
-class History:
-    """Every client's events, in order, and the one armed fault's trigger."""
-
-    def __init__(self) -> None:
-        self.events: list[Event] = []
-        self._lock = threading.Lock()
-        self.trigger: "Trigger | None" = None
-
-    def add(self, ev: Event) -> None:
-        with self._lock:
-            self.events.append(ev)
-            trig = self.trigger
-        if trig is not None:
-            trig.offer(ev)
-
-    def since(self, t: float) -> list[Event]:
-        with self._lock:
-            return [e for e in self.events if e.t >= t]
-
-
-def _header(frames: list) -> dict:
-    try:
-        h = msgpack.unpackb(bytes(frames[0]), raw=False)
-        return h if isinstance(h, dict) else {}
-    except Exception:  # noqa: BLE001 - a frame we cannot read is logged without fields
-        return {}
-
-
-def instrument(session: Any, tenant: int, history: History) -> None:
-    """Log every send, receive, reply used, release and recovery of ``session`` (wrappers on
-    the session's links, reply store and recovery; the SDK's behaviour is unchanged)."""
-    links, replies = session.links, session._replies
-    send_frames, on_message, take, release, recover = links.send_frames, links._on_message, replies.take, session.release, session.recover
-
-    def logged_send(i: int, frames: list) -> bool:
-        ok = send_frames(i, frames)
-        h = _header(frames)
-        if h.get("kind") in ("forward", "release"):
-            history.add(Event(time.monotonic(), tenant, "send", str(h.get("kind")), str(h.get("req", "")), int(h.get("seq", -1)),
-                              int(h.get("epoch", -1)), session.epoch, {"stage": i, "queued": ok}))
-        return ok
-
-    def logged_receive(stage: int | None, msg: Any, nbytes: int) -> None:
-        if msg.kind in ("result", "error"):
-            history.add(Event(time.monotonic(), tenant, "recv", msg.kind, msg.req, msg.seq, msg.epoch, session.epoch,
-                              {"code": msg.meta.get("code")} if msg.kind == "error" else None))
-        on_message(stage, msg, nbytes)
-
-    def logged_take(keys: set) -> Any:
-        got = take(keys)
-        if got is not None:
-            (req, seq), msg, _ = got
-            history.add(Event(time.monotonic(), tenant, "take", msg.kind, req, seq, msg.epoch, session.epoch))
-        return got
-
-    def logged_release(req: str) -> None:
-        history.add(Event(time.monotonic(), tenant, "release", "", req, -1, -1, session.epoch))
-        release(req)
-
-    def logged_recover(cause: Any, budget: Any) -> None:
-        history.add(Event(time.monotonic(), tenant, "recover_start", type(cause).__name__, detail=str(cause)[:200]))
+    values = {"delay": 0.0, "jitter": 0.0, "loss": 0.0}
+    for part in filter(None, (x.strip() for x in text.split(","))):
+        key, _, val = part.partition("=")
+        if key not in values:
+            raise ConfigError(f"--impair: unknown key {key!r}; known: delay (ms), jitter (ms), loss (fraction, e.g. 0.01)")
         try:
-            recover(cause, budget)
-        finally:
-            history.add(Event(time.monotonic(), tenant, "recover_end", session_epoch=session.epoch))
-
-    links.send_frames = logged_send
-    links._on_message = logged_receive
-    replies.take = logged_take
-    session.release = logged_release
-    session.recover = logged_recover
-
-
-def check_history(events: list[Event]) -> dict:
-    """The history's invariants: replies used only from the session's current epoch, no step
-    used twice in one epoch, no forward sent for a request after its release."""
-    old_epoch_used, taken_twice, after_release = 0, 0, 0
-    taken: set[tuple[int, str, int, int]] = set()
-    released: set[tuple[int, str]] = set()
-    stale_received = 0
-    for e in events:
-        if e.what == "take":
-            if e.epoch < e.session_epoch:
-                old_epoch_used += 1
-            key = (e.tenant, e.req, e.seq, e.session_epoch)
-            if key in taken:
-                taken_twice += 1
-            taken.add(key)
-        elif e.what == "recv" and e.epoch < e.session_epoch:
-            stale_received += 1
-        elif e.what == "release":
-            released.add((e.tenant, e.req))
-        elif e.what == "send" and e.kind == "forward" and (e.tenant, e.req) in released:
-            after_release += 1
-    return {"old_epoch_replies_used": old_epoch_used, "steps_taken_twice": taken_twice, "forwards_after_release": after_release,
-            "old_epoch_replies_received_and_dropped": stale_received, "events": len(events)}
-
-
-# ---------------------------------------------------------------------- faults -----------------
-@dataclass
-class Trigger:
-    """Fires ``action`` once, on the first event that matches (in the thread that logged it)."""
-
-    phase: str  # "prefill": a later prefill chunk is sent; "decode": the k-th reply of a request is used; "now"
-    after_replies: int
-    action: Any
-    fired_at: float | None = None
-    _replies: dict = field(default_factory=dict)
-    _lock: threading.Lock = field(default_factory=threading.Lock)
-    _done: threading.Event = field(default_factory=threading.Event)
-
-    def offer(self, ev: Event) -> None:
-        match = False
-        if self.phase == "prefill":
-            match = ev.what == "send" and ev.kind == "forward" and ev.seq >= 1 and self._replies.get((ev.tenant, ev.req), 0) == 0
-        elif self.phase == "decode" and ev.what == "take":
-            n = self._replies[(ev.tenant, ev.req)] = self._replies.get((ev.tenant, ev.req), 0) + 1
-            match = n >= self.after_replies
-        if ev.what == "take" and self.phase == "prefill":
-            self._replies[(ev.tenant, ev.req)] = self._replies.get((ev.tenant, ev.req), 0) + 1
-        if not match:
-            return
-        with self._lock:
-            if self.fired_at is not None:
-                return
-            self.fired_at = time.monotonic()
-        self.action()
-        self._done.set()
-
-    def wait(self, timeout_s: float) -> bool:
-        return self._done.wait(timeout_s)
-
-
-@dataclass
-class FaultRecord:
-    index: int
-    kind: str
-    stages: list[int]
-    phase: str
-    model: str
-    fired: bool = False
-    t_fault: float = 0.0
-    detect_s: float | None = None
-    recover_s: float | None = None
-    fault_to_token_s: float | None = None
-    failovers: int = 0  # recoveries started by any tenant because of this fault
-    first_cause: str = ""  # what the first recovery after it was for
-    note: str = ""
-
-
-def _is_stopped(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-    except OSError:
-        return False
-
-
-class StandbyPool:
-    """The clients' recovery hook: stage ``i`` down -> a warm standby for its blocks takes its
-    place (or, with none ready, a process started now). Several sessions ask at once: the first
-    replaces the stage, the others get the live replacement. Kept warm by a background thread."""
-
-    def __init__(self, pipe: Any, per_stage: int):
-        self.pipe = pipe
-        self.per_stage = per_stage
-        self.ready: dict[int, list[Any]] = {i: [] for i in range(len(pipe.stages))}
-        self.locks = {i: threading.Lock() for i in self.ready}
-        self.kill_next: dict[int, int] = {}  # stage -> replacements to kill right after handing them out
-        self.in_place: dict[int, threading.Event] = {}
-        self.cold_start_s: list[float] = []
-        self.replacements = 0
-        self._pool_lock = threading.Lock()
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._starting: dict[int, int] = {}  # stage -> standbys being started now
-        # two starts at once: a stage process spends most of its start-up importing and loading
-        self._threads = [threading.Thread(target=self._refill, name=f"chaos-standbys-{k}", daemon=True) for k in range(2)]
-
-    def start(self) -> None:
-        with ThreadPoolExecutor(max_workers=len(self.ready)) as pool:
-            for i, sp in zip(self.ready, pool.map(self._spawn, self.ready)):
-                self.ready[i].append(sp)
-        for th in self._threads:
-            th.start()
-
-    def _spawn(self, i: int) -> Any:
-        t0 = time.monotonic()
-        sp = self.pipe.start_stage(i, self.pipe.stages[i].blocks)
-        self.cold_start_s.append(time.monotonic() - t0)
-        return sp
-
-    def _refill(self) -> None:
-        while not self._stop.is_set():
-            with self._pool_lock:
-                short = [i for i, lst in self.ready.items() if len(lst) + self._starting.get(i, 0) < self.per_stage]
-                if short:
-                    self._starting[short[0]] = self._starting.get(short[0], 0) + 1
-            if not short:
-                self._wake.wait(0.5)
-                self._wake.clear()
-                continue
-            try:
-                sp = self._spawn(short[0])
-            except Exception:  # noqa: BLE001 - a standby that failed to start is tried again
-                time.sleep(1.0)
-                sp = None
-            with self._pool_lock:
-                self._starting[short[0]] -= 1
-                if sp is not None:
-                    self.ready[short[0]].append(sp)
-
-    def all_ready(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if all(len(lst) >= self.per_stage for lst in self.ready.values()):
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            time.sleep(0.2)
-
-    def __call__(self, i: int) -> str:
-        with self.locks[i]:
-            waiting = self.in_place.get(i)
-            if waiting is not None:
-                waiting.wait(120)  # a restart on the same endpoint is under way: that is the replacement
-            cur = self.pipe.stages[i]
-            if cur.popen.poll() is None and not _is_stopped(cur.pid) and self.kill_next.get(i, 0) == 0:
-                return cur.endpoint  # alive and running: another session replaced it already
-            if cur.popen.poll() is None:
-                cur.popen.kill()  # condemned (frozen): the replacement takes its blocks
-                cur.popen.wait(timeout=10)
-            with self._pool_lock:
-                sp = self.ready[i].pop(0) if self.ready[i] else None
-            if sp is None:
-                sp = self._spawn(i)
-            self._wake.set()
-            self.pipe.stages[i] = sp
-            self.replacements += 1
-            if self.kill_next.get(i, 0) > 0:
-                self.kill_next[i] -= 1
-                sp.popen.kill()  # a fault inside the recovery: the replacement dies before the handshake
-                sp.popen.wait(timeout=10)
-            return sp.endpoint
-
-    def close(self) -> None:
-        self._stop.set()
-        self._wake.set()
-        for th in self._threads:
-            th.join(timeout=60)
-        for lst in self.ready.values():
-            for sp in lst:
-                if sp.popen.poll() is None:
-                    sp.popen.kill()
+            values[key] = float(val)
+        except ValueError:
+            raise ConfigError(f"--impair: {key}={val!r} is not a number") from None
+    if not 0 <= values["loss"] < 1:
+        raise ConfigError(f"--impair: loss is a fraction in [0, 1), got {values['loss']}")
+    return Impairment(delay_ms=values["delay"], jitter_ms=values["jitter"], loss_pct=values["loss"] * 100)
 
 
 # ---------------------------------------------------------------------- tenants ----------------
@@ -411,7 +161,10 @@ def _specs(rng: random.Random, vocab: int, n: int) -> list[RequestSpec]:
     modes = ("generate", "stream", "generate_many")
     for k in range(n):
         mode = modes[k % 3]
-        prompts = tuple(tuple(rng.randrange(1, vocab) for _ in range(rng.randint(20, 40))) for _ in range(2 if mode == "generate_many" else 1))
+        # one-sequence prompts span the lengths a replay has (prompt + tokens so far), so that
+        # a replay of N chunks has fresh prefills of N chunks to be compared with
+        lengths = (20, 40) if mode == "generate_many" else (16, 104)
+        prompts = tuple(tuple(rng.randrange(1, vocab) for _ in range(rng.randint(*lengths))) for _ in range(2 if mode == "generate_many" else 1))
         specs.append(RequestSpec(mode, prompts, rng.randint(24, 40), None if k % 2 == 0 else rng.randrange(1, 10_000)))
     return specs
 
@@ -424,174 +177,149 @@ def _percentiles(xs: list[float]) -> dict:
     return {"p50": round(statistics.median(s), 3), "p90": round(s[min(len(s) - 1, int(0.9 * len(s)))], 3), "max": round(s[-1], 3), "n": len(s)}
 
 
+def _parts(breakdowns: list[dict]) -> dict:
+    """Percentiles of each part of fault_to_token_s over the faults that have one."""
+    return {k: _percentiles([b[k] for b in breakdowns if isinstance(b.get(k), (int, float))]) for k in PARTS}
+
+
+@dataclass
+class _Tenants:
+    """The tenants of one pipeline: each a session running requests until ``stop``."""
+
+    outcomes: list = field(default_factory=list)
+    sessions: dict = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    threads: list = field(default_factory=list)
+
+    def start(self, n: int, seed: int, specs: list, endpoints: list[str], config: Any, history: History, pool: StandbyPool | None) -> None:
+        import splitnet
+
+        def tenant(tid: int) -> None:
+            trng = random.Random(seed * 1000 + tid)
+            try:
+                hook = pool.hook_for(tid) if pool is not None else None
+                with splitnet.connect(endpoints, config=config, recovery=hook) as s:
+                    instrument(s, tid, history)
+                    while not self.stop.is_set():
+                        k = trng.randrange(len(specs))
+                        o = Outcome(k, tid)
+                        run_request(s, specs[k], o)
+                        with self.lock:
+                            self.outcomes.append(o)
+                    self.sessions[tid] = {"pending_max": s.reply_counts.most_held, "epoch": s.epoch, "recoveries": len(s.recoveries),
+                                          "reply_counts": asdict(s.reply_counts)}
+            except Exception as e:  # noqa: BLE001 - a tenant that could not run is a finding
+                self.sessions[tid] = {"pending_max": None, "failed": f"{type(e).__name__}: {e}"[:300]}
+
+        self.threads = [threading.Thread(target=tenant, args=(t,), name=f"chaos-tenant-{t}", daemon=True) for t in range(n)]
+        for th in self.threads:
+            th.start()
+
+    def finish(self, timeout_s: float = 180) -> list[str]:
+        self.stop.set()
+        for th in self.threads:
+            th.join(timeout=timeout_s)
+        return [th.name for th in self.threads if th.is_alive()]
+
+
+def _reference(splitnet: Any, endpoints: list[str], config: Any, specs: list) -> list:
+    """The baseline: every request once, no faults, direct links."""
+    reference = []
+    with splitnet.connect(endpoints, config=config) as probe:
+        for k, spec in enumerate(specs):
+            o = Outcome(k, -1)
+            run_request(probe, spec, o)
+            if o.error:
+                raise RuntimeError(f"fault-free run of request {k} failed: {o.error}")
+            reference.append(o)
+    return reference
+
+
 def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.Namespace, deadline: float, config: Any) -> dict:
     import splitnet
     from splitnet.runtime.launcher import launch_pipeline
 
     history = History()
+    relays = not args.no_relays
     with launch_pipeline(model, num_stages=3) as pipe:
-        pool = StandbyPool(pipe, args.standbys)
+        pool = StandbyPool(pipe, args.standbys, relays=relays, start_workers=args.start_workers)
         try:
             t_pool = time.monotonic()
             pool.start()
             window_s = config.heartbeat_interval_s * config.heartbeat_liveness
-            with splitnet.connect(pipe.endpoints, config=config) as probe:
-                specs = _specs(rng, 256, 12)  # byte-level tiny models: ids 1..255 are text bytes
-                reference: list[Outcome] = []
-                for k, spec in enumerate(specs):  # the baseline: every request once, no faults
-                    o = Outcome(k, -1)
-                    run_request(probe, spec, o)
-                    if o.error:
-                        raise RuntimeError(f"fault-free run of request {k} failed: {o.error}")
-                    reference.append(o)
-            ref_s = [o.t_end - o.t_start for o in reference]
-            stop = threading.Event()
-            outcomes: list[Outcome] = []
-            out_lock = threading.Lock()
-            sessions: dict[int, Any] = {}
-
-            def tenant(tid: int) -> None:
-                trng = random.Random(args.seed * 1000 + tid)
-                try:
-                    with splitnet.connect(pipe.endpoints, config=config, recovery=pool) as s:
-                        instrument(s, tid, history)
-                        while not stop.is_set():
-                            k = trng.randrange(len(specs))
-                            o = Outcome(k, tid)
-                            run_request(s, specs[k], o)
-                            with out_lock:
-                                outcomes.append(o)
-                        sessions[tid] = {"pending_max": s.reply_counts.most_held, "epoch": s.epoch, "recoveries": len(s.recoveries),
-                                         "reply_counts": asdict(s.reply_counts)}
-                except Exception as e:  # noqa: BLE001 - a tenant that could not run is a finding
-                    sessions[tid] = {"pending_max": None, "failed": f"{type(e).__name__}: {e}"[:300]}
-
-            threads = [threading.Thread(target=tenant, args=(t,), name=f"chaos-tenant-{t}", daemon=True) for t in range(args.tenants)]
-            for th in threads:
-                th.start()
+            specs = _specs(rng, 256, 12)  # byte-level tiny models: ids 1..255 are text bytes
+            reference = _reference(splitnet, pipe.endpoints, config, specs)
+            tenants = _Tenants()
+            tenants.start(args.tenants, args.seed, specs, pool.endpoints, config, history, pool)
             time.sleep(1.0)
             faults: list[FaultRecord] = []
+            kinds = [k for k in kinds if relays or k not in LINK_KINDS]
             for kind in kinds:
                 if time.monotonic() > deadline:
                     break
                 # a kill needs a warm standby per stage (a process takes seconds to start): while
                 # the pool refills, short freezes are injected (recorded as fillers)
-                while not args.quick and _REPLACES[kind] and not pool.all_ready(0) and time.monotonic() < deadline \
+                while not args.quick and REPLACES[kind] and not pool.all_ready(0) and time.monotonic() < deadline \
                         and sum(f.fired for f in faults) < len(kinds):
-                    faults.append(_inject(len(faults), "stop_short", model, rng, pipe, pool, history, window_s))
+                    faults.append(inject(len(faults), "stop_short", model, rng, pipe, pool, history, window_s, config.compute_stall_s))
                     faults[-1].note = "filler while the standbys warm up"
-                    _settle(history, faults[-1], args.tenants, window_s)
+                    settle(history, faults[-1], args.tenants, window_s)
                 if sum(f.fired for f in faults) >= len(kinds) or time.monotonic() > deadline:
                     break
-                if _REPLACES[kind] and not pool.all_ready(90):
+                if REPLACES[kind] and not pool.all_ready(90):
                     faults.append(FaultRecord(len(faults), kind, [], "", model, note="no warm standby within 90 s; not injected"))
                     continue
-                faults.append(_inject(len(faults), kind, model, rng, pipe, pool, history, window_s))
-                _settle(history, faults[-1], args.tenants, window_s)
-            stop.set()
-            for th in threads:
-                th.join(timeout=180)
-            hung = [th.name for th in threads if th.is_alive()]
-            cached = _cached_requests(splitnet, pipe, config)
+                faults.append(inject(len(faults), kind, model, rng, pipe, pool, history, window_s, config.compute_stall_s))
+                settle(history, faults[-1], args.tenants, window_s)
+                print(f"chaos {model}: fault {len(faults)} {kind} -> {faults[-1].outcome} "
+                      f"(detect {faults[-1].detect_s}, to token {faults[-1].fault_to_token_s})", flush=True)
+            hung = tenants.finish()
+            cached = _cached_requests(splitnet, pool.endpoints, config)
         finally:
             pool.close()
-    return _figures(model, specs, reference, ref_s, outcomes, faults, history, sessions, hung, cached, pool, window_s, time.monotonic() - t_pool)
+    return _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, time.monotonic() - t_pool)
 
 
-def _inject(n: int, kind: str, model: str, rng: random.Random, pipe: Any, pool: StandbyPool, history: History, window_s: float) -> FaultRecord:
-    nst = len(pipe.stages)
-    stages = sorted(rng.sample(range(nst), 2)) if kind == "kill_two" else [rng.randrange(nst)]
-    phase = "prefill" if kind == "kill_prefill" else "decode"
-    rec = FaultRecord(n, kind, stages, phase, model)
-    pids = [pipe.stages[i].pid for i in stages]
+def _impaired(model: str, rng: random.Random, args: argparse.Namespace, deadline: float, config: Any) -> dict:
+    """No faults: tenants through impaired relays on every link; any recovery is a false failover."""
+    import splitnet
+    from splitnet.runtime.launcher import launch_pipeline
 
-    def action() -> None:
-        if kind in ("kill_prefill", "kill_decode", "kill_two", "kill_in_recovery"):
-            if kind == "kill_in_recovery":
-                pool.kill_next[stages[0]] = pool.kill_next.get(stages[0], 0) + 1
-            for pid in pids:
-                _signal(pid, signal.SIGKILL)
-        elif kind in ("stop_short", "stop_long"):
-            _signal(pids[0], signal.SIGSTOP)
-            hold = window_s * (0.5 if kind == "stop_short" else 1.5)
-            threading.Timer(hold, _signal, (pids[0], signal.SIGCONT)).start()
-        elif kind == "restart_same_endpoint":
-            ev = pool.in_place[stages[0]] = threading.Event()
-            _signal(pids[0], signal.SIGKILL)
-
-            def restart() -> None:
-                try:
-                    pipe.stages[stages[0]].popen.wait(timeout=10)
-                    pipe.restart_stage_in_place(stages[0])
-                finally:
-                    ev.set()
-                    pool.in_place.pop(stages[0], None)
-
-            threading.Thread(target=restart, daemon=True).start()
-
-    trig = Trigger(phase, rng.randint(1, 8) if phase == "decode" else 0, action)
-    history.trigger = trig
-    rec.fired = trig.wait(30)
-    history.trigger = None
-    rec.t_fault = trig.fired_at or 0.0
-    if not rec.fired:
-        rec.note = f"no request reached the {phase} within 30 s; not injected"
-    return rec
+    history = History()
+    imp = parse_impair(args.impair)
+    with launch_pipeline(model, num_stages=3) as pipe:
+        pool = StandbyPool(pipe, 0, relays=True, impairment=imp, start_workers=1)
+        try:
+            t0 = time.monotonic()
+            pool.start()
+            window_s = config.heartbeat_interval_s * config.heartbeat_liveness
+            specs = _specs(rng, 256, 12)
+            reference = _reference(splitnet, pipe.endpoints, config, specs)  # direct links, no impairment
+            tenants = _Tenants()
+            tenants.start(args.tenants, args.seed, specs, pool.endpoints, config, history, None)
+            while time.monotonic() < deadline and any(th.is_alive() for th in tenants.threads):
+                time.sleep(0.5)
+            hung = tenants.finish(timeout_s=240)
+            cached = _cached_requests(splitnet, pool.endpoints, config)
+        finally:
+            pool.close()
+    doc = _figures(model, specs, reference, tenants, [], history, hung, cached, pool, window_s, time.monotonic() - t0)
+    starts = [e for e in history.events if e.what == "recover_start"]
+    doc["false_failovers"] = sum(1 for e in starts if e.kind == "StageUnavailable")
+    doc["replays_without_failover"] = sum(1 for e in starts if e.kind != "StageUnavailable")
+    doc["recovery_causes"] = [str(e.detail)[:200] for e in starts[:10]]
+    doc["impairment"] = asdict(imp)
+    doc["request_s"] = _percentiles([o.t_end - o.t_start for o in tenants.outcomes if not o.error])
+    return doc
 
 
-def _signal(pid: int, sig: int) -> None:
-    try:
-        os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _settle(history: History, rec: FaultRecord, tenants: int, window_s: float) -> None:
-    """Wait until every tenant used a reply after the fault (or 60 s), then note what it caused."""
-    if not rec.fired:
-        return
-    hold = window_s * 1.5 if rec.kind == "stop_long" else window_s * 0.5 if rec.kind == "stop_short" else 0.0
-    deadline = time.monotonic() + 60 + hold
-    expect_failover = rec.kind != "stop_short"
-    while time.monotonic() < deadline:
-        evs = history.since(rec.t_fault + hold)
-        since_fault = history.since(rec.t_fault)
-        if expect_failover:  # the tenants' progress counts after the first recovery (replies already on their way do not)
-            first = next((e.t for e in since_fault if e.what == "recover_start"), None)
-            evs = [e for e in since_fault if first is not None and e.t > first]
-        if len({e.tenant for e in evs if e.what == "take"}) >= tenants and not _recovering(since_fault):
-            break
-        time.sleep(0.1)
-    evs = history.since(rec.t_fault)
-    starts = [e for e in evs if e.what == "recover_start"]
-    rec.failovers = len(starts)
-    if starts:
-        rec.first_cause = f"{starts[0].kind}: {starts[0].detail}"
-        rec.detect_s = round(starts[0].t - rec.t_fault, 3)
-        ends = [e for e in evs if e.what == "recover_end" and e.tenant == starts[0].tenant and e.t >= starts[0].t]
-        if ends:
-            rec.recover_s = round(ends[0].t - starts[0].t, 3)
-            after = [e for e in evs if e.what == "take" and e.t > ends[0].t]
-            if after:
-                rec.fault_to_token_s = round(after[0].t - rec.t_fault, 3)
-
-
-def _recovering(evs: list[Event]) -> bool:
-    open_: dict[int, int] = {}
-    for e in evs:
-        if e.what == "recover_start":
-            open_[e.tenant] = open_.get(e.tenant, 0) + 1
-        elif e.what == "recover_end" and open_.get(e.tenant, 0) > 0:
-            open_[e.tenant] -= 1
-    return any(open_.values())
-
-
-def _cached_requests(splitnet: Any, pipe: Any, config: Any) -> list[int | None]:
+def _cached_requests(splitnet: Any, endpoints: list[str], config: Any) -> list[int | None]:
     """Each live stage's cached requests once the tenants are gone (releases are asynchronous:
     asked again for a few seconds until every cache is released)."""
     counts: list[int | None] = []
-    with splitnet.connect(pipe.endpoints, config=config) as s:
-        for _ in range(20):
+    with splitnet.connect(endpoints, config=config) as s:
+        for _ in range(40):
             counts = [info.get("cached_requests") for info in s.refresh()]
             if all(c == 0 for c in counts):
                 break
@@ -599,40 +327,70 @@ def _cached_requests(splitnet: Any, pipe: Any, config: Any) -> list[int | None]:
     return counts
 
 
-def _replay_ratios(outcomes: list[Outcome], history: History, reference: list[Outcome]) -> list[float]:
-    """Per recovery: the time from its end to the tenant's next reply used (the replay of the
-    sequence's log), over a fresh prefill of the same request under the same load (the median
-    time to first token of that request's runs without a fault; the fault-free run alone when
-    there is none)."""
+def _chunks(tokens: int, chunk: int) -> int:
+    return max(1, math.ceil(tokens / chunk))
+
+
+def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int) -> list[float]:
+    """Per recovery of a one-sequence request: the time from its end to the tenant's next reply
+    used (the replay of prompt + tokens so far: N chunks), over a fresh prefill of N chunks in the
+    same campaign (the median time to first token of the fault-free one-sequence requests whose
+    prompt is N chunks long; interpolated between the nearest lengths measured, held at the ends)."""
     fresh: dict[int, list[float]] = {}
     for o in outcomes:
-        if not o.error and o.replays == 0 and o.ttft_s:
-            fresh.setdefault(o.spec, []).append(o.ttft_s)
+        if not o.error and o.replays == 0 and o.ttft_s and specs[o.spec].mode != "generate_many":
+            fresh.setdefault(_chunks(len(specs[o.spec].prompts[0]), chunk), []).append(o.ttft_s)
+    if not fresh:
+        return []
+    xs = sorted(fresh)
+    ys = [statistics.median(fresh[x]) for x in xs]
+
+    def fresh_s(n: int) -> float:
+        if n <= xs[0]:
+            return ys[0]
+        if n >= xs[-1]:
+            return ys[-1]
+        k = next(j for j in range(len(xs)) if xs[j] >= n)
+        if xs[k] == n:
+            return ys[k]
+        return ys[k - 1] + (ys[k] - ys[k - 1]) * (n - xs[k - 1]) / (xs[k] - xs[k - 1])
+
     ratios = []
     evs = history.events
     for k, e in enumerate(evs):
         if e.what != "recover_end":
             continue
-        nxt = next((x for x in evs[k + 1:] if x.tenant == e.tenant and x.what == "take"), None)
         own = next((o for o in outcomes if o.tenant == e.tenant and o.t_start <= e.t <= o.t_end), None)
-        if nxt is None or own is None:
+        if own is None or specs[own.spec].mode == "generate_many":
             continue
-        prefill = statistics.median(fresh[own.spec]) if own.spec in fresh else reference[own.spec].ttft_s
-        if prefill:
-            ratios.append((nxt.t - e.t) / prefill)
+        nxt_k = next((j for j in range(k + 1, len(evs)) if evs[j].tenant == e.tenant and evs[j].what in ("take", "recover_start")), None)
+        if nxt_k is None or evs[nxt_k].what != "take":
+            continue
+        n = sum(1 for x in evs[k + 1:nxt_k] if x.tenant == e.tenant and x.what == "send" and x.kind == "forward")
+        if n:
+            ratios.append((evs[nxt_k].t - e.t) / fresh_s(n))
     return ratios
 
 
-def _figures(model, specs, reference, ref_s, outcomes, faults, history, sessions, hung, cached, pool, window_s, wall_s) -> dict:
+def _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, wall_s) -> dict:
+    outcomes, sessions = tenants.outcomes, tenants.sessions
     identical = lost = duplicated = typed = untyped = 0
     errors: list[str] = []
+    unrecoverable = [f for f in faults if f.fired and f.kind == "cut_unrecoverable"]
+    expected_errors, error_s = 0, []
     for o in outcomes:
         ref = reference[o.spec].tokens
         duplicated += o.duplicated
         if o.error:
             typed += int(o.typed)
             untyped += int(not o.typed)
-            errors.append(o.error)
+            causes = [f"{e.kind}@{e.t - o.t_start:.2f}s" for e in history.events
+                      if e.tenant == o.tenant and e.what == "recover_start" and o.t_start <= e.t <= o.t_end]
+            errors.append(f"{o.error} [recoveries in this request: {', '.join(causes) or 'none'}]")
+            owner = next((f for f in unrecoverable if f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s), None)
+            if owner is not None and o.typed:
+                expected_errors += 1
+                error_s.append(o.t_end - max(owner.t_fault, o.t_start))
             continue
         if o.tokens == ref:
             identical += 1
@@ -641,9 +399,15 @@ def _figures(model, specs, reference, ref_s, outcomes, faults, history, sessions
             duplicated += max(0, len(arrived) - len(got))
             if arrived[:len(got)] != got:
                 lost += 1  # what arrived is not what the result says
+    for f in unrecoverable:  # its requests must end in a typed error within 2 x the window
+        errs = [o for o in outcomes if o.error and o.typed and f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s]
+        worst = max((o.t_end - max(f.t_fault, o.t_start) for o in errs), default=None)
+        f.outcome = f"typed error after {worst:.2f} s" if worst is not None else ("no failover" if not f.failovers else "recovered")
+        f.outcome_ok = worst is not None and worst <= 2 * window_s
     checks = check_history(history.events)
     fired = [f for f in faults if f.fired]
     stop_short_ids = [f for f in fired if f.kind == "stop_short"]
+    timed = [f for f in fired if f.kind not in ("stop_short", "cut_unrecoverable")]
     return {
         "model": model,
         "faults_injected": len(fired),
@@ -653,13 +417,21 @@ def _figures(model, specs, reference, ref_s, outcomes, faults, history, sessions
         "lost": lost,
         "duplicated": duplicated,
         "typed_errors": typed,
+        "typed_errors_expected": expected_errors,
+        "typed_error_s": _percentiles(error_s),
         "untyped_errors": untyped,
         "errors": errors[:20],
         "false_failovers": sum(f.failovers > 0 for f in stop_short_ids),
-        "detect_s": _percentiles([f.detect_s for f in fired if f.detect_s is not None and f.kind != "stop_short"]),
-        "recover_s": _percentiles([f.recover_s for f in fired if f.recover_s is not None and f.kind != "stop_short"]),
-        "fault_to_token_s": _percentiles([f.fault_to_token_s for f in fired if f.fault_to_token_s is not None and f.kind != "stop_short"]),
-        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, reference)),
+        "outcomes_ok": sum(1 for f in fired if f.outcome_ok),
+        "outcomes_not_ok": [{"index": f.index, "kind": f.kind, "expected": f.expected, "outcome": f.outcome, "cause": f.first_cause[:160]}
+                            for f in fired if f.outcome_ok is False],
+        "detect_s": _percentiles([f.detect_s for f in timed if f.detect_s is not None]),
+        "recover_s": _percentiles([f.recover_s for f in timed if f.recover_s is not None]),
+        "fault_to_token_s": _percentiles([f.fault_to_token_s for f in timed if f.fault_to_token_s is not None]),
+        "fault_to_token_by_kind": {k: _percentiles([f.fault_to_token_s for f in timed if f.kind == k and f.fault_to_token_s is not None])
+                                   for k in FAULT_KINDS if any(f.kind == k for f in timed)},
+        "fault_to_token_parts": _parts([f.breakdown for f in timed if f.breakdown]),
+        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, 8)),
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
         "tenant_failures": [v["failed"] for v in sessions.values() if "failed" in v],
@@ -668,61 +440,85 @@ def _figures(model, specs, reference, ref_s, outcomes, faults, history, sessions
         "hung_tenants": hung,
         "replacements": pool.replacements,
         "cold_start_s": _percentiles(pool.cold_start_s),
-        "baseline_fault_free": {"requests": len(reference), "request_s": _percentiles(ref_s)},
+        "baseline_fault_free": {"requests": len(reference), "request_s": _percentiles([o.t_end - o.t_start for o in reference])},
         "window_s": window_s,
         "wall_s": round(wall_s, 1),
-        "faults": [{k: v for k, v in asdict(f).items() if k != "t_fault"} for f in faults],
+        "faults": [{k: v for k, v in asdict(f).items() if k not in ("t_fault", "t_heal")} for f in faults],
     }
 
 
 # ---------------------------------------------------------------------- the suite --------------
 def _schedule(rng: random.Random, n: int, quick: bool) -> list[str]:
     if quick:
-        return list(_QUICK_SCHEDULE[:n])
-    kinds = list(_WEIGHTS)
-    return rng.choices(kinds, weights=[_WEIGHTS[k] for k in kinds], k=n)
+        return list(QUICK_SCHEDULE[:n])
+    kinds = list(WEIGHTS)
+    return rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds], k=n)
 
 
 def run(args: argparse.Namespace) -> dict:
+    from concurrent.futures import ThreadPoolExecutor
+
     from splitnet.edge.config import ClientConfig
 
     quick = bool(args.quick)
-    n_faults = args.faults if not quick or args.faults != 200 else len(_QUICK_SCHEDULE)
+    n_faults = args.faults if not quick or args.faults != 200 else len(QUICK_SCHEDULE)
     models = ["tiny-gpt2"] if quick else [m for m in args.models.split(",") if m]
     if quick:
         args.tenants = min(args.tenants, 2)
+    if args.impair and args.no_relays:
+        from splitnet.errors import ConfigError
+
+        raise ConfigError("--impair runs every link through a relay; drop --no-relays")
     rng = random.Random(args.seed)
-    kinds = _schedule(rng, n_faults, quick)
-    cfg = {"prefill_chunk_tokens": 8}
+    kinds = [] if args.impair else _schedule(rng, n_faults, quick)
+    cfg: dict[str, Any] = {"prefill_chunk_tokens": 8}
     if args.heartbeat_interval_s:
         cfg["heartbeat_interval_s"] = args.heartbeat_interval_s
     config = ClientConfig(**cfg)
     t0 = time.monotonic()
     deadline = t0 + args.time_budget_s
     per_model = [kinds[i::len(models)] for i in range(len(models))]
-    runs = []
-    for j, (m, ks) in enumerate(zip(models, per_model)):  # each model gets its share of the time budget
-        share = t0 + args.time_budget_s * (j + 1) / len(models)
-        runs.append(_campaign(m, ks, random.Random(rng.random()), args, min(share, deadline), config))
+    seeds = [random.Random(rng.random()) for _ in models]
+    if args.impair:
+        models = models[:1]
+        runs = [_impaired(models[0], seeds[0], args, deadline, config)]
+    elif args.concurrent_models:
+        with ThreadPoolExecutor(max_workers=len(models)) as ex:
+            runs = list(ex.map(lambda j: _campaign(models[j], per_model[j], seeds[j], args, deadline, config), range(len(models))))
+    else:
+        runs = []
+        for j, (m, ks) in enumerate(zip(models, per_model)):  # each model gets its share of the time budget
+            share = t0 + args.time_budget_s * (j + 1) / len(models)
+            runs.append(_campaign(m, ks, seeds[j], args, min(share, deadline), config))
     total = {k: sum(r[k] for r in runs) for k in ("faults_injected", "requests", "token_identical", "lost", "duplicated", "typed_errors",
-                                                  "untyped_errors", "false_failovers", "replacements")}
+                                                  "typed_errors_expected", "untyped_errors", "false_failovers", "replacements", "outcomes_ok")}
     hist = {k: sum(r["history"][k] for r in runs) for k in runs[0]["history"]}
     fired = [f for r in runs for f in r["faults"] if f["fired"]]
-    ok = (total["lost"] == 0 and total["duplicated"] == 0 and total["token_identical"] == total["requests"] and total["untyped_errors"] == 0
+    timed = [f for f in fired if f["kind"] not in ("stop_short", "cut_unrecoverable")]
+    unexpected_errors = total["typed_errors"] - total["typed_errors_expected"]
+    ok = (total["lost"] == 0 and total["duplicated"] == 0 and total["untyped_errors"] == 0 and unexpected_errors == 0
+          and total["token_identical"] == total["requests"] - total["typed_errors_expected"] and total["false_failovers"] == 0
           and hist["old_epoch_replies_used"] == 0 and hist["steps_taken_twice"] == 0 and hist["forwards_after_release"] == 0
-          and all(all(c == 0 for c in r["caches_left"]) for r in runs) and not any(r["hung_tenants"] or r["tenant_failures"] for r in runs))
+          and all(all(c == 0 for c in r["caches_left"]) for r in runs) and not any(r["hung_tenants"] or r["tenant_failures"] for r in runs)
+          and not any(r["outcomes_not_ok"] for r in runs))
     return {
         "config": {"quick": quick, "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants,
-                   "stages": 3, "standbys_per_stage": args.standbys, "time_budget_s": args.time_budget_s,
+                   "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "relays": not args.no_relays,
+                   "impair": args.impair, "concurrent_models": bool(args.concurrent_models), "time_budget_s": args.time_budget_s,
+                   "cpus_usable": len(os.sched_getaffinity(0)),
                    "client_config": {"heartbeat_interval_s": config.heartbeat_interval_s, "heartbeat_liveness": config.heartbeat_liveness,
-                                     "disconnect_grace_s": config.disconnect_grace_s, "max_recoveries": config.max_recoveries,
-                                     "prefill_chunk_tokens": config.prefill_chunk_tokens},
+                                     "disconnect_grace_s": config.disconnect_grace_s, "compute_stall_s": config.compute_stall_s,
+                                     "max_recoveries": config.max_recoveries, "prefill_chunk_tokens": config.prefill_chunk_tokens},
                    "schedule": kinds},
         **total,
+        "typed_errors_unexpected": unexpected_errors,
         "history": hist,
-        "detect_s": _percentiles([f["detect_s"] for f in fired if f["detect_s"] is not None and f["kind"] != "stop_short"]),
-        "recover_s": _percentiles([f["recover_s"] for f in fired if f["recover_s"] is not None and f["kind"] != "stop_short"]),
-        "fault_to_token_s": _percentiles([f["fault_to_token_s"] for f in fired if f["fault_to_token_s"] is not None and f["kind"] != "stop_short"]),
+        "detect_s": _percentiles([f["detect_s"] for f in timed if f["detect_s"] is not None]),
+        "recover_s": _percentiles([f["recover_s"] for f in timed if f["recover_s"] is not None]),
+        "fault_to_token_s": _percentiles([f["fault_to_token_s"] for f in timed if f["fault_to_token_s"] is not None]),
+        "fault_to_token_by_kind": {k: _percentiles([f["fault_to_token_s"] for f in timed if f["kind"] == k and f["fault_to_token_s"] is not None])
+                                   for k in FAULT_KINDS if any(f["kind"] == k for f in timed)},
+        "fault_to_token_parts": _parts([f["breakdown"] for f in timed if f["breakdown"]]),
         "replay_over_prefill": {r["model"]: r["replay_over_prefill"] for r in runs},
         "pending_max": max((r["pending_max"] or 0) for r in runs),
         "invariants_hold": ok,
@@ -733,7 +529,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def summarize(doc: dict) -> str:
-    return (f"chaos: {doc['faults_injected']} faults, {doc['requests']} requests, {doc['token_identical']} token-identical, "
-            f"lost {doc['lost']}, duplicated {doc['duplicated']}, typed errors {doc['typed_errors']}, untyped {doc['untyped_errors']}, "
-            f"false failovers {doc['false_failovers']}; detect p50 {doc['detect_s']['p50']} s max {doc['detect_s']['max']} s; "
-            f"recover p50 {doc['recover_s']['p50']} s; invariants {'hold' if doc['invariants_hold'] else 'VIOLATED'} ({doc['wall_s']} s)")
+    return (f"chaos: {doc['faults_injected']} faults ({doc['outcomes_ok']} with the expected outcome), {doc['requests']} requests, "
+            f"{doc['token_identical']} token-identical, lost {doc['lost']}, duplicated {doc['duplicated']}, typed errors {doc['typed_errors']} "
+            f"({doc['typed_errors_expected']} expected), untyped {doc['untyped_errors']}, false failovers {doc['false_failovers']}; "
+            f"detect p50 {doc['detect_s']['p50']} s max {doc['detect_s']['max']} s; fault to token p50 {doc['fault_to_token_s']['p50']} s; "
+            f"invariants {'hold' if doc['invariants_hold'] else 'VIOLATED'} ({doc['wall_s']} s)")

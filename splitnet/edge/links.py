@@ -17,6 +17,10 @@ through :meth:`StageLinks.wait_until`, the one loop (zguide ``lpclient``) that
   and has not come back within ``disconnect_grace_s`` is unavailable at once, without waiting
   for the heartbeat window (a killed process closes its sockets).
 
+Observers (:meth:`StageLinks.observe`) are called with a :class:`LinkEvent` for every message
+sent or received on these links and for every reply the session uses (``note_used``), so that a
+history log or a metric needs no wrapper around private methods.
+
 A socket belongs to one thread: use a StageLinks from the thread that made it.
 """
 
@@ -25,9 +29,10 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
+import msgpack
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
@@ -42,8 +47,62 @@ log = logging.getLogger("splitnet.sdk")
 #: on_message(stage index or None for the bound results socket, message, bytes received)
 OnMessage = Callable[[int | None, Message, int], None]
 
+
+@dataclass(frozen=True)
+class LinkEvent:
+    """One message on the session's links, as an observer sees it.
+
+    Attributes:
+        direction: ``"send"`` (queued to a stage, or refused when ``queued`` is False),
+            ``"recv"`` (decoded from a stage or the bound results socket) or ``"use"`` (a reply
+            the session took as a step's answer).
+        stage: the stage's index; None for the bound results socket.
+        kind: the message kind (``forward``, ``result``, ``error``, ``release``, ``ping`` ...).
+        req: the request id ("" for kinds without one).
+        seq: the step number within the request (-1 when the header has none).
+        epoch: the pipeline generation the message carries.
+        nbytes: bytes of the message (all frames).
+        t_s: when it happened (``time.monotonic()``).
+        queued: for sends, whether the socket took it.
+        code: an error's code ("" otherwise).
+        trace: a result's per-stage trace (queue, compute times, batch), as the stages wrote it.
+    """
+
+    direction: str
+    stage: int | None
+    kind: str
+    req: str
+    seq: int
+    epoch: int
+    nbytes: int
+    t_s: float
+    queued: bool = True
+    code: str = ""
+    trace: tuple[Any, ...] = ()
+
+
+Observer = Callable[[LinkEvent], None]
+
+
+def _sent_header(frames: list) -> dict:
+    """The msgpack header (frame 0) of a message this client encoded."""
+    try:
+        h = msgpack.unpackb(bytes(getattr(frames[0], "buffer", frames[0])), raw=False)
+    except (ValueError, TypeError, msgpack.UnpackException):
+        return {}
+    return h if isinstance(h, dict) else {}
+
+
+def _event(direction: str, stage: int | None, msg: Message, nbytes: int) -> LinkEvent:
+    trace = msg.meta.get("trace", ()) if msg.kind == "result" and isinstance(msg.meta, dict) else ()
+    code = str(msg.meta.get("code", "")) if msg.kind == "error" and isinstance(msg.meta, dict) else ""
+    return LinkEvent(direction, stage, msg.kind, msg.req, msg.seq, msg.epoch, nbytes, time.monotonic(), code=code,
+                     trace=tuple(trace) if isinstance(trace, (list, tuple)) else ())
+
 _LIVENESS_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _POLL_SLICE_S = 0.05  # the loop wakes at least this often to check deadlines and liveness
+_MAX_HELD_RELEASES = 256  # per stage: releases kept while its connection is down
+_CONNECT_WAIT_S = 0.25  # how long replace() waits for a new process's connection to take messages
 
 
 @dataclass
@@ -56,6 +115,8 @@ class _Link:
     monitor: zmq.Socket | None = None  # disconnect events (None while a HandshakeWatch holds the socket's monitor)
     last_seen: float = 0.0  # monotonic time of the last sign of life
     reopened_at: float = 0.0
+    replaced_at: float = 0.0  # when it was last pointed at a new process (replace())
+    held_releases: list = field(default_factory=list)  # releases not sent yet: the connection was down
     disconnected_at: float | None = None  # the connection closed and has not come back since
     declared_down: bool = False  # a liveness check raised for it; cleared by its next message
     compute_stuck: str = ""  # why its heartbeats say the compute thread is stuck ("" while it moves)
@@ -87,6 +148,7 @@ class StageLinks:
         self._pongs: set[tuple[int, str]] = set()  # (stage, ping id) answered
         self._results: zmq.Socket | None = None
         self._links: list[_Link] = []
+        self._observers: list[Observer] = []
         self._closed = False
         try:
             if config.reply_via == "bind":
@@ -154,25 +216,32 @@ class StageLinks:
         self._poller.unregister(link.sock)
         link.sock.close(linger=0)
 
-    def replace(self, i: int, endpoint: str) -> None:
-        """Connect stage ``i`` to ``endpoint`` (a new process), with a fresh silence clock."""
+    def replace(self, i: int, endpoint: str, connect_wait_s: float = _CONNECT_WAIT_S) -> None:
+        """Connect stage ``i`` to ``endpoint`` (a new process), with a fresh silence clock;
+        with ``connect_wait_s``, wait up to that long for the connection to take messages (a
+        message sent before it is up is dropped, and the sender would retry only later)."""
         link = self._links[i]
         self._close_link(link)
         link.endpoint = endpoint
         link.sock = self._open(i, endpoint)
-        link.last_seen = time.monotonic()
+        if connect_wait_s > 0:
+            waiter = zmq.Poller()
+            waiter.register(link.sock, zmq.POLLOUT)
+            waiter.poll(int(connect_wait_s * 1000))  # bounded; a replacement that never connects is found by the handshake
+        link.last_seen = link.replaced_at = time.monotonic()
         link.disconnected_at = None
         link.declared_down = False
         link.compute_stuck, link.forwards_seen, link.longest_step_s = "", None, 0.0
+        link.held_releases = []  # a new process holds none of the caches they were for
         if self._watch is None:
             self._start_monitor(link)
 
     def reopen(self, i: int) -> None:
         """A fresh connection to stage ``i`` (same endpoint, same routing id); its silence clock runs on."""
         link = self._links[i]
-        seen, gone = link.last_seen, link.disconnected_at
-        self.replace(i, link.endpoint)
-        link.last_seen, link.disconnected_at = seen, gone
+        seen, gone, held, replaced = link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at
+        self.replace(i, link.endpoint, connect_wait_s=0.0)  # the loop goes on at once; the stage is silent anyway
+        link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at = seen, gone, held, replaced
         link.reopened_at = time.monotonic()
 
     # ------------------------------------------------------------------ handshake phase ----
@@ -192,15 +261,61 @@ class StageLinks:
 
     # ------------------------------------------------------------------ sending ------------
     def send(self, i: int, msg: Message) -> bool:
-        """Queue ``msg`` to stage ``i`` without blocking; False when it cannot take it now."""
-        return self.send_frames(i, encode_message(msg))
+        """Queue ``msg`` to stage ``i`` without blocking; False when it cannot take it now.
+
+        A ``release`` that cannot be queued (the connection is down: a partition, a stage that
+        is restarting) is kept, up to ``_MAX_HELD_RELEASES`` per stage, and sent once the
+        connection is back (:meth:`_flush_releases`), so that a stage that comes back frees
+        the caches of requests this client gave up meanwhile."""
+        ok = self.send_frames(i, encode_message(msg))
+        if not ok and msg.kind == "release":
+            held = self._links[i].held_releases
+            if msg.req not in held and len(held) < _MAX_HELD_RELEASES:
+                held.append(msg.req)
+        return ok
+
+    def _flush_releases(self) -> None:
+        for link in self._links:
+            while link.held_releases:
+                if not self.send_frames(link.index, encode_message(Message(kind="release", req=link.held_releases[0]))):
+                    break
+                link.held_releases.pop(0)
 
     def send_frames(self, i: int, frames: list) -> bool:
         try:
             self._links[i].sock.send_multipart(frames, copy=False, flags=zmq.NOBLOCK)
-            return True
+            queued = True
         except zmq.Again:
-            return False
+            queued = False
+        if self._observers:
+            h = _sent_header(frames)
+            seq, epoch = h.get("seq", -1), h.get("epoch", -1)
+            self._notify(LinkEvent("send", i, str(h.get("kind", "")), str(h.get("req", "")), seq if type(seq) is int else -1,
+                                   epoch if type(epoch) is int else -1, message_nbytes(frames), time.monotonic(), queued=queued))
+        return queued
+
+    # ------------------------------------------------------------------ observers ----------
+    def observe(self, callback: Observer) -> Callable[[], None]:
+        """Call ``callback(LinkEvent)`` for every message sent and received from now on, and for
+        every reply the session uses; returns a function that stops it. The callback runs in
+        the session's thread, inside its poll loop: keep it short, and never call the session
+        from it."""
+        self._observers.append(callback)
+
+        def stop() -> None:
+            if callback in self._observers:
+                self._observers.remove(callback)
+
+        return stop
+
+    def note_used(self, stage: int | None, msg: Message, nbytes: int) -> None:
+        """Tell the observers that the session took ``msg`` as a step's answer."""
+        if self._observers:
+            self._notify(_event("use", stage, msg, nbytes))
+
+    def _notify(self, ev: LinkEvent) -> None:
+        for cb in list(self._observers):
+            cb(ev)
 
     def send_or_wait(self, i: int, frames: list, timeout_s: float) -> int:
         """Send ``frames`` to stage ``i``, polling (heartbeats, liveness) while it cannot take them;
@@ -245,9 +360,13 @@ class StageLinks:
                 self.ping_all()
                 self._next_ping = now + self.config.heartbeat_interval_s
             slice_s = min(deadline - now, _POLL_SLICE_S, max(self._next_ping - now, 0.001) if heartbeats else _POLL_SLICE_S)
+            if liveness and self._links:  # wake when the first silent window ends: detection takes one window, not one window + a slice
+                slice_s = min(slice_s, max(min(link.last_seen for link in self._links) + self.window_s - now + 0.001, 0.001))
             self.poll(slice_s)
             if self._watch is not None:
                 self._watch.check()
+            if any(link.held_releases for link in self._links):
+                self._flush_releases()
             if liveness:
                 self.check_liveness()
 
@@ -291,6 +410,8 @@ class StageLinks:
         else:
             msg = decoded[0]
         nbytes = decoded[1] if decoded is not None else message_nbytes([getattr(f, "buffer", f) for f in body])
+        if self._observers:
+            self._notify(_event("recv", stage, msg, nbytes))
         if stage is not None and msg.kind == "ping":  # the stage asks who holds this connection before it sends a result
             self.send(stage, Message(kind="pong", req=msg.req, seq=msg.seq))
             return
@@ -403,11 +524,14 @@ class StageLinks:
                     f"({silent:.1f} s silent); the process or its link is down"
                 )
 
-    def silent_stages(self) -> list[int]:
-        """Stages that are down: those already known down count at once; the others are pinged
-        and each gets one liveness window to answer (any message counts)."""
+    def silent_stages(self, suspects: Sequence[int] = ()) -> list[int]:
+        """Stages that are down: those already known down count at once, and so do
+        ``suspects`` (e.g. replacements whose handshake just failed) that have said nothing since
+        they were connected; the others are pinged and each gets one liveness window to answer
+        (any message counts)."""
         self.poll(0.001)  # events and replies already queued
         dead = {i for i in range(len(self._links)) if self.is_down(i)}
+        dead |= {i for i in suspects if 0 <= i < len(self._links) and self._links[i].last_seen <= self._links[i].replaced_at}
         start = time.monotonic()
         probe = f"probe-{start:.6f}"
         answered: set[int] = set()
@@ -466,4 +590,4 @@ class StageLinks:
             self._results.close(linger=0)
 
 
-__all__ = ["OnMessage", "StageLinks"]
+__all__ = ["LinkEvent", "Observer", "OnMessage", "StageLinks"]

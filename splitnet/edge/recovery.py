@@ -29,13 +29,19 @@ RecoveryHook = Callable[[int], str]
 
 @dataclass(frozen=True)
 class RecoveryRecord:
-    """One completed recovery, for reports: what failed, what was replaced, the new epoch."""
+    """One completed recovery, for reports: what failed, what was replaced, the new epoch, and
+    where its time went in the attempt that succeeded (``probe_ms``: finding the dead stages;
+    ``hook_ms``: the hooks handing out replacements; ``handshake_ms``: connecting to them and
+    the ``info`` handshake); ``recover_ms`` is the whole recovery, failed attempts included."""
 
     cause: str
     replaced: list[int]
     epoch: int
     recover_ms: float
     attempts: int
+    probe_ms: float = 0.0
+    hook_ms: float = 0.0
+    handshake_ms: float = 0.0
 
 
 def replace_in_parallel(hook: RecoveryHook, stages: list[int]) -> dict[int, str]:
@@ -66,7 +72,7 @@ class StageRecovery:
     def __init__(
         self,
         hook: RecoveryHook | None,
-        silent_stages: Callable[[], list[int]],
+        silent_stages: Callable[..., list[int]],
         replace: Callable[[int, str], None],
         new_epoch: Callable[[], int],
         handshake: Callable[[], None],
@@ -96,13 +102,20 @@ class StageRecovery:
         budget.spend(cause)
         t0 = time.perf_counter()
         attempts, delay = 1, self.backoff_s
+        suspects: list[int] = []  # replaced in a failed attempt: dead at once unless they have spoken since
         while True:
             try:
-                dead = self._silent_stages()
-                for i, endpoint in replace_in_parallel(self.hook, dead).items():
+                t_probe = time.perf_counter()
+                dead = self._silent_stages(suspects) if suspects else self._silent_stages()
+                suspects = list(dead)
+                t_hook = time.perf_counter()
+                replacements = replace_in_parallel(self.hook, dead)
+                t_handshake = time.perf_counter()
+                for i, endpoint in replacements.items():
                     self._replace(i, endpoint)
                 epoch = self._new_epoch()  # replies of the old pipeline generation are dropped from here on
                 self._handshake()
+                t_done = time.perf_counter()
             except (AuthError, PlanMismatch):
                 raise  # a replacement that serves another model or refuses our key: no retry helps
             except Exception as e:  # noqa: BLE001 - a fault inside recovery: try again within the budget
@@ -115,7 +128,9 @@ class StageRecovery:
                 time.sleep(delay)  # back-off between attempts (bounded, from the budget)
                 delay = min(delay * 2, self.max_backoff_s)
                 continue
-            self.records.append(RecoveryRecord(str(cause)[:300], dead, epoch, round((time.perf_counter() - t0) * 1e3, 1), attempts))
+            self.records.append(RecoveryRecord(str(cause)[:300], dead, epoch, round((t_done - t0) * 1e3, 1), attempts,
+                                               probe_ms=round((t_hook - t_probe) * 1e3, 1), hook_ms=round((t_handshake - t_hook) * 1e3, 1),
+                                               handshake_ms=round((t_done - t_handshake) * 1e3, 1)))
             return
 
 

@@ -362,7 +362,13 @@ class Session:
             return StageUnavailable(f"no result within {timeout_s:.1f} s from {who}")
 
         self.links.wait_until(arrived, timeout_s, nothing)
+        self.links.note_used(None, got[0][1], got[0][2])
         return got[0]
+
+    def observe(self, callback: Callable[[Any], None]) -> Callable[[], None]:
+        """Call ``callback(event)`` (a :class:`splitnet.edge.links.LinkEvent`) for every message
+        this session sends or receives and every reply it uses; returns a function that stops it."""
+        return self.links.observe(callback)
 
     def release(self, req: str) -> None:
         """Drop ``req``'s caches on every stage (and locally) and any reply still to come."""

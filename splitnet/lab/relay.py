@@ -12,7 +12,8 @@ delays the chunk (and, by ordering, everything behind it) by one retransmission,
 ``loss_penalty_ms`` (default: one round trip of the emulated link, ``2 * delay_ms``, at least
 ``min_rto_ms`` = 5 ms). This is fast-retransmit recovery; it does not model cwnd halving.
 
-A run-time switch (:class:`LinkSwitch`) cuts the link or partitions one direction, for fault
+A target that refuses the relay's connection gets the client's connection reset (as a closed
+port answers), not closed in order. A run-time switch (:class:`LinkSwitch`) cuts the link or partitions one direction, for fault
 campaigns: ``cut`` stops both directions, ``partition up`` the bytes from the listening side to
 the target (client -> stage), ``partition down`` the way back, ``heal`` restores both. A stopped
 direction delivers nothing, on every connection of the relay, new ones included, until healed;
@@ -183,7 +184,7 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
         try:
             t_reader, t_writer = await asyncio.wait_for(asyncio.open_connection(*target), timeout=10)
         except (OSError, asyncio.TimeoutError):
-            c_writer.close()
+            _reset(c_writer)  # the target refuses: so does the emulated link (a reset, as a closed port answers)
             return
         for w in (c_writer, t_writer):
             sock = w.get_extra_info("socket")
@@ -306,6 +307,21 @@ def _read_line(p: Any, timeout_s: float) -> str:
     with selectors.DefaultSelector() as sel:
         sel.register(p.stdout, selectors.EVENT_READ)
         return p.stdout.readline() if sel.select(timeout_s) else ""
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Close a connection with a TCP reset (SO_LINGER 0) instead of an orderly FIN: what a
+    client connecting to a closed port sees, which a peer must not take for a handshake refusal."""
+    import socket
+    import struct
+
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+    writer.close()
 
 
 def start_relay(listen_host: str, target: str, delay_ms: float, timeout_s: float = 30.0) -> tuple[Any, str]:

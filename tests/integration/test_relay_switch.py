@@ -119,3 +119,19 @@ def test_switch_rejects_unknown_commands():
         sw.apply("drop everything")
     assert sw.apply("partition down") == "partition down"
     assert sw.apply("heal") == "open"
+
+
+def test_a_target_that_refuses_gets_the_client_connection_reset():
+    closed = socket.create_server(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    relay = RelayProcess.start("127.0.0.1", f"tcp://127.0.0.1:{port}")
+    try:
+        s = _connect(relay.endpoint)
+        s.settimeout(5)
+        with pytest.raises(ConnectionResetError):
+            s.sendall(b"x")
+            s.recv(1)
+        s.close()
+    finally:
+        relay.close()
