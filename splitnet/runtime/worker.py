@@ -114,6 +114,21 @@ class _Work:
     prepared: Member | None = None  # decoded and checked in an earlier round that did not run it
     started_at: float = 0.0
     decode_ms: float = 0.0
+    batch: "tuple[_BatchInputs, int, int] | None" = None  # split off a forward_batch: its tensors, and this member's rows
+
+
+class _BatchInputs:
+    """The tensors of one ``forward_batch``, decoded and moved to the stage's device once, on
+    the compute thread, for all its members: each member's inputs are its rows (views)."""
+
+    def __init__(self, msg: Message, meta: Any, shared: frozenset):
+        self.msg, self.meta, self.shared = msg, meta, shared
+        self.inputs: dict | None = None
+
+    def rows(self, worker: "StageWorker", start: int, end: int) -> dict:
+        if self.inputs is None:
+            self.inputs = worker._inputs_of(worker.codecs.decode(self.msg.tensors, self.meta), self.msg.dtypes)
+        return {k: (v if k in self.shared else v[start:end]) for k, v in self.inputs.items()}
 
 
 class _CacheTable:
@@ -137,7 +152,8 @@ class _CacheTable:
             if len(self.caches) >= self.max_requests:
                 raise LimitExceeded(f"stage holds {len(self.caches)} request caches, the limit is {self.max_requests}; release finished requests")
             cache = self.caches[req] = self.new_cache()
-        self.last_used[req] = time.monotonic()
+        self.last_used.pop(req, None)
+        self.last_used[req] = time.monotonic()  # kept in order of last use: eviction stops at the first live entry
         return cache
 
     def check_memory(self, req: str, total: int | None = None) -> None:
@@ -162,10 +178,14 @@ class _CacheTable:
             cache.close()
 
     def evict_idle(self) -> None:
+        """Drop the caches idle past ``ttl_s``: the oldest first, stopping at the first that is
+        not (O(evicted), not O(caches): it runs on every cache lookup of a batch)."""
         now = time.monotonic()
-        for req, t in list(self.last_used.items()):
-            if now - t > self.ttl_s:
-                self.drop(req)
+        while self.last_used:
+            req, t = next(iter(self.last_used.items()))
+            if now - t <= self.ttl_s:
+                return
+            self.drop(req)
 
 
 class StageWorker:
@@ -436,6 +456,9 @@ class StageWorker:
             header, parts = split_batch(msg)
             now = time.monotonic()
             items = [_Work(p, share, now, self._origin(p, principal)) for p, share in zip(parts, member_shares([m.rows for m in header.members], nbytes))]
+            whole, start = _BatchInputs(msg, parts[0].meta, frozenset(header.shared)), 0
+            for item, m in zip(items, header.members):
+                item.batch, start = (whole, start, start + m.rows), start + m.rows
         except ProtocolError as e:
             self.stats["errors"] += 1
             self._refuse(router, identity, e, msg)
@@ -608,18 +631,11 @@ class StageWorker:
         msg, meta = item.msg, item.msg.meta
         self.ledger.check_epoch(cache_key(item.origin, msg.req), msg.epoch, msg.req)
         t0 = time.perf_counter()
-        arrays = self.codecs.decode(msg.tensors, meta)
-        inputs = {}
-        for name, arr in arrays.items():
-            t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
-            if msg.dtypes.get(name) == "bf16":
-                t = t.view(torch.bfloat16)
-            if t.is_floating_point():
-                t = t.to(self.dtype)
-            elif name == "input_ids" and self.stage.is_first:
-                inputs[name] = t  # the stage checks token ids against its vocabulary on the host, then copies them
-                continue
-            inputs[name] = t.to(self.device, non_blocking=True)
+        if item.batch is not None:  # one decode and one copy to the device for the whole batch message
+            whole, start, end = item.batch
+            inputs = whole.rows(self, start, end)
+        else:
+            inputs = self._inputs_of(self.codecs.decode(msg.tensors, meta), msg.dtypes)
         item.decode_ms = (time.perf_counter() - t0) * 1e3
         item.started_at = t0
         cache, ckey = None, cache_key(item.origin, msg.req)
@@ -636,6 +652,22 @@ class StageWorker:
         # members of one forward also share what leaves it: last stage or not, and the head reduction
         options = StepOptions(bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
         return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens, options)
+
+    def _inputs_of(self, arrays: dict, dtypes: Any) -> dict:
+        """Decoded arrays as the stage's input tensors: floats in its dtype on its device; token
+        ids of a first stage left in host memory (checked against the vocabulary there)."""
+        inputs = {}
+        for name, arr in arrays.items():
+            t = torch.from_numpy(arr.copy() if not arr.flags.writeable else arr)
+            if dtypes.get(name) == "bf16":
+                t = t.view(torch.bfloat16)
+            if t.is_floating_point():
+                t = t.to(self.dtype)
+            elif name == "input_ids" and self.stage.is_first:
+                inputs[name] = t  # the stage checks token ids against its vocabulary on the host, then copies them
+                continue
+            inputs[name] = t.to(self.device, non_blocking=True)
+        return inputs
 
     def _run_group(self, group: list[Member], peers: dict) -> None:
         """One forward for ``group``; a failing batch is retried member by member, so only the
