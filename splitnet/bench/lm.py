@@ -44,6 +44,8 @@ DEFINITIONS = {
                                    "at that position; a divergence counts against every later position that differs",
     "greedy_identical_continuations": "the fraction of prompts whose new_tokens greedy tokens are identical in full",
     "greedy_common_prefix_fraction": "mean over prompts of (length of the common prefix of the two continuations) / new_tokens",
+    "unsplit_margin_at_first_divergence": "for the continuations that diverge: the unsplit model's logit margin (top-1 minus "
+                                          "top-2, nats) at the first position where the split model chose otherwise; near 0 = a near-tie",
     "greedy_ci95": "1.96 x the standard error of the per-prompt positional agreement over prompts (prompts are the independent units)",
     "teacher_forced_argmax_agreement": "on the perplexity windows, the fraction of positions whose argmax equals the unsplit model's "
                                        "(both fed the same true text)",
@@ -136,12 +138,14 @@ def _reference(bm, data, new_tokens: int, batch: int, bar) -> dict[str, Any]:
             nll, n = nll + a, n + k
             argmax.append(lg.argmax(-1).numpy())
         bar.update(len(ws))
-    continuations = []
+    continuations, margins = [], []
     for ps in _batches(data.prompts, batch):
-        toks, _ = greedy(ref, ps, new_tokens)
+        toks, margin, _ = greedy(ref, ps, new_tokens)
         continuations.append(toks)
+        margins.append(margin)
         bar.update(len(ps))
-    return {"nll": nll, "n": n, "ppl": math.exp(nll / n), "argmax": argmax, "continuations": np.concatenate(continuations)}
+    return {"nll": nll, "n": n, "ppl": math.exp(nll / n), "argmax": argmax, "continuations": np.concatenate(continuations),
+            "margins": np.concatenate(margins)}
 
 
 def _cloud_only(data, new_tokens: int, tokenizer) -> dict[str, Any]:
@@ -206,14 +210,18 @@ def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, batch: int,
         bar.update(len(ws))
     per_prompt, identical, prefix = [], 0, []
     pre_msg, pre_pay, pre_dat, dec_msg, dec_pay, dec_dat, dec_n = [], [], [], 0, 0, 0, 0
-    wants = iter(ref["continuations"])
+    wants = iter(zip(ref["continuations"], ref["margins"]))
+    split_margins = []  # the unsplit model's margin where each continuation first leaves it
     for ps in _batches(data.prompts, batch):
-        toks, sents = greedy(split, ps, new_tokens)
+        toks, _, sents = greedy(split, ps, new_tokens)
         for got, sent in zip(toks, sents):
-            eq = got == next(wants)
+            want, margin = next(wants)
+            eq = got == want
             per_prompt.append(float(eq.mean()))
             identical += int(eq.all())
             prefix.append(int(np.argmin(eq)) if not eq.all() else eq.size)
+            if not eq.all():
+                split_margins.append(float(margin[int(np.argmin(eq))]))
             pre_msg.append(sent[0].message_nbytes / sent[0].tokens)
             pre_pay.append(sent[0].payload_nbytes / sent[0].tokens)
             pre_dat.append(sent[0].data_nbytes / sent[0].tokens)
@@ -229,7 +237,9 @@ def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, batch: int,
         "perplexity": {"unsplit": _r(ref["ppl"]), "split": _r(ppl), "change_pct": _r(100.0 * (ppl / ref["ppl"] - 1.0), 4)},
         "teacher_forced_argmax_agreement": _r(agree / max(total, 1)),
         "greedy": {"positional_agreement": _r(pp.mean()), "ci95": _r(ci), "identical_continuations": _r(identical / len(pp)),
-                   "common_prefix_fraction": _r(np.mean(prefix) / new_tokens), "prompts": int(pp.size), "new_tokens": new_tokens},
+                   "common_prefix_fraction": _r(np.mean(prefix) / new_tokens), "prompts": int(pp.size), "new_tokens": new_tokens,
+                   "unsplit_margin_at_first_divergence": {"median": _r(np.median(split_margins), 4) if split_margins else None,
+                                                          "max": _r(max(split_margins), 4) if split_margins else None}},
         "bytes": {
             "prefill": {"message_per_token": _r(np.mean(pre_msg), 3), "payload_per_token": _r(np.mean(pre_pay), 3),
                         "data_per_token": _r(np.mean(pre_dat), 3)},
@@ -336,12 +346,22 @@ def run(args: argparse.Namespace) -> dict:
         feats, labels = _calibration(bm, cut, data.calibration) if needs_fit else (None, None)
         fp16_row = None
         cut_rows = []
+        nested = _nested_rvq(settings)
+        fitted: dict[str, Any] = {}
         for spec, name, config, anchors in settings:
             bar.set_postfix_str(f"cut {cut} {spec}")
             t0 = time.perf_counter()
-            codec = _fit(name, config, anchors, feats, labels, args.max_train)
+            parent = nested.get(spec)
+            if parent is not None:  # residual codebooks are nested: the first S codebooks of a deeper fit
+                if parent not in fitted:
+                    _, pname, pconfig, _ = next(x for x in settings if x[0] == parent)
+                    fitted[parent] = _fit(pname, pconfig, False, feats, labels, args.max_train)
+                codec = fitted[parent] if parent == spec else fitted[parent].truncated(int(config.get("stages", 2)))
+            else:
+                codec = _fit(name, config, anchors, feats, labels, args.max_train)
             fit_s = time.perf_counter() - t0
             row = {"split_after": cut, "setting": spec, "codec": name, "config": codec.state()[1], "anchors": anchors,
+                   "fitted_as": f"the first {config.get('stages', 2)} codebooks of the {parent} fit" if parent not in (None, spec) else "its own fit",
                    "calibration_vectors": int(feats.shape[0]) if codec.needs_fit else 0, "fit_s": round(fit_s, 2),
                    **_evaluate(bm, cut, codec, data, ref, args.new_tokens, args.batch, bar)}
             row["eval_s"] = round(time.perf_counter() - t0 - fit_s, 2)
@@ -370,7 +390,9 @@ def run(args: argparse.Namespace) -> dict:
             "model_trained_on_python": data.trained_python, "same_python_as_training": python_matches(data),
         },
         "definitions": DEFINITIONS,
-        "reference_unsplit": {"perplexity": _r(ref["ppl"]), "positions_scored": ref["n"]},
+        "reference_unsplit": {"perplexity": _r(ref["ppl"]), "positions_scored": ref["n"],
+                              "greedy_margin_quantiles": {f"p{q}": _r(np.percentile(ref["margins"], q), 4) for q in (1, 5, 10, 50)},
+                              "greedy_positions_with_margin_under_0.1": _r(float((ref["margins"] < 0.1).mean()), 4)},
         "baseline_cloud_only": cloud,
         "results": rows,
         "goal": {
@@ -390,6 +412,22 @@ def run(args: argparse.Namespace) -> dict:
         "alignedvq_place": alignedvq_place(rows),
         "elapsed_s": round(time.perf_counter() - t_start, 1),
     }
+
+
+def _nested_rvq(settings) -> dict[str, str]:
+    """rvq settings that differ only in ``stages`` -> the deepest of them: faiss trains residual
+    codebooks one stage at a time on what the earlier ones leave, so the first S codebooks of a
+    deeper fit are the S-stage codec (:meth:`RVQCodec.truncated`), and one fit serves them all."""
+    groups: dict[str, list[tuple[int, str]]] = {}
+    for spec, name, config, _ in settings:
+        if name == "rvq":
+            key = repr(sorted((k, v) for k, v in config.items() if k != "stages"))
+            groups.setdefault(key, []).append((int(config.get("stages", 2)), spec))
+    out = {}
+    for members in groups.values():
+        deepest = max(members)[1]
+        out.update({spec: deepest for _, spec in members})
+    return out
 
 
 def _needs_fit(name: str) -> bool:

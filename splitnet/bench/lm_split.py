@@ -142,20 +142,24 @@ class SplitLM:
         return logits, [s for _, s in crossed]
 
 
-def greedy(model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, list[list[Sent]]]:
-    """Free-running greedy continuations of (B, P) ``prompts``: (B, new_tokens) ids, and per row
-    the messages it sent (the prefill first, then one per decode step; the last token is never fed back)."""
+def greedy(model, prompts: np.ndarray, new_tokens: int) -> tuple[np.ndarray, np.ndarray, list[list[Sent]]]:
+    """Free-running greedy continuations of (B, P) ``prompts``: (B, new_tokens) ids, the
+    (B, new_tokens) logit margin of each chosen token over the runner-up, and per row the messages
+    it sent (the prefill first, then one per decode step; the last token is never fed back)."""
     model.reset()
     sent: list[list[Sent]] = [[] for _ in range(prompts.shape[0])]
     out = np.empty((prompts.shape[0], new_tokens), dtype=np.int64)
+    margin = np.empty((prompts.shape[0], new_tokens), dtype=np.float32)
     feed = prompts
     for i in range(new_tokens):
         logits, s = model.forward(feed)
         for row, m in zip(sent, s):
             row.append(m)
-        out[:, i] = logits.reshape(prompts.shape[0], -1, logits.shape[-1])[:, -1].argmax(-1).numpy()
+        top = logits.reshape(prompts.shape[0], -1, logits.shape[-1])[:, -1].topk(2, dim=-1)
+        out[:, i] = top.indices[:, 0].numpy()
+        margin[:, i] = (top.values[:, 0] - top.values[:, 1]).numpy()
         feed = out[:, i : i + 1]
-    return out, sent
+    return out, margin, sent
 
 
 def teacher_forced(model, windows: np.ndarray):
