@@ -53,5 +53,6 @@ for _name, _mod in {
     "pq": "splitnet.codecs.vq",
     "rvq": "splitnet.codecs.vq",
     "alignedvq": "splitnet.codecs.alignedvq",
+    "transform": "splitnet.codecs.transform",
 }.items():
     register_lazy(_name, _mod)

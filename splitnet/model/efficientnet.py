@@ -224,6 +224,25 @@ class EfficientNetLiteArchitecture(Architecture):
         c = int(self.config["stem_channels"]) if before_block == 0 else self.block_specs[before_block - 1][4]
         return self.sides[before_block], self.sides[before_block], c
 
+    def macs(self) -> tuple[int, list[int], int]:
+        """Multiply-accumulates per image of (stem, each block, head): convolutions and the linear
+        layer, counted from the shapes (batch norm, activations and the pool left out)."""
+        c_stem = int(self.config["stem_channels"])
+        stem = self.sides[0] ** 2 * int(self.config["num_channels"]) * 9 * c_stem
+        blocks = []
+        for i, (k, s, e, c_in, c_out) in enumerate(self.block_specs):
+            mid, side_in, side_out = c_in * e, self.sides[i], self.sides[i + 1]
+            m = side_in**2 * c_in * mid if e != 1 else 0  # 1x1 expand
+            blocks.append(m + side_out**2 * mid * k * k + side_out**2 * mid * c_out)  # depthwise + 1x1 project
+        c_head = int(self.config["head_channels"])
+        head = self.sides[-1] ** 2 * self.block_specs[-1][4] * c_head + c_head * int(self.config["num_labels"])
+        return stem, blocks, head
+
+    def edge_macs_fraction(self, cut: int) -> float:
+        """Share of the model's multiply-accumulates that run before ``cut`` (stem + blocks [0, cut))."""
+        stem, blocks, head = self.macs()
+        return (stem + sum(blocks[:cut])) / (stem + sum(blocks) + head)
+
     def build_embed(self) -> nn.Module:
         return Stem(self.config)
 

@@ -41,3 +41,26 @@ def test_classifier_agreement_measures():
     assert got["confident_fraction"] == 0.5 and got["top1_agreement_confident"] == 1.0
     unsure = classifier_agreement(ref[1:], test[1:], k=2)
     assert unsure["confident_fraction"] == 0.0 and unsure["top1_agreement_confident"] is None
+
+
+def test_image_codecs_and_the_frontier_helpers():
+    from splitnet.bench.vision import _best_image_within, _pareto, image_codec
+
+    img = (np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)
+    n_lo, dec = image_codec(img, "WEBP", 10)
+    assert dec.shape == img.shape and n_lo < image_codec(img, "WEBP", 90)[0]
+    assert _pareto([("a", 100, 0.5), ("b", 50, 0.6), ("c", 200, 0.1), ("d", 300, 0.2)]) == ["b", "a", "c"]
+    pts = [{"format": "jpeg", "quality": q, "bytes_per_image_mean": b, "fidelity": {"top1_agreement": t, "kl_mean": 1 - t, "top1_agreement_confident": 1.0}}
+           for q, b, t in ((10, 1000, 0.4), (50, 3000, 0.7), (90, 9000, 0.8))]
+    assert _best_image_within(pts, 500) is None
+    assert _best_image_within(pts, 5000)["what"] == "jpeg q50"
+
+
+def test_edge_macs_share_grows_with_the_cut():
+    from splitnet.model.efficientnet import EfficientNetLiteArchitecture, lite0_config
+
+    arch = EfficientNetLiteArchitecture(lite0_config())
+    stem, blocks, head = arch.macs()
+    assert len(blocks) == 16 and 0.35e9 < stem + sum(blocks) + head < 0.45e9  # EfficientNet-Lite0: ~0.4 G multiply-adds
+    shares = [arch.edge_macs_fraction(c) for c in range(0, 17)]
+    assert all(a < b for a, b in zip(shares, shares[1:])) and 0 < shares[0] < 0.05 and 0.9 < shares[16] < 1.0
