@@ -14,6 +14,11 @@ Forward messages carry in ``meta``: ``route`` (endpoints still to visit after th
 ``cache`` (keep a KV cache for ``req``), ``want_result`` (the client needs this step's output),
 ``all_logits`` and ``trace`` (per-stage timings appended by each stage).
 
+Batch messages (:mod:`splitnet.wire.batches`): a ``forward_batch`` is split by the I/O thread into
+one work item per member (each checked and owned as a forward of its own) and queued whole; what
+leaves a forward goes on as one ``forward_batch`` per next hop and one ``result_batch`` per
+client, where the members' headers say every later hop takes them (``batch_messages``).
+
 Who a request belongs to (its *origin*) is the CURVE public key that authenticated it: the
 sender's own, or, when the sender is a trusted upstream stage (``--stage-keys-dir``, or this
 stage's own key), the ``meta.origin`` that stage vouches for. KV caches are kept per (origin,

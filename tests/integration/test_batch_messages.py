@@ -223,3 +223,27 @@ def test_curve_stages_send_batch_results_only_to_the_origin_that_sent_them(kill_
         assert lab.stages_alive() and lab.legit_client_ok()
     finally:
         lab.close()
+
+
+def test_a_later_stage_waits_for_no_straggler_of_a_batch_that_came_whole(worker):
+    from collections import deque
+
+    router = _Router()
+    worker.stage.embed, saved = None, worker.stage.embed  # seen as a later stage (its inputs come from a stage)
+    try:
+        worker._queue_batch(router, b"stage0", _claiming(None), STAGE_KEY, 100)
+        assert worker._batch_complete(deque(worker.work.get_nowait()))  # all its members are here: nothing to wait for
+
+        def part(first: int) -> Message:  # one of two messages of a batch of 4 too large for one (marked, as a stage marks it)
+            members = [BatchMember(f"s{i}", 0, 0, 1, header=ForwardHeader(reply_to="peer:" + "cd" * 16, upstream_batch=(9, 4))) for i in range(first, first + 2)]
+            return decode_message([bytes(f) for f in encode_message(batch_message("forward_batch", members, {"input_ids": np.ones((2, 1), np.int64)}))])
+
+        backlog: deque = deque()
+        worker._queue_batch(router, b"stage0", part(0), STAGE_KEY, 100)
+        backlog.extend(worker.work.get_nowait())
+        assert not worker._batch_complete(backlog)  # 2 of the 4 sent this way: the rest is coming
+        worker._queue_batch(router, b"stage0", part(2), STAGE_KEY, 100)
+        backlog.extend(worker.work.get_nowait())
+        assert worker._batch_complete(backlog)
+    finally:
+        worker.stage.embed = saved
