@@ -260,7 +260,7 @@ class BatchHeader:
             raise ProtocolError(f"a batch header is for kind forward_batch or result_batch, not {self.kind!r}")
         if not isinstance(self.members, tuple) or not 1 <= len(self.members) <= MAX_BATCH_MEMBERS:
             raise ProtocolError(f"a batch message carries 1..{MAX_BATCH_MEMBERS} members")
-        if not isinstance(self.shared, tuple) or len(set(self.shared)) != len(self.shared) or not all(isinstance(n, str) and n for n in self.shared):
+        if not isinstance(self.shared, tuple) or not all(isinstance(n, str) and n for n in self.shared) or len(set(self.shared)) != len(self.shared):
             raise ProtocolError("meta.shared must be a list of distinct tensor names")
         steps = set()
         for m in self.members:

@@ -247,3 +247,18 @@ def test_a_later_stage_waits_for_no_straggler_of_a_batch_that_came_whole(worker)
         assert worker._batch_complete(backlog)
     finally:
         worker.stage.embed = saved
+
+
+def test_infer_returns_the_head_at_every_position_as_asked(pipe):
+    from splitnet.errors import ConfigError
+
+    ids = np.asarray([PROMPTS[1]], dtype=np.int64)
+    with splitnet.connect(pipe.endpoints, config=CFG) as s:
+        logits = s.infer({"input_ids": ids}, all_logits=True)["logits"]
+        argmax = s.infer({"input_ids": ids}, all_logits=True, head="argmax")["argmax"]
+        top = s.infer({"input_ids": ids}, head="topk", top_k=3)
+        with pytest.raises(ConfigError, match="top_k"):
+            s.infer({"input_ids": ids}, head="topk")
+    assert logits.shape[:2] == ids.shape and argmax.shape == ids.shape
+    assert (argmax == logits.argmax(-1)).all()
+    assert top["topk_indices"].shape[-1] == 3 and (top["topk_indices"][..., 0] == logits[:, -1].argmax(-1)).all()

@@ -167,3 +167,49 @@ def test_the_sender_cannot_build_a_batch_of_two_routes_or_wrong_rows():
     coded = BatchMember("c", 0, 0, 1, header=ForwardHeader(reply_to="tcp://x:1", route=ROUTE, route_keys=(KEY,), codecs={"hidden": {}}))
     with pytest.raises(ProtocolError, match="raw tensors"):
         BatchHeader("forward_batch", (coded,))
+
+
+def test_mutated_batch_headers_raise_only_protocol_errors():
+    """Seeded mutations of valid forward and result batch headers: every one is accepted or
+    refused with ProtocolError, never another exception (a stage answers those as typed errors)."""
+    import random
+
+    rng = random.Random(16)
+    values = [None, True, 0, -1, 2**40, 1.5, "", "x", "tcp://a:1", KEY, [], [1], ["x"], {}, {"a": 1}, [[]], [["r", 0, 0, 1, {}]], b"\x00"]
+    keys = ["bv", "members", "shared", "route", "x", "trace", "pos", "hv", "codecs", "mask_len", "upstream_batch", "route_keys", "reply_to"]
+
+    def mutate(o):
+        if isinstance(o, dict):
+            o, r = dict(o), rng.random()
+            if r < 0.4 and o:
+                k = rng.choice(list(o))
+                o[k] = mutate(o[k])
+            elif r < 0.6 and o:
+                del o[rng.choice(list(o))]
+            else:
+                o[rng.choice(keys)] = rng.choice(values)
+            return o
+        if isinstance(o, list):
+            o = list(o)
+            if o and rng.random() < 0.6:
+                i = rng.randrange(len(o))
+                o[i] = mutate(o[i])
+            elif rng.random() < 0.5:
+                o.append(rng.choice(values))
+            elif o:
+                o.pop()
+            return o
+        return rng.choice(values) if rng.random() < 0.7 else o
+
+    forward = _forward_batch()
+    result = batch_message("result_batch", [BatchMember("a", 0, 0, 2, trace=({"s": 1},)), BatchMember("b", 0, 0, 1)],
+                           {"argmax": np.zeros((3, 1), np.int64), "vocab": np.zeros(1, np.int64)}, shared=["vocab"])
+    for trial in range(3000):
+        base = forward if trial % 2 else result
+        meta = copy.deepcopy(dict(base.meta))
+        for _ in range(rng.randint(1, 4)):
+            meta = mutate(meta)
+        try:
+            split_batch(Message(base.kind, "", 0, 0, base.tensors, meta))
+        except ProtocolError:
+            pass
