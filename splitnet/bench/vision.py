@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import shlex
 import sys
 import time
 from typing import Any
@@ -266,7 +267,9 @@ def run(args: argparse.Namespace) -> dict:
             bar.set_postfix_str(f"cut {cut}: {spec}")
             t0 = time.perf_counter()
             if name == "transform":
-                kw = {"channel_metric": sens.channel_metric, "frequency_weights": sens.frequency_weights} if codec.metric == "fisher" else {}
+                kw = {}
+                if codec.metric == "fisher":
+                    kw = {"channel_metric": sens.channel_metric, **({"frequency_weights": sens.frequency_weights} if codec.spatial == "dct" else {})}
                 codec.fit(cal_maps[cut], progress=False, **kw)
             elif codec.needs_fit:
                 codec.fit(cal_vectors, progress=False)
@@ -299,7 +302,9 @@ def run(args: argparse.Namespace) -> dict:
     frontier = {f"cut {c}": _pareto([(r["setting"], r["wire_bytes_per_image"], r["fidelity"]["kl_mean"]) for r in rows if r["split_after"] == c])
                 for c in cuts}
     frontier["cloud-only"] = _pareto([(f"{b['format']} q{b['quality']}", b["bytes_per_image_mean"], b["fidelity"]["kl_mean"]) for b in images])
+    argv = sys.argv[1:]
     return {
+        "command": "splitnet " + shlex.join(argv) if argv[:2] == ["bench", "vision"] else None,
         "config": {"quick": bool(args.quick), "model": "efficientnet-lite0", "cuts": cuts, "codecs": specs, "per_source": per_source,
                    "held_out_fraction": args.held_out_fraction, "jpeg_quality": args.jpeg_quality, "jpeg_qualities": jpeg_q,
                    "webp_qualities": webp_q, "fisher_samples": args.fisher_samples, "seed": args.seed},
