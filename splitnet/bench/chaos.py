@@ -275,10 +275,12 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
                 print(f"chaos {model}: fault {len(faults)} {kind} -> {faults[-1].outcome} "
                       f"(detect {faults[-1].detect_s}, to token {faults[-1].fault_to_token_s})", flush=True)
             hung = tenants.finish()
-            cached = _cached_requests(splitnet, pool.endpoints, config)
+            cached, mean_batch = _cached_requests(splitnet, pool.endpoints, config)
         finally:
             pool.close()
-    return _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, time.monotonic() - t_pool)
+    doc = _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, time.monotonic() - t_pool)
+    doc["stage_mean_batch"] = mean_batch
+    return doc
 
 
 def _impaired(model: str, rng: random.Random, args: argparse.Namespace, deadline: float, config: Any) -> dict:
@@ -301,12 +303,14 @@ def _impaired(model: str, rng: random.Random, args: argparse.Namespace, deadline
             while time.monotonic() < deadline and any(th.is_alive() for th in tenants.threads):
                 time.sleep(0.5)
             hung = tenants.finish(timeout_s=240)
-            cached = _cached_requests(splitnet, pool.endpoints, config)
+            cached, mean_batch = _cached_requests(splitnet, pool.endpoints, config)
         finally:
             pool.close()
     doc = _figures(model, specs, reference, tenants, [], history, hung, cached, pool, window_s, time.monotonic() - t0)
+    doc["stage_mean_batch"] = mean_batch
     starts = [e for e in history.events if e.what == "recover_start"]
     doc["false_failovers"] = sum(1 for e in starts if e.kind == "StageUnavailable")
+    doc["false_replacements"] = sum(1 for e in history.events if e.what == "recover_end" and (e.detail or {}).get("replaced"))
     doc["replays_without_failover"] = sum(1 for e in starts if e.kind != "StageUnavailable")
     doc["recovery_causes"] = [str(e.detail)[:200] for e in starts[:10]]
     doc["impairment"] = asdict(imp)
@@ -314,17 +318,25 @@ def _impaired(model: str, rng: random.Random, args: argparse.Namespace, deadline
     return doc
 
 
-def _cached_requests(splitnet: Any, endpoints: list[str], config: Any) -> list[int | None]:
+def _cached_requests(splitnet: Any, endpoints: list[str], config: Any) -> tuple[list[int | None], list[float | None]]:
     """Each live stage's cached requests once the tenants are gone (releases are asynchronous:
-    asked again for a few seconds until every cache is released)."""
+    asked again for a few seconds until every cache is released), and its mean batch (requests
+    per forward) over its life: the live stages are the last replacements, so it covers the
+    replays they took."""
     counts: list[int | None] = []
+    infos: list[dict] = []
     with splitnet.connect(endpoints, config=config) as s:
         for _ in range(40):
-            counts = [info.get("cached_requests") for info in s.refresh()]
+            infos = s.refresh()
+            counts = [info.get("cached_requests") for info in infos]
             if all(c == 0 for c in counts):
                 break
             time.sleep(0.25)
-    return counts
+    means = []
+    for info in infos:
+        st = info.get("stats") or {}
+        means.append(round(st["batched_requests"] / st["batches"], 3) if st.get("batches") else None)
+    return counts, means
 
 
 def _chunks(tokens: int, chunk: int) -> int:
@@ -412,6 +424,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "model": model,
         "faults_injected": len(fired),
         "faults_by_kind": {k: sum(1 for f in fired if f.kind == k) for k in FAULT_KINDS},
+        "fillers": sum(1 for f in fired if f.note.startswith("filler")),  # short freezes while the standbys warmed up (counted in faults_injected)
         "requests": len(outcomes),
         "token_identical": identical,
         "lost": lost,
@@ -421,7 +434,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "typed_error_s": _percentiles(error_s),
         "untyped_errors": untyped,
         "errors": errors[:20],
-        "false_failovers": sum(f.failovers > 0 for f in stop_short_ids),
+        "false_failovers": sum(f.failovers > 0 for f in stop_short_ids),  # any recovery started (a replacement or a replay)
+        "false_replacements": sum(f.outcome == "replaced" for f in stop_short_ids),
         "outcomes_ok": sum(1 for f in fired if f.outcome_ok),
         "outcomes_not_ok": [{"index": f.index, "kind": f.kind, "expected": f.expected, "outcome": f.outcome, "cause": f.first_cause[:160]}
                             for f in fired if f.outcome_ok is False],
@@ -491,7 +505,8 @@ def run(args: argparse.Namespace) -> dict:
             share = t0 + args.time_budget_s * (j + 1) / len(models)
             runs.append(_campaign(m, ks, seeds[j], args, min(share, deadline), config))
     total = {k: sum(r[k] for r in runs) for k in ("faults_injected", "requests", "token_identical", "lost", "duplicated", "typed_errors",
-                                                  "typed_errors_expected", "untyped_errors", "false_failovers", "replacements", "outcomes_ok")}
+                                                  "typed_errors_expected", "untyped_errors", "false_failovers", "false_replacements", "fillers",
+                                                  "replacements", "outcomes_ok")}
     hist = {k: sum(r["history"][k] for r in runs) for k in runs[0]["history"]}
     fired = [f for r in runs for f in r["faults"] if f["fired"]]
     timed = [f for f in fired if f["kind"] not in ("stop_short", "cut_unrecoverable")]
