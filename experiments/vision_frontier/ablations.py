@@ -110,6 +110,8 @@ def main() -> None:
     # the product codec, one part off at a time (real bytes)
     settings = [("transform step=1.5 (all parts)", {"step": 1.5}, True),
                 ("transform step=2.5 (all parts)", {"step": 2.5}, True),
+                ("transform step=5 (all parts)", {"step": 5.0}, True),
+                ("transform step=8 (all parts)", {"step": 8.0}, True),
                 ("  no per-frequency steps (frequency_alpha=0), step=1.5", {"step": 1.5, "frequency_alpha": 0.0}, True),
                 ("  no Fisher metric (metric=mse), step=1.5", {"step": 1.5, "metric": "mse"}, False),
                 ("  no Fisher metric (metric=mse), step=2.5", {"step": 2.5, "metric": "mse"}, False),
