@@ -308,8 +308,8 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
         "chunked_prefill_efficiency_vs_stages": round(speedup / S, 3),
         "decode_tokens_per_s_1": one["tokens_per_s"] if one else None,
         f"decode_tokens_per_s_{top['clients']}": top["tokens_per_s"],
-        "decode_concurrency_ratio": round(top["tokens_per_s"] / one["tokens_per_s"], 3) if one else None,
-        "decode_concurrency_ratio_over_ideal": round(top["tokens_per_s"] / one["tokens_per_s"] / min(top["clients"], S if S > 1 else top["clients"]), 3) if one else None,
+        "decode_concurrency_ratio": round(top["tokens_per_s"] / one["tokens_per_s"], 3) if one and top["clients"] > 1 else None,
+        "decode_concurrency_ratio_over_ideal": round(top["tokens_per_s"] / one["tokens_per_s"] / min(top["clients"], S if S > 1 else top["clients"]), 3) if one and top["clients"] > 1 else None,
     }
     if "teacher_forced" in results:
         summary["teacher_forced_argmax_agreement"] = results["teacher_forced"]["argmax_agreement"]
@@ -332,6 +332,8 @@ def _document(args, model_dir, pipe, base: dict, bandwidth: float, weight_bytes:
     for m in results.get("decode_many", []):
         n = m["sequences"]
         summary[f"decode_many_tokens_per_s_{n}"] = m["tokens_per_s"]
+        if one:
+            summary[f"decode_many_concurrency_ratio_{n}"] = round(m["tokens_per_s"] / one["tokens_per_s"], 3)
         clients = next((d for d in results["decode"] if d["clients"] == n), None)
         if clients is not None:
             summary[f"many_over_clients_{n}"] = round(m["tokens_per_s"] / clients["tokens_per_s"], 3)
