@@ -102,14 +102,16 @@ def _many_process(endpoints: list[str], prompts: list[list[int]], n_new: int, st
             start.wait(timeout=120)
             rs = s.generate_many(prompts, n_new)
             batched = s.batch_messages
-        results.put(([list(r.tokens) for r in rs], [(r.latency_ms - r.ttft_ms) / max(1, n_new - 1) for r in rs], batched, None))
+        results.put(([list(r.tokens) for r in rs], [(r.latency_ms - r.ttft_ms) / max(1, n_new - 1) for r in rs], batched,
+                     _stage_step_ms(rs[0].stats.get("decode_stage_ms", {})), None))
     except BaseException as e:  # noqa: BLE001 - reported by the parent
-        results.put((None, [], False, f"{type(e).__name__}: {e}"))
+        results.put((None, [], False, {}, f"{type(e).__name__}: {e}"))
 
 
-def _many(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float], bool]:
+def _many(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[list[list[int]], float, list[float], bool, dict]:
     """ONE client process generating every prompt at once (``generate_many``); (tokens, wall s,
-    ms/token of each sequence, whether its steps travelled as batch messages)."""
+    ms/token of each sequence, whether its steps travelled as batch messages, sequence 0's
+    per-stage step times)."""
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
@@ -120,7 +122,7 @@ def _many(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[l
     try:
         start.wait(timeout=180)
         t0 = time.perf_counter()
-        tokens, per_tok, batched, error = results.get(timeout=900)
+        tokens, per_tok, batched, step_ms, error = results.get(timeout=900)
         wall = time.perf_counter() - t0
     finally:
         proc.join(timeout=30)
@@ -128,7 +130,7 @@ def _many(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tuple[l
             proc.kill()
     if error:
         raise RuntimeError(f"the generate_many client failed: {error}")
-    return tokens, wall, per_tok, batched
+    return tokens, wall, per_tok, batched, step_ms
 
 
 def _stage_deltas(before: list[dict], after: list[dict], wall: float) -> dict:
@@ -268,13 +270,13 @@ def run(args: argparse.Namespace) -> dict:
             if "many" in drivers and n > 1:
                 _many(pipe.endpoints, decode_prompts[:n], 4)  # warm-up
                 before = _stage_stats(pipe.endpoints)
-                tokens, wall, per_tok, batched = _many(pipe.endpoints, decode_prompts[:n], args.new_tokens)
+                tokens, wall, per_tok, batched, step_ms = _many(pipe.endpoints, decode_prompts[:n], args.new_tokens)
                 deltas = _stage_deltas(before, _stage_stats(pipe.endpoints), wall)
                 checked = [tokens[i] == ref_decode[i] for i in range(min(n, len(ref_decode)))]
                 results["decode_many"].append({
                     "sequences": n, "client_processes": 1, "batch_messages": batched, "tokens": sum(len(t) for t in tokens),
                     "seconds": round(wall, 3), "tokens_per_s": round(sum(len(t) for t in tokens) / wall, 1),
-                    "ms_per_token_median": round(statistics.median(per_tok), 3), **deltas,
+                    "ms_per_token_median": round(statistics.median(per_tok), 3), **deltas, "stage_step_ms_sequence_0": step_ms,
                     "tokens_checked": len(checked), "tokens_identical": sum(checked),
                     "first_divergence": [hf_baselines.first_divergence(tokens[i], ref_decode[i]) for i in range(min(n, len(ref_decode)))],
                 })

@@ -26,6 +26,7 @@ def test_both_drivers_are_measured_in_one_run(kill_leftovers):
     assert many["stage_batch_messages_in"][0] > 0 and many["stage_batch_messages_out"][-1] > 0  # the client's batches, the last stage's result batches
     assert doc["summary"]["decode_many_tokens_per_s_3"] == many["tokens_per_s"] and "many_over_clients_3" in doc["summary"]
     assert doc["teacher_forced"]["argmax_agreement"] == 1.0  # through Session.infer(all_logits=True, head="argmax")
+    assert set(many["stage_step_ms_sequence_0"]) == {"0", "1"}
     assert "many" in pipeline.summarize(doc)
 
 
