@@ -72,3 +72,27 @@ def test_fp32_across_the_cut_equals_the_unsplit_model(doc):
     assert r["greedy"]["positional_agreement"] == 1.0 and r["greedy"]["identical_continuations"] == 1.0
     assert abs(r["perplexity"]["change_pct"]) < 1e-3 and r["teacher_forced_argmax_agreement"] == 1.0
     assert r["cut_cosine"] > 0.99999
+
+
+def test_rvq_settings_that_differ_in_stages_share_the_deepest_fit():
+    from splitnet.bench.lm import _nested_rvq, _settings
+
+    settings = _settings("fp16,rvq:stages=8/nbits=8,rvq:stages=40/nbits=8,rvq:stages=4/nbits=6,pq:m=8/nbits=8")
+    assert _nested_rvq(settings) == {"rvq:stages=8/nbits=8": "rvq:stages=40/nbits=8", "rvq:stages=40/nbits=8": "rvq:stages=40/nbits=8",
+                                     "rvq:stages=4/nbits=6": "rvq:stages=4/nbits=6"}
+    with pytest.raises(ValueError, match="anchors=1 applies to alignedvq only"):
+        _settings("rvq:stages=2/nbits=8/anchors=1")
+    with pytest.raises(ValueError, match="unknown codec"):
+        _settings("nope")
+
+
+def test_truncated_rvq_equals_a_fit_with_fewer_stages():
+    """What lets one 40-stage fit stand for the 8-, 16- and 32-stage rows."""
+    import numpy as np
+
+    from splitnet.codecs import make_codec
+
+    x = np.random.default_rng(0).standard_normal((3000, 16)).astype(np.float32)
+    deep = make_codec("rvq", stages=4, nbits=4).fit(x, progress=False)
+    shallow = make_codec("rvq", stages=2, nbits=4).fit(x, progress=False)
+    np.testing.assert_allclose(deep.truncated(2).codebooks, shallow.codebooks, rtol=1e-5, atol=1e-5)
