@@ -179,7 +179,7 @@ def main() -> None:
         opt.step()
     with torch.no_grad():
         dec = decode_t(torch.from_numpy(q_held).float()).numpy()
-    add(f"study: transform step=1.5 + learned decoder gains/bias ({a.decoder_steps} steps, cal KL {float(loss):.4f})", nb_real, dec, False)
+    add(f"study: transform step=1.5 + learned decoder gains/bias ({a.decoder_steps} steps, cal KL {float(loss.detach()):.4f})", nb_real, dec, False)
 
     doc = {"command": "OMP_NUM_THREADS=1 .venv/bin/python experiments/vision_frontier/ablations.py " + " ".join(
                f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None and k != "out"),
