@@ -29,13 +29,12 @@ from typing import Any
 import numpy as np
 
 #: codec settings "name[:key=value,...]" in the default and the quick run
-DEFAULT_CODECS = ("fp16", "int8", "int4", "pq:m=24,nbits=4", "pq:m=32,nbits=8", "rvq:stages=4,nbits=8", "rvq:stages=8,nbits=8",
-                  "alignedvq:stages=4,nbits=8", "transform:step=0.5", "transform:step=1", "transform:step=1.5", "transform:step=2",
-                  "transform:step=3")
+DEFAULT_CODECS = ("fp16", "int8", "int4", "pq:m=24,nbits=4", "rvq:stages=4,nbits=8", "rvq:stages=8,nbits=8", "alignedvq:stages=4,nbits=8",
+                  "transform:step=0.5", "transform:step=1", "transform:step=1.5", "transform:step=2", "transform:step=3")
 QUICK_CODECS = ("fp16", "int8", "pq:m=8,nbits=6", "transform:step=2")
 DEFAULT_CUTS = (12, 15)
-DEFAULT_JPEG_QUALITIES = (5, 10, 20, 30, 50, 70, 90)
-DEFAULT_WEBP_QUALITIES = (0, 5, 10, 25, 50, 75)
+DEFAULT_JPEG_QUALITIES = (10, 30, 50, 90)
+DEFAULT_WEBP_QUALITIES = (0, 10, 50)
 #: the issue's bar: cut bytes <= 5 % of the JPEG q90 at >= 99 % top-1 agreement
 GOAL_BYTES_PCT_OF_JPEG = 5.0
 GOAL_TOP1 = 0.99

@@ -64,3 +64,19 @@ def test_edge_macs_share_grows_with_the_cut():
     assert len(blocks) == 16 and 0.35e9 < stem + sum(blocks) + head < 0.45e9  # EfficientNet-Lite0: ~0.4 G multiply-adds
     shares = [arch.edge_macs_fraction(c) for c in range(0, 17)]
     assert all(a < b for a, b in zip(shares, shares[1:])) and 0 < shares[0] < 0.05 and 0.9 < shares[16] < 1.0
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--codecs", "nosuch"], "unknown codec"), (["--codecs", "transform:step=0"], "step"),
+    (["--webp-qualities", "5,x"], "integers"), (["--jpeg-qualities", "101"], "0..100"), (["--per-source", "1"], "per-source"),
+])
+def test_bad_arguments_are_refused_before_any_work(argv, match):
+    import argparse
+
+    from splitnet.bench.vision import add_arguments, run
+    from splitnet.errors import ConfigError
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(ConfigError, match=match):
+        run(p.parse_args(argv))
