@@ -29,7 +29,9 @@ one step for every coefficient.
 Every byte the receiver needs rides in the payload: the range-coded stream (one part). Values of
 ``|q|`` larger than any seen at calibration are clipped to that range (counted in the held-out
 fidelity, not hidden). Encoding and decoding walk the symbols in Python through
-:class:`splitnet.codecs.order1.Order1Model` (about 3 us per coefficient: 25-30 ms for a 7x7x192 map).
+:class:`splitnet.codecs.order1.Order1Model` (about 3 us per coefficient: 25-30 ms for a 7x7x192 map);
+``skip_unused`` leaves out the coefficients that were 0 on every calibration map (about half of
+them at the steps that meet the bar's bytes).
 """
 
 from __future__ import annotations
@@ -95,12 +97,15 @@ class TransformCodec(_FittedCodec):
         metric: "fisher" (``fit`` needs ``channel_metric``, optionally ``frequency_weights``) or "mse".
         metric_floor: added to the metric, times its mean eigenvalue (metric="fisher").
         frequency_alpha: exponent of the per-frequency step scaling (0 = one step for all).
+        skip_unused: coefficients whose level was 0 on every calibration map are not sent (the
+            decoder sets them to 0): fewer symbols to walk, at the price of the rare held-out level
+            that is not 0 there.
     """
 
     name = "transform"
 
     def __init__(self, step: float = 1.5, spatial: str = "dct", positions: int = 0, dim: int = 0, metric: str = "fisher",
-                 metric_floor: float = 0.5, frequency_alpha: float = 1.0) -> None:
+                 metric_floor: float = 0.5, frequency_alpha: float = 1.0, skip_unused: bool | int = False) -> None:
         super().__init__()
         if isinstance(step, bool) or not isinstance(step, (int, float)) or not 0.0 < float(step) <= 1e3 or not math.isfinite(step):
             raise ValueError(f"transform.step must be a number in (0, 1000], got {step!r}")
@@ -117,6 +122,9 @@ class TransformCodec(_FittedCodec):
         self.positions = _check_int("transform.positions", positions, 0, 1 << 20)
         self.dim = _check_int("transform.dim", dim, 0, 1 << 16)
         self.metric_floor, self.frequency_alpha = float(metric_floor), float(frequency_alpha)
+        if skip_unused not in (True, False, 0, 1):
+            raise ValueError(f"transform.skip_unused must be a bool (or 0/1), got {skip_unused!r}")
+        self.skip_unused = bool(skip_unused)
         if spatial == "dct" and self.positions and math.isqrt(self.positions) ** 2 != self.positions:
             raise ValueError(f"transform.positions={self.positions} is not a square map (spatial='dct' needs H = W)")
         self._model: Order1Model | None = None
@@ -124,11 +132,13 @@ class TransformCodec(_FittedCodec):
     # -- state -----------------------------------------------------------------------------
     def _config(self) -> dict[str, Any]:
         return {"step": self.step, "spatial": self.spatial, "positions": self.positions, "dim": self.dim, "metric": self.metric,
-                "metric_floor": self.metric_floor, "frequency_alpha": self.frequency_alpha}
+                "metric_floor": self.metric_floor, "frequency_alpha": self.frequency_alpha} | (
+                    {"skip_unused": True} if self.skip_unused else {})
 
     def _arrays(self) -> dict[str, np.ndarray]:
         return {"mean": self.mean, "analysis": self.analysis, "synthesis": self.synthesis, "steps": self.steps,
-                "level": np.asarray([self.level], dtype=np.int64), **self._model.arrays(MODEL_PREFIX)}
+                "level": np.asarray([self.level], dtype=np.int64), "coded": self.coded.astype(np.uint8),
+                **self._model.arrays(MODEL_PREFIX)}
 
     def _load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         f32 = lambda k: np.ascontiguousarray(arrays[k], dtype=np.float32)  # noqa: E731
@@ -143,9 +153,13 @@ class TransformCodec(_FittedCodec):
         self.level = int(np.asarray(arrays["level"]).reshape(-1)[0])
         if not 1 <= self.level <= MAX_LEVEL:
             raise ValueError(f"transform level {self.level} is outside 1..{MAX_LEVEL}")
+        self.coded = np.asarray(arrays["coded"]).astype(bool)
+        if self.coded.shape != self.steps.shape or not self.coded.any() or (not self.skip_unused and not self.coded.all()):
+            raise ValueError(f"transform coded-coefficient mask has shape {self.coded.shape} (steps {self.steps.shape}) or "
+                             "does not match skip_unused")
         self._model = Order1Model.from_arrays(arrays, MODEL_PREFIX)
-        if self._model.size != 2 * self.level + 1 or self._model.contexts != self.steps.size:
-            raise ValueError("transform entropy model does not match the steps and level")
+        if self._model.size != 2 * self.level + 1 or self._model.contexts != int(self.coded.sum()):
+            raise ValueError("transform entropy model does not match the coded coefficients and level")
         self._dct = dct_matrix(math.isqrt(t)) if self.spatial == "dct" else None
 
     # -- transform -------------------------------------------------------------------------
@@ -231,9 +245,13 @@ class TransformCodec(_FittedCodec):
             bar.update()
             q = np.rint(coef / self.steps)
             self.level = int(min(max(1, np.abs(q).max()), MAX_LEVEL))
-            sym = (np.clip(q, -self.level, self.level) + self.level).astype(np.int64).reshape(-1)
-            ctx = np.tile(np.arange(t * k), coef.shape[0])
-            self._model = Order1Model.fit(sym, 2 * self.level + 1, ctx, t * k)
+            self.coded = (q != 0).any(axis=0) if self.skip_unused else np.ones((t, k), dtype=bool)
+            if not self.coded.any():
+                self.coded[0, 0] = True  # the stream codes at least one coefficient
+            n_coded = int(self.coded.sum())
+            sym = (np.clip(q[:, self.coded], -self.level, self.level) + self.level).astype(np.int64).reshape(-1)
+            ctx = np.tile(np.arange(n_coded), coef.shape[0])
+            self._model = Order1Model.fit(sym, 2 * self.level + 1, ctx, n_coded)
             bar.update()
         self._mark_fitted()
         return self
@@ -253,8 +271,8 @@ class TransformCodec(_FittedCodec):
         self._require_fit()
         t, shape = as_tokens(x)
         self._check_width(t.shape[1], self.mean.shape[0])
-        q = self._levels(t)
-        ctx = np.tile(np.arange(self.steps.size), q.shape[0])
+        q = self._levels(t)[:, self.coded]  # (M, coded coefficients)
+        ctx = np.tile(np.arange(q.shape[1]), q.shape[0])
         data = self._model.encode(q.reshape(-1) + self.level, ctx)
         return Payload(self.name, self.codebook_hash, shape, "float32", {"r": np.frombuffer(data, dtype=np.uint8)})
 
@@ -268,8 +286,9 @@ class TransformCodec(_FittedCodec):
         r = part(payload, "r")
         if r.dtype != np.uint8 or r.ndim != 1:
             raise CodecError(f"transform payload stream must be 1-D uint8, got {r.dtype} {r.shape}")
-        maps = n // per
-        ctx = np.tile(np.arange(self.steps.size), maps)
+        maps, n_coded = n // per, int(self.coded.sum())
+        ctx = np.tile(np.arange(n_coded), maps)
         sym = self._model.decode(r.tobytes(), ctx.size, ctx)
-        q = (sym - self.level).reshape(maps, self.steps.shape[0], self.steps.shape[1]).astype(np.float32)
+        q = np.zeros((maps, *self.steps.shape), dtype=np.float32)
+        q[:, self.coded] = (sym - self.level).reshape(maps, n_coded)
         return self._reconstruct(q).reshape(payload.shape).astype(np.float32)

@@ -199,3 +199,19 @@ def test_output_fisher_on_efficientnet():
     assert s.frequency_weights.shape == (49,) and abs(s.frequency_weights.mean() - 1.0) < 1e-9 and s.inputs == 3
     with pytest.raises(ValueError, match="samples"):
         output_fisher(bm, 15, maps, samples=0)
+
+
+def test_skip_unused_sends_fewer_symbols_and_still_round_trips(cal, held, tmp_path):
+    full = make_codec("transform", step=0.8, metric="mse").fit(cal, progress=False)
+    skip = make_codec("transform", step=0.8, metric="mse", skip_unused=True).fit(cal, progress=False)
+    assert full.coded.all() and 0 < skip.coded.sum() < skip.coded.size
+    assert skip._model.contexts == skip.coded.sum()
+    y_full, y_skip = full.decode(full.encode(held)), skip.decode(skip.encode(held))
+    q = full.levels(held)
+    # the skipped coefficients decode to 0, the others exactly as without skipping
+    np.testing.assert_allclose(y_skip, full._reconstruct(np.where(skip.coded, q, 0).astype(np.float32)).reshape(held.shape), atol=1e-5)
+    assert y_full.shape == y_skip.shape
+    save_codec(skip, tmp_path / "s.codec")
+    assert load_codec(tmp_path / "s.codec").codebook_hash == skip.codebook_hash != full.codebook_hash
+    with pytest.raises(ValueError, match="skip_unused"):
+        make_codec("transform", skip_unused="yes")
