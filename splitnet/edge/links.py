@@ -544,6 +544,8 @@ class StageLinks:
                     answered.discard(link.index)
                 elif link.index not in dead and (link.last_seen > before[link.index] or (link.index, probe) in self._pongs):
                     answered.add(link.index)
+                elif link.index not in answered and self.is_down(link.index):
+                    dead.add(link.index)  # its connection closed during the probe and did not come back within the grace
             return len(answered) + len(dead) >= len(self._links)
 
         next_ping = [0.0]

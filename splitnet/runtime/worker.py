@@ -79,6 +79,7 @@ PEER_REPLY_PREFIX = "peer:"
 _POLL_MS = 100
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
 _BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
+_GONE_WAIT_MS = 250  # a peer that took messages before and cannot take one for this long has lost its connection
 _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one
 _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
@@ -234,6 +235,7 @@ class StageWorker:
         if self.pool is not None and self.device.type == "cuda" and config.cuda_graphs and hasattr(self.stage, "enable_cuda_graphs"):
             self.stage.enable_cuda_graphs(self.pool, config.max_batch_size)
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
+        self._peers_up: set[tuple[str, bytes | None]] = set()  # (endpoint, key) that took a message (a later send finds it gone fast)
         self.ctx = zmq.Context.instance()
         self.work: queue.Queue[_Work | list[_Work] | None] = queue.Queue(maxsize=config.queue_depth)  # a list: one batch message's members
         self.stop_event = threading.Event()
@@ -935,7 +937,12 @@ class StageWorker:
         try:
             if self._banned.get(ban, 0.0) > time.monotonic():
                 raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
+            if ban in self._peers_up and not sock.poll(_GONE_WAIT_MS, zmq.POLLOUT):
+                raise zmq.Again()  # it took messages before and has no connection now: gone (a killed stage), not a 5 s stall of compute
             sock.send_multipart(frames, copy=False)
+            if len(self._peers_up) >= 2 * _MAX_PEERS:
+                self._peers_up.clear()
+            self._peers_up.add(ban)
             self.stats["bytes_out"] += message_nbytes(frames)
         except zmq.Again:
             if self._banned.get(ban, 0.0) <= time.monotonic():

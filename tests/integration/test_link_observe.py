@@ -51,9 +51,9 @@ class Stage:
         self.thread.join(timeout=5)
 
 
-def _links(endpoints: list[str], on_message=lambda *_: None) -> StageLinks:
-    links = StageLinks(endpoints, ClientConfig(heartbeat_interval_s=0.1, heartbeat_liveness=3), SocketConfig(), None,
-                       b"observe-client-0001", on_message)
+def _links(endpoints: list[str], on_message=lambda *_: None, **cfg) -> StageLinks:
+    config = ClientConfig(**{"heartbeat_interval_s": 0.1, "heartbeat_liveness": 3, **cfg})
+    links = StageLinks(endpoints, config, SocketConfig(), None, b"observe-client-0001", on_message)
     links.end_handshake()
     return links
 
@@ -91,7 +91,7 @@ def test_observer_sees_sends_receives_and_uses_then_stops():
 
 def test_a_suspect_that_has_said_nothing_since_it_was_connected_counts_as_dead_at_once():
     live, mute, other = Stage(), Stage(answer=False), Stage()
-    links = _links([live.endpoint, other.endpoint])
+    links = _links([live.endpoint, other.endpoint], heartbeat_interval_s=1.0)  # a 3 s window: answers have time on a loaded machine
     try:
         links.replace(1, mute.endpoint)
         t0 = time.monotonic()
@@ -108,9 +108,11 @@ def test_a_suspect_that_has_said_nothing_since_it_was_connected_counts_as_dead_a
 
 
 def test_a_release_sent_while_the_stage_is_unreachable_is_sent_once_it_is_back():
-    probe = zmq.Context.instance().socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
-    probe.close(linger=0)  # nothing listens on the port yet
+    import socket
+
+    with socket.socket() as probe:  # a port nothing listens on yet
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     links = _links([f"tcp://127.0.0.1:{port}"])
     try:
         assert not links.send(0, Message(kind="release", req="gone-1")), "no connection yet: the release cannot be queued"
@@ -131,3 +133,20 @@ def test_a_release_sent_while_the_stage_is_unreachable_is_sent_once_it_is_back()
         stage.close(linger=0)
     finally:
         links.close()
+
+
+def test_a_stage_whose_connection_closes_during_the_probe_is_found_within_the_grace_not_the_window():
+    live, dying = Stage(), Stage()
+    links = _links([live.endpoint, dying.endpoint], heartbeat_interval_s=1.0, disconnect_grace_s=0.3)  # window 3 s
+    try:
+        links.wait_until(lambda: all(links.silent_s(i) < 0.5 and links._links[i].last_seen > 0 for i in range(2)), 5,
+                         lambda: TimeoutError("no stage answered"))
+        links.ping_all()
+        links.poll(0.2)
+        dying.close()  # its socket closes: the client's monitor sees the disconnect
+        t0 = time.monotonic()
+        assert links.silent_stages() == [1]
+        assert time.monotonic() - t0 < links.window_s, "the probe waited a whole window for a stage whose connection closed"
+    finally:
+        links.close()
+        live.close()
