@@ -215,3 +215,17 @@ def test_skip_unused_sends_fewer_symbols_and_still_round_trips(cal, held, tmp_pa
     assert load_codec(tmp_path / "s.codec").codebook_hash == skip.codebook_hash != full.codebook_hash
     with pytest.raises(ValueError, match="skip_unused"):
         make_codec("transform", skip_unused="yes")
+
+
+def test_a_saved_transform_codec_serves_a_stage_cut(cal, held, tmp_path):
+    """The stage path (runtime.cut_codec): a batch of maps is one payload, decoded by the file's hash."""
+    from splitnet.runtime.cut_codec import CutCodecs
+
+    c = make_codec("transform", step=0.3, metric="mse", skip_unused=True).fit(cal, progress=False)
+    path = tmp_path / "cut.codec"
+    save_codec(c, path)
+    edge, cloud = CutCodecs(codec_out=str(path)), CutCodecs(codec_files=(str(path),))
+    tensors, meta = edge.encode({"hidden": held[:3]})
+    out = cloud.decode(tensors, meta)
+    np.testing.assert_allclose(out["hidden"], c.decode(c.encode(held[:3])), atol=1e-6)
+    assert out["hidden"].shape == (3, SIDE * SIDE, C)
