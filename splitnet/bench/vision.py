@@ -184,6 +184,16 @@ def _best_image_within(images: list[dict], nbytes: float) -> dict | None:
             "kl_mean": b["fidelity"]["kl_mean"]}
 
 
+def wilson95(agree: float | None, n: int) -> list[float] | None:
+    """The 95 % Wilson score interval [lo, hi] of a proportion ``agree`` measured on ``n`` inputs."""
+    if agree is None or n <= 0:
+        return None
+    z2 = 1.959964**2
+    mid = (agree + z2 / (2 * n)) / (1 + z2 / n)
+    half = (z2**0.5 / (1 + z2 / n)) * ((agree * (1 - agree) / n + z2 / (4 * n * n)) ** 0.5)
+    return [round(max(0.0, mid - half), 4), round(min(1.0, mid + half), 4)]
+
+
 def _pareto(points: list[tuple[str, float, float]]) -> list[str]:
     """Names of the (name, bytes, loss) points no other point beats on both (fewer bytes, lower loss)."""
     keep = []
@@ -238,6 +248,7 @@ def run(args: argparse.Namespace) -> dict:
     i_base = points.index(("JPEG", args.jpeg_quality))
     base, raw_bytes = images[i_base], image_bytes[i_base]
     jpeg_mean = base["bytes_per_image_mean"]
+    n_confident = int(round(base["fidelity"]["confident_fraction"] * len(held)))
     cal_maps = {}
     if needs_fit:
         bar.set_postfix_str("features of the calibration crops")
@@ -287,6 +298,8 @@ def run(args: argparse.Namespace) -> dict:
                 "ratio_vs_fp16": round(res.ratio_vs_fp16, 3),
                 "cut_cosine": round(res.cut_cosine, 6),
                 "fidelity": fid,
+                "top1_wilson95": wilson95(fid["top1_agreement"], len(held)),
+                "top1_confident_wilson95": wilson95(fid.get("top1_agreement_confident"), n_confident),
                 "best_image_codec_within_bytes": _best_image_within(images, res.wire_bytes_per_input),
                 "calibration_vectors": int(cal_vectors.shape[0]) if codec.needs_fit else 0,
                 "fit_s": round(fit_s, 2), "encode_decode_tail_s": round(eval_s, 2),
@@ -311,7 +324,7 @@ def run(args: argparse.Namespace) -> dict:
             "photos": sorted(P.photos()), "crops": len(crops), "calibration_crops": len(cal), "held_out_crops": len(held),
             "held_out_photos": list(P.HELD_OUT_SOURCES),
             "held_out_crops_of_unseen_photos": sum(c.source in P.HELD_OUT_SOURCES for c in held),
-            "held_out_confident_crops": int(round(bf["confident_fraction"] * len(held))),
+            "held_out_confident_crops": n_confident,
         },
         "whole_photo_top5": P.whole_photo_predictions(bm),
         "baseline_cloud_only": {**base, "what": f"the 224x224 crop as JPEG q{args.jpeg_quality} (PIL, 4:2:0), the whole model in the cloud"},

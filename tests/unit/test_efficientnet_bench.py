@@ -80,3 +80,13 @@ def test_bad_arguments_are_refused_before_any_work(argv, match):
     add_arguments(p)
     with pytest.raises(ConfigError, match=match):
         run(p.parse_args(argv))
+
+
+def test_wilson_interval():
+    from splitnet.bench.vision import wilson95
+
+    lo, hi = wilson95(1.0, 93)
+    assert hi == 1.0 and abs(lo - 0.9603) < 1e-3  # 93 of 93 does not prove >= 99 %
+    lo, hi = wilson95(0.5, 100)
+    assert lo < 0.5 < hi and abs((hi - lo) - 0.19) < 0.01
+    assert wilson95(None, 10) is None and wilson95(0.5, 0) is None
