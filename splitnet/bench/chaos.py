@@ -412,7 +412,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
                       if e.tenant == o.tenant and e.what == "recover_start" and o.t_start <= e.t <= o.t_end]
             errors.append(f"{o.error} [recoveries in this request: {', '.join(causes) or 'none'}]")
             owner = next((f for f in unrecoverable if f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s), None)
-            if owner is not None and o.typed:
+            if owner is not None and o.typed and "NoStandby" in o.error:  # ended by the refused replacement, nothing else
                 expected_errors += 1
                 error_s.append(o.t_end - max(owner.t_fault, o.t_start))
             continue
@@ -424,7 +424,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
             if arrived[:len(got)] != got:
                 lost += 1  # what arrived is not what the result says
     for f in unrecoverable:  # its requests must end in a typed error within 2 x the window
-        errs = [o for o in outcomes if o.error and o.typed and f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s]
+        errs = [o for o in outcomes if o.error and o.typed and "NoStandby" in o.error and f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s]
         worst = max((o.t_end - max(f.t_fault, o.t_start) for o in errs), default=None)
         f.outcome = f"typed error after {worst:.2f} s" if worst is not None else ("no failover" if not f.failovers else "recovered")
         f.outcome_ok = worst is not None and worst <= 2 * window_s
@@ -481,6 +481,17 @@ def _schedule(rng: random.Random, n: int, quick: bool) -> list[str]:
     return rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds], k=n)
 
 
+def _prepare_models(models: list[str]) -> None:
+    """Resolve every model once, in this thread, before campaigns run in parallel threads:
+    transformers' lazy imports are not safe when two threads trigger them at once (seen:
+    ``cannot import name 'AutoConfig'``), and a built-in's files are written on first use."""
+    from splitnet.model.loading import architecture_for, resolve_model_dir
+    from splitnet.model.weights import read_config
+
+    for m in models:
+        architecture_for(read_config(resolve_model_dir(m)))
+
+
 def run(args: argparse.Namespace) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -509,6 +520,7 @@ def run(args: argparse.Namespace) -> dict:
         models = models[:1]
         runs = [_impaired(models[0], seeds[0], args, deadline, config)]
     elif args.concurrent_models:
+        _prepare_models(models)
         with ThreadPoolExecutor(max_workers=len(models)) as ex:
             runs = list(ex.map(lambda j: _campaign(models[j], per_model[j], seeds[j], args, deadline, config), range(len(models))))
     else:

@@ -199,6 +199,8 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
             )
         except (ConnectionError, OSError):
             pass
+        except asyncio.CancelledError:
+            pass  # the relay is stopping (SIGTERM): its connections close with it, quietly
         finally:
             for w in (c_writer, t_writer):
                 w.close()
