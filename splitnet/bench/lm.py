@@ -318,7 +318,10 @@ def run(args: argparse.Namespace) -> dict:
     torch.set_num_threads(max(1, args.threads))
     _faiss().omp_set_num_threads(max(1, args.threads))
     q = args.quick
-    settings = _settings(args.codecs or ",".join(QUICK_CODECS if q else DEFAULT_CODECS))
+    try:
+        settings = _settings(args.codecs or ",".join(QUICK_CODECS if q else DEFAULT_CODECS))
+    except ValueError as e:
+        raise ConfigError(f"--codecs: {e}") from e
     if not any(name == "fp16" for _, name, _, _ in settings):
         settings.insert(0, ("fp16", "fp16", {}, False))  # the baseline is always measured in the same run
     cuts = [int(c) for c in args.cuts.split(",")] if args.cuts else list(DEFAULT_CUTS)
