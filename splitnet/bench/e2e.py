@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -69,6 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--per-source", type=int, help="crops per photo for the photo set (default 20; --quick 6)")
     p.add_argument("--fidelity-floor", type=float, default=GOAL_TOP1, help="top-1 agreement a split codec must keep to be chosen (default 0.99)")
     p.add_argument("--jpeg-quality", type=int, default=90)
+    p.add_argument("--fisher-samples", type=int, default=4,
+                   help="labels sampled per calibration crop for the transform codec's Fisher metric (default 4, as bench vision)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -92,6 +95,7 @@ def _config(a: argparse.Namespace) -> dict:
         "held_out_fraction": 0.25,
         "fidelity_floor": a.fidelity_floor,
         "jpeg_quality": a.jpeg_quality,
+        "fisher_samples": a.fisher_samples,
         "seed": a.seed,
     }
     bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
@@ -99,8 +103,8 @@ def _config(a: argparse.Namespace) -> dict:
         raise ConfigError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
     if any(not 1 <= c <= 15 for c in cfg["candidate_cuts"]) or (a.cut is not None and not 1 <= a.cut <= 15):
         raise ConfigError("cuts must be in 1..15 (blocks on the edge)")
-    if cfg["requests"] < 1 or cfg["crops"] < 1 or cfg["profile_crops"] < 1:
-        raise ConfigError("--requests, --crops and --profile-crops must be >= 1")
+    if cfg["requests"] < 1 or cfg["crops"] < 1 or cfg["profile_crops"] < 1 or cfg["fisher_samples"] < 1:
+        raise ConfigError("--requests, --crops, --profile-crops and --fisher-samples must be >= 1")
     if not 0.0 <= cfg["fidelity_floor"] <= 1.0 or not 1 <= cfg["jpeg_quality"] <= 100:
         raise ConfigError("--fidelity-floor must be in [0, 1] and --jpeg-quality in 1..100")
     return cfg
@@ -169,14 +173,36 @@ def _measure(lab, client: _Client, requests: int) -> dict:
     return out
 
 
-def _stats(out: dict, ref_top1: np.ndarray) -> dict:
+def _mean(v: list[int]) -> float | None:
+    return round(float(np.mean(v)), 4) if v else None
+
+
+def _stats(out: dict, ref_top1: np.ndarray, confident: np.ndarray) -> dict:
+    """Latency, bytes and top-1 agreement with the unsplit model on the original pixels of the
+    requests of one point; ``confident``: the crops whose unsplit top-1 probability is >= 0.5."""
     lat = np.asarray(out["latency_ms"], dtype=np.float64)
     agree = [int(t == ref_top1[c]) for c, t in zip(out["crop"], out["top1"])]
+    agree_conf = [a for a, c in zip(agree, out["crop"]) if confident[c]]
     return {"p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2),
             "mean_ms": round(float(lat.mean()), 2), "requests": int(lat.size),
             "link_bytes_per_request": round(float(out["link_bytes_per_request"]), 1),
             "payload_bytes_per_request": round(float(np.mean(out["payload_bytes"])), 1),
-            "agree": agree}
+            "top1_agreement": _mean(agree), "top1_agreement_confident": _mean(agree_conf), "confident_requests": len(agree_conf),
+            "load_1m": round(os.getloadavg()[0], 2),
+            "agree": agree, "agree_confident": agree_conf}
+
+
+def _fit(codec, name: str, maps: np.ndarray, sens) -> None:
+    """Fit ``codec`` on the calibration ``maps`` (N, T, C): ``transform`` on whole maps, in the
+    tail's Fisher metric ``sens`` when its metric is "fisher" (as ``bench vision`` fits it); the
+    others on the (N * T, C) vectors."""
+    if name != "transform":
+        codec.fit(maps.reshape(-1, maps.shape[-1]), progress=False)
+        return
+    kw = {}
+    if codec.metric == "fisher" and sens is not None:  # without it the codec's own fit refuses, naming output_fisher
+        kw = {"channel_metric": sens.channel_metric, **({"frequency_weights": sens.frequency_weights} if codec.spatial == "dct" else {})}
+    codec.fit(maps, progress=False, **kw)
 
 
 # ---------------------------------------------------------------------------- the run
@@ -188,13 +214,15 @@ def run(args: argparse.Namespace) -> dict:
     from splitnet.bench.e2e_client import held_out_crops
     from splitnet.bench.e2e_jpeg import decode_jpeg, encode_jpeg
     from splitnet.codecs import make_codec
-    from splitnet.codecs.fidelity import calibration_tokens, cut_features
+    from splitnet.codecs.fidelity import CONFIDENT_P, cut_features
+    from splitnet.codecs.sensitivity import output_fisher
     from splitnet.codecs.store import save_codec
     from splitnet.lab.netns import check_root, lab_topology
     from splitnet.model import load_model
     from splitnet.model.efficientnet import to_pixel_values
 
     t_start = time.perf_counter()
+    load = {"loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()]}
     cfg = _config(args)
     codecs = [(s, *parse_codec_spec(s)) for s in cfg["codecs"]]
     for spec, name, conf in codecs:
@@ -219,7 +247,8 @@ def run(args: argparse.Namespace) -> dict:
     px = np.stack([to_pixel_values(x) for x in rgbs])
     full = bm.full()
     with torch.no_grad():
-        ref_top1 = full({"pixel_values": torch.from_numpy(px)})["logits"].argmax(-1).numpy()
+        ref_p = full({"pixel_values": torch.from_numpy(px)})["logits"].float().softmax(-1).numpy()
+    ref_top1, confident = ref_p.argmax(-1), ref_p.max(-1) >= CONFIDENT_P
     jpegs = [encode_jpeg(x, cfg["jpeg_quality"]) for x in rgbs]
     with torch.no_grad():
         jpeg_top1 = full({"pixel_values": torch.from_numpy(np.stack([to_pixel_values(decode_jpeg(j)) for j in jpegs]))})["logits"].argmax(-1).numpy()
@@ -250,35 +279,49 @@ def run(args: argparse.Namespace) -> dict:
 
     # ---- the cut to measure: the planner's choice at the slowest point (stateless codecs) -------
     split_opts = [{"kind": "split", "cut": c.cut, "setting": c.setting} for c in costs]
-    if cfg["cut"] is None:
+    planner_cut = None
+    if split_opts:
         fl = EP.fleet_at(min(cfg["bandwidths_mbit_s"]), min(cfg["rtts_ms"]), cloud_speed, 0.0)
         pred = EP.predict_options(profile, fl, split_opts, cloud_costs, 0.0, cfg["fidelity_floor"])
         allowed = [n for n, p in pred.items() if p["allowed"]] or list(pred)
         best = min(allowed, key=lambda n: pred[n]["predicted_ms"])
-        cut = int(best.split("@")[1].split(":")[0])
-    else:
-        cut = cfg["cut"]
+        planner_cut = {"cut": int(best.split("@")[1].split(":")[0]), "option": best, "predicted_ms": round(pred[best]["predicted_ms"], 2)}
+    if cfg["cut"] is None and planner_cut is None:
+        raise ConfigError("no stateless codec to choose the cut with: give --cut, or add a stateless codec (fp16, int8, int4, topk)")
+    cut = cfg["cut"] if cfg["cut"] is not None else planner_cut["cut"]
 
     # ---- fitted codecs at that cut: calibrated on the calibration crops only, saved, served -----
     work_dir = tempfile.TemporaryDirectory(prefix="splitnet-e2e-")  # removed when run() returns or raises
     work = Path(work_dir.name)
     codec_files: dict[str, str] = {}
     fits = []
+    sensitivity = None
     if fitted:
-        cal_feats = []
-        for i in range(0, len(cal), 64):
-            cal_feats.extend(cut_features(bm, cut, [({"pixel_values": P.pixel_values([c])}, 0) for c in cal[i:i + 64]]))
-        vectors, _ = calibration_tokens(cal_feats)
-        del cal_feats
-        feats = cut_features(bm, cut, prof_inputs)
         _, _, ch = bm.arch.cut_shape(cut)
         for spec, name, conf in fitted:
             if name == "pq" and ch % int(conf.get("m", 8)):
                 raise ConfigError(f"{spec}: m does not divide the {ch} channels at cut {cut}")
+        cal_maps = []
+        for i in range(0, len(cal), 64):
+            cal_maps.extend(f.hidden for f in cut_features(bm, cut, [({"pixel_values": P.pixel_values([c])}, 0) for c in cal[i:i + 64]]))
+        maps = np.ascontiguousarray(np.concatenate(cal_maps), dtype=np.float32)  # (N, T, C): the calibration crops only
+        del cal_maps
+        sens = None
+        if any(name == "transform" and make_codec(name, **conf).metric == "fisher" for _, name, conf in fitted):
+            t0 = time.perf_counter()
+            sens = output_fisher(bm, cut, maps, samples=cfg["fisher_samples"], seed=cfg["seed"])
+            sensitivity = {"cut": cut, "what": "the tail's Fisher metric w.r.t. the cut features, on the calibration crops only",
+                           "inputs": sens.inputs, "samples_per_input": sens.samples_per_input, "s": round(time.perf_counter() - t0, 1),
+                           "dc_weight": round(float(sens.frequency_weights[0]), 3)}
+        feats = cut_features(bm, cut, prof_inputs)
+        for spec, name, conf in fitted:
             codec = make_codec(name, **conf)
             t0 = time.perf_counter()
-            codec.fit(vectors, progress=False)
-            fits.append({"setting": spec, "fit_s": round(time.perf_counter() - t0, 2), "calibration_vectors": int(vectors.shape[0])})
+            _fit(codec, name, maps, sens)
+            fits.append({"setting": spec, "fit_s": round(time.perf_counter() - t0, 2), "calibration_crops": int(maps.shape[0]),
+                         "calibration_vectors": int(maps.shape[0] * maps.shape[1]),
+                         "fitted_on": "whole maps (N, T, C)" + (" in the Fisher metric" if name == "transform" and codec.metric == "fisher" else "")
+                                      if name == "transform" else "vectors (N * T, C)"})
             path = work / f"{name}-{len(codec_files)}.codec"
             save_codec(codec, path)
             codec_files[spec] = str(path)
@@ -290,6 +333,8 @@ def run(args: argparse.Namespace) -> dict:
             path = work / f"{name}-{len(codec_files)}.codec"
             save_codec(make_codec(name, **conf), path)
             codec_files[spec] = str(path)
+
+    load["loadavg_1_5_15_before_sweep"] = [round(x, 2) for x in os.getloadavg()]
 
     # ---- the options ---------------------------------------------------------------------------
     options = [{"kind": "cloud"}, {"kind": "edge"}] + [{"kind": "split", "cut": cut, "setting": s} for s in settings]
@@ -325,7 +370,7 @@ def run(args: argparse.Namespace) -> dict:
                     ep = f"{ep_edge},{target}" if o["kind"] == "split" else target
                     client = _Client(lab, o["kind"], ep, cfg, client_cpus)
                     try:
-                        calib[o["kind"]] = {"option": name, **_stats(_measure(lab, client, cfg["requests"]), ref_top1)}
+                        calib[o["kind"]] = {"option": name, **_stats(_measure(lab, client, cfg["requests"]), ref_top1, confident)}
                     finally:
                         client.close()
                 for rtt in cfg["rtts_ms"]:  # one relay and one client per RTT; the rate changes under them
@@ -336,13 +381,21 @@ def run(args: argparse.Namespace) -> dict:
                     try:
                         for bw in cfg["bandwidths_mbit_s"]:
                             lab.set_link("edge", "cloud", shaped(bw))
-                            measured.setdefault((bw, rtt), {})[name] = _stats(_measure(lab, client, cfg["requests"]), ref_top1)
+                            measured.setdefault((bw, rtt), {})[name] = _stats(_measure(lab, client, cfg["requests"]), ref_top1, confident)
                     finally:
                         client.close()
                     lab.stop([relay])
                     procs.remove(relay)
             finally:
                 lab.stop(procs)
+
+    load["loadavg_1_5_15_after_sweep"] = [round(x, 2) for x in os.getloadavg()]
+    with EP.pinned({EDGE_CORE}):  # the edge core again, after the sweep: how far the shared machine moved it
+        load["edge_core_full_ms_profiled"] = round(edge_t.full_ms, 3)
+        load["edge_core_full_ms_after_sweep"] = round(EP.measure_compute(bm, x1).full_ms, 3)
+    load["note"] = ("1-minute load average of the whole machine (2 cores, other users' jobs included) at the start, before and "
+                    "after the sweep and at each measurement (options.*.load_1m); the edge core's whole-model time as profiled "
+                    "before the sweep and re-measured after it")
 
     # ---- overheads from the calibration point, predictions, comparison --------------------------
     fl0 = EP.fleet_at(1e6, 0.0, cloud_speed, 0.0)
@@ -351,13 +404,21 @@ def run(args: argparse.Namespace) -> dict:
     cloud_overhead = max(0.0, (calib["cloud"]["p50_ms"] - pred0[names[0]]["predicted_ms"]) / 2.0) if "cloud" in calib else 0.0
 
     agree_all: dict[str, list[int]] = {n: [] for n in names}
+    agree_conf: dict[str, list[int]] = {n: [] for n in names}
     for pt in measured.values():
         for n, m in pt.items():
             agree_all[n].extend(m.pop("agree"))
+            agree_conf[n].extend(m.pop("agree_confident"))
     for c in calib.values():
         c.pop("agree", None)
+        c.pop("agree_confident", None)
     top1 = {n: float(np.mean(v)) if v else None for n, v in agree_all.items()}
-    prof_fid = {c.setting: c.top1_agreement for c in costs if c.cut == cut}
+    top1_conf = {n: float(np.mean(v)) if v else None for n, v in agree_conf.items()}
+    prof = {c.setting: c for c in costs if c.cut == cut}
+    edge_over = [ms["edge-only"]["p50_ms"] / edge_t.full_ms for ms in measured.values() if "edge-only" in ms]
+    if edge_over:
+        load["edge_only_measured_p50_over_profiled"] = {"min": round(min(edge_over), 3), "median": round(float(np.median(edge_over)), 3),
+                                                        "max": round(max(edge_over), 3)}
 
     points, compared = [], []
     for (bw, rtt), ms in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0])):
@@ -374,19 +435,28 @@ def run(args: argparse.Namespace) -> dict:
     for s in settings:
         n = EP.option_name("split", cut, s)
         c = next(x for x in costs if x.cut == cut and x.setting == s)
+        pc = prof[s].top1_agreement_confident
         split_rows.append({"option": n, "cut_payload_bytes_per_image": round(c.bytes_per_image, 1),
                            "pct_of_jpeg": round(100 * c.bytes_per_image / jpeg_mean, 2),
-                           "top1_agreement_e2e": top1[n], "top1_agreement_profile": round(prof_fid[s], 4)})
+                           "top1_agreement_e2e": top1[n], "top1_agreement_e2e_confident": top1_conf[n],
+                           "top1_agreement_profile": round(prof[s].top1_agreement, 4),
+                           "top1_agreement_profile_confident": None if pc is None else round(pc, 4)})
     goal = _vision_goal(points, names, top1, split_rows, cfg)
+    argv = sys.argv[1:]
     doc = {
+        "command": "splitnet " + shlex.join(argv) if argv[:2] == ["bench", "e2e"] else None,
         "config": cfg,
         "model": "efficientnet-lite0",
         "split_cut": cut,
         "split_cut_how": "given (--cut)" if cfg["cut"] is not None else
                          f"the planner's choice at {min(cfg['bandwidths_mbit_s'])} Mbit/s, {min(cfg['rtts_ms'])} ms among stateless codecs meeting the floor",
+        "planner_cut_choice": {**planner_cut, "how": f"at {min(cfg['bandwidths_mbit_s'])} Mbit/s, {min(cfg['rtts_ms'])} ms among the stateless "
+                                                    f"codecs at the candidate cuts that keep the floor"} if planner_cut else None,
         "cut_map": list(bm.arch.cut_shape(cut)),
-        "data": {"crops_measured": len(crops), "profile_crops": len(prof_inputs), "calibration_crops": len(cal),
-                 "held_out_photos": list(P.HELD_OUT_SOURCES)},
+        "data": {"crops_measured": len(crops), "crops_measured_confident": int(confident.sum()), "profile_crops": len(prof_inputs),
+                 "calibration_crops": len(cal), "held_out_photos": list(P.HELD_OUT_SOURCES),
+                 "confident_note": f"confident: the unsplit model's top-1 probability on the original pixels is >= {CONFIDENT_P}"},
+        "load": load,
         "edge_scaling": {
             "how": "edge = core 0 (edge stage, edge-only client and edge profile pinned there, 1 torch thread); cloud = core 1. "
                    "The planner's edge device has compute_speed_rel 1.0 (the profile was measured on core 0); a fleet device "
@@ -395,13 +465,17 @@ def run(args: argparse.Namespace) -> dict:
         },
         "cloud_only_path": {"jpeg_bytes_mean": round(jpeg_mean, 1), "jpeg_encode_ms_edge": round(enc_ms, 3),
                             "jpeg_decode_plus_model_ms_cloud": round(cloud_costs.cloud_ms, 3),
-                            "jpeg_top1_agreement_vs_original_pixels": round(float((jpeg_top1 == ref_top1).mean()), 4)},
+                            "jpeg_top1_agreement_vs_original_pixels": round(float((jpeg_top1 == ref_top1).mean()), 4),
+                            "jpeg_top1_agreement_vs_original_pixels_confident":
+                                round(float((jpeg_top1 == ref_top1)[confident].mean()), 4) if confident.any() else None},
         "calibration_point": {"link": "unshaped, no relay (outside the sweep)", "results": calib,
                               "split_overhead_ms_per_message": round(split_overhead, 3),
                               "cloud_overhead_ms_per_message": round(cloud_overhead, 3)},
         "codec_profile": [c.as_dict() for c in costs],
         "fits": fits,
+        "sensitivity": sensitivity,
         "fidelity_top1_e2e": top1,
+        "fidelity_top1_e2e_confident": top1_conf,
         "split_codecs_at_cut": split_rows,
         "points": points,
         "planner_summary": EP.summarize_planner(compared),
@@ -417,9 +491,12 @@ def run(args: argparse.Namespace) -> dict:
 
 def _vision_goal(points: list[dict], names: list[str], top1: dict, split_rows: list[dict], cfg: dict) -> dict:
     """The issue's bar at each point <= 2 Mbit/s: a split codec >= 2x faster than cloud-only, with
-    top-1 >= 99 % and cut bytes <= 5 % of the JPEG."""
+    top-1 >= 99 % and cut bytes <= 5 % of the JPEG. Beside it, not instead of it: the same with the
+    top-1 on confident crops only, and the edge-only time at each point."""
     rows = []
-    good = {r["option"] for r in split_rows if (r["top1_agreement_e2e"] or 0) >= GOAL_TOP1 and r["pct_of_jpeg"] <= GOAL_BYTES_PCT_OF_JPEG}
+    small = [r for r in split_rows if r["pct_of_jpeg"] <= GOAL_BYTES_PCT_OF_JPEG]
+    good = {r["option"] for r in small if (r["top1_agreement_e2e"] or 0) >= GOAL_TOP1}
+    good_conf = {r["option"] for r in small if (r["top1_agreement_e2e_confident"] or 0) >= GOAL_TOP1}
     for p in points:
         if p["bandwidth_mbit_s"] > GOAL_MAX_MBIT:
             continue
@@ -427,12 +504,18 @@ def _vision_goal(points: list[dict], names: list[str], top1: dict, split_rows: l
         splits = {n: o["p50_ms"] for n, o in p["options"].items() if n.startswith("split@")}
         fastest = min(splits, key=splits.get)
         rows.append({"bandwidth_mbit_s": p["bandwidth_mbit_s"], "rtt_ms": p["rtt_ms"], "cloud_only_p50_ms": cloud,
+                     "edge_only_p50_ms": p["options"]["edge-only"]["p50_ms"],
                      "fastest_split": fastest, "speedup": round(cloud / splits[fastest], 3),
-                     "best_speedup_meeting_fidelity_and_bytes": round(max((cloud / splits[n] for n in good), default=0.0), 3)})
+                     "best_speedup_meeting_fidelity_and_bytes": round(max((cloud / splits[n] for n in good), default=0.0), 3),
+                     "best_speedup_meeting_bytes_and_confident_fidelity": round(max((cloud / splits[n] for n in good_conf), default=0.0), 3)})
     met = bool(rows) and all(r["best_speedup_meeting_fidelity_and_bytes"] >= GOAL_SPEEDUP for r in rows)
+    met_conf = bool(rows) and all(r["best_speedup_meeting_bytes_and_confident_fidelity"] >= GOAL_SPEEDUP for r in rows)
     return {"bar": f"at <= {GOAL_MAX_MBIT} Mbit/s a split codec >= {GOAL_SPEEDUP}x faster than cloud-only, top-1 >= {GOAL_TOP1:.0%}, "
                    f"cut bytes <= {GOAL_BYTES_PCT_OF_JPEG} % of JPEG q{cfg['jpeg_quality']}",
-            "codecs_meeting_fidelity_and_bytes": sorted(good), "points": rows, "met": met}
+            "codecs_meeting_fidelity_and_bytes": sorted(good), "points": rows, "met": met,
+            "codecs_meeting_bytes_and_confident_fidelity": sorted(good_conf), "met_on_confident_crops_only": met_conf,
+            "confident_note": "the same bar with top-1 measured on the crops the unsplit model is sure of (p >= 0.5) only; "
+                              "reported beside the bar, which is unchanged"}
 
 
 def summarize(doc: dict) -> str:
@@ -441,12 +524,14 @@ def summarize(doc: dict) -> str:
         lines.append(f"{p['bandwidth_mbit_s']:6.1f} Mbit/s RTT {p['rtt_ms']:4.0f} ms  planner {p['planner']['planner_choice']} "
                      f"(x{p['planner']['choice_over_best']:.2f} of best {p['planner']['measured_best']})")
         for n, o in p["options"].items():
+            conf = o.get("top1_agreement_confident")
             lines.append(f"    {n:34s} p50 {o['p50_ms']:8.1f}  p95 {o['p95_ms']:8.1f}  pred {o['predicted_ms']:8.1f} ms  "
-                         f"{o['link_bytes_per_request']:9.0f} B on the link")
+                         f"{o['link_bytes_per_request']:9.0f} B on the link  top1 {o.get('top1_agreement', float('nan')):.2f} "
+                         f"(confident {float('nan') if conf is None else conf:.2f})")
     s = doc["planner_summary"]
     lines.append(f"planner: {s['choice_within_10pct']}/{s['points']} points within 10 %, MAPE {s['mape_pct_all_options']} % (all options), "
                  f"{s['mape_pct_planner_choice']} % (choices)")
-    lines.append(f"vision goal met: {doc['goal']['met']}")
+    lines.append(f"vision goal met: {doc['goal']['met']} (on confident crops only: {doc['goal'].get('met_on_confident_crops_only')})")
     return "\n".join(lines)
 
 

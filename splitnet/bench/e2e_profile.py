@@ -99,11 +99,20 @@ class CutCodecCost:
     decode_ms: float
     top1_agreement: float
     cut_cosine: float
+    #: top-1 agreement on the profile crops the unsplit model is sure of (None when there are none)
+    top1_agreement_confident: float | None = None
+    #: how many profile crops the figures are measured on, and how many of them are confident
+    crops: int = 0
+    confident_crops: int = 0
 
     def as_dict(self) -> dict:
+        conf = self.top1_agreement_confident
         return {"cut": self.cut, "setting": self.setting, "bytes_per_image": round(self.bytes_per_image, 1),
                 "encode_ms": round(self.encode_ms, 3), "decode_ms": round(self.decode_ms, 3),
-                "top1_agreement": round(self.top1_agreement, 4), "cut_cosine": round(self.cut_cosine, 6)}
+                "top1_agreement": round(self.top1_agreement, 4),
+                "top1_agreement_confident": None if conf is None else round(conf, 4), "crops": self.crops,
+                "confident_crops": self.confident_crops,
+                "cut_cosine": round(self.cut_cosine, 6)}
 
 
 def measure_cut_codec(bm, cut: int, setting: str, codec, features) -> CutCodecCost:
@@ -113,8 +122,11 @@ def measure_cut_codec(bm, cut: int, setting: str, codec, features) -> CutCodecCo
     res = evaluate_codec(bm, cut, codec, features)
     h = features[0].hidden
     payload = codec.encode(h)
+    conf = res.task.get("top1_agreement_confident")
     return CutCodecCost(cut, setting, res.wire_bytes_per_input, median_ms(lambda: codec.encode(h), 1, 5),
-                        median_ms(lambda: codec.decode(payload), 1, 5), float(res.task["top1_agreement"]), res.cut_cosine)
+                        median_ms(lambda: codec.decode(payload), 1, 5), float(res.task["top1_agreement"]), res.cut_cosine,
+                        None if conf is None else float(conf), len(features),
+                        int(round(res.task.get("confident_fraction", 0.0) * len(features))))
 
 
 def build_profile(bm, edge: ComputeTimes, costs: Sequence[CutCodecCost], settings: Sequence[str]) -> ModelProfile:

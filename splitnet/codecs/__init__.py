@@ -1,8 +1,10 @@
 """Feature codecs for the tensors that cross each cut (see :mod:`splitnet.codecs.base`).
 
 Codecs by name (``make_codec(name, **config)``): ``fp32``, ``fp16``, ``int8``, ``int4``, ``topk``
-(numpy only), ``pq``, ``rvq`` (faiss codebooks) and ``alignedvq``. Fitted codecs save and load as
-safetensors + a JSON manifest with :func:`save_codec` / :func:`load_codec`.
+(numpy only), ``pq``, ``rvq`` (faiss codebooks), ``alignedvq`` and ``transform`` (DCT + KLT +
+range coding of CNN feature maps, fitted in the tail's Fisher metric from
+:mod:`splitnet.codecs.sensitivity`). Fitted codecs save and load as safetensors + a JSON manifest
+with :func:`save_codec` / :func:`load_codec`.
 """
 
 from splitnet.codecs.base import Codec, Payload
