@@ -189,14 +189,15 @@ class SequenceState:
         """The tokens a reply gives this sequence (with speculation, the agreeing proposals and
         the pipeline's next token), cut at the stop token or ``max_new_tokens``."""
         now = time.perf_counter()
+        trace = [t for t in msg.meta.get("trace", []) if isinstance(t, dict)]
         if not self.out:
             self.stats["ttft_ms"] = (now - t0) * 1e3
             self.stats["prefill"] = step_stats(msg, self.sent_bytes, received, self.stats["ttft_ms"])
             self.stats["decode_wire_bytes"] = 0
         else:
-            self.stats["decode_wire_bytes"] += step_stats(msg, self.sent_bytes, received, 0)["wire_bytes"]
+            self.stats["decode_wire_bytes"] += self.sent_bytes + sum(t.get("in_bytes", 0) for t in trace[1:]) + received  # step_stats' wire_bytes
             add_stage_times(self.stats, msg)
-        self.stats["tokens_computed"] = [t.get("tokens_computed") for t in msg.meta.get("trace", []) if isinstance(t, dict)]
+        self.stats["tokens_computed"] = [t.get("tokens_computed") for t in trace]
         spec = self.stats.get("speculative")
         if self.proposals:
             # position j of the reply is the pipeline's choice after pending + proposals[:j]
@@ -307,12 +308,12 @@ def decode(
                 if len(steps) >= 2:
                     for key, s in zip(_feed_steps(client, steps, head), steps):
                         waiting[key] = s
-                arrived = [client.wait_reply(set(waiting), timeout_s)]
-                while len(arrived) < len(waiting):  # drain what has come already: the ready sequences are then fed together
-                    left = set(waiting) - {a[0] for a in arrived}
-                    if not client.reply_ready(left):
-                        break
+                left = set(waiting)
+                arrived = [client.wait_reply(left, timeout_s)]
+                left.discard(arrived[0][0])
+                while left and client.reply_ready(left):  # drain what has come already: the ready sequences are then fed together
                     arrived.append(client.wait_reply(left, timeout_s))
+                    left.discard(arrived[-1][0])
             except (StageUnavailable, UnknownRequest) as e:
                 t_r = time.perf_counter()
                 client.recover(e, budget)
@@ -383,17 +384,23 @@ def step_stats(msg: Message, sent: int, received: int, latency_ms: float) -> dic
     }
 
 
+_STAGE_TIMES = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms")
+
+
 def add_stage_times(stats: dict, msg: Message) -> None:
     """Sum, per stage, the times a decode step's trace reports (``stats["decode_stage_ms"]``)."""
     per = stats.setdefault("decode_stage_ms", {})
     for t in msg.meta.get("trace", []):
         if not isinstance(t, dict) or not isinstance(t.get("stage"), int):
             continue
-        acc = per.setdefault(t["stage"], {"steps": 0, "queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.0, "encode_ms": 0.0, "held_ms": 0.0})
+        acc = per.get(t["stage"])
+        if acc is None:
+            acc = per[t["stage"]] = {"steps": 0, "queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.0, "encode_ms": 0.0, "held_ms": 0.0}
         acc["steps"] += 1
-        for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms"):
-            if isinstance(t.get(k), (int, float)):
-                acc[k] += float(t[k])
+        for k in _STAGE_TIMES:
+            v = t.get(k)
+            if type(v) is float or type(v) is int or isinstance(v, (int, float)):
+                acc[k] += float(v)
 
 
 def stream_events(

@@ -95,17 +95,28 @@ class ReplyStore:
 
     def ready(self, keys: set[Key]) -> bool:
         """Whether :meth:`take` would return a reply to one of ``keys``, or raise its error."""
-        return any(key in self._replies or key[0] in self._failed for key in keys)
+        if self._failed and any(key[0] in self._failed for key in keys):
+            return True
+        if len(self._replies) < len(keys):  # walk the smaller side: a round of N replies costs O(N), not O(N^2)
+            return any(key in keys for key in self._replies)
+        return any(key in self._replies for key in keys)
 
     def take(self, keys: set[Key]) -> tuple[Key, Message, int] | None:
         """The reply to one of ``keys`` if any arrived: ``(key, message, bytes)``. Raises the
         request's first error (typed, with the stage that failed) when one of those requests failed."""
-        for key in keys:
-            first = self._failed.get(key[0])
-            if first is not None:
-                msg, _ = self._replies.pop(first)
-                del self._failed[key[0]]
-                raise remote_error(msg)
+        if self._failed:
+            for key in keys:
+                first = self._failed.get(key[0])
+                if first is not None:
+                    msg, _ = self._replies.pop(first)
+                    del self._failed[key[0]]
+                    raise remote_error(msg)
+        if len(self._replies) < len(keys):  # walk the smaller side (the replies held, or the keys waited for)
+            key = next((k for k in self._replies if k in keys), None)
+            if key is None:
+                return None
+            got = self._replies.pop(key)
+            return key, got[0], got[1]
         for key in keys:
             got = self._replies.pop(key, None)
             if got is not None:

@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -133,6 +133,29 @@ class Stage(nn.Module):
                 raise StageError(f"token id {hi if hi >= vocab_size else lo} is outside the vocabulary 0..{vocab_size - 1}")
         param = next(self.parameters(), None)
         return ids.to(param.device, non_blocking=True) if param is not None and ids.device != param.device else ids
+
+    def stacked_input(self, inputs: Sequence[Mapping[str, torch.Tensor]], vocab_size: int | None = None) -> torch.Tensor:
+        """The members of a cached batch, each one sequence of equal length, stacked along the
+        batch: ``input_ids`` (B, T) of a first stage (``vocab_size`` given), checked against the
+        vocabulary once and copied to the device in one copy, or ``hidden`` (B, T, C), checked
+        as :meth:`hidden_input` checks one and converted once."""
+        name = "input_ids" if vocab_size is not None else "hidden"
+        parts = []
+        for x in inputs:
+            t = x.get(name)
+            if t is None:
+                raise StageError(f"{self!r} expects {'input_ids' if vocab_size is not None else 'a hidden tensor from the previous stage'}, got {sorted(x)}")
+            parts.append(t)
+        first = parts[0]
+        if vocab_size is None and self.arch.hidden_size > 0 and any(p.dim() != 3 or p.shape[-1] != self.arch.hidden_size for p in parts):
+            bad = next(p for p in parts if p.dim() != 3 or p.shape[-1] != self.arch.hidden_size)
+            raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(bad.shape)}")
+        if any(p.dim() < 2 or p.shape[0] != 1 or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype for p in parts):
+            raise StageError("a cached request sends one sequence (batch 1, no attention_mask), all members the same number of tokens")
+        x = torch.cat(parts, dim=0) if len(parts) > 1 else first  # (B, T) ids or (B, T, C) hidden, where the members' tensors are
+        if vocab_size is not None:
+            return self.token_ids_input({"input_ids": x}, vocab_size)
+        return self.hidden_input({"hidden": x})
 
     def new_cache(self) -> KVCache:
         """An empty per-request KV cache of the type this stage's blocks write."""

@@ -318,18 +318,15 @@ class HFDecoderStage(Stage):
         pool = caches[0].pool
         if any(c.pool is not pool for c in caches):
             raise StageError("the caches of one batch must come from one pool")
-        if self.embed is not None:
-            parts = [self.token_ids_input(x, self.arch.hf.vocab_size) for x in inputs]
-        else:
-            parts = [self.hidden_input(x) for x in inputs]
-        if any(p.shape[0] != 1 or p.shape[1:] != parts[0].shape[1:] for p in parts) or any("attention_mask" in x for x in inputs):
+        if any("attention_mask" in x for x in inputs):
             raise StageError("a cached request sends one sequence (batch 1, no attention_mask), all members the same number of tokens")
-        T = parts[0].shape[1]
+        # (B, T) ids or (B, T, C) hidden: one vocabulary check and one copy to the device for the whole batch
+        x = self.stacked_input(inputs, self.arch.hf.vocab_size if self.embed is not None else None)
+        T = x.shape[1]
         limit = getattr(self.arch.hf, "max_position_embeddings", None)
         longest = max(c.length for c in caches) + T
         if limit and longest > limit:
             raise StageError(f"sequence of {longest} tokens exceeds max_position_embeddings={limit} of this model")
-        x = torch.cat(parts, dim=0)  # (B, T) ids or (B, T, C) hidden
         device = x.device
         graphs = self.__dict__.get("_graphs")
         if graphs is not None and x.is_cuda and graphs.pool is pool and graphs.supports(caches, T, all_logits):

@@ -65,7 +65,7 @@ from splitnet.wire import (
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
 from splitnet.runtime.request_ledger import RequestLedger
 from splitnet.wire.batches import batch_message, member_shares, split_batch
-from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader
+from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders
 from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
 from splitnet.wire.sockets import frame_user_id, recv_bounded
@@ -874,19 +874,28 @@ class StageWorker:
             rows = [whole.sizes[lv.index] for lv in chunk]
             part = {k: (v if k in whole.shared else v[start:start + sum(rows)]) for k, v in tensors.items()} if len(chunks) > 1 else tensors
             start += sum(rows)
-            members = []
+            members: list[BatchMember] = []
+            siblings: SiblingHeaders | None = None
+            # one hop: every member has the same route and keys (one list object each, for all)
+            route, route_keys, mark = chunk[0].route[1:], chunk[0].route_keys[1:], [self._batch_id, len(lvs)]
             for lv, n in zip(chunk, rows):
                 msg, meta = lv.member.work.msg, lv.next_meta
                 trace = self._trace(lv, compute_ms, encode_ms, batch)
                 if kind == "forward":
                     meta.update(out_meta)
                     meta["trace"] = trace
-                    meta["route"] = lv.route[1:]
+                    meta["route"] = route
                     if len(lv.route_keys) > 1:
-                        meta["route_keys"] = lv.route_keys[1:]
+                        meta["route_keys"] = route_keys
                     if len(chunks) > 1:
-                        meta["upstream_batch"] = [self._batch_id, len(lvs)]  # the rest comes in the next message
-                    members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, header=ForwardHeader.from_meta(meta)))
+                        meta["upstream_batch"] = mark  # the rest comes in the next message
+                    # a member like the first (but its step fields) is checked in those fields only
+                    if siblings is None:
+                        header = ForwardHeader.from_meta(meta)
+                        siblings = SiblingHeaders(header, meta)
+                    else:
+                        header = siblings.read(meta)
+                    members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, header=header))
                 else:
                     members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, trace=tuple(trace)))
             out = batch_message(f"{kind}_batch", members, part, shared)

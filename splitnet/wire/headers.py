@@ -129,6 +129,70 @@ class ForwardHeader:
                 values[name] = tuple(v)
         return cls(**values, version=version)
 
+    @classmethod
+    def from_meta_like(cls, meta: Any, first: "ForwardHeader", first_meta: Mapping[str, Any]) -> "ForwardHeader":
+        """:meth:`from_meta` of ``meta``, read as a sibling of ``first_meta`` (read as ``first``):
+        see :class:`SiblingHeaders`, which does this for many members at once."""
+        return SiblingHeaders(first, first_meta).read(meta)
+
+
+class SiblingHeaders:
+    """Reads the headers of a batch's members after its first, as :meth:`ForwardHeader.from_meta`
+    would, checking only what differs from the first.
+
+    A member ``meta`` with the same keys as the first's, whose every value but those of
+    :data:`SIBLING_VARYING` (``pos``, ``final``, ``trace``, ``want_result``, ``rewind``) is the
+    first's own object or a scalar of the same type equal to it, is checked in those varying
+    fields only, with the very checks :meth:`ForwardHeader.from_meta` runs on them (the other
+    fields passed theirs in the first). Any other ``meta`` is read by ``from_meta`` whole, so
+    what is accepted and refused is exactly what ``from_meta`` accepts and refuses."""
+
+    def __init__(self, first: ForwardHeader, first_meta: Mapping[str, Any]):
+        self.first = first
+        self.first_meta = first_meta
+        self._fast = type(first_meta) is dict
+        if self._fast:
+            self._keys = first_meta.keys()
+            fixed = [k for k in first_meta if k not in SIBLING_VARYING]
+            self._scalar_keys = [k for k in fixed if type(first_meta[k]) in _SCALARS]
+            self._scalars = [first_meta[k] for k in self._scalar_keys]
+            self._types = [type(v) for v in self._scalars]
+            self._object_keys = [k for k in fixed if type(first_meta[k]) not in _SCALARS]  # lists, maps: the same object only
+            self._objects = [first_meta[k] for k in self._object_keys]
+            self._varying = [k for k in SIBLING_VARYING if k in first_meta]
+
+    def read(self, meta: Any) -> ForwardHeader:
+        if not self._fast or type(meta) is not dict or meta.keys() != self._keys:
+            return ForwardHeader.from_meta(meta)
+        values = [meta[k] for k in self._scalar_keys]
+        if values != self._scalars or list(map(type, values)) != self._types:  # type-strict: 1 == True, yet 1 is no flag
+            return ForwardHeader.from_meta(meta)
+        for k, w in zip(self._object_keys, self._objects):
+            if meta[k] is not w:
+                return ForwardHeader.from_meta(meta)
+        h = object.__new__(ForwardHeader)  # every field checked: those equal to the first's by its own check, the others here
+        d = h.__dict__
+        d.update(self.first.__dict__)
+        for k in self._varying:
+            v = meta[k]
+            if k == "trace":
+                if not isinstance(v, (list, tuple)):
+                    raise ProtocolError(f"meta.trace must be a list, got {type(v).__name__}")
+                v = tuple(v)
+                _check_trace(v)
+            elif k == "pos":
+                _check_pos(v)
+            else:
+                _check_flag(k, v)
+            d[k] = v
+        return h
+
+
+#: the fields in which members of one batch usually differ (a decode step's position, its last
+#: step, its trace): :meth:`ForwardHeader.from_meta_like` checks only these for a member whose
+#: other fields equal the first member's
+SIBLING_VARYING = frozenset({"pos", "final", "trace", "want_result", "rewind"})
+_SCALARS = (str, int, bool, float, type(None))
 
 _FIELD_NAMES = frozenset(f.name for f in fields(ForwardHeader))
 _META_KEYS = (_FIELD_NAMES - {"version"}) | {"hv"}  # the version travels as "hv"
@@ -168,13 +232,29 @@ def _check_addresses(reply_to: Any, route: Any, route_keys: Any, reply_key: Any,
         raise ProtocolError("meta.origin must be a 40-character Z85 CURVE public key")
 
 
+_FLAGS = ("cache", "rewind", "want_result", "all_logits", "packed_tokens", "final", "batch_messages")
+
+
+def _check_flag(name: str, v: Any) -> None:
+    if type(v) is not bool:
+        raise ProtocolError(f"meta.{name} must be true or false, got {v!r}")
+
+
+def _check_pos(v: Any) -> None:
+    if v is not None and not (_is_int(v) and v >= 0):
+        raise ProtocolError(f"meta.pos must be a non-negative int, got {v!r}")
+
+
+def _check_trace(v: Any) -> None:
+    if not isinstance(v, tuple) or len(v) > MAX_TRACE:
+        raise ProtocolError(f"meta.trace must be a list of at most {MAX_TRACE} entries")
+
+
 def _check_values(h: ForwardHeader) -> None:
     """The flags, positions, head, trace and marks."""
-    for name in ("cache", "rewind", "want_result", "all_logits", "packed_tokens", "final", "batch_messages"):
-        if type(getattr(h, name)) is not bool:
-            raise ProtocolError(f"meta.{name} must be true or false, got {getattr(h, name)!r}")
-    if h.pos is not None and not (_is_int(h.pos) and h.pos >= 0):
-        raise ProtocolError(f"meta.pos must be a non-negative int, got {h.pos!r}")
+    for name in _FLAGS:
+        _check_flag(name, getattr(h, name))
+    _check_pos(h.pos)
     if h.mask_len is not None and not (_is_int(h.mask_len) and h.mask_len >= 0):
         raise ProtocolError(f"meta.mask_len must be a non-negative int, got {h.mask_len!r}")
     if h.head not in HEADS:
@@ -183,8 +263,7 @@ def _check_values(h: ForwardHeader) -> None:
         raise ProtocolError(f"meta.head 'topk' needs meta.top_k, an int in 1..{MAX_TOP_K}")
     if h.top_k is not None and not (_is_int(h.top_k) and 1 <= h.top_k <= MAX_TOP_K):
         raise ProtocolError(f"meta.top_k must be an int in 1..{MAX_TOP_K}, got {h.top_k!r}")
-    if not isinstance(h.trace, tuple) or len(h.trace) > MAX_TRACE:
-        raise ProtocolError(f"meta.trace must be a list of at most {MAX_TRACE} entries")
+    _check_trace(h.trace)
     if h.upstream_batch is not None and not (len(h.upstream_batch) == 2 and all(_is_int(x) and x >= 0 for x in h.upstream_batch)):
         raise ProtocolError("meta.upstream_batch must be [batch id, members], two non-negative ints")
     if h.codecs is not None and not _is_map(h.codecs):
@@ -205,6 +284,7 @@ _NOT_IN_BATCH = ("codecs", "packed_tokens", "hv")
 _FORWARD_BATCH_KEYS = frozenset({"bv", "members", "shared", *BATCH_FIELDS})
 _RESULT_BATCH_KEYS = frozenset({"bv", "members", "shared"})
 _RESULT_MEMBER_KEYS = frozenset({"trace"})
+_MEMBER_FORBIDDEN = frozenset(BATCH_FIELDS) | frozenset(_NOT_IN_BATCH)
 
 
 def _batch_fields(h: ForwardHeader) -> tuple:
@@ -331,16 +411,22 @@ class BatchHeader:
             raise ProtocolError("meta.shared must be a list of tensor names")
         batch_fields = {f: meta[f] for f in BATCH_FIELDS if f in meta}
         members = []
+        siblings: SiblingHeaders | None = None
         for i, entry in enumerate(raw):
             if not (isinstance(entry, (list, tuple)) and len(entry) == 5 and _is_map(entry[4])):
                 raise ProtocolError(f"batch member {i} must be [req, seq, epoch, rows, fields]")
             req, seq, epoch, rows, fields_ = entry
             if kind == "forward_batch":
-                clash = sorted(str(k) for k in fields_ if k in BATCH_FIELDS or k in _NOT_IN_BATCH)
-                if clash:
+                if not fields_.keys().isdisjoint(_MEMBER_FORBIDDEN):
+                    clash = sorted(str(k) for k in fields_ if k in _MEMBER_FORBIDDEN)
                     raise ProtocolError(f"batch member {i} carries {clash}: a forward batch holds {list(BATCH_FIELDS)} once, and no codec payloads")
                 merged = {**fields_, **batch_fields}
-                members.append(BatchMember(req, seq, epoch, rows, header=ForwardHeader.from_meta(merged), meta=merged))
+                if siblings is None:
+                    header = ForwardHeader.from_meta(merged)
+                    siblings = SiblingHeaders(header, merged)  # the members after it: checked where they differ from it
+                else:
+                    header = siblings.read(merged)
+                members.append(BatchMember(req, seq, epoch, rows, header=header, meta=merged))
             else:
                 unknown = sorted(str(k) for k in fields_ if k not in _RESULT_MEMBER_KEYS)
                 if unknown:
@@ -353,4 +439,4 @@ class BatchHeader:
 
 
 __all__ = ["BATCH_FIELDS", "BATCH_HEADER_VERSION", "BatchHeader", "BatchMember", "FORWARD_HEADER_VERSION", "ForwardHeader", "HEADS",
-           "MAX_BATCH_MEMBERS", "MAX_ROUTE", "MAX_TOP_K"]
+           "MAX_BATCH_MEMBERS", "MAX_ROUTE", "MAX_TOP_K", "SIBLING_VARYING", "SiblingHeaders"]
