@@ -14,7 +14,9 @@ Kinds (each with the outcome it must have):
   restart); the clients reconnect to it.
 - ``freeze_compute``: only the stage's compute thread is stopped (``PTRACE_SEIZE`` +
   ``PTRACE_INTERRUPT`` on that thread; its I/O thread still answers pings): detected by the
-  heartbeats' compute progress (``ClientConfig.compute_stall_s``) and replaced.
+  heartbeats' compute progress (``ClientConfig.compute_stall_s``) and replaced. A thread stopped
+  while it holds the GIL stops the I/O thread too; the stage is then found by its silence (the
+  fault's ``note`` says which).
 - ``cut``: the stage's relay stops both directions (every link into it: the client's and the
   upstream stage's): detected by silence and replaced; healed afterwards.
 - ``partition_up`` / ``partition_down``: one direction of the stage's links stops (towards it /
@@ -324,9 +326,11 @@ def settle(history: History, rec: FaultRecord, tenants: int, window_s: float) ->
     replaced = any(e.what == "recover_end" and (e.detail or {}).get("replaced") for e in evs)
     rec.outcome = "replaced" if replaced else "no failover" if not starts else "recovered without replacement"
     if rec.kind == "freeze_compute" and replaced:
-        rec.outcome_ok = "compute thread" in rec.first_cause
-        if not rec.outcome_ok:
-            rec.note = "replaced, but not by the compute-progress check"
+        # a thread stopped while it holds the GIL stops the I/O thread too: the stage is then
+        # silent, and found by its silence; either way it must be replaced
+        rec.outcome_ok = True
+        rec.note = ("detected by compute progress (the I/O thread kept answering)" if "compute thread" in rec.first_cause
+                    else "detected by silence (the frozen thread likely held the GIL, so the I/O thread stopped too)")
     elif rec.expected == "replaced":
         rec.outcome_ok = replaced
     elif rec.expected == "no failover":
