@@ -254,6 +254,7 @@ def run(args: argparse.Namespace) -> dict:
         jpeg_top1 = full({"pixel_values": torch.from_numpy(np.stack([to_pixel_values(decode_jpeg(j)) for j in jpegs]))})["logits"].argmax(-1).numpy()
     prof_crops = held[len(crops):len(crops) + cfg["profile_crops"]] or held[: cfg["profile_crops"]]
     prof_inputs = [({"pixel_values": to_pixel_values(P.crop_pixels(c))[None]}, 0) for c in prof_crops]
+    prof_jpeg = _jpeg_on(full, [P.crop_pixels(c) for c in prof_crops], cfg["jpeg_quality"])  # cloud-only on the profile's crops
 
     # ---- profiles, measured here: compute per core, JPEG path, codecs at candidate cuts --------
     x1 = px[:1]
@@ -430,7 +431,7 @@ def run(args: argparse.Namespace) -> dict:
                        "options": {n: {**ms[n], "predicted_ms": round(pred[n]["predicted_ms"], 2), "allowed": pred[n]["allowed"]} for n in names},
                        "planner": cmp})
 
-    jpeg_mean = cloud_costs.jpeg_bytes
+    jpeg_mean = prof_jpeg["jpeg_bytes_mean"]  # the codec bytes are measured on the profile crops: the same crops' JPEG
     split_rows = []
     for s in settings:
         n = EP.option_name("split", cut, s)
@@ -463,7 +464,8 @@ def run(args: argparse.Namespace) -> dict:
                    "k times slower is modelled by compute_speed_rel 1/k on these per-block times.",
             "edge_core_ms": edge_t.as_dict(), "cloud_core_ms": cloud_t.as_dict(), "cloud_compute_speed_rel": round(cloud_speed, 4),
         },
-        "cloud_only_path": {"jpeg_bytes_mean": round(jpeg_mean, 1), "jpeg_encode_ms_edge": round(enc_ms, 3),
+        "cloud_only_path": {"jpeg_bytes_mean": round(cloud_costs.jpeg_bytes, 1), "jpeg_encode_ms_edge": round(enc_ms, 3),
+                            "on_the_profile_crops": prof_jpeg,
                             "jpeg_decode_plus_model_ms_cloud": round(cloud_costs.cloud_ms, 3),
                             "jpeg_top1_agreement_vs_original_pixels": round(float((jpeg_top1 == ref_top1).mean()), 4),
                             "jpeg_top1_agreement_vs_original_pixels_confident":
@@ -489,14 +491,44 @@ def run(args: argparse.Namespace) -> dict:
     return doc
 
 
+def _jpeg_on(full, rgbs: list[np.ndarray], quality: int) -> dict:
+    """Cloud-only on ``rgbs``: the JPEG's mean bytes and the model's top-1 agreement on the decoded
+    image against the original pixels, on all crops and on the confident ones."""
+    import torch
+
+    from splitnet.bench.e2e_jpeg import decode_jpeg, encode_jpeg
+    from splitnet.codecs.fidelity import CONFIDENT_P
+    from splitnet.model.efficientnet import to_pixel_values
+
+    nbytes, agree, sure = [], [], []
+    with torch.no_grad():
+        for i in range(0, len(rgbs), 32):
+            chunk = rgbs[i:i + 32]
+            jpegs = [encode_jpeg(x, quality) for x in chunk]
+            nbytes += [len(j) for j in jpegs]
+            ref = full({"pixel_values": torch.from_numpy(np.stack([to_pixel_values(x) for x in chunk]))})["logits"].float().softmax(-1)
+            got = full({"pixel_values": torch.from_numpy(np.stack([to_pixel_values(decode_jpeg(j)) for j in jpegs]))})["logits"]
+            agree += (got.argmax(-1) == ref.argmax(-1)).tolist()
+            sure += (ref.max(-1).values >= CONFIDENT_P).tolist()
+    conf = [a for a, c in zip(agree, sure) if c]
+    return {"crops": len(rgbs), "confident_crops": len(conf), "jpeg_bytes_mean": round(float(np.mean(nbytes)), 1),
+            "top1_agreement": _mean([int(a) for a in agree]), "top1_agreement_confident": _mean([int(a) for a in conf])}
+
+
 def _vision_goal(points: list[dict], names: list[str], top1: dict, split_rows: list[dict], cfg: dict) -> dict:
     """The issue's bar at each point <= 2 Mbit/s: a split codec >= 2x faster than cloud-only, with
-    top-1 >= 99 % and cut bytes <= 5 % of the JPEG. Beside it, not instead of it: the same with the
-    top-1 on confident crops only, and the edge-only time at each point."""
+    top-1 >= 99 % and cut bytes <= 5 % of the JPEG. Top-1 must hold on both held-out samples (the
+    timed requests' crops and the profile's crops): the lower of the two counts. Beside the bar, not
+    instead of it: the same with the top-1 on confident crops only, and the edge-only time."""
     rows = []
     small = [r for r in split_rows if r["pct_of_jpeg"] <= GOAL_BYTES_PCT_OF_JPEG]
-    good = {r["option"] for r in small if (r["top1_agreement_e2e"] or 0) >= GOAL_TOP1}
-    good_conf = {r["option"] for r in small if (r["top1_agreement_e2e_confident"] or 0) >= GOAL_TOP1}
+
+    def low(r, key):
+        v = [r.get(f"top1_agreement_{k}{key}") for k in ("e2e", "profile")]
+        return min((x for x in v if x is not None), default=0.0)
+
+    good = {r["option"] for r in small if low(r, "") >= GOAL_TOP1}
+    good_conf = {r["option"] for r in small if low(r, "_confident") >= GOAL_TOP1}
     for p in points:
         if p["bandwidth_mbit_s"] > GOAL_MAX_MBIT:
             continue

@@ -79,6 +79,9 @@ def test_vision_goal_keeps_the_bar_and_reports_confident_crops_beside_it():
     assert g["points"][1]["edge_only_p50_ms"] == 90.0
     too_big = [{**rows[0], "pct_of_jpeg": 5.3}]
     assert not e2e._vision_goal(points, [], {}, too_big, {"jpeg_quality": 90})["met_on_confident_crops_only"]
+    # both held-out samples must keep the bar: a 14-crop e2e 1.000 does not outvote the profile's 0.958
+    weak = [{**rows[0], "top1_agreement_profile": 0.9, "top1_agreement_profile_confident": 0.958}]
+    assert not e2e._vision_goal(points, [], {}, weak, {"jpeg_quality": 90})["met_on_confident_crops_only"]
 
 
 def test_fisher_samples_must_be_positive():
