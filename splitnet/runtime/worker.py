@@ -84,6 +84,10 @@ _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected t
 _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
+#: header fields a stage does not pass on as they came: it writes its own (route, trace, origin, codec fields) or none
+_NOT_PASSED_ON = frozenset({"route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch"})
+
+
 def cache_key(origin: str, req: str) -> str:
     """KV caches are per (authenticated origin, request id): one client cannot reach another's."""
     return f"{origin}/{req}" if origin else req
@@ -120,21 +124,32 @@ class _Work:
     prepared: Member | None = None  # decoded and checked in an earlier round that did not run it
     started_at: float = 0.0
     decode_ms: float = 0.0
-    batch: "tuple[_BatchInputs, int, int] | None" = None  # split off a forward_batch: its tensors, and this member's rows
+    batch: "tuple[_BatchInputs, int] | None" = None  # split off a forward_batch: its tensors, and this member's place in it
 
 
 class _BatchInputs:
     """The tensors of one ``forward_batch``, decoded and moved to the stage's device once, on
-    the compute thread, for all its members: each member's inputs are its rows (views)."""
+    the compute thread, for all its members: each member's inputs are its rows (views, made
+    for all members in one split per tensor)."""
 
-    def __init__(self, msg: Message, meta: Any, shared: frozenset):
-        self.msg, self.meta, self.shared = msg, meta, shared
+    def __init__(self, msg: Message, meta: Any, shared: frozenset, sizes: list[int]):
+        self.msg, self.meta, self.shared, self.sizes = msg, meta, shared, sizes
         self.inputs: dict | None = None
+        self._parts: dict = {}
+        self._signatures: dict = {}  # (rows, cached, options) -> signature: equal for members of equal rows
 
-    def rows(self, worker: "StageWorker", start: int, end: int) -> dict:
+    def rows(self, worker: "StageWorker", index: int) -> dict:
         if self.inputs is None:
             self.inputs = worker._inputs_of(worker.codecs.decode(self.msg.tensors, self.meta), self.msg.dtypes)
-        return {k: (v if k in self.shared else v[start:end]) for k, v in self.inputs.items()}
+            self._parts = {k: torch.split(v, self.sizes) for k, v in self.inputs.items() if k not in self.shared}
+        return {k: (v if k in self.shared else self._parts[k][index]) for k, v in self.inputs.items()}
+
+    def signature(self, index: int, inputs: dict, cached: bool, options: StepOptions) -> tuple:
+        key = (self.sizes[index], cached, options)
+        sig = self._signatures.get(key)
+        if sig is None:
+            sig = self._signatures[key] = signature(inputs, cached, options)
+        return sig
 
 
 class _CacheTable:
@@ -463,9 +478,9 @@ class StageWorker:
             header, parts = split_batch(msg)
             now = time.monotonic()
             items = [_Work(p, share, now, self._origin(p, principal)) for p, share in zip(parts, member_shares([m.rows for m in header.members], nbytes))]
-            whole, start = _BatchInputs(msg, parts[0].meta, frozenset(header.shared)), 0
-            for item, m in zip(items, header.members):
-                item.batch, start = (whole, start, start + m.rows), start + m.rows
+            whole = _BatchInputs(msg, parts[0].meta, frozenset(header.shared), [m.rows for m in header.members])
+            for i, item in enumerate(items):
+                item.batch = (whole, i)
         except ProtocolError as e:
             self.stats["errors"] += 1
             self._refuse(router, identity, e, msg)
@@ -638,9 +653,10 @@ class StageWorker:
         msg, meta = item.msg, item.msg.meta
         self.ledger.check_epoch(cache_key(item.origin, msg.req), msg.epoch, msg.req)
         t0 = time.perf_counter()
+        whole = None
         if item.batch is not None:  # one decode and one copy to the device for the whole batch message
-            whole, start, end = item.batch
-            inputs = whole.rows(self, start, end)
+            whole, index = item.batch
+            inputs = whole.rows(self, index)
         else:
             inputs = self._inputs_of(self.codecs.decode(msg.tensors, meta), msg.dtypes)
         item.decode_ms = (time.perf_counter() - t0) * 1e3
@@ -658,7 +674,8 @@ class StageWorker:
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
         # members of one forward also share what leaves it: last stage or not, and the head reduction
         options = StepOptions(bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
-        return Member(item, inputs, cache, ckey, signature(inputs, cache is not None, options), tokens, options)
+        sig = whole.signature(index, inputs, cache is not None, options) if whole is not None else signature(inputs, cache is not None, options)
+        return Member(item, inputs, cache, ckey, sig, tokens, options)
 
     def _inputs_of(self, arrays: dict, dtypes: Any) -> dict:
         """Decoded arrays as the stage's input tensors: floats in its dtype on its device; token
@@ -774,7 +791,7 @@ class StageWorker:
         item, cache, ckey = m.work, m.cache, m.cache_key
         meta = item.msg.meta
         route = list(meta.get("route") or [])
-        next_meta = {k: v for k, v in meta.items() if k not in ("route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch")}
+        next_meta = {k: v for k, v in meta.items() if k not in _NOT_PASSED_ON}
         self.stats["forwards"] += 1
         tokens_computed = cache.tokens_computed if cache is not None else None
         if meta.get("final") and cache is not None:
