@@ -108,7 +108,7 @@ class _FakeSession:
         self.replaced: list[tuple[int, str]] = []
         self.epoch = 0
 
-    def silent_stages(self):
+    def silent_stages(self, suspects=()):  # the scripted answer; the real links also count silent suspects dead
         return self.silent.pop(0) if self.silent else []
 
     def replace(self, i, ep):
