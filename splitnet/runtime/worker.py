@@ -78,6 +78,9 @@ PEER_REPLY_PREFIX = "peer:"
 
 _POLL_MS = 100
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
+#: SPLITNET_TRACE_CLOCK=1: each trace entry also carries ``clock_s`` = [received, sent on] in this
+#: host's CLOCK_MONOTONIC (benchmarks/decode_hop_budget.py times the hops between processes with it)
+_TRACE_CLOCK = os.environ.get("SPLITNET_TRACE_CLOCK") == "1"
 _BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
 _GONE_WAIT_MS = 250  # a peer that took messages before and cannot take one for this long has lost its connection
 _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one
@@ -821,6 +824,8 @@ class StageWorker:
                 "held_ms": round((time.monotonic() - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
             }
         )
+        if _TRACE_CLOCK:  # host-local CLOCK_MONOTONIC stamps, comparable between processes of one host (hop timing)
+            trace[-1]["clock_s"] = [round(item.received_at, 6), round(time.monotonic(), 6)]
         return trace
 
     def _send_on(self, peers: dict, leaving: list["_Leaving"], whole: "_Whole | None", compute_ms: float, batch: int) -> None:
