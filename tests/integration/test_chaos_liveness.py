@@ -5,50 +5,35 @@ a stage that is hung: no answer, or work queued that does not move."""
 from __future__ import annotations
 
 import sys
-import threading
 import time
 
 import pytest
-import zmq
 
 from splitnet.cloud.supervisor import HangPolicy, RestartPolicy, Supervisor
 from splitnet.edge.config import ClientConfig
 from splitnet.edge.links import StageLinks
 from splitnet.errors import ConfigError, StageUnavailable
-from splitnet.wire import Message, SocketConfig, decode_message, encode_message
+from splitnet.wire import Message, SocketConfig
+from fake_stage import FakeStage
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class FakeStage:
-    """A ROUTER on a random port that answers pings with the progress ``progress()`` gives."""
+class _ProgressStage(FakeStage):
+    """A stage that answers pings with the progress ``progress()`` gives; ``pongs`` counts them."""
 
     def __init__(self, progress):
         self.progress = progress
-        self.ctx = zmq.Context.instance()
-        self.sock = self.ctx.socket(zmq.ROUTER)
-        port = self.sock.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
-        self.endpoint = f"tcp://127.0.0.1:{port}"
-        self.stop = threading.Event()
-        self.pongs = 0
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        super().__init__(self._pong)
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            ident, *body = self.sock.recv_multipart()
-            msg = decode_message(body)
-            if msg.kind == "ping":
-                self.pongs += 1
-                reply = Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": 1, "t": msg.meta.get("t"), "progress": self.progress()})
-                self.sock.send_multipart([ident, *encode_message(reply)])
-        self.sock.close(linger=0)
+    @property
+    def pongs(self) -> int:
+        return self.handled["ping"]
 
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+    def _pong(self, msg: Message) -> Message | None:
+        if msg.kind != "ping":
+            return None
+        return Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": 1, "t": msg.meta.get("t"), "progress": self.progress()})
 
 
 def _links(endpoint: str, **cfg) -> StageLinks:
@@ -60,7 +45,7 @@ def _links(endpoint: str, **cfg) -> StageLinks:
 
 def test_a_stuck_compute_thread_counts_as_failed_though_pings_are_answered():
     t0 = time.monotonic()
-    stage = FakeStage(lambda: {"forwards": 7, "batches": 7, "queued": 2, "compute_tick_age_s": round(time.monotonic() - t0 + 0.5, 3)})
+    stage = _ProgressStage(lambda: {"forwards": 7, "batches": 7, "queued": 2, "compute_tick_age_s": round(time.monotonic() - t0 + 0.5, 3)})
     links = _links(stage.endpoint, compute_stall_s=0.6)
     try:
         with pytest.raises(StageUnavailable, match="compute thread has finished no step"):
@@ -80,7 +65,7 @@ def test_a_stage_whose_forwards_move_is_not_failed_even_with_an_old_tick():
         forwards[0] += 1  # a long forward per heartbeat, but work moves
         return {"forwards": forwards[0], "batches": forwards[0], "queued": 3, "compute_tick_age_s": 5.0}
 
-    stage = FakeStage(progress)
+    stage = _ProgressStage(progress)
     links = _links(stage.endpoint, compute_stall_s=0.5)
     try:
         with pytest.raises(TimeoutError, match="no failure"):

@@ -5,7 +5,6 @@ suspects of a failed recovery attempt count as dead at once."""
 
 from __future__ import annotations
 
-import threading
 import time
 
 import pytest
@@ -13,42 +12,24 @@ import zmq
 
 from splitnet.edge.config import ClientConfig
 from splitnet.edge.links import LinkEvent, StageLinks
-from splitnet.wire import Message, SocketConfig, decode_message, encode_message
+from splitnet.wire import Message, SocketConfig, decode_message
+from fake_stage import FakeStage
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class Stage:
-    """A ROUTER on a random port: answers pings with pongs and each forward with a result."""
+def _answer(msg: Message) -> Message | None:
+    """Pongs for pings, a result for each forward."""
+    if msg.kind == "ping":
+        return Message(kind="pong", req=msg.req, seq=msg.seq, meta={"t": msg.meta.get("t")})
+    if msg.kind == "forward":
+        return Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, meta={"trace": [{"stage": 0, "compute_ms": 1.0}]})
+    return None
 
-    def __init__(self, answer: bool = True):
-        self.answer = answer
-        self.sock = zmq.Context.instance().socket(zmq.ROUTER)
-        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1', min_port=20000, max_port=60000)}"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            ident, *body = self.sock.recv_multipart()
-            msg = decode_message(body)
-            if not self.answer:
-                continue
-            if msg.kind == "ping":
-                reply = Message(kind="pong", req=msg.req, seq=msg.seq, meta={"t": msg.meta.get("t")})
-            elif msg.kind == "forward":
-                reply = Message(kind="result", req=msg.req, seq=msg.seq, epoch=msg.epoch, meta={"trace": [{"stage": 0, "compute_ms": 1.0}]})
-            else:
-                continue
-            self.sock.send_multipart([ident, *encode_message(reply)])
-        self.sock.close(linger=0)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+def Stage(answer: bool = True) -> FakeStage:  # noqa: N802 - reads as the stage it stands for
+    """A stage that answers pings and forwards (``answer=False``: one that says nothing)."""
+    return FakeStage(_answer if answer else (lambda msg: None))
 
 
 def _links(endpoints: list[str], on_message=lambda *_: None, **cfg) -> StageLinks:

@@ -7,43 +7,29 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import threading
 
 import pytest
 import zmq
 
 from splitnet.cloud import supervisor
 from splitnet.cloud.supervisor import info_probe
-from splitnet.wire import Message, SocketConfig, decode_message, encode_message, make_socket
+from splitnet.wire import Message, SocketConfig, make_socket
 from splitnet.wire.security import CurveConfig, generate_keypair, load_keypair
+from fake_stage import FakeStage
 
 pytestmark = pytest.mark.timeout(60)
 
 
-class CurveStage:
+def CurveStage(secret: str, allow_dir: str) -> FakeStage:  # noqa: N802 - reads as the stage it stands for
     """A CURVE ROUTER (the stage's keypair, allow-list directory empty) answering ``info``."""
+    sock = make_socket(zmq.Context.instance(), zmq.ROUTER, SocketConfig(security=CurveConfig(keypair=load_keypair(secret), allow_dir=allow_dir)), server=True)
 
-    def __init__(self, secret: str, allow_dir: str):
-        self.sock = make_socket(zmq.Context.instance(), zmq.ROUTER, SocketConfig(security=CurveConfig(keypair=load_keypair(secret), allow_dir=allow_dir)), server=True)
-        self.endpoint = f"tcp://127.0.0.1:{self.sock.bind_to_random_port('tcp://127.0.0.1', min_port=20000, max_port=60000)}"
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+    def answer(msg: Message) -> Message | None:
+        if msg.kind == "info":
+            return Message(kind="info_reply", req=msg.req, meta={"stats": {"forwards": 7}, "queue_depth": 0, "pid": 1})
+        return None
 
-    def _serve(self) -> None:
-        while not self.stop.is_set():
-            if not self.sock.poll(20):
-                continue
-            ident, *body = self.sock.recv_multipart()
-            msg = decode_message(body)
-            if msg.kind == "info":
-                reply = Message(kind="info_reply", req=msg.req, meta={"stats": {"forwards": 7}, "queue_depth": 0, "pid": 1})
-                self.sock.send_multipart([ident, *encode_message(reply)])
-        self.sock.close(linger=0)
-
-    def close(self) -> None:
-        self.stop.set()
-        self.thread.join(timeout=5)
+    return FakeStage(answer, sock)
 
 
 @pytest.fixture
