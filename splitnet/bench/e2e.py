@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from splitnet.bench.vision import _split_codecs, parse_codec_spec
+from splitnet.bench.codec_specs import parse_codec_spec, split_codec_specs
 from splitnet.errors import ConfigError
 from splitnet.lab.netns import LinkSpec
 
@@ -86,7 +86,7 @@ def _config(a: argparse.Namespace) -> dict:
         "quick": bool(q),
         "bandwidths_mbit_s": _floats(a.bandwidths, QUICK_BANDWIDTHS if q else DEFAULT_BANDWIDTHS),
         "rtts_ms": _floats(a.rtts, QUICK_RTTS if q else DEFAULT_RTTS),
-        "codecs": _split_codecs(a.codecs) if a.codecs else list(QUICK_CODECS if q else DEFAULT_CODECS),
+        "codecs": split_codec_specs(a.codecs) if a.codecs else list(QUICK_CODECS if q else DEFAULT_CODECS),
         "candidate_cuts": [int(c) for c in a.cuts.split(",")] if a.cuts else list(QUICK_CUTS if q else DEFAULT_CUTS),
         "cut": a.cut,
         "requests": a.requests if a.requests is not None else (4 if q else 10),

@@ -84,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _settings(text: str) -> list[tuple[str, str, dict[str, Any], bool]]:
     """[(setting, codec name, codec config, anchors)]: every name and config checked before any work."""
-    from splitnet.bench.vision import parse_codec_spec
+    from splitnet.bench.codec_specs import parse_codec_spec
     from splitnet.codecs import make_codec
 
     out = []
@@ -310,13 +310,13 @@ def run(args: argparse.Namespace) -> dict:
     import torch
 
     from splitnet.bench.lm_data import lm_data, python_matches
-    from splitnet.codecs.vq import _faiss
+    from splitnet.codecs.vq import faiss_module
     from splitnet.errors import ConfigError
     from splitnet.model import load_model
 
     t_start = time.perf_counter()
     torch.set_num_threads(max(1, args.threads))
-    _faiss().omp_set_num_threads(max(1, args.threads))
+    faiss_module().omp_set_num_threads(max(1, args.threads))
     q = args.quick
     try:
         settings = _settings(args.codecs or ",".join(QUICK_CODECS if q else DEFAULT_CODECS))

@@ -24,9 +24,10 @@ import io
 import shlex
 import sys
 import time
-from typing import Any
 
 import numpy as np
+
+from splitnet.bench.codec_specs import parse_codec_spec, split_codec_specs
 
 #: codec settings "name[:key=value,...]" in the default and the quick run
 DEFAULT_CODECS = ("fp16", "int8", "int4", "pq:m=24,nbits=4", "rvq:stages=4,nbits=8", "rvq:stages=8,nbits=8", "alignedvq:stages=4,nbits=8",
@@ -53,35 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fisher-samples", type=int, default=4, help="labels sampled per calibration crop for the Fisher metric (default 4)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
-
-
-def parse_codec_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """'pq:m=16,nbits=8' or 'pq:m=16/nbits=8' -> ('pq', {'m': 16, 'nbits': 8})."""
-    name, _, rest = spec.partition(":")
-    config: dict[str, Any] = {}
-    for kv in filter(None, rest.replace("/", ",").split(",")):
-        k, sep, v = kv.partition("=")
-        if not sep:
-            raise ValueError(f"codec setting {spec!r}: {kv!r} is not KEY=VALUE")
-        try:
-            config[k] = int(v)
-        except ValueError:
-            try:
-                config[k] = float(v)
-            except ValueError:
-                config[k] = v
-    return name.strip(), config
-
-
-def _split_codecs(text: str) -> list[str]:
-    # settings are separated by commas, except the commas inside one setting's KEY=VALUE list
-    out: list[str] = []
-    for part in text.split(","):
-        if out and "=" in part and ":" not in part:
-            out[-1] += "," + part
-        else:
-            out.append(part)
-    return [p.strip() for p in out if p.strip()]
 
 
 def _ints(text: str | None, default: tuple[int, ...], what: str) -> list[int]:
@@ -213,7 +185,7 @@ def run(args: argparse.Namespace) -> dict:
 
     t_start = time.perf_counter()
     cuts = sorted({int(c) for c in args.cuts.split(",")}) if args.cuts else ([15] if args.quick else list(DEFAULT_CUTS))
-    specs = _split_codecs(args.codecs) if args.codecs else list(QUICK_CODECS if args.quick else DEFAULT_CODECS)
+    specs = split_codec_specs(args.codecs) if args.codecs else list(QUICK_CODECS if args.quick else DEFAULT_CODECS)
     per_source = args.per_source or (6 if args.quick else 90)
     jpeg_q = _ints(args.jpeg_qualities, (10, 90) if args.quick else DEFAULT_JPEG_QUALITIES, "--jpeg-qualities")
     webp_q = _ints(args.webp_qualities, (10,) if args.quick else DEFAULT_WEBP_QUALITIES, "--webp-qualities")

@@ -18,12 +18,16 @@ from splitnet.codecs.scalar import as_tokens, check_payload, part
 from splitnet.errors import CodecError
 
 
-def _faiss():
+def faiss_module():
+    """The faiss module, or a CodecError saying how to install it (also for callers that set its threads)."""
     try:
         import faiss
     except ImportError as e:  # pragma: no cover - faiss-cpu is a declared dependency
         raise CodecError("fitting VQ codecs needs faiss; install it with `pip install faiss-cpu`") from e
     return faiss
+
+
+_faiss = faiss_module
 
 
 def _progress(total: int, desc: str, enabled: bool):

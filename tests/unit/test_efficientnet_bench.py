@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from splitnet.bench.vision import _split_codecs, jpeg, parse_codec_spec
+from splitnet.bench.codec_specs import parse_codec_spec, split_codec_specs
+from splitnet.bench.vision import jpeg
 
 
 def test_codec_settings_parse():
-    assert _split_codecs("fp16,int8,pq:m=16,nbits=8,topk:k=16") == ["fp16", "int8", "pq:m=16,nbits=8", "topk:k=16"]
+    assert split_codec_specs("fp16,int8,pq:m=16,nbits=8,topk:k=16") == ["fp16", "int8", "pq:m=16,nbits=8", "topk:k=16"]
     assert parse_codec_spec("pq:m=16/nbits=8") == ("pq", {"m": 16, "nbits": 8})
     assert parse_codec_spec("int8") == ("int8", {})
     with pytest.raises(ValueError, match="KEY=VALUE"):
