@@ -17,6 +17,7 @@ Figures (one JSON document):
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import random
 import subprocess
@@ -45,10 +46,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 # ---------------------------------------------------------------------- input generation ---------
-def _valid(rng: random.Random, reply_to: str = "tcp://127.0.0.1:1") -> list[bytes]:
+def _valid(rng: random.Random, reply_to: str = "tcp://127.0.0.1:1", req: str | None = None) -> list[bytes]:
     n = rng.randint(1, 8)
     ids = np.array([[rng.randint(0, 30000) for _ in range(n)]], dtype=np.int64)
-    msg = Message(kind="forward", req=f"r{rng.randint(0, 9)}", seq=rng.randint(0, 3),
+    msg = Message(kind="forward", req=req or f"r{rng.randint(0, 9)}", seq=rng.randint(0, 3),
                   tensors={"input_ids": ids, "attention_mask": np.ones_like(ids)},
                   meta={"reply_to": reply_to, "route": [], "cache": False})
     return [bytes(f) for f in encode_message(msg)]
@@ -243,11 +244,14 @@ def rss_growth(w: _Worker, n: int, warmup: int = 500) -> dict:
     rng = random.Random(7)
     ctrl, results, reply_to = _client_sockets(w)
     _ping(ctrl)
+    request_ids = itertools.count()
 
     def burst(k: int) -> int:
         ok = 0
         for i in range(k):
-            ctrl.send_multipart(_valid(rng, reply_to))
+            # request ids of its own: the fuzz before it sent r0..r9 at other epochs, and a stage
+            # refuses a request's older epoch (StaleEpoch), which is not what this measures
+            ctrl.send_multipart(_valid(rng, reply_to, req=f"rss-{next(request_ids)}"))
             if results.poll(10_000):
                 ok += decode_message(results.recv_multipart()[1:]).kind == "result"
         return ok
