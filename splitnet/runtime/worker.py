@@ -965,10 +965,13 @@ class StageWorker:
                 return
             peers[(endpoint, key)] = sock
         ban = (endpoint, key)  # a ban follows the key too: one request's bad key must not cut the link for others
+        why = f"within {self.socket_config.send_timeout_ms} ms"
         try:
             if self._banned.get(ban, 0.0) > time.monotonic():
+                why = f"(it took none within {self.socket_config.send_timeout_ms} ms less than {_BAN_S:.0f} s ago)"
                 raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
             if ban in self._peers_up and not sock.poll(_GONE_WAIT_MS, zmq.POLLOUT):
+                why = f"(it took messages before and has had no connection for {_GONE_WAIT_MS} ms)"
                 raise zmq.Again()  # it took messages before and has no connection now: gone (a killed stage), not a 5 s stall of compute
             sock.send_multipart(frames, copy=False)
             if len(self._peers_up) >= 2 * _MAX_PEERS:
@@ -986,7 +989,7 @@ class StageWorker:
                 # drop the request's queued steps instead of running and failing each of them
                 for item in on_fail:
                     self.ledger.cancel(cache_key(item.origin, item.msg.req), time.monotonic())
-                    err = error_message(item.msg.req, item.msg.seq, item.msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} within {self.socket_config.send_timeout_ms} ms", stage=self.config.stage_index + 1)
+                    err = error_message(item.msg.req, item.msg.seq, item.msg.epoch, "unavailable", f"stage {self.config.stage_index} could not reach the next stage at {endpoint} {why}", stage=self.config.stage_index + 1)
                     self._reply_to_origin(peers, item, err)
             else:
                 log.warning("could not deliver %s for %s to %s", msg.kind, msg.req, endpoint)
