@@ -175,10 +175,12 @@ def _clients(endpoints: list[str], prompts: list[list[int]], n_new: int) -> tupl
 def _stage_step_ms(per_stage: dict) -> dict:
     """Per stage, mean ms per decode step of one generation (queue, decode, compute, encode) as
     the stages' traces report them (``stats["decode_stage_ms"]``)."""
+    from splitnet.edge.generation import STAGE_TIMES
+
     out = {}
     for stage, acc in sorted(per_stage.items()):
         n = max(1, acc["steps"])
-        out[str(stage)] = {k: round(acc.get(k, 0.0) / n, 3) for k in ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms")}
+        out[str(stage)] = {k: round(acc.get(k, 0.0) / n, 3) for k in STAGE_TIMES}
     return out
 
 

@@ -195,7 +195,7 @@ class SequenceState:
             self.stats["prefill"] = step_stats(msg, self.sent_bytes, received, self.stats["ttft_ms"])
             self.stats["decode_wire_bytes"] = 0
         else:
-            self.stats["decode_wire_bytes"] += self.sent_bytes + sum(t.get("in_bytes", 0) for t in trace[1:]) + received  # step_stats' wire_bytes
+            self.stats["decode_wire_bytes"] += step_wire_bytes(self.sent_bytes, trace, received)
             add_stage_times(self.stats, msg)
         self.stats["tokens_computed"] = [t.get("tokens_computed") for t in trace]
         spec = self.stats.get("speculative")
@@ -373,18 +373,24 @@ def _feed_steps(client: Any, steps: list[SequenceState], head: dict) -> list[Key
 def step_stats(msg: Message, sent: int, received: int, latency_ms: float) -> dict:
     """Bytes and trace of one step: client -> stage 0, every cut, and the result."""
     trace = [t for t in msg.meta.get("trace", []) if isinstance(t, dict)]
-    cut_bytes = [t.get("in_bytes", 0) for t in trace[1:]]
     return {
         "latency_ms": latency_ms,
         "client_to_stage0_bytes": sent,
-        "cut_bytes": cut_bytes,
+        "cut_bytes": [t.get("in_bytes", 0) for t in trace[1:]],
         "result_bytes": received,
-        "wire_bytes": sent + sum(cut_bytes) + received,
+        "wire_bytes": step_wire_bytes(sent, trace, received),
         "trace": trace,
     }
 
 
-_STAGE_TIMES = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms")
+def step_wire_bytes(sent: int, trace: list[dict], received: int) -> int:
+    """Every byte one step put on a wire: client -> stage 0, each cut (the next stage's
+    ``in_bytes`` in the trace), and the result."""
+    return sent + sum(t.get("in_bytes", 0) for t in trace[1:]) + received
+
+
+#: the per-stage times a trace entry reports, summed per decode step by :func:`add_stage_times`
+STAGE_TIMES = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms")
 
 
 def add_stage_times(stats: dict, msg: Message) -> None:
@@ -395,11 +401,11 @@ def add_stage_times(stats: dict, msg: Message) -> None:
             continue
         acc = per.get(t["stage"])
         if acc is None:
-            acc = per[t["stage"]] = {"steps": 0, "queue_ms": 0.0, "decode_ms": 0.0, "compute_ms": 0.0, "encode_ms": 0.0, "held_ms": 0.0}
+            acc = per[t["stage"]] = {"steps": 0, **dict.fromkeys(STAGE_TIMES, 0.0)}
         acc["steps"] += 1
-        for k in _STAGE_TIMES:
+        for k in STAGE_TIMES:
             v = t.get(k)
-            if type(v) is float or type(v) is int or isinstance(v, (int, float)):
+            if isinstance(v, (int, float)):
                 acc[k] += float(v)
 
 
