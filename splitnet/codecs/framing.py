@@ -15,10 +15,30 @@ Parts of at most :data:`INLINE_PART_MAX_BYTES` bytes ride inline in that entry a
 separate tensor frame with its descriptor would cost ~35 bytes more than the data's own
 header. Larger parts travel as raw tensor frames ``hidden.<part>`` (no copy). Tensors without a
 codec travel raw. :func:`payload_wire_nbytes` counts exactly these bytes.
+
+**The compact form** (per decoded token). Most of a full entry says the same thing in every step
+of a request: which codec and codebook, the dtype, the part's name, dtype and layout. A cached
+request's later steps therefore send the cut tensor's codes alone, under the header key
+``"cc"`` (:data:`COMPACT_KEY`, the forward header's ``cc`` field)::
+
+    "cc": [1, <40 raw bytes>]   # [vectors n, the one part's bytes]: the tensor is (1, n, C)
+
+what it leaves out is a :class:`CompactLayout`, taken from the full entry an earlier message of
+the SAME request (same sender, request id and epoch) carried: the sender remembers the layout of
+the full entry it sent, the receiver binds the request to the codec that decoded it (by its
+codebook hash, checked as for any full entry). Nothing is agreed by guessing: a receiver that holds
+no binding for the request (restarted, replaced, evicted, or never sent the full entry) refuses
+the step with ``UnknownRequest``, which makes the client replay the request from its first token
+(a new request id, so a full entry again); a receiver that does not know the ``cc`` key refuses
+the message with ``ProtocolError`` (unknown header key). A payload with several parts, side
+information, a part over :data:`INLINE_PART_MAX_BYTES`, another shape than (1, n, C), or a
+layout other than the one agreed goes as a full entry, which also re-binds the request.
+:func:`compact_wire_nbytes` counts the compact form's bytes exactly (key and value).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -33,6 +53,10 @@ CODECS_KEY = "codecs"
 #: ``WireLimits.max_str_len`` (msgpack ``bin`` limit, 4 096 by default)
 INLINE_PART_MAX_BYTES = 2048
 _DEFAULT_DTYPE = "float32"
+#: header key of the compact form: ``[n, bytes]``, the codes of the cut tensor of shape (1, n, C)
+COMPACT_KEY = "cc"
+#: the compact form's version, announced by a stage (``info["compact_codes"]``) that decodes it
+COMPACT_VERSION = 1
 
 
 def _hash_on_wire(h: str) -> bytes | str:
@@ -158,6 +182,85 @@ def extract_payloads(tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any])
             raw[key] = arr
     payloads = {name: _entry_payload(name, e, framed[name]) for name, e in entries.items()}
     return raw, payloads
+
+
+@dataclass(frozen=True)
+class CompactLayout:
+    """What a compact message leaves out, fixed by the full entry of an earlier step of the same
+    request: the tensor is (1, n, ``width``), made by ``codec`` with codebook ``codebook_hash``,
+    with one part ``part`` of wire dtype ``part_dtype``, shaped (n, *``row``) or, when ``row`` is
+    None, flat (a bitstream of the n vectors: its codec checks its length)."""
+
+    codec: str
+    codebook_hash: str
+    dtype: str
+    width: int
+    part: str
+    part_dtype: str
+    row: tuple[int, ...] | None
+
+
+def compact_layout(p: Payload) -> CompactLayout | None:
+    """The layout a compact form of payloads like ``p`` would leave out, or None when ``p`` has
+    another form than one part and no side information (several parts, meta, a part neither flat
+    nor one row per vector)."""
+    from splitnet.wire.dtypes import wire_name_of_numpy
+
+    if len(p.parts) != 1 or p.meta or len(p.shape) < 2:
+        return None
+    (name, arr), = p.parts.items()
+    vectors = int(np.prod(p.shape[:-1]))
+    if arr.ndim == 1:
+        row = None
+    elif arr.ndim >= 2 and arr.shape[0] == vectors:
+        row = tuple(int(d) for d in arr.shape[1:])
+    else:
+        return None
+    return CompactLayout(p.codec, p.codebook_hash, p.dtype, int(p.shape[-1]), name, wire_name_of_numpy(arr.dtype), row)
+
+
+def compact_value(p: Payload, layout: CompactLayout) -> list | None:
+    """``[n, bytes]`` for ``p`` when it is a (1, n, C) tensor in ``layout`` whose part rides
+    inline; None when it must go as a full entry."""
+    if len(p.shape) != 3 or p.shape[0] != 1 or p.shape[1] < 1 or compact_layout(p) != layout:
+        return None
+    arr = next(iter(p.parts.values()))
+    if arr.nbytes > INLINE_PART_MAX_BYTES:
+        return None
+    return [int(p.shape[1]), np.ascontiguousarray(arr).tobytes()]
+
+
+def compact_payload(value: Any, layout: CompactLayout) -> Payload:
+    """The :class:`Payload` a received compact value stands for, validated like an inline part
+    of a full entry (ProtocolError on anything malformed)."""
+    from splitnet.wire.dtypes import WIRE_DTYPES
+    from splitnet.wire.message import tensor_spec
+
+    if type(value) is not list or len(value) != 2:
+        raise ProtocolError(f"meta.{COMPACT_KEY} must be [vectors, bytes]")
+    n, data = value
+    if type(n) is not int or n < 1:
+        raise ProtocolError(f"meta.{COMPACT_KEY} must start with the number of vectors, an int >= 1; got {n!r}")
+    if type(data) is not bytes:
+        raise ProtocolError(f"meta.{COMPACT_KEY} must carry the codes as bytes, got {type(data).__name__}")
+    where = f"compact codes of {layout.codec} ({n} vectors, {len(data)} bytes)"
+    if layout.row is None:
+        itemsize = WIRE_DTYPES[layout.part_dtype].itemsize  # the layout came from a payload this stage decoded
+        if len(data) % itemsize or n > 8 * len(data):  # a vector costs at least one bit
+            raise ProtocolError(f"{where}: the bytes cannot hold {n} vectors of dtype {layout.part_dtype}")
+        shape = [len(data) // itemsize]
+    else:
+        shape = [n, *layout.row]
+    np_dtype, expected = tensor_spec(where, layout.part_dtype, shape)
+    if len(data) != expected:
+        raise ProtocolError(f"{where}: the bytes are not {n} vectors of {list(layout.row or ())} x {layout.part_dtype}")
+    part = np.frombuffer(data, dtype=np_dtype).reshape(shape)
+    return Payload(layout.codec, layout.codebook_hash, (1, n, layout.width), layout.dtype, {layout.part: part})
+
+
+def compact_wire_nbytes(value: list) -> int:
+    """Exact bytes the compact form adds to a message's header: its key and ``[n, bytes]``."""
+    return packed_size(COMPACT_KEY) + packed_size(value)
 
 
 def check_hash(codec_hash: str, payload: Payload) -> None:

@@ -49,7 +49,7 @@ from splitnet.errors import AuthError, LimitExceeded, ProtocolError, SplitnetErr
 from splitnet.model import KVCache, load_model
 from splitnet.runtime.batching import BatchLimits, Member, StepOptions, StepRhythms, pick_group, signature, take_round
 from splitnet.runtime.config import StageWorkerConfig
-from splitnet.runtime.cut_codec import CutCodecs
+from splitnet.runtime.cut_codec import COMPACT_VERSION, CutCodecs
 from splitnet.runtime.metrics import StageIdentity, stage_metrics
 from splitnet.wire import (
     DEFAULT_LIMITS,
@@ -88,7 +88,7 @@ _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
 #: header fields a stage does not pass on as they came: it writes its own (route, trace, origin, codec fields) or none
-_NOT_PASSED_ON = frozenset({"route", "route_keys", "reply_key", "origin", "trace", "codecs", "packed_tokens", "mask_len", "upstream_batch"})
+_NOT_PASSED_ON = frozenset({"route", "route_keys", "reply_key", "origin", "trace", "codecs", "cc", "packed_tokens", "mask_len", "upstream_batch"})
 
 
 def cache_key(origin: str, req: str) -> str:
@@ -239,7 +239,7 @@ class StageWorker:
         self.device = torch.device(config.device)
         self.dtype = getattr(torch, config.dtype)
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
-        self.codecs = CutCodecs(config.codec_out, config.codec_files)
+        self.codecs = CutCodecs(config.codec_out, config.codec_files, max_contexts=max(4096, 4 * config.max_requests))  # + compact-form contexts
         self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
         self._rhythms = StepRhythms(active_s=_ACTIVE_S)  # when each request's next step is due (see _await_stragglers)
         self.ledger = RequestLedger(max(4096, 4 * config.max_requests))  # newest epoch and cancelled steps per request (compute thread)
@@ -403,6 +403,7 @@ class StageWorker:
             "max_positions": getattr(getattr(self.stage.arch, "hf", None), "max_position_embeddings", None),
             "codec_out": self.codecs.out.name if self.codecs.out is not None else "raw",
             "codec_hash": self.codecs.out.codebook_hash if self.codecs.out is not None else "",
+            "compact_codes": COMPACT_VERSION,  # decodes a cached request's later steps sent as meta.cc (splitnet.codecs.framing)
             "cached_requests": len(self.caches.caches),
             "stats": dict(self.stats),
             "queue_depth": self.work.qsize(),
@@ -661,7 +662,8 @@ class StageWorker:
             whole, index = item.batch
             inputs = whole.rows(self, index)
         else:
-            inputs = self._inputs_of(self.codecs.decode(msg.tensors, meta), msg.dtypes)
+            context = (cache_key(item.origin, msg.req), msg.epoch) if meta.get("cache") else None  # binds / reads compact codes
+            inputs = self._inputs_of(self.codecs.decode(msg.tensors, meta, context=context), msg.dtypes)
         item.decode_ms = (time.perf_counter() - t0) * 1e3
         item.started_at = t0
         cache, ckey = None, cache_key(item.origin, msg.req)
@@ -859,7 +861,8 @@ class StageWorker:
         msg, meta = lv.member.work.msg, lv.next_meta
         t2 = time.perf_counter()
         if lv.route:
-            tensors, out_meta = self.codecs.encode(lv.outputs)
+            context = (cache_key(lv.member.work.origin, msg.req), msg.epoch) if meta.get("cache") else None
+            tensors, out_meta = self.codecs.encode(lv.outputs, context=context, pos=meta.get("pos"))
         else:
             tensors, out_meta = dict(lv.outputs), {}
         encode_ms = (time.perf_counter() - t2) * 1e3

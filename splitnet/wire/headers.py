@@ -9,7 +9,7 @@ the wrong type with :class:`~splitnet.errors.ProtocolError` before anything uses
 
 Fields written by the client: ``route``, ``route_keys``, ``reply_to``, ``cache``, ``pos``,
 ``rewind``, ``want_result``, ``all_logits``, ``head``, ``top_k`` and, with a local edge stage,
-the cut codec's ``codecs`` / ``packed_tokens`` / ``mask_len``, ``batch_messages``. Fields a stage
+the cut codec's ``codecs`` (or ``cc``) / ``packed_tokens`` / ``mask_len``, ``batch_messages``. Fields a stage
 adds for the next one: ``trace``, ``origin``, ``upstream_batch``, ``reply_key``, ``final``.
 
 Batch messages (kinds ``forward_batch`` and ``result_batch``) carry the steps of many requests in
@@ -61,6 +61,9 @@ class ForwardHeader:
         codecs: the cut codec's payload descriptors (validated by :mod:`splitnet.codecs.framing`).
         packed_tokens: padding was removed before encoding (the mask says where tokens go).
         mask_len: the padded length of a mask sent as per-sequence lengths.
+        cc: the cut tensor's codes in the compact form, ``[vectors, bytes]``, for a cached
+            request's later steps (validated by :mod:`splitnet.codecs.framing` against the codec
+            the request's earlier full entry bound it to).
         trace: per-stage timings, appended by each stage.
         origin: the requester's key, vouched for by a trusted upstream stage.
         upstream_batch: ``[batch id, members]`` of the upstream forward this one came from.
@@ -85,6 +88,7 @@ class ForwardHeader:
     codecs: Any = None
     packed_tokens: bool = False
     mask_len: int | None = None
+    cc: Any = None
     trace: tuple[Any, ...] = ()
     origin: str | None = None
     upstream_batch: tuple[int, int] | None = None
@@ -268,6 +272,8 @@ def _check_values(h: ForwardHeader) -> None:
         raise ProtocolError("meta.upstream_batch must be [batch id, members], two non-negative ints")
     if h.codecs is not None and not _is_map(h.codecs):
         raise ProtocolError(f"meta.codecs must be a map of tensor name -> payload, got {type(h.codecs).__name__}")
+    if h.cc is not None and not (type(h.cc) is list and len(h.cc) == 2):
+        raise ProtocolError("meta.cc must be [vectors, bytes]: the compact codes of the cut tensor")
     if not _is_int(h.version):
         raise ProtocolError(f"forward header version must be an int, got {h.version!r}")
 
@@ -280,7 +286,7 @@ MAX_BATCH_MEMBERS = 256  # steps one batch message may carry (msgpack's containe
 BATCH_FIELDS = ("route", "route_keys", "mask_len", "upstream_batch")
 #: ForwardHeader fields no member of a batch may carry: a batch's tensors travel raw, since a
 #: codec payload describes one tensor of one message, and a codec's scales may span its rows
-_NOT_IN_BATCH = ("codecs", "packed_tokens", "hv")
+_NOT_IN_BATCH = ("codecs", "cc", "packed_tokens", "hv")
 _FORWARD_BATCH_KEYS = frozenset({"bv", "members", "shared", *BATCH_FIELDS})
 _RESULT_BATCH_KEYS = frozenset({"bv", "members", "shared"})
 _RESULT_MEMBER_KEYS = frozenset({"trace"})
@@ -355,8 +361,8 @@ class BatchHeader:
             shared = _batch_fields(self.members[0].header)
             for m in self.members:
                 h = m.header.__dict__
-                if h["codecs"] is not None or h["packed_tokens"]:
-                    raise ProtocolError("a forward batch carries raw tensors: its members may not carry codecs or packed_tokens")
+                if h["codecs"] is not None or h["cc"] is not None or h["packed_tokens"]:
+                    raise ProtocolError("a forward batch carries raw tensors: its members may not carry codecs, cc or packed_tokens")
                 if _batch_fields(m.header) != shared:
                     raise ProtocolError(f"members of one forward batch share {list(BATCH_FIELDS)}: the route is the same for all")
 
