@@ -161,7 +161,7 @@ class Session:
             if time.monotonic() >= next_try[0]:  # a send before the TCP connection is up is dropped: retry
                 for i in range(n):
                     if i not in self._info_replies:
-                        self.links.send(i, Message(kind="info", req=f"info-{i}"))
+                        self.links.send(i, Message(kind="info", req=f"info-{i}", meta={"t": time.monotonic()}))  # echoed: a first round trip
                 next_try[0] = time.monotonic() + 0.2
             return False
 
@@ -285,9 +285,10 @@ class Session:
         return self._forward(req, seq, {"input_ids": np.asarray([tokens], dtype=np.int64)}, cache=True, pos=pos,
                              want_result=want_result, rewind=rewind, all_logits=all_logits, **head)
 
-    def _run_local(self, req: str, tensors: Mapping[str, Any], pos: int | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    def _run_local(self, req: str, tensors: Mapping[str, Any], pos: int | None, cache: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """What crosses the first cut for model inputs ``tensors``: the local stage's outputs,
-        encoded with the local codec, and the header fields the next stage needs to decode them."""
+        encoded with the local codec, and the header fields the next stage needs to decode them
+        (a cached request's later steps in the compact form, where stage 0 announces it)."""
         t0 = time.perf_counter()
         arrays = {k: np.asarray(v) for k, v in tensors.items()}
         if getattr(self._local, "uses_kv_cache", False):
@@ -296,14 +297,17 @@ class Session:
             out = self._local(arrays)
         codec_meta: dict[str, Any] = {}
         if self._local_codec is not None:
-            out, codec_meta = self._local_codec.encode(out)
+            from splitnet.runtime.cut_codec import COMPACT_VERSION
+
+            compact = cache and bool(self._infos) and self._infos[0].get("compact_codes") == COMPACT_VERSION
+            out, codec_meta = self._local_codec.encode(out, context=(req, self.epoch) if compact else None, pos=pos)
         self.local_ms += (time.perf_counter() - t0) * 1e3
         return out, codec_meta
 
     def _forward(self, req: str, seq: int, tensors: Mapping[str, Any], **fields: Any) -> int:
         """Send one forward message to stage 0 (after the local stage, if any); the bytes sent."""
         if self._local is not None:
-            tensors, codec_meta = self._run_local(req, tensors, fields.get("pos"))  # only the cut leaves the device
+            tensors, codec_meta = self._run_local(req, tensors, fields.get("pos"), bool(fields.get("cache")))  # only the cut leaves the device
             fields.update(codec_meta)
         if self.batch_messages:
             fields.setdefault("batch_messages", True)

@@ -138,3 +138,34 @@ def test_part_inline_and_framed_at_once_is_refused():
     entry = _fp16_payload(4).header_entry()
     with pytest.raises(ProtocolError, match="both inline and as a frame"):
         extract_payloads({"x.d": np.zeros(8, np.uint8)}, {"codecs": {"x": entry}})
+
+
+@pytest.mark.timeout(60)
+def test_compact_form_bytes_equal_bytes_on_socket(pair, codecs):
+    """A cached request's decode step: what the cut codec adds to the forward message (the compact
+    codes, or the full entry for a codec without a compact form) is exactly cut_wire_nbytes."""
+    from splitnet.runtime.cut_codec import COMPACT_KEY, CutCodecs, cut_wire_nbytes
+    from splitnet.wire.headers import ForwardHeader
+
+    a, b = pair
+    rng = np.random.default_rng(2)
+    header = dict(reply_to="peer:" + "0" * 32, route=("tcp://127.0.0.1:5555",), cache=True, pos=37, head="argmax")
+    base = Message(kind="forward", req="0" * 16, seq=4, tensors={}, meta=ForwardHeader(**header).to_meta())
+    n_base, _ = _send_recv(a, b, base)
+    compact_seen = 0
+    for codec in codecs:
+        tx, rx = CutCodecs(), CutCodecs()
+        tx.out = codec
+        if codec.codebook_hash:
+            rx.by_hash[codec.codebook_hash] = codec
+        first_t, first_m = tx.encode({"hidden": rng.standard_normal((1, 37, 32)).astype(np.float32)}, context=("r", 0), pos=0)
+        rx.decode(first_t, first_m, context=("r", 0))  # the prefill binds the request
+        x = rng.standard_normal((1, 1, 32)).astype(np.float32)
+        tensors, meta = tx.encode({"hidden": x}, context=("r", 0), pos=37)
+        msg = Message(kind="forward", req="0" * 16, seq=4, tensors=tensors, meta=ForwardHeader(**header, **meta).to_meta())
+        n_with, got = _send_recv(a, b, msg)
+        assert n_with - n_base == cut_wire_nbytes(tensors, meta)[0], codec.name
+        y = rx.decode(got.tensors, got.meta, context=("r", 0))["hidden"]
+        np.testing.assert_array_equal(y, codec.decode(codec.encode(x)))
+        compact_seen += COMPACT_KEY in meta
+    assert compact_seen >= 5  # fp32, fp16, pq, rvq, alignedvq 3x9 at least go compact; multi-part ones keep the full entry
