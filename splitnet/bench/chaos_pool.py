@@ -70,7 +70,7 @@ class StandbyPool:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._starting: dict[int, int] = {}
-        self._retired: list[Served] = []
+        self._retiring: list[threading.Thread] = []
         # several starts at once: a stage process spends most of its start-up importing and loading
         self._threads = [threading.Thread(target=self._refill, name=f"chaos-standbys-{k}", daemon=True) for k in range(max(1, start_workers))]
 
@@ -160,7 +160,12 @@ class StandbyPool:
             if served is None:
                 served = self._spawn(i)
             self._wake.set()
-            old.close()  # condemned (dead, frozen or cut off): the replacement takes its blocks
+            # condemned (dead, frozen or cut off): the replacement takes its blocks now, and the old
+            # process and relay are stopped beside it (a real hook hands out a warm standby at once;
+            # stopping a frozen process or a cut relay is the fleet's business, not the client's wait)
+            retire = threading.Thread(target=old.close, name=f"chaos-retire-{i}", daemon=True)
+            retire.start()
+            self._retiring.append(retire)
             self.current[i] = served
             self.pipe.stages[i] = served.stage
             self.gen[i] += 1
@@ -179,6 +184,8 @@ class StandbyPool:
     def close(self) -> None:
         self._stop.set()
         self._wake.set()
+        for th in self._retiring:
+            th.join(timeout=15)
         for th in self._threads:
             th.join(timeout=60)
         for lst in self.ready.values():

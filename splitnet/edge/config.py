@@ -15,7 +15,10 @@ class ClientConfig:
         timeout_s: longest wait for one request's result (a prefill or a decode step).
         connect_timeout_s: longest wait for every stage to answer ``info`` at connect.
         heartbeat_interval_s: how often each stage is pinged while a request is in flight.
-        heartbeat_liveness: missed heartbeats after which a stage is declared unavailable.
+        heartbeat_liveness: missed heartbeats after which a stage is declared unavailable: a
+            stage silent for ``heartbeat_interval_s x heartbeat_liveness`` (1.5 s by default)
+            plus 4 x the longest of its recent heartbeat round trips (milliseconds on a LAN;
+            seconds on a slow, lossy link or a loaded host) is unavailable.
         reply_via: how results come back: ``"connection"`` (default) over the connection this
             client opened to the last stage, so the client needs no open port and works behind
             NAT; ``"bind"``: the client binds ``reply_host`` and the last stage connects to it.
@@ -48,7 +51,7 @@ class ClientConfig:
 
     timeout_s: float = 60.0
     connect_timeout_s: float = 30.0
-    heartbeat_interval_s: float = 1.0
+    heartbeat_interval_s: float = 0.5
     heartbeat_liveness: int = 3
     reply_via: str = "connection"
     reply_host: str = "127.0.0.1"
@@ -56,7 +59,7 @@ class ClientConfig:
     max_recoveries: int = 3
     recovery_refill_tokens: int = 256
     disconnect_grace_s: float = 1.0
-    compute_stall_s: float = 5.0
+    compute_stall_s: float = 2.0
     max_pending_replies: int = 1024
     client_key: str = ""
     server_key: str | tuple[str, ...] = ""

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -43,6 +44,9 @@ from splitnet.wire.batches import member_shares, split_batch
 from splitnet.wire.security import HandshakeWatch, set_peer_key
 
 log = logging.getLogger("splitnet.sdk")
+
+#: heartbeat round trips remembered per stage for its silence window (the longest counts)
+_RTT_SAMPLES = 16
 
 #: on_message(stage index or None for the bound results socket, message, bytes received)
 OnMessage = Callable[[int | None, Message, int], None]
@@ -122,6 +126,14 @@ class _Link:
     compute_stuck: str = ""  # why its heartbeats say the compute thread is stuck ("" while it moves)
     forwards_seen: int | None = None  # forwards its previous heartbeat reported
     longest_step_s: float = 0.0  # the longest compute time its traces reported to this client
+    rtts_s: deque = field(default_factory=lambda: deque(maxlen=_RTT_SAMPLES))  # recent heartbeat round trips
+
+    def window_s(self, base_s: float) -> float:
+        """How long this stage may stay silent: ``base_s`` (heartbeat interval x liveness) plus
+        4 x the longest of its recent heartbeat round trips, so a slow link or a loaded host
+        (a pong delayed by a retransmission, an I/O thread that waited for a core) widens its
+        own window instead of reading as a failure; on a LAN it adds milliseconds."""
+        return base_s + 4.0 * max(self.rtts_s, default=0.0)
 
 
 class StageLinks:
@@ -361,7 +373,8 @@ class StageLinks:
                 self._next_ping = now + self.config.heartbeat_interval_s
             slice_s = min(deadline - now, _POLL_SLICE_S, max(self._next_ping - now, 0.001) if heartbeats else _POLL_SLICE_S)
             if liveness and self._links:  # wake when the first silent window ends: detection takes one window, not one window + a slice
-                slice_s = min(slice_s, max(min(link.last_seen for link in self._links) + self.window_s - now + 0.001, 0.001))
+                base = self.window_s
+                slice_s = min(slice_s, max(min(link.last_seen + link.window_s(base) for link in self._links) - now + 0.001, 0.001))
             self.poll(slice_s)
             if self._watch is not None:
                 self._watch.check()
@@ -415,6 +428,10 @@ class StageLinks:
         if stage is not None and msg.kind == "ping":  # the stage asks who holds this connection before it sends a result
             self.send(stage, Message(kind="pong", req=msg.req, seq=msg.seq))
             return
+        if stage is not None and msg.kind in ("pong", "info_reply"):
+            sent = msg.meta.get("t")  # our own clock, echoed: a round trip (a value we never sent is ignored)
+            if isinstance(sent, float) and 0.0 <= time.monotonic() - sent <= 60.0:
+                self._links[stage].rtts_s.append(time.monotonic() - sent)
         if stage is not None and msg.kind == "pong":
             self._pongs.add((stage, msg.req))
             self._check_progress(self._links[stage], msg.meta.get("progress"))
@@ -465,8 +482,13 @@ class StageLinks:
     # ------------------------------------------------------------------ liveness -----------
     @property
     def window_s(self) -> float:
-        """How long a stage may stay silent: heartbeat interval x liveness."""
+        """The base of every stage's silence window: heartbeat interval x liveness (each stage's
+        own window adds its measured round trips: :meth:`stage_window_s`)."""
         return self.config.heartbeat_interval_s * self.config.heartbeat_liveness
+
+    def stage_window_s(self, i: int) -> float:
+        """How long stage ``i`` may stay silent now (the base window + 4 x its recent round trips)."""
+        return self._links[i].window_s(self.window_s)
 
     def restart_clocks(self) -> None:
         """Silence counts from the start of a wait at the earliest (time between requests is not silence)."""
@@ -486,7 +508,7 @@ class StageLinks:
         now = time.monotonic()
         for link in self._links:
             if link.reopened_at > since_s and link.last_seen > link.reopened_at:
-                if now - link.reopened_at > max(self.window_s, 4 * link.longest_step_s):
+                if now - link.reopened_at > max(link.window_s(self.window_s), 4 * link.longest_step_s):
                     return link.index
         return None
 
@@ -502,9 +524,10 @@ class StageLinks:
         """Raise StageUnavailable for a stage that is down; half-way through a silent window,
         close and reopen its connection once (lazy pirate)."""
         now = time.monotonic()
-        window = self.window_s
+        base = self.window_s
         for link in self._links:
             silent = now - link.last_seen
+            window = link.window_s(base)
             if link.compute_stuck:
                 link.declared_down = True
                 raise StageUnavailable(f"stage {link.index} at {link.endpoint}: {link.compute_stuck}")
@@ -521,7 +544,7 @@ class StageLinks:
                 link.declared_down = True
                 raise StageUnavailable(
                     f"stage {link.index} at {link.endpoint} missed {self.config.heartbeat_liveness} heartbeats "
-                    f"({silent:.1f} s silent); the process or its link is down"
+                    f"({silent:.1f} s silent, window {window:.1f} s); the process or its link is down"
                 )
 
     def silent_stages(self, suspects: Sequence[int] = ()) -> list[int]:
@@ -561,7 +584,8 @@ class StageLinks:
             return False
 
         try:
-            self.wait_until(settled_or_ping, self.window_s, lambda: TimeoutError(), heartbeats=False, liveness=False)
+            probe_s = max((link.window_s(self.window_s) for link in self._links), default=self.window_s)
+            self.wait_until(settled_or_ping, probe_s, lambda: TimeoutError(), heartbeats=False, liveness=False)
         except TimeoutError:
             pass
         self._pongs = {p for p in self._pongs if p[1] != probe}
@@ -571,7 +595,7 @@ class StageLinks:
         """Round-trip time (ms) of one ping to stage ``i``."""
         req = f"p{i}-{time.monotonic():.6f}"
         t0 = time.perf_counter()
-        if not self.send(i, Message(kind="ping", req=req)):
+        if not self.send(i, Message(kind="ping", req=req, meta={"t": time.monotonic()})):
             raise StageUnavailable(f"stage {i} at {self._links[i].endpoint} is not connected")
         self.wait_until(lambda: (i, req) in self._pongs, timeout_s, lambda: StageUnavailable(
             f"stage {i} at {self._links[i].endpoint} did not answer a ping within {timeout_s} s"), heartbeats=False, liveness=False)

@@ -230,6 +230,12 @@ async def _serve(listen: tuple[str, int], target: tuple[str, int], imp: Impairme
         loop.create_task(commands())
     async with server:
         await stop.wait()
+        # stop now: connections held by a cut switch would otherwise keep wait_closed() (and so
+        # the process, until its controller's kill) waiting for peers that will never speak
+        server.close()
+        for task in asyncio.all_tasks():
+            if task is not asyncio.current_task():
+                task.cancel()
 
 
 class RelayProcess:

@@ -449,7 +449,7 @@ class StageWorker:
         if msg.kind == "ping":
             self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t"), "progress": self.progress()}))
         elif msg.kind == "info":
-            self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta=self.info()))
+            self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta={**self.info(), "t": msg.meta.get("t")}))
         elif msg.kind in ("pong", "info_reply"):
             pass  # a client answering this stage's ping (it proved who holds its routing id above)
         elif msg.kind == "forward_batch":

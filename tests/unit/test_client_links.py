@@ -4,6 +4,7 @@ ROUTER in a thread that answers pings the way a stage's I/O thread does)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import zmq
@@ -20,8 +21,11 @@ class FakeStage:
     """A ROUTER that answers ``ping`` with ``pong`` and pings each new client once (unless ``silent``:
     a frozen process), as a stage does before it sends a result, and can send a result to the last client."""
 
-    def __init__(self, silent: bool = False):
+    def __init__(self, silent: bool = False, rtt_s: float = 0.0):
         self.silent = silent
+        self.rtt_s = rtt_s  # pongs leave this long after their ping, echoing its "t" (a slow link)
+        self._due: list[tuple[float, bytes, Message]] = []
+        self.paused_until = 0.0  # pings before this are dropped (a stall shorter than a death)
         self.pings = 0
         self.pongs_from_client = 0
         self.identities: list[bytes] = []
@@ -43,6 +47,9 @@ class FakeStage:
             while not self._stop.is_set() and not self._close_now.is_set():
                 while self._to_send and self.identities:
                     sock.send_multipart([self.identities[-1], *encode_message(self._to_send.pop(0))])
+                while self._due and self._due[0][0] <= time.monotonic():
+                    _, ident, pong = self._due.pop(0)
+                    sock.send_multipart([ident, *encode_message(pong)])
                 if not sock.poll(20):
                     continue
                 ident, *body = sock.recv_multipart()
@@ -53,7 +60,9 @@ class FakeStage:
                 msg = decode_message(body)
                 if msg.kind == "ping":
                     self.pings += 1
-                    if not self.silent:
+                    if self.rtt_s and time.monotonic() >= self.paused_until:
+                        self._due.append((time.monotonic() + self.rtt_s, ident, Message(kind="pong", req=msg.req, meta={"t": msg.meta.get("t")})))
+                    elif not self.silent and not self.rtt_s:
                         sock.send_multipart([ident, *encode_message(Message(kind="pong", req=msg.req))])
                 elif msg.kind == "pong":
                     self.pongs_from_client += 1
@@ -188,5 +197,31 @@ def test_a_reply_lost_across_a_reopen_is_suspected_once_the_stage_speaks_again()
         link.longest_step_s = links.window_s  # a stage with long steps gets 4 of them
         with _m.patch("splitnet.edge.links.time.monotonic", return_value=since + links.window_s + 0.01):
             assert links.lost_reply_suspect(since) is None
+    finally:
+        links.close()
+
+
+def test_a_slow_link_widens_its_own_silence_window(stages):
+    """Heartbeat round trips of 0.25 s make a stage's window 0.3 s + 4 x 0.25 s: a 0.6 s stall
+    there is not a failure (it would be with the bare 0.3 s window); the window is per stage."""
+    slow, fast = stages(rtt_s=0.25), stages()
+    links = _links([slow.endpoint, fast.endpoint], [])
+    try:
+        # a first round trip before liveness counts (a session's info handshake gives one too)
+        links.wait_until(lambda: links.send(0, Message(kind="ping", req="first", meta={"t": time.monotonic()})), 5,
+                         lambda: AssertionError("not connected"), heartbeats=False, liveness=False)
+        links.wait_until(lambda: len(links._links[0].rtts_s) >= 1, 5, lambda: AssertionError("no round trip"), heartbeats=False, liveness=False)
+        links.wait_until(lambda: len(links._links[0].rtts_s) >= 3, 5, lambda: AssertionError("no round trips measured"))
+        assert min(links._links[0].rtts_s) >= 0.2
+        assert 1.1 < links.stage_window_s(0) < 2.0 and links.stage_window_s(1) < 0.35
+        slow.paused_until = time.monotonic() + 0.6
+        deadline = time.monotonic() + 1.0
+        links.wait_until(lambda: time.monotonic() >= deadline, 5, lambda: AssertionError("wait ended early"))
+        assert not links.is_down(0) and not links.is_down(1)
+        slow.paused_until = time.monotonic() + 60  # now it stops for good: found within its own window
+        t0 = time.monotonic()
+        with pytest.raises(StageUnavailable, match=r"stage 0 .* window 1\.\d s"):
+            links.wait_until(lambda: False, 10, lambda: AssertionError("never declared down"))
+        assert time.monotonic() - t0 < 3.0
     finally:
         links.close()
