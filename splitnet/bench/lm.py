@@ -53,10 +53,15 @@ DEFINITIONS = {
                              "held-out perplexity windows",
     "message_bytes": "bytes of the framed forward message the edge sends (msgpack header incl. the ForwardHeader meta, the codec "
                      "entry and inline parts, plus raw frames): encode_message + message_nbytes, what a socket carries before ZMTP framing",
-    "payload_bytes": "the codec payload's share of message_bytes (Payload.nbytes: its header entry and frames)",
+    "payload_bytes": "the codec payload's share of message_bytes, exact to the byte (runtime.cut_codec.cut_wire_nbytes): the full "
+                     "entry under meta.codecs (codec name, codebook hash, shape, part descriptors, under the real tensor name "
+                     "'hidden') with its frames, or in a cached request's later steps the compact form meta.cc = [vectors, bytes] "
+                     "(key included); what the compact form leaves out was bound by the request's first step, which always "
+                     "carries the full entry (codecs.framing)",
     "data_bytes": "the payload's arrays alone (codes, scales): what the quantizer emits, without the entry's codec name, hash, shape",
     "prefill": "the one message of the prompt's prompt_tokens tokens; per prompt token",
-    "decode": "one message per decoded token fed back (new_tokens - 1 per prompt; the last token is never fed back)",
+    "decode": "one message per decoded token fed back (new_tokens - 1 per prompt; the last token is never fed back); "
+              "compact_fraction: the share of them whose codes went in the compact form (single-part codecs without side information)",
     "cloud_only": "the forward message that sends the token ids (int64, as the SDK does) to a cloud stage holding the whole model; "
                   "text_bytes is the raw UTF-8 text instead",
 }
@@ -209,7 +214,7 @@ def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, batch: int,
         cos_sum, cos_n = cos_sum + float(cos.sum()), cos_n + cos.size
         bar.update(len(ws))
     per_prompt, identical, prefix = [], 0, []
-    pre_msg, pre_pay, pre_dat, dec_msg, dec_pay, dec_dat, dec_n = [], [], [], 0, 0, 0, 0
+    pre_msg, pre_pay, pre_dat, dec_msg, dec_pay, dec_dat, dec_n, dec_compact, dec_steps = [], [], [], 0, 0, 0, 0, 0, 0
     wants = iter(zip(ref["continuations"], ref["margins"]))
     split_margins = []  # the unsplit model's margin where each continuation first leaves it
     for ps in _batches(data.prompts, batch):
@@ -228,6 +233,7 @@ def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, batch: int,
             for s in sent[1:]:
                 dec_msg, dec_pay, dec_n = dec_msg + s.message_nbytes, dec_pay + s.payload_nbytes, dec_n + s.tokens
                 dec_dat += s.data_nbytes
+                dec_compact, dec_steps = dec_compact + int(s.compact), dec_steps + 1
         bar.update(len(ps))
     ppl = math.exp(nll / n)
     pp = np.asarray(per_prompt)
@@ -244,7 +250,7 @@ def _evaluate(bm, cut: int, codec, data, ref: dict, new_tokens: int, batch: int,
             "prefill": {"message_per_token": _r(np.mean(pre_msg), 3), "payload_per_token": _r(np.mean(pre_pay), 3),
                         "data_per_token": _r(np.mean(pre_dat), 3)},
             "decode": {"message_per_token": _r(dec_msg / max(dec_n, 1), 3), "payload_per_token": _r(dec_pay / max(dec_n, 1), 3),
-                       "data_per_token": _r(dec_dat / max(dec_n, 1), 3)},
+                       "data_per_token": _r(dec_dat / max(dec_n, 1), 3), "compact_fraction": _r(dec_compact / max(dec_steps, 1), 4)},
             "perplexity_windows_payload_per_token": _r(ppl_payload / max(ppl_tokens, 1), 3),
         },
     }
@@ -409,7 +415,7 @@ def run(args: argparse.Namespace) -> dict:
             "met_in_prefill_by": [f"cut {r['split_after']} {r['setting']}" for r in rows if r["meets_bar_in_prefill"]],
             "met_with_framed_message_bytes_by": [f"cut {r['split_after']} {r['setting']}" for r in rows if r["meets_bar_framed"]],
             "met_on_data_bytes_only_by": [f"cut {r['split_after']} {r['setting']}" for r in rows if r["meets_bar_on_data_bytes_only"]],
-            "levels": "met_by counts the codec payload (Payload.nbytes) in prefill and per decoded token; met_in_prefill_by the prefill "
+            "levels": "met_by counts the codec payload (its exact bytes in the forward message: full entry or compact codes) in prefill and per decoded token; met_in_prefill_by the prefill "
                       "payload only; met_with_framed_message_bytes_by whole forward messages; met_on_data_bytes_only_by leaves out the "
                       "payload's entry (codec name, hash, shape): NOT the bar, shown for what the quantizer alone achieves",
             "best_greedy_at_8x": [{"setting": f"cut {r['split_after']} {r['setting']}", "greedy": r["greedy"]["positional_agreement"],

@@ -6,8 +6,11 @@ inside a ``forward`` message whose meta is a :class:`~splitnet.wire.headers.Forw
 frames the message with :func:`~splitnet.wire.message.encode_message`, and counts
 :func:`~splitnet.wire.message.message_nbytes`: the bytes a socket carries. The cloud side reads
 those frames back with :func:`~splitnet.wire.message.decode_message` (version, sizes and dtypes
-checked), validates the header, decodes the payload, and runs blocks ``[cut, L)`` with its own
-cache. No sockets and no processes: the bytes are the same, the timing is not measured here.
+checked), validates the header, decodes the payload with a :class:`CutCodecs` of its own (the
+stage's), and runs blocks ``[cut, L)`` with its own cache. Each row is a request with its own id:
+its prefill carries the full codec entry, its decode steps the compact form (``meta["cc"]``), as
+the SDK and a stage send them (request context = request id and epoch, position > 0). No sockets
+and no processes: the bytes are the same, the timing is not measured here.
 
 :class:`UnsplitLM` is the reference: the whole model in one stage, the same calls.
 :func:`cloud_only_nbytes` is what the cloud-only baseline sends instead: the token ids in the
@@ -24,6 +27,7 @@ import numpy as np
 #: the reply address an SDK session puts in every forward (``peer:`` + its 128-bit routing id)
 REPLY_TO = "peer:" + "0" * 32
 REQUEST_ID = "0" * 16  # the SDK's request ids are 16 hex digits
+EPOCH = 0
 
 
 @dataclass(frozen=True)
@@ -31,9 +35,10 @@ class Sent:
     """What one forward message cost: every framed byte, and the codec payload's share of them."""
 
     message_nbytes: int
-    payload_nbytes: int  # Payload.nbytes (header entry + frames of the coded tensor); 0 without a codec
+    payload_nbytes: int  # what the cut codec adds to the message: its header entry (or compact codes) + frames; 0 without a codec
     data_nbytes: int  # the payload's arrays alone (codes, scales): what the quantizer emits, no names, hash or shape
     tokens: int
+    compact: bool = False  # the codes travelled in the compact form (meta["cc"])
 
 
 def _frames_to_bytes(frames: list[Any]) -> list[bytes]:
@@ -90,40 +95,43 @@ class SplitLM:
         from splitnet.runtime.cut_codec import CutCodecs
 
         self.edge, self.cloud = bm.stage(0, cut), bm.stage(cut, bm.num_blocks)
-        self.codecs = CutCodecs()
-        self.codecs.out = codec  # what the edge SDK's local_codec holds
+        self.edge_codecs = CutCodecs()
+        self.edge_codecs.out = codec  # what the edge SDK's local_codec holds
+        self.cloud_codecs = CutCodecs()  # the cloud stage's: it encodes nothing (last stage) and loaded the same codec file
         if codec is not None and codec.codebook_hash:
-            self.codecs.by_hash[codec.codebook_hash] = codec  # the cloud stage loaded the same codec file
+            self.cloud_codecs.by_hash[codec.codebook_hash] = codec
         self.edge_cache = self.cloud_cache = None
         self.pos = 0
         self.seq = 0
+        self._requests = 0
+        self.reqs: list[str] = []
         self.last_cut: tuple[np.ndarray, np.ndarray] | None = None
 
     def reset(self) -> None:
+        """New requests (ids of 16 hex digits, as the SDK's): empty caches, and a full codec entry in their first step."""
         self.edge_cache, self.cloud_cache = self.edge.new_cache(), self.cloud.new_cache()
         self.pos = self.seq = 0
+        self.reqs = []
 
-    def _cross(self, hidden) -> tuple[np.ndarray, Sent]:
+    def _cross(self, hidden, req: str) -> tuple[np.ndarray, Sent]:
         """One request's (1, T, C) cut features through the edge's codec, the wire and the cloud's codec."""
-        from splitnet.codecs.framing import CODECS_KEY, extract_payloads
+        from splitnet.runtime.cut_codec import COMPACT_KEY, cut_wire_nbytes
         from splitnet.wire.headers import ForwardHeader
         from splitnet.wire.message import Message, decode_message, encode_message, message_nbytes
 
-        tensors, codec_meta = self.codecs.encode({"hidden": hidden})
-        msg = Message(kind="forward", req=REQUEST_ID, seq=self.seq, epoch=0, tensors=tensors,
+        context = (req, EPOCH)  # what the SDK keys a cached request's steps by (the stage: origin/req, epoch)
+        tensors, codec_meta = self.edge_codecs.encode({"hidden": hidden}, context=context, pos=self.pos)
+        msg = Message(kind="forward", req=req, seq=self.seq, epoch=EPOCH, tensors=tensors,
                       meta=_header(self.pos, self._all_logits, codec_meta))
         frames = encode_message(msg)
-        payload = data = 0
-        if codec_meta.get(CODECS_KEY):
-            _, payloads = extract_payloads(tensors, codec_meta)
-            payload = sum(p.nbytes for p in payloads.values())
-            data = sum(int(a.nbytes) for p in payloads.values() for a in p.parts.values())
+        payload, data = cut_wire_nbytes(tensors, codec_meta)
         got = decode_message(_frames_to_bytes(frames))  # the cloud stage's side: checked before use
         ForwardHeader.from_meta(got.meta)
-        raw = self.codecs.decode(got.tensors, got.meta)
+        raw = self.cloud_codecs.decode(got.tensors, got.meta, context=(got.req, got.epoch))  # cached: the stage binds / reads its context
         if sorted(raw) != ["hidden"]:
             raise RuntimeError(f"the cut carried {sorted(raw)}; this bench handles decoders whose cut is the hidden state alone")
-        return np.asarray(raw["hidden"], dtype=np.float32), Sent(message_nbytes(frames), payload, data, int(hidden.shape[1]))
+        return (np.asarray(raw["hidden"], dtype=np.float32),
+                Sent(message_nbytes(frames), payload, data, int(hidden.shape[1]), COMPACT_KEY in codec_meta))
 
     def forward(self, ids: np.ndarray, *, all_logits: bool = False):
         """(logits, [one :class:`Sent` per row]) for (B, T) ids fed after what the requests already hold."""
@@ -132,7 +140,10 @@ class SplitLM:
         ids = np.ascontiguousarray(ids, dtype=np.int64)
         hidden = self.edge({"input_ids": torch.from_numpy(ids)}, self.edge_cache)["hidden"]
         self._all_logits = all_logits
-        crossed = [self._cross(hidden[b : b + 1]) for b in range(hidden.shape[0])]
+        while len(self.reqs) < hidden.shape[0]:
+            self.reqs.append(f"{self._requests:016x}")
+            self._requests += 1
+        crossed = [self._cross(hidden[b : b + 1], self.reqs[b]) for b in range(hidden.shape[0])]
         received = torch.from_numpy(np.concatenate([h for h, _ in crossed]))
         c = received.shape[-1]
         self.last_cut = (hidden.float().reshape(-1, c).numpy(), received.reshape(-1, c).numpy())  # (B*T, C) sent, received

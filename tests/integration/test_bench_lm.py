@@ -59,6 +59,13 @@ def test_json_fields_and_byte_accounting(doc):
     assert rows["fp16"]["ratio_vs_fp16"]["decode_payload"] == 1.0
     # rvq 2x6: 12 bits per token, bit-packed: 2 bytes for one decoded token
     assert rows["rvq:stages=2/nbits=6"]["bytes"]["decode"]["data_per_token"] == 2
+    # decode steps go compact (meta.cc = [1, bytes]: key 3 + array 1 + count 1 + bin header 2) where the
+    # codec has one part and no side information; int8 (values + scales) keeps its full entry
+    for name in ("fp32", "fp16", "rvq:stages=2/nbits=6"):
+        d = rows[name]["bytes"]["decode"]
+        assert d["compact_fraction"] == 1.0 and d["payload_per_token"] - d["data_per_token"] == 7, name
+    assert rows["int8"]["bytes"]["decode"]["compact_fraction"] == 0.0
+    assert rows["int8"]["bytes"]["decode"]["payload_per_token"] - rows["int8"]["bytes"]["decode"]["data_per_token"] > 30
     assert rows["rvq:stages=2/nbits=6"]["calibration_vectors"] == 24 * 80
     cloud = doc["baseline_cloud_only"]
     assert cloud["decode_message_bytes_per_token"] > 8 and cloud["text_bytes_per_token"] > 0
