@@ -109,6 +109,17 @@ class _Leaving:
     tokens_computed: int | None
 
 
+def _oldest_is_chunk(backlog: deque) -> bool:
+    """Whether the oldest forward waiting is a chunk of several prompt tokens (a prefill or a
+    replay: its request's later chunks are queued behind it already, and a round is built
+    around the oldest member, so one-token decode steps of other requests would not join it)."""
+    for w in backlog:
+        if w.msg.kind == "forward":
+            ids = w.msg.tensors.get("input_ids") if w.batch is None else None
+            return ids is not None and ids.ndim == 2 and ids.shape[1] > 1
+    return False
+
+
 @dataclass(frozen=True)
 class _Whole:
     """A forward's outputs for all its members in host memory: rows concatenated in member order."""
@@ -571,8 +582,8 @@ class StageWorker:
             return True
         if self.stage.is_first:
             expected = self._rhythms.expected(time.monotonic())
-            if len(expected) <= 1:
-                return True
+            if len(expected) <= 1 or _oldest_is_chunk(backlog):
+                return True  # a prompt chunk first: the decode steps waited for would not stack with it
             wait_s = self.config.batch_wait_ms / 1000
             deadline = time.monotonic() + (wait_s if self.config.shared_device else min(wait_s, self._last_forward_s))
         else:

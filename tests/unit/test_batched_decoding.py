@@ -153,3 +153,21 @@ def test_step_rhythms_expect_requests_that_keep_their_rhythm():
     r.note("d", 0.0)
     r.drop("d")
     assert "d" not in r.expected(0.0)
+
+
+def test_first_stage_waits_for_decode_steps_only_behind_a_decode_step():
+    """The first stage's straggler wait is for one-token steps that would stack with the oldest
+    member; behind a prompt chunk (a prefill or a replay) there is nothing to wait for."""
+    from collections import deque
+
+    import numpy as np
+
+    from splitnet.runtime.worker import _oldest_is_chunk, _Work
+    from splitnet.wire import Message
+
+    def work(kind: str, tokens: int) -> _Work:
+        return _Work(Message(kind=kind, req="r", tensors={"input_ids": np.zeros((1, tokens), np.int64)}), 0, 0.0)
+
+    assert _oldest_is_chunk(deque([work("release", 1), work("forward", 8), work("forward", 1)]))
+    assert not _oldest_is_chunk(deque([work("forward", 1), work("forward", 8)]))
+    assert not _oldest_is_chunk(deque())
