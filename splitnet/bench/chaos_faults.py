@@ -6,8 +6,10 @@ Kinds (each with the outcome it must have):
 - ``kill_prefill`` / ``kill_decode``: SIGKILL of one stage while a request is in its prefill (a
   later chunk is being sent) or in its decode (after some tokens); replaced, replayed.
 - ``kill_two``: two stages at once; both replaced in one recovery.
-- ``stop_short`` / ``stop_long``: SIGSTOP, then SIGCONT after half / one and a half liveness
-  windows: the short one must cause no failover, the long one is replaced.
+- ``stop_short`` / ``stop_long``: SIGSTOP, then SIGCONT after half / three base liveness
+  windows (heartbeat interval x liveness): the short one must cause no failover, the long one is
+  replaced. A stage's own window is the base plus 4 x its recent heartbeat round trips, which on
+  a loaded host can add most of a base window: three base windows is a stop longer than any.
 - ``kill_in_recovery``: a stage is killed, and the first replacement handed out for it is killed
   before the client's handshake (a fault inside the recovery).
 - ``restart_same_endpoint``: killed, and a fresh process binds the same endpoint (a supervisor
@@ -44,6 +46,8 @@ from splitnet.bench.chaos_pool import StandbyPool
 
 log = logging.getLogger("splitnet.bench.chaos")
 
+#: a long stop lasts this many base windows (see ``stop_long`` above)
+STOP_LONG_WINDOWS = 3.0
 FAULT_KINDS = ("kill_prefill", "kill_decode", "kill_two", "stop_short", "stop_long", "kill_in_recovery", "restart_same_endpoint",
                "freeze_compute", "cut", "partition_up", "partition_down", "cut_unrecoverable")
 LINK_KINDS = ("cut", "partition_up", "partition_down", "cut_unrecoverable")  # need relays
@@ -252,7 +256,7 @@ def inject(n: int, kind: str, model: str, rng: random.Random, pipe: Any, pool: S
                 _signal(pid, signal.SIGKILL)
         elif kind in ("stop_short", "stop_long"):
             _signal(pids[0], signal.SIGSTOP)
-            hold = window_s * (0.5 if kind == "stop_short" else 1.5)
+            hold = window_s * (0.5 if kind == "stop_short" else STOP_LONG_WINDOWS)
             threading.Timer(hold, _signal, (pids[0], signal.SIGCONT)).start()
         elif kind == "restart_same_endpoint":
             ev = pool.in_place[stages[0]] = threading.Event()
@@ -296,7 +300,7 @@ def settle(history: History, rec: FaultRecord, tenants: int, window_s: float) ->
     """Wait until every tenant used a reply after the fault (or 60 s), then note what it caused."""
     if not rec.fired:
         return
-    hold = window_s * 1.5 if rec.kind == "stop_long" else window_s * 0.5 if rec.kind == "stop_short" else 0.0
+    hold = window_s * STOP_LONG_WINDOWS if rec.kind == "stop_long" else window_s * 0.5 if rec.kind == "stop_short" else 0.0
     deadline = time.monotonic() + 60 + hold + (3 * window_s if rec.kind in LINK_KINDS else 0)
     expect_failover = rec.expected == "replaced"
     while time.monotonic() < deadline:

@@ -127,6 +127,7 @@ class _Link:
     forwards_seen: int | None = None  # forwards its previous heartbeat reported
     longest_step_s: float = 0.0  # the longest compute time its traces reported to this client
     rtts_s: deque = field(default_factory=lambda: deque(maxlen=_RTT_SAMPLES))  # recent heartbeat round trips
+    draining: list = field(default_factory=list)  # [(socket, close at)]: connections replaced by a reopen, still read
 
     def window_s(self, base_s: float) -> float:
         """How long this stage may stay silent: ``base_s`` (heartbeat interval x liveness) plus
@@ -225,8 +226,9 @@ class StageLinks:
 
     def _close_link(self, link: _Link) -> None:
         self._stop_monitor(link)
-        self._poller.unregister(link.sock)
-        link.sock.close(linger=0)
+        if link.sock is not None:
+            self._poller.unregister(link.sock)
+            link.sock.close(linger=0)
 
     def replace(self, i: int, endpoint: str, connect_wait_s: float = _CONNECT_WAIT_S) -> None:
         """Connect stage ``i`` to ``endpoint`` (a new process), with a fresh silence clock;
@@ -249,12 +251,29 @@ class StageLinks:
             self._start_monitor(link)
 
     def reopen(self, i: int) -> None:
-        """A fresh connection to stage ``i`` (same endpoint, same routing id); its silence clock runs on."""
+        """A fresh connection to stage ``i`` (same endpoint, same routing id); its silence clock runs on.
+
+        The old connection is not closed at once: it is still read for one window, so a reply
+        the stage wrote on it before the new connection took its routing id over (a stage that
+        was only slow: stopped, swapped out, starved of a core) arrives instead of being lost
+        with the socket (which would cost the request a replay)."""
         link = self._links[i]
         seen, gone, held, replaced = link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at
+        old, window = link.sock, link.window_s(self.window_s)
+        self._stop_monitor(link)
+        link.sock = None  # kept open below, not closed by replace()
         self.replace(i, link.endpoint, connect_wait_s=0.0)  # the loop goes on at once; the stage is silent anyway
+        link.draining.append((old, time.monotonic() + window))
         link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at = seen, gone, held, replaced
         link.reopened_at = time.monotonic()
+
+    def _close_drained(self, now: float) -> None:
+        for link in self._links:
+            if link.draining and link.draining[0][1] <= now:
+                for sock, _ in [d for d in link.draining if d[1] <= now]:
+                    self._poller.unregister(sock)
+                    sock.close(linger=0)
+                link.draining = [d for d in link.draining if d[1] > now]
 
     # ------------------------------------------------------------------ handshake phase ----
     def begin_handshake(self) -> None:
@@ -399,10 +418,12 @@ class StageLinks:
                 link.last_seen = time.monotonic()
                 link.declared_down = False
                 self._deliver(link.index, sock.recv_multipart(copy=False))
+        if any(link.draining for link in self._links):
+            self._close_drained(time.monotonic())
 
     def _link_of(self, sock: zmq.Socket) -> _Link | None:
         for link in self._links:
-            if sock is link.sock or sock is link.monitor:
+            if sock is link.sock or sock is link.monitor or any(sock is d[0] for d in link.draining):
                 return link
         return None
 
@@ -612,6 +633,9 @@ class StageLinks:
         for link in self._links:
             self._stop_monitor(link)
             link.sock.close(linger=0)
+            for sock, _ in link.draining:
+                sock.close(linger=0)
+            link.draining = []
         if self._results is not None:
             self._results.close(linger=0)
 

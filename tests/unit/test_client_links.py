@@ -225,3 +225,22 @@ def test_a_slow_link_widens_its_own_silence_window(stages):
         assert time.monotonic() - t0 < 3.0
     finally:
         links.close()
+
+
+def test_a_reply_on_the_connection_a_reopen_replaced_is_still_received(stages):
+    """A reopen (half a silent window) opens a new connection but reads the old one for a window:
+    a stage that wrote its reply on the old one (here: a ROUTER that keeps the first connection
+    of a routing id) does not lose it, so the request needs no replay."""
+    stage = stages()
+    got: list = []
+    links = _links([stage.endpoint], got)
+    try:
+        links.wait_until(lambda: links.send(0, Message(kind="ping", req="hello")) and stage.pings >= 1, 5,
+                         lambda: AssertionError("not connected"), heartbeats=False, liveness=False)
+        links.reopen(0)
+        stage.send(Message(kind="result", req="r1", seq=1, meta={"trace": []}))
+        links.wait_until(lambda: any(m.kind == "result" for _, m, _ in got), 3, lambda: AssertionError("the reply was lost with the old connection"),
+                         heartbeats=False, liveness=False)
+        assert len(links._links[0].draining) == 1
+    finally:
+        links.close()
