@@ -264,9 +264,12 @@ def inject(n: int, kind: str, model: str, rng: random.Random, pipe: Any, pool: S
 
             def restart() -> None:
                 try:
-                    pipe.stages[stages[0]].popen.wait(timeout=10)
-                    pipe.restart_stage_in_place(stages[0])
-                    pool.restarted_in_place(stages[0])
+                    old = pipe.stages[stages[0]]
+                    old.popen.wait(timeout=10)
+                    # a supervisor's restart on the same endpoint; a tenant's hook may hand out a
+                    # warm standby meanwhile (StandbyPool.replace), and then this one becomes a standby
+                    new = pipe.start_stage(stages[0], old.blocks, bind=old.endpoint, codec=pipe.codec_of(stages[0]))
+                    pool.restarted_in_place(stages[0], old, new)
                 finally:
                     ev.set()
                     pool.in_place.pop(stages[0], None)

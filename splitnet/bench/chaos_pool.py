@@ -147,8 +147,8 @@ class StandbyPool:
     def replace(self, tenant: int, i: int) -> str:
         with self.locks[i]:
             waiting = self.in_place.get(i)
-            if waiting is not None:
-                waiting.wait(120)  # a restart on the same endpoint is under way: that is the replacement
+            if waiting is not None and not self.ready[i]:
+                waiting.wait(120)  # a restart on the same endpoint is under way and no standby is ready: that is the replacement
             if self.gen[i] > self._seen.get((tenant, i), 0):
                 self._seen[(tenant, i)] = self.gen[i]
                 return self.current[i].endpoint  # another tenant replaced it since this one got it
@@ -176,10 +176,20 @@ class StandbyPool:
                 served.close()  # a fault inside the recovery: the replacement (its host: process and port) dies before the handshake
             return served.endpoint
 
-    def restarted_in_place(self, i: int) -> None:
-        """The stage's process was restarted on its own endpoint (behind the same relay)."""
-        self.current[i] = Served(self.pipe.stages[i], self.current[i].relay)
-        self.gen[i] += 1
+    def restarted_in_place(self, i: int, old: Any, new: Any) -> None:
+        """Stage ``i``'s process ``old`` was restarted on its own endpoint as ``new``. Behind
+        the same relay it is the stage again, unless a warm standby took the stage's place
+        meanwhile (a tenant's hook did not wait for the restart): then ``new`` is one more
+        standby, behind a relay of its own (the old one was stopped with ``old``)."""
+        with self._pool_lock:
+            if self.current[i].stage is old:
+                self.current[i] = Served(new, self.current[i].relay)
+                self.pipe.stages[i] = new
+                self.gen[i] += 1
+                return
+        served = Served(new, self._relay(new.endpoint))
+        with self._pool_lock:
+            self.ready[i].append(served)
 
     def close(self) -> None:
         self._stop.set()

@@ -78,6 +78,10 @@ class LocalPipeline:
         self._procs.append(new.popen)
         return new
 
+    def codec_of(self, index: int) -> str:
+        """The codec stage ``index`` was started with ("" for none)."""
+        return self._codecs[index] if index < len(self._codecs) else ""
+
     def restart_stage_in_place(self, index: int) -> str:
         """Kill stage ``index`` and start a fresh process for its blocks on the same endpoint
         (as a supervisor restarting it would); returns the endpoint."""
