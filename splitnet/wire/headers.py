@@ -316,7 +316,20 @@ class BatchMember:
     rows: int
     header: ForwardHeader | None = None
     trace: tuple[Any, ...] = ()
-    meta: Any = field(default=None, compare=False, repr=False)  # a received member's checked fields, batch fields merged in
+    #: a received member's checked fields, batch fields merged in; on a sender, the ``meta``
+    #: ``header`` was read from (:meth:`BatchHeader.to_meta` then writes it as it is, but the
+    #: fields the batch holds once, instead of writing ``header`` back into a map)
+    meta: Any = field(default=None, compare=False, repr=False)
+
+
+def batch_member(req: str, seq: int, epoch: int, rows: int, header: ForwardHeader | None = None, trace: tuple = (), meta: Any = None) -> BatchMember:
+    """``BatchMember(req, seq, epoch, rows, header, trace, meta)`` without the frozen dataclass's
+    per-field ``__setattr__`` (built for every member of every batch). Its values are checked
+    where every member's are: when a :class:`BatchHeader` is made of it (or by
+    :meth:`BatchHeader.from_meta`, which makes them of checked values)."""
+    m = object.__new__(BatchMember)
+    m.__dict__.update(req=req, seq=seq, epoch=epoch, rows=rows, header=header, trace=trace, meta=meta)
+    return m
 
 
 @dataclass(frozen=True)
@@ -342,16 +355,12 @@ class BatchHeader:
     version: int = BATCH_HEADER_VERSION
 
     def __post_init__(self) -> None:
-        if self.kind not in ("forward_batch", "result_batch"):
-            raise ProtocolError(f"a batch header is for kind forward_batch or result_batch, not {self.kind!r}")
-        if not isinstance(self.members, tuple) or not 1 <= len(self.members) <= MAX_BATCH_MEMBERS:
+        if not isinstance(self.members, tuple):
             raise ProtocolError(f"a batch message carries 1..{MAX_BATCH_MEMBERS} members")
-        if not isinstance(self.shared, tuple) or not all(isinstance(n, str) and n for n in self.shared) or len(set(self.shared)) != len(self.shared):
-            raise ProtocolError("meta.shared must be a list of distinct tensor names")
+        _check_batch(self.kind, self.members, self.shared)
         steps = set()
         for m in self.members:
-            if not (isinstance(m.req, str) and m.req and _is_int(m.seq) and _is_int(m.epoch) and _is_int(m.rows) and m.rows >= 1):
-                raise ProtocolError("each batch member is [req (a non-empty string), seq (int), epoch (int), rows (int >= 1), fields (map)]")
+            _check_step(m.req, m.seq, m.epoch, m.rows)
             if (m.req, m.seq) in steps:
                 raise ProtocolError(f"request {m.req!r} step {m.seq} appears twice in one batch message")
             steps.add((m.req, m.seq))
@@ -375,7 +384,9 @@ class BatchHeader:
         meta: dict[str, Any] = {"bv": self.version}
         members = []
         for m in self.members:
-            if m.header is not None:
+            if m.header is not None and type(m.meta) is dict:  # the map the header was read from: the same fields, written as they are
+                fields_ = {k: v for k, v in m.meta.items() if k not in _MEMBER_FORBIDDEN}  # codecs, cc, packed_tokens: refused above
+            elif m.header is not None:
                 fields_ = m.header.to_meta()
                 for name in (*BATCH_FIELDS, "hv"):
                     fields_.pop(name, None)
@@ -415,13 +426,21 @@ class BatchHeader:
         shared = meta.get("shared", [])
         if not isinstance(shared, (list, tuple)):
             raise ProtocolError("meta.shared must be a list of tensor names")
+        shared = tuple(shared)
+        _check_batch(kind, raw, shared)
         batch_fields = {f: meta[f] for f in BATCH_FIELDS if f in meta}
         members = []
+        steps = set()
         siblings: SiblingHeaders | None = None
         for i, entry in enumerate(raw):
             if not (isinstance(entry, (list, tuple)) and len(entry) == 5 and _is_map(entry[4])):
                 raise ProtocolError(f"batch member {i} must be [req, seq, epoch, rows, fields]")
             req, seq, epoch, rows, fields_ = entry
+            _check_step(req, seq, epoch, rows)
+            step = (req, seq)
+            if step in steps:
+                raise ProtocolError(f"request {req!r} step {seq} appears twice in one batch message")
+            steps.add(step)
             if kind == "forward_batch":
                 if not fields_.keys().isdisjoint(_MEMBER_FORBIDDEN):
                     clash = sorted(str(k) for k in fields_ if k in _MEMBER_FORBIDDEN)
@@ -432,7 +451,7 @@ class BatchHeader:
                     siblings = SiblingHeaders(header, merged)  # the members after it: checked where they differ from it
                 else:
                     header = siblings.read(merged)
-                members.append(BatchMember(req, seq, epoch, rows, header=header, meta=merged))
+                members.append(batch_member(req, seq, epoch, rows, header, (), merged))
             else:
                 unknown = sorted(str(k) for k in fields_ if k not in _RESULT_MEMBER_KEYS)
                 if unknown:
@@ -440,9 +459,29 @@ class BatchHeader:
                 trace = fields_.get("trace", [])
                 if not isinstance(trace, (list, tuple)) or len(trace) > MAX_TRACE:
                     raise ProtocolError(f"result batch member {i}: trace must be a list of at most {MAX_TRACE} entries")
-                members.append(BatchMember(req, seq, epoch, rows, trace=tuple(trace)))
-        return cls(kind, tuple(members), tuple(shared), version)
+                members.append(batch_member(req, seq, epoch, rows, None, tuple(trace)))
+        # every check of __post_init__ ran above (each forward member's header holds the batch's
+        # own fields, merged in, and no codec fields: refused as member keys), so it is not run twice
+        header = object.__new__(cls)
+        header.__dict__.update(kind=kind, members=tuple(members), shared=shared, version=version)
+        return header
 
 
-__all__ = ["BATCH_FIELDS", "BATCH_HEADER_VERSION", "BatchHeader", "BatchMember", "FORWARD_HEADER_VERSION", "ForwardHeader", "HEADS",
+def _check_batch(kind: Any, members: Any, shared: Any) -> None:
+    """A batch header's kind, member count and shared tensor names."""
+    if kind not in ("forward_batch", "result_batch"):
+        raise ProtocolError(f"a batch header is for kind forward_batch or result_batch, not {kind!r}")
+    if not isinstance(members, (tuple, list)) or not 1 <= len(members) <= MAX_BATCH_MEMBERS:
+        raise ProtocolError(f"a batch message carries 1..{MAX_BATCH_MEMBERS} members")
+    if not isinstance(shared, tuple) or not all(isinstance(n, str) and n for n in shared) or len(set(shared)) != len(shared):
+        raise ProtocolError("meta.shared must be a list of distinct tensor names")
+
+
+def _check_step(req: Any, seq: Any, epoch: Any, rows: Any) -> None:
+    """A member's step fields (ints by type: a bool is no step number)."""
+    if not (isinstance(req, str) and req and type(seq) is int and type(epoch) is int and type(rows) is int and rows >= 1):
+        raise ProtocolError("each batch member is [req (a non-empty string), seq (int), epoch (int), rows (int >= 1), fields (map)]")
+
+
+__all__ = ["BATCH_FIELDS", "BATCH_HEADER_VERSION", "BatchHeader", "BatchMember", "batch_member", "FORWARD_HEADER_VERSION", "ForwardHeader", "HEADS",
            "MAX_BATCH_MEMBERS", "MAX_ROUTE", "MAX_TOP_K", "SIBLING_VARYING", "SiblingHeaders"]

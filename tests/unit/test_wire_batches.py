@@ -213,3 +213,36 @@ def test_mutated_batch_headers_raise_only_protocol_errors():
             split_batch(Message(base.kind, "", 0, 0, base.tensors, meta))
         except ProtocolError:
             pass
+
+
+def test_a_member_built_with_the_meta_its_header_was_read_from_writes_the_same_batch():
+    """The sender's path (batch_member with meta: the map written as it is) and the header's own
+    to_meta give batches a receiver reads as the same headers."""
+    from splitnet.wire.headers import batch_member
+
+    metas = [{**_header(10 + i).to_meta(), "trace": [{"stage": 0, "batch": 3}]} for i in range(3)]
+    headers = [ForwardHeader.from_meta(m) for m in metas]
+    by_meta = BatchHeader("forward_batch", tuple(batch_member(f"r{i}", i, 0, 1, h, (), m) for i, (h, m) in enumerate(zip(headers, metas))))
+    by_header = BatchHeader("forward_batch", tuple(BatchMember(f"r{i}", i, 0, 1, header=h) for i, h in enumerate(headers)))
+    assert by_meta.to_meta() == by_header.to_meta()
+    assert all("hv" not in m[4] and "route" not in m[4] for m in by_meta.to_meta()["members"])
+    got = BatchHeader.from_meta("forward_batch", by_meta.to_meta())
+    assert [m.header for m in got.members] == headers
+
+
+@pytest.mark.parametrize("step", [["", 0, 0, 1], ["r", True, 0, 1], ["r", 0, 1.0, 1], ["r", 0, 0, 0], [7, 0, 0, 1], ["r", 0, 0, False]])
+def test_from_meta_refuses_bad_step_fields_as_the_constructor_does(step):
+    """from_meta does not run __post_init__ a second time: its own checks must refuse what it refuses."""
+    meta = copy.deepcopy(_forward_batch().meta)
+    meta["members"][1][:4] = step
+    with pytest.raises(ProtocolError, match="each batch member"):
+        BatchHeader.from_meta("forward_batch", meta)
+    fields = meta["members"][1][4]
+    with pytest.raises(ProtocolError):
+        BatchHeader("forward_batch", (BatchMember(*step, header=ForwardHeader.from_meta({**fields, "route": list(ROUTE), "route_keys": [KEY]})),))
+
+
+def test_a_header_read_from_the_wire_equals_one_built_from_its_members():
+    msg = _forward_batch(4)
+    got = BatchHeader.from_meta("forward_batch", msg.meta)
+    assert got == BatchHeader("forward_batch", got.members, got.shared)
