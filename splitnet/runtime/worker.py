@@ -65,7 +65,7 @@ from splitnet.wire import (
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
 from splitnet.runtime.request_ledger import RequestLedger
 from splitnet.wire.batches import batch_message, member_shares, split_batch
-from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders
+from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders, batch_member
 from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
 from splitnet.wire.sockets import frame_user_id, recv_bounded
@@ -102,11 +102,17 @@ class _Leaving:
 
     member: Member
     index: int  # its place in the batch (row order of the batch's host tensors)
-    outputs: dict  # its rows, in host memory
+    whole: "_Whole | None"  # the batch's outputs in host memory (None: the forward sent nothing back)
     next_meta: dict  # the header fields it carries on (trace, route, codec fields added when sent)
     route: list
     route_keys: list
     tokens_computed: int | None
+
+    @property
+    def outputs(self) -> dict:
+        """Its rows of the batch's outputs, in host memory (views, made when first asked for:
+        a batch sent on whole as one message never splits them)."""
+        return self.whole.rows(self.index) if self.whole is not None else {}
 
 
 def _oldest_is_chunk(backlog: deque) -> bool:
@@ -120,13 +126,20 @@ def _oldest_is_chunk(backlog: deque) -> bool:
     return False
 
 
-@dataclass(frozen=True)
 class _Whole:
     """A forward's outputs for all its members in host memory: rows concatenated in member order."""
 
-    host: dict
-    shared: frozenset  # tensors every member gets whole (not one row block each)
-    sizes: list  # rows per member
+    def __init__(self, host: dict, shared: frozenset, sizes: list):
+        self.host = host
+        self.shared = shared  # tensors every member gets whole (not one row block each)
+        self.sizes = sizes  # rows per member
+        self._parts: dict | None = None
+
+    def rows(self, index: int) -> dict:
+        """Member ``index``'s outputs: its rows of each tensor (the shared ones whole)."""
+        if self._parts is None:
+            self._parts = {k: torch.split(v, self.sizes) for k, v in self.host.items() if k not in self.shared}
+        return {k: (v if k in self.shared else self._parts[k][index]) for k, v in self.host.items()}
 
 
 @dataclass
@@ -750,18 +763,18 @@ class StageWorker:
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
         self.metrics.observe_batch(len(group), compute_ms / 1e3, sum(m.tokens for m in group), sum(m.work.wire_bytes for m in group))
         try:
-            outputs, whole = self._to_host(group, outputs)
+            whole = self._to_host(group, outputs)
         except Exception as e:
             for m in group:
                 self._fail(peers, m.work, e)
             return
         cache_bytes = self.caches.total_bytes() if cached else 0  # once for the batch, not once per member
         leaving: list[_Leaving] = []
-        for i, (m, out) in enumerate(zip(group, outputs)):
+        for i, m in enumerate(group):
             try:
                 if m.cache is not None:
                     self.caches.check_memory(m.cache_key, cache_bytes)
-                lv = self._finish(m, out, i)
+                lv = self._finish(m, whole, i)
             except Exception as e:
                 self._fail(peers, m.work, e)
                 if cached:
@@ -782,13 +795,14 @@ class StageWorker:
             return self.stage.forward_batch(inputs, [m.cache for m in group], all_logits=all_logits)
         return [self.stage(x, m.cache, all_logits=all_logits) for x, m in zip(inputs, group)]  # a stage without a pool
 
-    def _to_host(self, group: list[Member], outputs: list[dict]) -> tuple[list[dict], "_Whole | None"]:
+    def _to_host(self, group: list[Member], outputs: list[dict]) -> "_Whole | None":
         """The members' outputs in host memory, reduced as their head asks (argmax, top-k) on the
         device for the whole batch at once, moved in one copy per tensor; float32 from the last
-        stage whatever the stage's dtype. Also the whole batch's host tensors (members' rows
-        concatenated), which a batch message sends as they are."""
+        stage whatever the stage's dtype: the whole batch's host tensors (members' rows
+        concatenated), which a batch message sends as they are, and each member's rows are split
+        from (:meth:`_Whole.rows`) only where one is sent alone."""
         if not outputs[0]:
-            return outputs, None  # caches filled, nothing to send (a prefill chunk without a result)
+            return None  # caches filled, nothing to send (a prefill chunk without a result)
         opts = group[0].options  # members share route end and head (their signature)
         last = opts.last
         sizes = [next(iter(o.values())).shape[0] for o in outputs]
@@ -798,10 +812,9 @@ class StageWorker:
         total = sum(sizes)
         host = {k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in batched.items()}
         split = {k for k, v in host.items() if v.dim() and v.shape[0] == total}
-        parts = {k: torch.split(v, sizes) if k in split else [v] * len(sizes) for k, v in host.items()}
-        return [{k: parts[k][i] for k in host} for i in range(len(sizes))], _Whole(host, frozenset(set(host) - split), sizes)
+        return _Whole(host, frozenset(set(host) - split), sizes)
 
-    def _finish(self, m: Member, outputs: dict, index: int) -> "_Leaving | None":
+    def _finish(self, m: Member, whole: "_Whole | None", index: int) -> "_Leaving | None":
         """What leaves for one member (outputs in host memory): its next stage's header fields,
         or its result's; None when nobody reads it. Drops a final step's cache."""
         item, cache, ckey = m.work, m.cache, m.cache_key
@@ -817,28 +830,28 @@ class StageWorker:
         if not route and not meta.get("want_result", True):
             return None
         route_keys = list(meta.get("route_keys") or [])
-        return _Leaving(m, index, outputs, next_meta, route, route_keys, tokens_computed)
+        return _Leaving(m, index, whole, next_meta, route, route_keys, tokens_computed)
 
-    def _trace(self, lv: "_Leaving", compute_ms: float, encode_ms: float, batch: int) -> list:
-        """The member's trace with this stage's entry appended."""
+    def _trace_common(self, compute_ms: float, encode_ms: float, batch: int) -> dict:
+        """The fields of this stage's trace entry that every member sent on at once shares."""
+        return {"stage": self.config.stage_index, "pid": os.getpid(), "compute_ms": round(compute_ms, 3), "encode_ms": round(encode_ms, 3), "batch": batch}
+
+    def _trace(self, lv: "_Leaving", common: dict, now: float) -> list:
+        """The member's trace with this stage's entry appended (``common``: :meth:`_trace_common`;
+        ``now``: when it is sent on, monotonic)."""
         item = lv.member.work
         trace = list(item.msg.meta.get("trace") or [])
-        trace.append(
-            {
-                "stage": self.config.stage_index,
-                "pid": os.getpid(),
-                "in_bytes": item.wire_bytes,
-                "queue_ms": round(max(0.0, (item.started_at - item.received_at) * 1e3), 3),
-                "decode_ms": round(item.decode_ms, 3),
-                "compute_ms": round(compute_ms, 3),
-                "encode_ms": round(encode_ms, 3),
-                "batch": batch,
-                "tokens_computed": lv.tokens_computed,
-                "held_ms": round((time.monotonic() - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
-            }
-        )
+        entry = {
+            **common,
+            "in_bytes": item.wire_bytes,
+            "queue_ms": round(max(0.0, (item.started_at - item.received_at) * 1e3), 3),
+            "decode_ms": round(item.decode_ms, 3),
+            "tokens_computed": lv.tokens_computed,
+            "held_ms": round((now - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
+        }
         if _TRACE_CLOCK:  # host-local CLOCK_MONOTONIC stamps, comparable between processes of one host (hop timing)
-            trace[-1]["clock_s"] = [round(item.received_at, 6), round(time.monotonic(), 6)]
+            entry["clock_s"] = [round(item.received_at, 6), round(now, 6)]
+        trace.append(entry)
         return trace
 
     def _send_on(self, peers: dict, leaving: list["_Leaving"], whole: "_Whole | None", compute_ms: float, batch: int) -> None:
@@ -878,7 +891,7 @@ class StageWorker:
             tensors, out_meta = dict(lv.outputs), {}
         encode_ms = (time.perf_counter() - t2) * 1e3
         meta.update(out_meta)
-        meta["trace"] = self._trace(lv, compute_ms, encode_ms, batch)
+        meta["trace"] = self._trace(lv, self._trace_common(compute_ms, encode_ms, batch), time.monotonic())
         if lv.route:
             meta["route"] = lv.route[1:]
             meta["upstream_batch"] = [self._batch_id, to_same_hop]  # the next stage waits for the rest sent its way
@@ -898,13 +911,15 @@ class StageWorker:
         if [lv.index for lv in lvs] == list(range(len(whole.sizes))):
             tensors = dict(whole.host)
         else:
-            tensors = {k: (v if k in whole.shared else torch.cat([lv.outputs[k] for lv in lvs])) for k, v in whole.host.items()}
+            own = [lv.outputs for lv in lvs]
+            tensors = {k: (v if k in whole.shared else torch.cat([r[k] for r in own])) for k, v in whole.host.items()}
         out_meta: dict[str, Any] = {}
         if kind == "forward":
             tensors, out_meta = self.codecs.encode(tensors)  # raw cut: only the attention mask is compacted
         shared = [k for k in tensors if k in whole.shared]
         encode_ms = (time.perf_counter() - t2) * 1e3
         chunks = [lvs[i:i + MAX_BATCH_MEMBERS] for i in range(0, len(lvs), MAX_BATCH_MEMBERS)]
+        common = self._trace_common(compute_ms, encode_ms, batch)
         start = 0
         for chunk in chunks:
             rows = [whole.sizes[lv.index] for lv in chunk]
@@ -914,9 +929,10 @@ class StageWorker:
             siblings: SiblingHeaders | None = None
             # one hop: every member has the same route and keys (one list object each, for all)
             route, route_keys, mark = chunk[0].route[1:], chunk[0].route_keys[1:], [self._batch_id, len(lvs)]
+            now = time.monotonic()
             for lv, n in zip(chunk, rows):
                 msg, meta = lv.member.work.msg, lv.next_meta
-                trace = self._trace(lv, compute_ms, encode_ms, batch)
+                trace = self._trace(lv, common, now)
                 if kind == "forward":
                     meta.update(out_meta)
                     meta["trace"] = trace
@@ -931,9 +947,9 @@ class StageWorker:
                         siblings = SiblingHeaders(header, meta)
                     else:
                         header = siblings.read(meta)
-                    members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, header=header))
+                    members.append(batch_member(msg.req, msg.seq, msg.epoch, n, header, (), meta))  # meta: written as it was read
                 else:
-                    members.append(BatchMember(msg.req, msg.seq, msg.epoch, n, trace=tuple(trace)))
+                    members.append(batch_member(msg.req, msg.seq, msg.epoch, n, None, tuple(trace)))
             out = batch_message(f"{kind}_batch", members, part, shared)
             self.stats["batch_messages_out"] += 1
             first = chunk[0]
