@@ -196,7 +196,7 @@ class SequenceState:
             self.stats["decode_wire_bytes"] = 0
         else:
             self.stats["decode_wire_bytes"] += step_wire_bytes(self.sent_bytes, trace, received)
-            add_stage_times(self.stats, msg)
+            _add_times(self.stats, trace)
         self.stats["tokens_computed"] = [t.get("tokens_computed") for t in trace]
         spec = self.stats.get("speculative")
         if self.proposals:
@@ -395,17 +395,25 @@ STAGE_TIMES = ("queue_ms", "decode_ms", "compute_ms", "encode_ms", "held_ms")
 
 def add_stage_times(stats: dict, msg: Message) -> None:
     """Sum, per stage, the times a decode step's trace reports (``stats["decode_stage_ms"]``)."""
-    per = stats.setdefault("decode_stage_ms", {})
-    for t in msg.meta.get("trace", []):
-        if not isinstance(t, dict) or not isinstance(t.get("stage"), int):
+    _add_times(stats, [t for t in msg.meta.get("trace", []) if isinstance(t, dict)])
+
+
+def _add_times(stats: dict, trace: list[dict]) -> None:
+    """:func:`add_stage_times` of a trace whose entries are maps already (``accept`` has it so)."""
+    per = stats.get("decode_stage_ms")
+    if per is None:
+        per = stats["decode_stage_ms"] = {}
+    for t in trace:
+        stage = t.get("stage")
+        if not isinstance(stage, int):
             continue
-        acc = per.get(t["stage"])
+        acc = per.get(stage)
         if acc is None:
-            acc = per[t["stage"]] = {"steps": 0, **dict.fromkeys(STAGE_TIMES, 0.0)}
+            acc = per[stage] = {"steps": 0, **dict.fromkeys(STAGE_TIMES, 0.0)}
         acc["steps"] += 1
         for k in STAGE_TIMES:
             v = t.get(k)
-            if isinstance(v, (int, float)):
+            if type(v) is float or isinstance(v, (int, float)):  # the float test first: what a stage sends
                 acc[k] += float(v)
 
 

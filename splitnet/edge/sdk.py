@@ -52,7 +52,7 @@ from splitnet.edge.sampling import SamplingConfig
 from splitnet.errors import ConfigError, PlanMismatch, SplitnetError, StageUnavailable, UnknownRequest, error_from_code
 from splitnet.wire import Message, SocketConfig, encode_message
 from splitnet.wire.batches import batch_message, member_shares
-from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders
+from splitnet.wire.headers import MAX_BATCH_MEMBERS, ForwardHeader, SiblingHeaders, batch_member
 from splitnet.wire.security import load_server_keys
 
 __all__ = ["GenerationResult", "Session", "TokenChunk", "connect"]
@@ -334,7 +334,10 @@ class Session:
         siblings = SiblingHeaders(first, first_meta)  # the members differ from the first only in their position: checked in it alone
         for i in range(0, len(steps), MAX_BATCH_MEMBERS):
             part = steps[i:i + MAX_BATCH_MEMBERS]
-            members = [BatchMember(req, seq, self.epoch, 1, header=siblings.read({**first_meta, "pos": pos})) for req, seq, _, pos in part]
+            members = []
+            for req, seq, _, pos in part:
+                meta = {**first_meta, "pos": pos}
+                members.append(batch_member(req, seq, self.epoch, 1, siblings.read(meta), (), meta))  # meta: written as it was read
             ids = np.asarray([[tok] for _, _, tok, _ in part], dtype=np.int64)  # (B, 1): one row per member
             frames = encode_message(batch_message("forward_batch", members, {"input_ids": ids}))
             sent += member_shares([1] * len(part), self.links.send_or_wait(0, frames, self.config.timeout_s))
