@@ -23,6 +23,7 @@ class Event:
     epoch: int = -1
     session_epoch: int = -1
     detail: Any = None
+    window_s: float | None = None  # recover_start: the longest silence window the session applied then (base + round trips)
 
 
 class History:
@@ -62,7 +63,9 @@ def instrument(session: Any, tenant: int, history: History) -> None:
             history.add(Event(ev.t_s, tenant, "take", ev.kind, ev.req, ev.seq, ev.epoch, session.epoch, {"trace": _trace_summary(ev.trace)}))
 
     def logged_recover(cause: Any, budget: Any) -> None:
-        history.add(Event(time.monotonic(), tenant, "recover_start", type(cause).__name__, detail=str(cause)[:200]))
+        links = session.links
+        window = max((links.stage_window_s(i) for i in range(len(links))), default=None)
+        history.add(Event(time.monotonic(), tenant, "recover_start", type(cause).__name__, detail=str(cause)[:200], window_s=window))
         n = len(session.recovery_records)
         try:
             recover(cause, budget)
