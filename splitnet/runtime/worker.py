@@ -279,7 +279,11 @@ class StageWorker:
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self._peers_up: set[tuple[str, bytes | None]] = set()  # (endpoint, key) that took a message (a later send finds it gone fast)
         self.ctx = zmq.Context.instance()
-        self.work: queue.Queue[_Work | list[_Work] | None] = queue.Queue(maxsize=config.queue_depth)  # a list: one batch message's members
+        # a list: one batch message's members; bounded by members (_enqueue), not by entries, so a
+        # batch of 256 counts as 256 steps waiting
+        self.work: queue.Queue[_Work | list[_Work] | None] = queue.Queue()
+        self._queued_members = 0
+        self._queued_lock = threading.Lock()
         self.stop_event = threading.Event()
         self.endpoint = ""
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
@@ -430,7 +434,7 @@ class StageWorker:
             "compact_codes": COMPACT_VERSION,  # decodes a cached request's later steps sent as meta.cc (splitnet.codecs.framing)
             "cached_requests": len(self.caches.caches),
             "stats": dict(self.stats),
-            "queue_depth": self.work.qsize(),
+            "queue_depth": self._queued_members,
             "metrics_url": self.metrics.url,
             "batch_messages": True,  # takes forward_batch (and sends batches on where each member's header allows)
         }
@@ -440,7 +444,7 @@ class StageWorker:
         only an answering I/O thread: forwards done, steps queued, and how long ago the compute
         thread last finished a round or found nothing to do (grows while it is stuck, or while
         one forward runs long)."""
-        return {"forwards": self.stats["forwards"], "batches": self.stats["batches"], "queued": self.work.qsize(),
+        return {"forwards": self.stats["forwards"], "batches": self.stats["batches"], "queued": self._queued_members,
                 "compute_tick_age_s": round(time.monotonic() - self._compute_tick, 3)}
 
     def _principal(self, frames: list) -> str:
@@ -487,9 +491,7 @@ class StageWorker:
                 self.stats["errors"] += 1
                 self._refuse(router, identity, e, msg)
                 return
-            try:
-                self.work.put_nowait(_Work(msg, message_nbytes(body), time.monotonic(), origin))
-            except queue.Full:
+            if not self._enqueue(_Work(msg, message_nbytes(body), time.monotonic(), origin), 1):
                 err = LimitExceeded(f"stage {self.config.stage_index} has {self.config.queue_depth} requests queued; retry later")
                 self._refuse(router, identity, err, msg)
         else:
@@ -513,13 +515,30 @@ class StageWorker:
             self.stats["errors"] += 1
             self._refuse(router, identity, e, msg)
             return
-        try:
-            self.work.put_nowait(items)
+        if self._enqueue(items, len(items)):
             self.stats["batch_messages_in"] += 1
-        except queue.Full:
+        else:
             err = LimitExceeded(f"stage {self.config.stage_index} has {self.config.queue_depth} requests queued; retry later")
             for p in parts:
                 self._refuse(router, identity, err, p)
+
+    def _enqueue(self, item: "_Work | list[_Work]", members: int) -> bool:
+        """Queue ``item`` for the compute thread unless that would put more than ``queue_depth``
+        steps in the queue (a batch message counts each member): False = refuse it."""
+        with self._queued_lock:
+            if self._queued_members + members > self.config.queue_depth:
+                return False
+            self._queued_members += members
+        self.work.put_nowait(item)
+        return True
+
+    def _take(self, timeout_s: float | None) -> "_Work | list[_Work] | None":
+        """The next queued entry (raises queue.Empty); its members leave the queue's count."""
+        item = self.work.get(timeout=timeout_s) if timeout_s is not None else self.work.get_nowait()
+        if item is not None:
+            with self._queued_lock:
+                self._queued_members -= len(item) if type(item) is list else 1
+        return item
 
     def _origin(self, msg: Message, principal: str) -> str:
         """Whose request this is: the sender's key, or the origin a trusted upstream stage vouches for."""
@@ -564,7 +583,7 @@ class StageWorker:
         when the worker is stopping."""
         while len(backlog) < self.config.queue_depth:
             try:
-                item = self.work.get(timeout=_POLL_MS / 1000) if not backlog else self.work.get_nowait()
+                item = self._take(_POLL_MS / 1000 if not backlog else None)
             except queue.Empty:
                 return True
             if item is None:
@@ -609,7 +628,7 @@ class StageWorker:
             if left <= 0 or len(backlog) >= self.config.queue_depth:
                 return True
             try:
-                item = self.work.get(timeout=left)
+                item = self._take(left)
             except queue.Empty:
                 return True
             if item is None:

@@ -163,15 +163,15 @@ def _claiming(origin: str | None, n: int = 2) -> Message:
 def test_a_client_cannot_claim_another_origin_through_a_batch(worker):
     router = _Router()
     worker._queue_batch(router, b"attacker", _claiming(VICTIM), ATTACKER, 100)
-    items = worker.work.get_nowait()
+    items = worker._take(None)
     assert [w.origin for w in items] == [ATTACKER, ATTACKER]  # a client speaks for itself only, member by member
     worker._queue_batch(router, b"stage0", _claiming(VICTIM), STAGE_KEY, 100)
-    assert [w.origin for w in worker.work.get_nowait()] == [VICTIM, VICTIM]  # a trusted stage vouches for its members
+    assert [w.origin for w in worker._take(None)] == [VICTIM, VICTIM]  # a trusted stage vouches for its members
     worker._queue_batch(router, b"stage0", _claiming(None), STAGE_KEY, 100)
-    assert [w.origin for w in worker.work.get_nowait()] == [STAGE_KEY, STAGE_KEY]  # nothing vouched: the sender's own key
+    assert [w.origin for w in worker._take(None)] == [STAGE_KEY, STAGE_KEY]  # nothing vouched: the sender's own key
     assert sum(w.wire_bytes for w in items) == 100 and not router.sent
     with pytest.raises(queue.Empty):
-        worker.work.get_nowait()
+        worker._take(None)
 
 
 def test_a_malformed_batch_is_refused_whole_before_any_work(worker):
@@ -181,7 +181,7 @@ def test_a_malformed_batch_is_refused_whole_before_any_work(worker):
     worker._queue_batch(router, b"x", bad, ATTACKER, 10)
     assert [m.kind for m in router.sent] == ["error"] and router.sent[0].meta["code"] == "protocol"
     with pytest.raises(queue.Empty):
-        worker.work.get_nowait()
+        worker._take(None)
 
 
 def test_curve_stages_send_batch_results_only_to_the_origin_that_sent_them(kill_leftovers):
@@ -232,7 +232,7 @@ def test_a_later_stage_waits_for_no_straggler_of_a_batch_that_came_whole(worker)
     worker.stage.embed, saved = None, worker.stage.embed  # seen as a later stage (its inputs come from a stage)
     try:
         worker._queue_batch(router, b"stage0", _claiming(None), STAGE_KEY, 100)
-        assert worker._batch_complete(deque(worker.work.get_nowait()))  # all its members are here: nothing to wait for
+        assert worker._batch_complete(deque(worker._take(None)))  # all its members are here: nothing to wait for
 
         def part(first: int) -> Message:  # one of two messages of a batch of 4 too large for one (marked, as a stage marks it)
             members = [BatchMember(f"s{i}", 0, 0, 1, header=ForwardHeader(reply_to="peer:" + "cd" * 16, upstream_batch=(9, 4))) for i in range(first, first + 2)]
@@ -240,10 +240,10 @@ def test_a_later_stage_waits_for_no_straggler_of_a_batch_that_came_whole(worker)
 
         backlog: deque = deque()
         worker._queue_batch(router, b"stage0", part(0), STAGE_KEY, 100)
-        backlog.extend(worker.work.get_nowait())
+        backlog.extend(worker._take(None))
         assert not worker._batch_complete(backlog)  # 2 of the 4 sent this way: the rest is coming
         worker._queue_batch(router, b"stage0", part(2), STAGE_KEY, 100)
-        backlog.extend(worker.work.get_nowait())
+        backlog.extend(worker._take(None))
         assert worker._batch_complete(backlog)
     finally:
         worker.stage.embed = saved
@@ -262,3 +262,21 @@ def test_infer_returns_the_head_at_every_position_as_asked(pipe):
     assert logits.shape[:2] == ids.shape and argmax.shape == ids.shape
     assert (argmax == logits.argmax(-1)).all()
     assert top["topk_indices"].shape[-1] == 3 and (top["topk_indices"][..., 0] == logits[:, -1].argmax(-1)).all()
+
+
+def test_queue_depth_counts_the_members_of_a_batch():
+    """Back-pressure counts steps, not messages: a batch of 4 members into a stage whose queue takes
+    3 is refused, every member with a typed LimitExceeded, and nothing is queued; a batch of 3 fits,
+    and then one more forward is refused."""
+    w = StageWorker(StageWorkerConfig(model="tiny-llama", start_block=0, end_block=load_model("tiny-llama").num_blocks, queue_depth=3))
+    router = _Router()
+    w._queue_batch(router, b"c", _claiming(None, n=4), ATTACKER, 100)
+    assert [(m.kind, m.meta.get("code")) for m in router.sent] == [("error", "limit")] * 4
+    assert w.info()["queue_depth"] == 0
+    with pytest.raises(queue.Empty):
+        w._take(None)
+    router.sent.clear()
+    w._queue_batch(router, b"c", _claiming(None, n=3), ATTACKER, 100)
+    assert not router.sent and w.info()["queue_depth"] == 3
+    assert not w._enqueue(object(), 1)  # full: one more step is refused
+    assert len(w._take(None)) == 3 and w.info()["queue_depth"] == 0
