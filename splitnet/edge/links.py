@@ -479,6 +479,9 @@ class StageLinks:
         limit = max(self.config.compute_stall_s, 4 * link.longest_step_s)
         moved = link.forwards_seen is None or forwards != link.forwards_seen
         link.forwards_seen = forwards
+        wait, bound = progress.get("send_wait_s"), progress.get("send_timeout_s")
+        if isinstance(wait, (int, float)) and isinstance(bound, (int, float)) and 0 < wait <= bound + 1.0:
+            moved = True  # inside a send the stage bounds itself (a next stage that does not take it): it ends, or fails the step, by then
         if age > limit and not moved:
             if not link.compute_stuck:
                 log.warning("stage %d at %s: compute thread stuck for %.1f s (%s steps queued)", link.index, link.endpoint, age, progress.get("queued"))

@@ -76,6 +76,25 @@ def test_a_stage_whose_forwards_move_is_not_failed_even_with_an_old_tick():
         stage.close()
 
 
+def test_a_compute_thread_inside_a_bounded_send_is_not_stuck_until_the_send_timeout_passes():
+    """A stage whose compute thread waits on a next stage that does not take its message (up to its
+    send timeout, then the step fails with a typed error) is not frozen: not failed while the wait
+    is within the bound it reports, failed once the wait outlasts it (a thread frozen mid-send)."""
+    t0 = time.monotonic()
+    stage = _ProgressStage(lambda: {"forwards": 3, "batches": 3, "queued": 1, "compute_tick_age_s": round(time.monotonic() - t0 + 0.5, 3),
+                                    "send_wait_s": round(time.monotonic() - t0 + 0.5, 3), "send_timeout_s": 1.0})
+    links = _links(stage.endpoint, compute_stall_s=0.3)
+    try:
+        with pytest.raises(TimeoutError, match="no failure"):
+            links.wait_until(lambda: False, 1.0, lambda: TimeoutError("no failure"))  # waits 0.5-1.5 s: within 1 s + 1 s
+        with pytest.raises(StageUnavailable, match="compute thread has finished no step"):
+            links.wait_until(lambda: False, 10.0, lambda: TimeoutError("a wait past its bound was never declared failed"))
+        assert time.monotonic() - t0 >= 1.45  # the wait (0.5 s at t0) passed 1 s + 1 s of grace
+    finally:
+        links.close()
+        stage.close()
+
+
 def test_compute_stall_must_be_positive():
     with pytest.raises(ConfigError, match="compute_stall_s"):
         ClientConfig(compute_stall_s=0)
