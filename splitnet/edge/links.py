@@ -236,6 +236,10 @@ class StageLinks:
         message sent before it is up is dropped, and the sender would retry only later)."""
         link = self._links[i]
         self._close_link(link)
+        for sock, _ in link.draining:  # an earlier reopen's connection: not read past a replacement
+            self._poller.unregister(sock)
+            sock.close(linger=0)
+        link.draining = []
         link.endpoint = endpoint
         link.sock = self._open(i, endpoint)
         if connect_wait_s > 0:
