@@ -107,6 +107,7 @@ _LIVENESS_EVENTS = zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED
 _POLL_SLICE_S = 0.05  # the loop wakes at least this often to check deadlines and liveness
 _MAX_HELD_RELEASES = 256  # per stage: releases kept while its connection is down
 _CONNECT_WAIT_S = 0.25  # how long replace() waits for a new process's connection to take messages
+_PROBE_GONE_S = 0.3  # in a recovery's probe: a stage with a closed connection silent this long (at least) is gone
 
 
 @dataclass
@@ -597,6 +598,12 @@ class StageLinks:
                     answered.add(link.index)
                 elif link.index not in answered and self.is_down(link.index):
                     dead.add(link.index)  # its connection closed during the probe and did not come back within the grace
+                elif (link.index not in answered and link.disconnected_at is not None
+                      and time.monotonic() - max(start, link.disconnected_at) > max(_PROBE_GONE_S, 4 * max(link.rtts_s, default=0.0))):
+                    # a recovery is under way, its connection is closed and it answered no probe in
+                    # several of its round trips: gone (the disconnect grace, which waits for a
+                    # restart on the same endpoint, would only delay the replacement)
+                    dead.add(link.index)
             return len(answered) + len(dead) >= len(self._links)
 
         next_ping = [0.0]

@@ -244,3 +244,23 @@ def test_a_reply_on_the_connection_a_reopen_replaced_is_still_received(stages):
         assert len(links._links[0].draining) == 1
     finally:
         links.close()
+
+
+def test_a_probe_counts_a_closed_silent_stage_dead_without_waiting_out_the_grace(stages):
+    """In a recovery's probe, a stage whose connection closed and which answers no probe ping is
+    dead after ~0.3 s (several round trips), not after the disconnect grace (5 s here) or the
+    probe's whole window (3 s): a kill first seen through another stage's error is replaced sooner."""
+    a, b = stages(), stages()
+    links = _links([a.endpoint, b.endpoint], [], heartbeat_interval_s=1.0, heartbeat_liveness=3, disconnect_grace_s=5.0)
+    try:
+        for i, s in enumerate((a, b)):
+            links.wait_until(lambda: (links.send(i, Message(kind="ping", req="first")) or True) and s.pings >= 1, 5,
+                             lambda: AssertionError("no first ping"), heartbeats=False, liveness=False)
+        b.close_socket()
+        links.wait_until(lambda: links._links[1].disconnected_at is not None, 5, lambda: AssertionError("no disconnect seen"),
+                         heartbeats=False, liveness=False)
+        t0 = time.monotonic()
+        assert links.silent_stages() == [1]
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        links.close()
