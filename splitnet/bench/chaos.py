@@ -428,9 +428,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         errs = [o for o in outcomes if o.error and o.typed and "NoStandby" in o.error and f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s]
         worst = max((o.t_end - max(f.t_fault, o.t_start) for o in errs), default=None)
         # the window the sessions applied: the base, widened by each stage's round trips (a loaded host's are long)
-        applied = max((e.window_s for e in history.since(f.t_fault) if e.what == "recover_start" and e.window_s
-                       and e.t <= (f.t_heal or f.t_fault) + 2 * window_s), default=window_s)
-        applied = max(applied, window_s)
+        applied = max([window_s] + [e.window_s for e in history.since(f.t_fault) if e.what == "recover_start" and e.window_s
+                                    and e.t <= (f.t_heal or f.t_fault) + 2 * window_s])
         f.outcome = (f"typed error after {worst:.2f} s (window applied {applied:.2f} s)" if worst is not None
                      else ("no failover" if not f.failovers else "recovered"))
         f.outcome_ok = worst is not None and worst <= 2 * applied

@@ -130,12 +130,24 @@ class _Link:
     rtts_s: deque = field(default_factory=lambda: deque(maxlen=_RTT_SAMPLES))  # recent heartbeat round trips
     draining: list = field(default_factory=list)  # [(socket, close at)]: connections replaced by a reopen, still read
 
+    @property
+    def rtt_slack_s(self) -> float:
+        """4 x the longest of its recent heartbeat round trips (0 before the first)."""
+        return 4.0 * max(self.rtts_s, default=0.0)
+
     def window_s(self, base_s: float) -> float:
         """How long this stage may stay silent: ``base_s`` (heartbeat interval x liveness) plus
-        4 x the longest of its recent heartbeat round trips, so a slow link or a loaded host
-        (a pong delayed by a retransmission, an I/O thread that waited for a core) widens its
-        own window instead of reading as a failure; on a LAN it adds milliseconds."""
-        return base_s + 4.0 * max(self.rtts_s, default=0.0)
+        :attr:`rtt_slack_s`, so a slow link or a loaded host (a pong delayed by a
+        retransmission, an I/O thread that waited for a core) widens its own window instead of
+        reading as a failure; on a LAN it adds milliseconds."""
+        return base_s + self.rtt_slack_s
+
+    def close_draining(self, poller: zmq.Poller, until: float = float("inf")) -> None:
+        """Close the reopened-away connections due by ``until`` (all by default)."""
+        for sock, _ in [d for d in self.draining if d[1] <= until]:
+            poller.unregister(sock)
+            sock.close(linger=0)
+        self.draining = [d for d in self.draining if d[1] > until]
 
 
 class StageLinks:
@@ -237,10 +249,7 @@ class StageLinks:
         message sent before it is up is dropped, and the sender would retry only later)."""
         link = self._links[i]
         self._close_link(link)
-        for sock, _ in link.draining:  # an earlier reopen's connection: not read past a replacement
-            self._poller.unregister(sock)
-            sock.close(linger=0)
-        link.draining = []
+        link.close_draining(self._poller)  # an earlier reopen's connection: not read past a replacement
         link.endpoint = endpoint
         link.sock = self._open(i, endpoint)
         if connect_wait_s > 0:
@@ -274,11 +283,8 @@ class StageLinks:
 
     def _close_drained(self, now: float) -> None:
         for link in self._links:
-            if link.draining and link.draining[0][1] <= now:
-                for sock, _ in [d for d in link.draining if d[1] <= now]:
-                    self._poller.unregister(sock)
-                    sock.close(linger=0)
-                link.draining = [d for d in link.draining if d[1] > now]
+            if link.draining:
+                link.close_draining(self._poller, now)
 
     # ------------------------------------------------------------------ handshake phase ----
     def begin_handshake(self) -> None:
@@ -456,8 +462,9 @@ class StageLinks:
             return
         if stage is not None and msg.kind in ("pong", "info_reply"):
             sent = msg.meta.get("t")  # our own clock, echoed: a round trip (a value we never sent is ignored)
-            if isinstance(sent, float) and 0.0 <= time.monotonic() - sent <= 60.0:
-                self._links[stage].rtts_s.append(time.monotonic() - sent)
+            rtt = time.monotonic() - sent if isinstance(sent, float) else -1.0
+            if 0.0 <= rtt <= 60.0:
+                self._links[stage].rtts_s.append(rtt)
         if stage is not None and msg.kind == "pong":
             self._pongs.add((stage, msg.req))
             self._check_progress(self._links[stage], msg.meta.get("progress"))
@@ -599,7 +606,7 @@ class StageLinks:
                 elif link.index not in answered and self.is_down(link.index):
                     dead.add(link.index)  # its connection closed during the probe and did not come back within the grace
                 elif (link.index not in answered and link.disconnected_at is not None
-                      and time.monotonic() - max(start, link.disconnected_at) > max(_PROBE_GONE_S, 4 * max(link.rtts_s, default=0.0))):
+                      and time.monotonic() - max(start, link.disconnected_at) > max(_PROBE_GONE_S, link.rtt_slack_s)):
                     # a recovery is under way, its connection is closed and it answered no probe in
                     # several of its round trips: gone (the disconnect grace, which waits for a
                     # restart on the same endpoint, would only delay the replacement)
@@ -647,9 +654,7 @@ class StageLinks:
         for link in self._links:
             self._stop_monitor(link)
             link.sock.close(linger=0)
-            for sock, _ in link.draining:
-                sock.close(linger=0)
-            link.draining = []
+            link.close_draining(self._poller)
         if self._results is not None:
             self._results.close(linger=0)
 
