@@ -159,16 +159,21 @@ def test_probe_names_only_the_stages_that_do_not_answer(stages):
 
 
 def test_send_or_wait_gives_up_on_a_stage_that_accepts_nothing():
-    ctx = zmq.Context.instance()
-    probe = ctx.socket(zmq.ROUTER)
-    port = probe.bind_to_random_port("tcp://127.0.0.1")
-    probe.close(linger=0)  # a port nobody listens on: with ZMQ_IMMEDIATE nothing can be queued
-    links = _links([f"tcp://127.0.0.1:{port}"], [])
+    # A listener that takes the TCP connection but never speaks ZMTP: with ZMQ_IMMEDIATE no pipe
+    # is attached, so nothing can be queued. (A closed port is not a safe stand-in: zmq's reconnects
+    # from ephemeral ports can TCP-self-connect to it, and a DEALER then handshakes with itself.)
+    import socket as _socket
+
+    listener = _socket.socket(_socket.AF_INET, _socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    links = _links([f"tcp://127.0.0.1:{listener.getsockname()[1]}"], [])
     try:
         with pytest.raises(StageUnavailable, match="accepted no message"):
             links.send_or_wait(0, encode_message(Message(kind="ping")), 0.1)  # shorter than the liveness window
     finally:
         links.close()
+        listener.close()
 
 
 def test_a_reply_lost_across_a_reopen_is_suspected_once_the_stage_speaks_again():
