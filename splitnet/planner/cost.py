@@ -6,7 +6,9 @@ device, and a codec for each cut between consecutive stages. For a :class:`Workl
 
 * stage compute: reference block time / ``compute_speed_rel`` + a per-message device overhead;
 * each cut: encode on the sender + wire bytes / bandwidth + RTT/2 (+ link overhead) per message
-  + decode on the receiver;
+  + decode on the receiver; a link with a token bucket (``LinkProfile.burst_bytes``) passes the
+  first ``burst_bytes`` of each message at line rate (latency only: the bucket refills only while
+  the link idles, so it does not raise throughput);
 * the output's trip back to the client on the first stage's device;
 * **latency** = the sum of all of these (a request visits every stage in turn, every step);
 * **throughput** = 1 / the busiest resource when the pipeline is full: a device (its stage's compute
@@ -123,6 +125,19 @@ def _return_bytes(model: ModelProfile, wl: Workload) -> float:
     return float(model.head.out_bytes_per_token) * toks
 
 
+def _return_message_bytes(model: ModelProfile, wl: Workload) -> tuple[float, float]:
+    """Bytes of the output's prefill message and of one step message."""
+    per = float(model.head.out_bytes_per_token)
+    return per * (wl.prefill_tokens if model.return_tokens == "all" else 1), per
+
+
+def _bucket_ms(prefill_bytes, step_bytes, steps: int, burst, bw):
+    """Serialization latency (ms) of one prefill message and ``steps`` step messages (wire bytes
+    each) on a link of ``bw`` Mbit/s whose token bucket of ``burst`` bytes is full before each."""
+    over = np.maximum(0.0, prefill_bytes - burst) + steps * np.maximum(0.0, step_bytes - burst)
+    return over * 8.0 / (bw * 1e3)
+
+
 def stage_memory_bytes(model: ModelProfile, wl: Workload, a: int, b: int) -> float:
     """Memory a stage over blocks [a, b) needs: weights, embed/head, KV caches."""
     ctx = wl.tokens * wl.concurrent_requests
@@ -161,6 +176,8 @@ def tables(model: ModelProfile, fleet: Fleet, wl: Workload) -> Tables:
     enc = np.zeros((K, C))
     dec = np.zeros((K, C))
     nbytes = np.full((K, C), INF)
+    pre_b = np.zeros((K, C))  # the prefill message's bytes (for a token bucket), then one step message's
+    step_b = np.zeros((K, C))
     allowed = np.zeros((K, C), dtype=bool)
     for k in range(1, L):
         for ci, c in enumerate(codecs):
@@ -168,30 +185,40 @@ def tables(model: ModelProfile, fleet: Fleet, wl: Workload) -> Tables:
             enc[k, ci] = cc["encode_ms_per_token"] * wl.tokens
             dec[k, ci] = cc["decode_ms_per_token"] * wl.tokens
             nbytes[k, ci] = cc["bytes_per_token"] * wl.tokens + c.bytes_per_message * wl.messages
+            pre_b[k, ci] = cc["bytes_per_token"] * wl.prefill_tokens + c.bytes_per_message
+            step_b[k, ci] = cc["bytes_per_token"] + c.bytes_per_message
             allowed[k, ci] = cc["fidelity"] >= wl.fidelity_floor - 1e-12
     bw = np.full((D, D), np.nan)
     prop = np.full((D, D), np.nan)
     lovh = np.full((D, D), np.nan)
     lbytes = np.zeros((D, D))  # transport bytes per message (e.g. the sealed envelope)
+    burst = np.zeros((D, D))  # token bucket bytes
     names = [d.name for d in fleet.devices]
     for i, x in enumerate(names):
         for j, y in enumerate(names):
             if i != j and (ln := fleet.link(x, y)) is not None:
                 bw[i, j], prop[i, j], lovh[i, j] = ln.bandwidth_mbit_s, ln.rtt_ms / 2.0, ln.overhead_ms
                 lbytes[i, j] = ln.bytes_per_message
+                burst[i, j] = ln.burst_bytes
     has = ~np.isnan(bw)
     bwz = np.where(has, bw, 1.0)
     wire = (nbytes[:, :, None, None] + wl.messages * lbytes[None, None]) * 8.0 / (bwz[None, None] * 1e3)  # bytes -> ms
-    link_busy = wire + wl.messages * np.where(has, lovh, 0.0)[None, None]
-    link_lat = link_busy + wl.messages * np.where(has, prop, 0.0)[None, None]
+    per_msg = wl.messages * np.where(has, lovh, 0.0)[None, None]
+    link_busy = wire + per_msg
+    wire_lat = _bucket_ms(pre_b[:, :, None, None] + lbytes[None, None], step_b[:, :, None, None] + lbytes[None, None],
+                          wl.decode_steps, burst[None, None], bwz[None, None])
+    link_lat = np.where(np.isfinite(nbytes)[:, :, None, None], wire_lat, INF) + per_msg \
+        + wl.messages * np.where(has, prop, 0.0)[None, None]
     ok = allowed[:, :, None, None] & has[None, None]
     link_busy = np.where(ok, link_busy, INF)
     link_lat = np.where(ok, link_lat, INF)
 
     rb = _return_bytes(model, wl)
+    rpre, rstep = _return_message_bytes(model, wl)
     ret_wire = (rb + wl.messages * lbytes) * 8.0 / (bwz * 1e3)
     ret_busy = np.where(has, ret_wire + wl.messages * np.where(has, lovh, 0.0), INF)
-    ret_lat = np.where(has, ret_busy + wl.messages * np.where(has, prop, 0.0), INF)
+    ret_lat = np.where(has, _bucket_ms(rpre + lbytes, rstep + lbytes, wl.decode_steps, burst, bwz)
+                       + wl.messages * np.where(has, lovh + prop, 0.0), INF)
     np.fill_diagonal(ret_busy, 0.0)
     np.fill_diagonal(ret_lat, 0.0)
     return Tables(names, [c.name for c in codecs], speed, first_ok, comp, mem, enc, dec, link_lat, link_busy,
@@ -269,7 +296,10 @@ def evaluate(model: ModelProfile, fleet: Fleet, wl: Workload, asg: Assignment) -
         else:
             nb += wl.messages * ln.bytes_per_message
             busy = nb * 8.0 / (ln.bandwidth_mbit_s * 1e3) + wl.messages * ln.overhead_ms
-            t = busy + wl.messages * ln.rtt_ms / 2.0
+            pre = cc["bytes_per_token"] * wl.prefill_tokens + c.bytes_per_message + ln.bytes_per_message
+            step = cc["bytes_per_token"] + c.bytes_per_message + ln.bytes_per_message
+            t = float(_bucket_ms(pre, step, wl.decode_steps, ln.burst_bytes, ln.bandwidth_mbit_s)) \
+                + wl.messages * (ln.overhead_ms + ln.rtt_ms / 2.0)
         link_ms.append(t)
         link_bytes.append(nb)
         link_busy.append(busy)
@@ -285,7 +315,9 @@ def evaluate(model: ModelProfile, fleet: Fleet, wl: Workload, asg: Assignment) -
         else:
             rb += wl.messages * ln.bytes_per_message
             ret_busy = rb * 8.0 / (ln.bandwidth_mbit_s * 1e3) + wl.messages * ln.overhead_ms
-            ret_t = ret_busy + wl.messages * ln.rtt_ms / 2.0
+            rpre, rstep = _return_message_bytes(model, wl)
+            ret_t = float(_bucket_ms(rpre + ln.bytes_per_message, rstep + ln.bytes_per_message, wl.decode_steps,
+                                     ln.burst_bytes, ln.bandwidth_mbit_s)) + wl.messages * (ln.overhead_ms + ln.rtt_ms / 2.0)
     lat += ret_t
     cands = [(comp[i] + codec_ms[i], f"stage {i} on {names[i]}") for i in range(len(st))]
     cands += [(link_busy[i], f"link {names[i]}->{names[i + 1]}") for i in range(len(link_busy))]

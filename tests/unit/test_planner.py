@@ -161,6 +161,37 @@ def test_transport_bytes_per_message_count_on_the_link_and_the_return():
         LinkProfile("edge", "cloud", 8.0, bytes_per_message=-1)
 
 
+def test_token_bucket_shortens_each_message_latency_not_the_link_busy_time():
+    m = _model(n=2, ms=1.0)
+    plain = _fleet(bw=8.0, rtt=10.0)
+    burst = 20_000.0
+    bucket = Fleet(plain.devices, (LinkProfile("edge", "cloud", 8.0, 10.0, burst_bytes=burst),))
+    asg = Assignment([("edge", 0, 1), ("cloud", 1, 2)], ["none"])
+    wl = Workload(prefill_tokens=100)  # one 153 600 B message: 20 000 B of it at line rate
+    a, b = evaluate(m, plain, wl, asg), evaluate(m, bucket, wl, asg)
+    assert math.isclose(a.per_link_ms[0] - b.per_link_ms[0], burst * 8 / 8e3)  # 20 ms less at 8 Mbit/s
+    assert math.isclose(a.bottleneck_ms, b.bottleneck_ms)  # the bucket refills only when idle
+    assert b.return_ms == 5.0  # the 1 536 B pooled output fits in the bucket: RTT/2 only
+    # decode steps smaller than the bucket pass at line rate each; the prefill pays its excess once
+    wl2 = Workload(prefill_tokens=16, decode_steps=4)
+    c = evaluate(m, bucket, wl2, asg)
+    assert math.isclose(c.per_link_ms[0], wl2.messages * 5.0 + (16 * 1536 - burst) * 8 / 8e3)
+    for w in (wl, wl2, Workload(prefill_tokens=64, decode_steps=3)):
+        s = solve_tables(tables(m, bucket, w), "latency")
+        assert math.isclose(s.latency_ms, evaluate(m, bucket, w, s.assignment).latency_ms, rel_tol=1e-9)
+    assert LinkProfile("a", "b", 1.0).to_dict().get("burst_bytes") is None  # absent = 0
+    assert LinkProfile.from_dict(LinkProfile("a", "b", 1.0, burst_bytes=2048).to_dict()).burst_bytes == 2048
+    with pytest.raises(ConfigError, match="burst_bytes"):
+        LinkProfile("edge", "cloud", 8.0, burst_bytes=-1)
+
+
+def test_link_ms_for_uses_the_bucket_per_message():
+    ln = LinkProfile("a", "b", 8.0, 10.0, overhead_ms=1.0, burst_bytes=1000.0)
+    assert math.isclose(ln.ms_for(3000.0), 2000 * 8 / 8e3 + 5.0 + 1.0)
+    assert math.isclose(ln.ms_for(1500.0, messages=2), 2 * (5.0 + 1.0))  # 750 B each: inside the bucket
+    assert math.isclose(ln.busy_ms(3000.0), 3.0)
+
+
 def test_decode_steps_add_messages():
     m, f = _model(n=2), _fleet(rtt=10.0)
     asg = Assignment([("edge", 0, 1), ("cloud", 1, 2)], ["none"])
