@@ -14,6 +14,7 @@ from typing import Sequence
 import zmq
 
 from splitnet.errors import ConfigError, StageUnavailable
+from splitnet.runtime.stage_fork import ForkedStage, fork_available, fork_stage
 from splitnet.wire import decode_message, make_socket
 from splitnet.wire.sockets import SocketConfig
 
@@ -24,7 +25,7 @@ class StageProcess:
     blocks: tuple[int, int]
     endpoint: str
     pid: int
-    popen: subprocess.Popen = field(repr=False)
+    popen: "subprocess.Popen | ForkedStage" = field(repr=False)
 
 
 class LocalPipeline:
@@ -103,7 +104,7 @@ class LocalPipeline:
         self.close()
 
 
-def _terminate(procs: list[subprocess.Popen], grace_s: float = 5.0) -> None:
+def _terminate(procs: "list[subprocess.Popen | ForkedStage]", grace_s: float = 5.0) -> None:
     for p in procs:
         if p.poll() is None:
             p.terminate()
@@ -126,6 +127,26 @@ class _LaunchSpec:
     env: dict
     ready_timeout_s: float
     stage_cpus: tuple[str, ...] = ()  # per stage index: cores to pin it to ("" or missing: not pinned)
+    start: str = "exec"  # "fork": from the preloaded fork server (stage_fork); "exec": a fresh interpreter
+
+
+#: How ``launch_pipeline`` may start stage processes.
+START_METHODS = ("auto", "fork", "exec")
+
+
+def _start_method(start: str, env: dict, extra_args: Sequence[str]) -> str:
+    """``auto``: fork when the platform can, the launch sets no environment of its own (read at
+    import, which a fork has done already) and no stage runs on CUDA (fork servers and CUDA
+    drivers are not tested together here); otherwise exec."""
+    if start not in START_METHODS:
+        raise ConfigError(f"start must be one of {', '.join(START_METHODS)}, got {start!r}")
+    if start == "fork" and not fork_available():
+        raise ConfigError("start='fork' needs the forkserver start method (Linux or macOS); use start='exec'")
+    if start != "auto":
+        return start
+    args = list(extra_args)
+    on_cuda = "--device" in args and args.index("--device") + 1 < len(args) and args[args.index("--device") + 1].startswith("cuda")
+    return "fork" if fork_available() and not env and not on_cuda else "exec"
 
 
 def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], str]], binds: dict[int, str] | None = None) -> list[StageProcess]:
@@ -134,11 +155,10 @@ def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], st
     ctx = zmq.Context.instance()
     ready = make_socket(ctx, zmq.ROUTER, SocketConfig(), server=True)
     ready_port = ready.bind_to_random_port("tcp://127.0.0.1", min_port=20000, max_port=60000)
-    procs: dict[int, subprocess.Popen] = {}
+    procs: dict[int, subprocess.Popen | ForkedStage] = {}
     try:
         for i, (a, b), codec in stages:
-            cmd = [
-                sys.executable, "-m", "splitnet.runtime.cli_serve",
+            args = [
                 "--model", spec.model,
                 "--blocks", f"{a}:{b}",
                 "--bind", (binds or {}).get(i) or f"tcp://{spec.host}:0",
@@ -152,8 +172,12 @@ def _spawn_stages(spec: _LaunchSpec, stages: list[tuple[int, tuple[int, int], st
                 *spec.extra_args,
             ]
             if "--server-key" not in spec.extra_args:
-                cmd.append("--insecure")  # local stages without keys: plaintext, stated explicitly
-            procs[i] = subprocess.Popen(cmd, env={**os.environ, **spec.env})
+                args.append("--insecure")  # local stages without keys: plaintext, stated explicitly
+            environ = {**os.environ, **spec.env}
+            if spec.start == "fork":
+                procs[i] = fork_stage(args, environ)
+            else:
+                procs[i] = subprocess.Popen([sys.executable, "-m", "splitnet.runtime.cli_serve", *args], env=environ)
         infos: dict[int, dict] = {}
         deadline = time.monotonic() + spec.ready_timeout_s
         while len(infos) < len(procs):
@@ -208,6 +232,7 @@ def launch_pipeline(
     extra_args: Sequence[str] = (),
     env: dict | None = None,
     stage_cpus: Sequence[str] = (),
+    start: str = "auto",
 ) -> LocalPipeline:
     """Start one process per stage of ``model`` cut before each block index in ``cuts``.
 
@@ -220,10 +245,15 @@ def launch_pipeline(
         codec_files: saved codecs every stage may decode with.
         ready_timeout_s: how long to wait for all READY handshakes.
         stage_cpus: per stage, the cores to pin it to (``"0-3"``; see :func:`disjoint_cpus`).
+        start: how stage processes (and later standbys and respawns) start: ``"fork"`` from a
+            server that has imported torch and transformers once (see
+            :mod:`splitnet.runtime.stage_fork`), ``"exec"`` a fresh interpreter each, ``"auto"``
+            fork where it is safe (no ``env`` of the launch's own, no CUDA stage).
     """
     from splitnet.model.weights import read_config
     from splitnet.model.loading import architecture_for, resolve_model_dir
 
+    method = _start_method(start, dict(env or {}), extra_args)  # before any work
     model_dir = resolve_model_dir(model)  # also materialises a built-in before the stages race for it
     L = architecture_for(read_config(model_dir)).num_blocks
     cuts = list(cuts) if cuts is not None else even_cuts(L, num_stages)
@@ -237,7 +267,7 @@ def launch_pipeline(
 
     for i, c in enumerate(codecs):
         check_codec_spec(c, f"codec of cut {i}")  # in this process, before any stage starts
-    spec = _LaunchSpec(str(model), host, torch_threads, tuple(codec_files), tuple(extra_args), dict(env or {}), ready_timeout_s, tuple(stage_cpus))
+    spec = _LaunchSpec(str(model), host, torch_threads, tuple(codec_files), tuple(extra_args), dict(env or {}), ready_timeout_s, tuple(stage_cpus), method)
     blocks = [(bounds[i], bounds[i + 1]) for i in range(len(bounds) - 1)]
     stages = _spawn_stages(spec, [(i, b, codecs[i] if i < len(codecs) else "") for i, b in enumerate(blocks)])
     return LocalPipeline(str(model), stages, spec, codecs)

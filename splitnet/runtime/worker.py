@@ -79,8 +79,10 @@ PEER_REPLY_PREFIX = "peer:"
 _POLL_MS = 100
 _MAX_PEERS = 64  # downstream sockets (next stages, client result endpoints) kept open at once
 #: SPLITNET_TRACE_CLOCK=1: each trace entry also carries ``clock_s`` = [received, sent on] in this
-#: host's CLOCK_MONOTONIC (benchmarks/decode_hop_budget.py times the hops between processes with it)
-_TRACE_CLOCK = os.environ.get("SPLITNET_TRACE_CLOCK") == "1"
+#: host's CLOCK_MONOTONIC (benchmarks/decode_hop_budget.py times the hops between processes with it).
+#: Read when the worker starts, not at import (a stage forked from a preloaded server imported this
+#: module before its environment was set).
+TRACE_CLOCK_ENV = "SPLITNET_TRACE_CLOCK"
 _BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
 _GONE_WAIT_MS = 250  # a peer that took messages before and cannot take one for this long has lost its connection
 _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one
@@ -241,6 +243,7 @@ class StageWorker:
 
     def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits | None = None, max_request_cache_bytes: int | None = None):
         self.config = config
+        self._trace_clock = os.environ.get(TRACE_CLOCK_ENV) == "1"
         # the largest input this stage takes bounds every tensor and (as ZMQ_MAXMSGSIZE) every frame
         self.limits = limits or limits_for_input(config.max_input_bytes, DEFAULT_LIMITS)
         self.socket_config = socket_config or SocketConfig(send_timeout_ms=config.send_timeout_ms)
@@ -871,7 +874,7 @@ class StageWorker:
             "tokens_computed": lv.tokens_computed,
             "held_ms": round((now - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
         }
-        if _TRACE_CLOCK:  # host-local CLOCK_MONOTONIC stamps, comparable between processes of one host (hop timing)
+        if self._trace_clock:  # host-local CLOCK_MONOTONIC stamps, comparable between processes of one host (hop timing)
             entry["clock_s"] = [round(item.received_at, 6), round(now, 6)]
         trace.append(entry)
         return trace
