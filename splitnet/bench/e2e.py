@@ -18,7 +18,7 @@ request. Fidelity is top-1 agreement with the unsplit model on the original pixe
 
 The planner's prediction comes from profiles measured in the same run
 (:mod:`splitnet.bench.e2e_profile`): per-block times on each core, codec bytes / time / fidelity at
-every candidate cut, and a per-message overhead calibrated at one unshaped, undelayed point
+every candidate cut, and a per-path offset (and the edge device's speed as served) calibrated at one unshaped, undelayed point
 outside the sweep. At each point the planner's choice (lowest predicted latency among options
 whose codec keeps ``--fidelity-floor`` top-1 agreement) is compared with the measured best.
 """
@@ -26,6 +26,7 @@ whose codec keeps ``--fidelity-floor`` top-1 agreement) is compared with the mea
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shlex
@@ -55,6 +56,14 @@ GOAL_TOP1 = 0.99
 GOAL_BYTES_PCT_OF_JPEG = 5.0
 GOAL_MAX_MBIT = 2.0
 EDGE_CORE, CLOUD_CORE = 0, 1
+#: the edge device: this share of core 0 (a cgroup CPU quota), so the planner has a real choice
+DEFAULT_EDGE_CPU_FRACTION = 0.25
+DEFAULT_CGROUP_PERIOD_MS = 20.0
+#: cpu.shares of the bench's cgroups (root tasks weigh 1024 each): on the shared 2-core VM the edge
+#: (capped by its quota) and the cloud stage take their core first while they compute
+CGROUP_SHARES = 8192
+#: timed requests at the calibration point (at least; more when --requests is larger)
+CALIBRATION_REQUESTS = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -73,6 +82,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--jpeg-quality", type=int, default=90)
     p.add_argument("--fisher-samples", type=int, default=4,
                    help="labels sampled per calibration crop for the transform codec's Fisher metric (default 4, as bench vision)")
+    p.add_argument("--edge-cpu-fraction", type=float, default=DEFAULT_EDGE_CPU_FRACTION,
+                   help="the edge device's share of core 0, enforced by a cgroup CPU quota on every edge process "
+                        f"(default {DEFAULT_EDGE_CPU_FRACTION}: an edge {1 / DEFAULT_EDGE_CPU_FRACTION:.0f}x slower than the core; 1: the whole core, no cgroup)")
+    p.add_argument("--cgroup-period-ms", type=float, default=DEFAULT_CGROUP_PERIOD_MS,
+                   help=f"the quota's period (default {DEFAULT_CGROUP_PERIOD_MS:g} ms)")
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -97,6 +111,8 @@ def _config(a: argparse.Namespace) -> dict:
         "fidelity_floor": a.fidelity_floor,
         "jpeg_quality": a.jpeg_quality,
         "fisher_samples": a.fisher_samples,
+        "edge_cpu_fraction": a.edge_cpu_fraction,
+        "cgroup_period_ms": a.cgroup_period_ms,
         "seed": a.seed,
     }
     bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
@@ -106,6 +122,8 @@ def _config(a: argparse.Namespace) -> dict:
         raise ConfigError("cuts must be in 1..15 (blocks on the edge)")
     if cfg["requests"] < 1 or cfg["crops"] < 1 or cfg["profile_crops"] < 1 or cfg["fisher_samples"] < 1:
         raise ConfigError("--requests, --crops, --profile-crops and --fisher-samples must be >= 1")
+    if not 0.0 < cfg["edge_cpu_fraction"] <= 1.0 or not 1.0 <= cfg["cgroup_period_ms"] <= 1000.0:
+        raise ConfigError("--edge-cpu-fraction must be in (0, 1] and --cgroup-period-ms in 1..1000")
     if not 0.0 <= cfg["fidelity_floor"] <= 1.0 or not 1 <= cfg["jpeg_quality"] <= 100:
         raise ConfigError("--fidelity-floor must be in [0, 1] and --jpeg-quality in 1..100")
     return cfg
@@ -115,7 +133,7 @@ def _config(a: argparse.Namespace) -> dict:
 class _Client:
     """One e2e_client process in the edge host, driven line by line."""
 
-    def __init__(self, lab, option: str, endpoints: str, cfg: dict, cpus: str = ""):
+    def __init__(self, lab, option: str, endpoints: str, cfg: dict, cpus: str = "", group=None):
         cmd = [sys.executable, "-m", "splitnet.bench.e2e_client", "--option", option, "--endpoints", endpoints,
                "--per-source", str(cfg["per_source"]), "--seed", str(cfg["seed"]), "--held-out-fraction", str(cfg["held_out_fraction"]),
                "--crops", str(cfg["crops"]), "--jpeg-quality", str(cfg["jpeg_quality"]), "--timeout-s", "120"]
@@ -123,6 +141,7 @@ class _Client:
             cmd += ["--cpus", cpus]
         self.lab = lab
         self.proc, _ = lab.spawn("edge", cmd, ready_prefix="READY", timeout_s=180, stdin=True)
+        _join(group, self.proc)
 
     def run(self, n: int) -> dict:
         from splitnet.errors import StageUnavailable
@@ -143,6 +162,17 @@ class _Client:
         self.lab.stop([self.proc])
 
 
+def _join(group, proc) -> None:
+    """Put ``proc`` (every thread of it) in the cgroup ``group`` (None: leave it)."""
+    if group is not None and proc is not None:
+        group.join(proc.pid)  # `ip netns exec` execs the command: the pid is the process's own
+
+
+def _burst_bytes(bandwidth_mbit_s: float) -> float:
+    """The tbf bucket of :func:`shaped` in bytes (of frames)."""
+    return shaped(bandwidth_mbit_s).burst_kbyte * 1024
+
+
 def shaped(bandwidth_mbit_s: float) -> LinkSpec:
     """The link at ``bandwidth_mbit_s`` with a small tbf bucket: 2 ms of rate, at least 2 KiB (one
     frame). The lab's default bucket (10 ms, at least 16 KiB) would let a whole 13 KB JPEG or int8
@@ -156,13 +186,16 @@ def _veth_bytes(lab) -> int:
     return sum(int(x) for x in r.stdout.split())
 
 
-def _relay(lab, endpoint: str, delay_ms: float):
-    """A relay in the edge host that delays each direction by ``delay_ms`` (None, endpoint when 0)."""
+def _relay(lab, endpoint: str, delay_ms: float, group=None):
+    """A relay in the edge host that delays each direction by ``delay_ms`` (None, endpoint when 0),
+    in ``group`` (the link emulator is no part of the edge device: the quota-free group, so that on
+    the shared VM its hops are not queued behind other users' jobs)."""
     if delay_ms <= 0:
         return None, endpoint
     cmd = [sys.executable, "-m", "splitnet.lab.relay", "--listen", f"{lab.addr('edge')}:0", "--target", endpoint,
            "--delay-ms", str(delay_ms), "--jitter-ms", "0", "--loss-pct", "0", "--seed", "0"]
     p, line = lab.spawn("edge", cmd, ready_prefix="RELAY", timeout_s=30)
+    _join(group, p)
     return p, "tcp://" + line.split()[1]
 
 
@@ -208,19 +241,8 @@ def _fit(codec, name: str, maps: np.ndarray, sens) -> None:
 
 # ---------------------------------------------------------------------------- the run
 def run(args: argparse.Namespace) -> dict:
-    import torch
-
-    from splitnet.bench import photos as P
-    from splitnet.bench import e2e_profile as EP
-    from splitnet.bench.e2e_client import held_out_crops
-    from splitnet.bench.e2e_jpeg import decode_jpeg, encode_jpeg
     from splitnet.codecs import make_codec
-    from splitnet.codecs.fidelity import CONFIDENT_P, cut_features
-    from splitnet.codecs.sensitivity import output_fisher
-    from splitnet.codecs.store import save_codec
-    from splitnet.lab.netns import check_root, lab_topology
-    from splitnet.model import load_model
-    from splitnet.model.efficientnet import to_pixel_values
+    from splitnet.lab.netns import check_root
 
     t_start = time.perf_counter()
     load = {"loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()]}
@@ -238,6 +260,48 @@ def run(args: argparse.Namespace) -> dict:
         raise ConfigError("splitnet bench e2e pins the edge to core 0 and the cloud to core 1: it needs 2 usable cores")
     if args.plot:
         import matplotlib  # noqa: F401 - fail before the work when the plot cannot be drawn
+
+    groups = _cpu_groups(cfg)
+    try:
+        return _run(args, cfg, codecs, t_start, load, *groups)
+    finally:
+        for g in groups:
+            if g is not None:
+                g.remove()
+
+
+def _cpu_groups(cfg: dict):
+    """(full, edge): the bench's cgroups, both weighted CGROUP_SHARES: ``full`` without a quota
+    (the reference profile on core 0, the cloud's processes on core 1), ``edge`` with the edge
+    device's quota (every process of the edge host but the relay, and the edge's own profile).
+    (None, None) with --edge-cpu-fraction 1."""
+    from splitnet.bench.e2e_profile import CpuGroup
+
+    if cfg["edge_cpu_fraction"] >= 1.0:
+        return None, None
+    tag = f"splitnet-e2e-{os.getpid()}"
+    full = CpuGroup(f"{tag}-full", None, cfg["cgroup_period_ms"], CGROUP_SHARES)
+    try:
+        return full, CpuGroup(f"{tag}-edge", cfg["edge_cpu_fraction"], cfg["cgroup_period_ms"], CGROUP_SHARES)
+    except Exception:
+        full.remove()
+        raise
+
+
+def _run(args: argparse.Namespace, cfg: dict, codecs: list, t_start: float, load: dict, g_full, g_edge) -> dict:
+    import torch
+
+    from splitnet.bench import photos as P
+    from splitnet.bench import e2e_profile as EP
+    from splitnet.bench.e2e_client import held_out_crops
+    from splitnet.bench.e2e_jpeg import decode_jpeg, encode_jpeg
+    from splitnet.codecs import make_codec
+    from splitnet.codecs.fidelity import CONFIDENT_P, cut_features
+    from splitnet.codecs.sensitivity import output_fisher
+    from splitnet.codecs.store import save_codec
+    from splitnet.lab.netns import lab_topology
+    from splitnet.model import load_model
+    from splitnet.model.efficientnet import to_pixel_values
 
     # ---- data and the unsplit reference ------------------------------------------------------
     bm = load_model("efficientnet-lite0")
@@ -258,11 +322,16 @@ def run(args: argparse.Namespace) -> dict:
     prof_jpeg = _jpeg_on(full, [P.crop_pixels(c) for c in prof_crops], cfg["jpeg_quality"])  # cloud-only on the profile's crops
 
     # ---- profiles, measured here: compute per core, JPEG path, codecs at candidate cuts --------
+    # the reference device: core 0 whole (per-block times); the edge device: core 0 under its quota
+    # (the whole model, timed as the edge serves it); the cloud: core 1 whole
     x1 = px[:1]
-    with EP.pinned({EDGE_CORE}):
+    with EP.pinned({EDGE_CORE}), EP.inside(g_full):
         edge_t = EP.measure_compute(bm, x1)
-        enc_ms = EP.median_ms(lambda: encode_jpeg(rgbs[0], cfg["jpeg_quality"]))
-    with EP.pinned({CLOUD_CORE}):
+        enc_ref_ms = EP.median_ms(lambda: encode_jpeg(rgbs[0], cfg["jpeg_quality"]))
+    edge_full_ms = EP.measure_whole(bm, x1, g_edge) if g_edge is not None else edge_t.full_ms
+    edge_speed = edge_t.full_ms / edge_full_ms
+    enc_ms = enc_ref_ms / edge_speed
+    with EP.pinned({CLOUD_CORE}), EP.inside(g_full):
         cloud_t = EP.measure_compute(bm, x1)
         cloud_jpeg_ms = EP.median_ms(lambda: to_pixel_values(decode_jpeg(jpegs[0])))
     cloud_speed = edge_t.full_ms / cloud_t.full_ms
@@ -283,7 +352,8 @@ def run(args: argparse.Namespace) -> dict:
     split_opts = [{"kind": "split", "cut": c.cut, "setting": c.setting} for c in costs]
     planner_cut = None
     if split_opts:
-        fl = EP.fleet_at(min(cfg["bandwidths_mbit_s"]), min(cfg["rtts_ms"]), cloud_speed, 0.0)
+        fl = EP.fleet_at(min(cfg["bandwidths_mbit_s"]), min(cfg["rtts_ms"]), cloud_speed, 0.0, edge_speed_rel=edge_speed,
+                         burst_bytes=_burst_bytes(min(cfg["bandwidths_mbit_s"])))
         pred = EP.predict_options(profile, fl, split_opts, cloud_costs, 0.0, cfg["fidelity_floor"])
         allowed = [n for n, p in pred.items() if p["allowed"]] or list(pred)
         best = min(allowed, key=lambda n: pred[n]["predicted_ms"])
@@ -350,6 +420,7 @@ def run(args: argparse.Namespace) -> dict:
             if o["kind"] == "cloud":
                 p, line = lab.spawn("cloud", [sys.executable, "-m", "splitnet.bench.e2e_jpeg", "--bind", f"tcp://{lab.addr('cloud')}:0",
                                               "--cpus", str(CLOUD_CORE)], ready_prefix="READY", timeout_s=180)
+                _join(g_full, p)
                 procs.append(p)
                 target = line.split()[1]
                 client_cpus = str(EDGE_CORE)
@@ -360,26 +431,30 @@ def run(args: argparse.Namespace) -> dict:
                                                       extra_args=[*extra, "--cpus", str(CLOUD_CORE), *(["--codec-file", cfile] if cfile else [])])
                 p_edge, ep_edge = lab.stage_process("edge", "efficientnet-lite0", (0, cut), stage_index=0,
                                                     extra_args=[*extra, "--cpus", str(EDGE_CORE), "--codec-out", cfile or o["setting"]])
+                _join(g_full, p_cloud)
+                _join(g_edge, p_edge)
                 procs += [p_cloud, p_edge]
                 target = ep_cloud
+                client_cpus = str(EDGE_CORE)  # the client sits on the edge device
             else:
                 target = ""
                 client_cpus = str(EDGE_CORE)
             try:
                 # calibration point: unshaped, undelayed link, outside the sweep
-                if o["kind"] != "edge" and o["kind"] not in calib:
+                if o["kind"] not in calib:  # edge-only too: the edge device's time as served, outside the sweep
                     lab.set_link("edge", "cloud", LinkSpec(rate_mbit=0))
                     ep = f"{ep_edge},{target}" if o["kind"] == "split" else target
-                    client = _Client(lab, o["kind"], ep, cfg, client_cpus)
+                    client = _Client(lab, o["kind"], ep, cfg, client_cpus, g_edge)
                     try:
-                        calib[o["kind"]] = {"option": name, **_stats(_measure(lab, client, cfg["requests"]), ref_top1, confident)}
+                        n_cal = max(cfg["requests"], CALIBRATION_REQUESTS)
+                        calib[o["kind"]] = {"option": name, **_stats(_measure(lab, client, n_cal), ref_top1, confident)}
                     finally:
                         client.close()
                 for rtt in cfg["rtts_ms"]:  # one relay and one client per RTT; the rate changes under them
-                    relay, ep_far = _relay(lab, target, rtt / 2.0) if target else (None, "")
+                    relay, ep_far = _relay(lab, target, rtt / 2.0, g_full) if target else (None, "")
                     procs.append(relay)
                     ep = f"{ep_edge},{ep_far}" if o["kind"] == "split" else ep_far
-                    client = _Client(lab, o["kind"], ep, cfg, client_cpus)
+                    client = _Client(lab, o["kind"], ep, cfg, client_cpus, g_edge)
                     try:
                         for bw in cfg["bandwidths_mbit_s"]:
                             lab.set_link("edge", "cloud", shaped(bw))
@@ -392,18 +467,29 @@ def run(args: argparse.Namespace) -> dict:
                 lab.stop(procs)
 
     load["loadavg_1_5_15_after_sweep"] = [round(x, 2) for x in os.getloadavg()]
-    with EP.pinned({EDGE_CORE}):  # the edge core again, after the sweep: how far the shared machine moved it
+    with EP.pinned({EDGE_CORE}), EP.inside(g_full):  # the edge core again, after the sweep: how far the shared machine moved it
         load["edge_core_full_ms_profiled"] = round(edge_t.full_ms, 3)
         load["edge_core_full_ms_after_sweep"] = round(EP.measure_compute(bm, x1).full_ms, 3)
+    load["edge_device_full_ms_profiled"] = round(edge_full_ms, 3)
+    load["edge_device_full_ms_after_sweep"] = round(EP.measure_whole(bm, x1, g_edge), 3) if g_edge is not None else None
     load["note"] = ("1-minute load average of the whole machine (2 cores, other users' jobs included) at the start, before and "
-                    "after the sweep and at each measurement (options.*.load_1m); the edge core's whole-model time as profiled "
-                    "before the sweep and re-measured after it")
+                    "after the sweep and at each measurement (options.*.load_1m); the edge core's whole-model time (no quota) and "
+                    "the edge device's (core 0 under its quota) as profiled before the sweep and re-measured after it")
 
-    # ---- overheads from the calibration point, predictions, comparison --------------------------
-    fl0 = EP.fleet_at(1e6, 0.0, cloud_speed, 0.0)
+    # ---- the calibration point: the edge device's speed as served, then the per-message overheads --
+    # edge-only at the calibration point is the whole model as the edge client serves it (its own
+    # process, under the quota, beside the idle relay-less lab): the edge device's speed for every
+    # prediction is the reference core's whole-model time over that p50 (the in-process profile
+    # before the sweep, edge_speed_profiled, is kept beside it)
+    edge_speed_profiled = edge_speed
+    if "edge" in calib:
+        edge_speed = edge_t.full_ms / calib["edge"]["p50_ms"]
+        cloud_costs = dataclasses.replace(cloud_costs, encode_ms=enc_ref_ms / edge_speed)
+    fl0 = EP.fleet_at(1e6, 0.0, cloud_speed, 0.0, edge_speed_rel=edge_speed)
     pred0 = EP.predict_options(profile, fl0, options, cloud_costs, 0.0, cfg["fidelity_floor"])
-    split_overhead = max(0.0, (calib["split"]["p50_ms"] - pred0[calib["split"]["option"]]["predicted_ms"]) / 2.0) if "split" in calib else 0.0
-    cloud_overhead = max(0.0, (calib["cloud"]["p50_ms"] - pred0[names[0]]["predicted_ms"]) / 2.0) if "cloud" in calib else 0.0
+    # the split's and cloud-only's paths: measured p50 - prediction at the unshaped, undelayed point
+    # (per request: two messages each), signed; edge-only's is 0 by construction (its speed above)
+    offsets = EP.calibration_offsets(pred0, {k: c for k, c in calib.items() if k != "edge"})
 
     agree_all: dict[str, list[int]] = {n: [] for n in names}
     agree_conf: dict[str, list[int]] = {n: [] for n in names}
@@ -417,15 +503,15 @@ def run(args: argparse.Namespace) -> dict:
     top1 = {n: float(np.mean(v)) if v else None for n, v in agree_all.items()}
     top1_conf = {n: float(np.mean(v)) if v else None for n, v in agree_conf.items()}
     prof = {c.setting: c for c in costs if c.cut == cut}
-    edge_over = [ms["edge-only"]["p50_ms"] / edge_t.full_ms for ms in measured.values() if "edge-only" in ms]
+    edge_over = [ms["edge-only"]["p50_ms"] / edge_full_ms for ms in measured.values() if "edge-only" in ms]
     if edge_over:
         load["edge_only_measured_p50_over_profiled"] = {"min": round(min(edge_over), 3), "median": round(float(np.median(edge_over)), 3),
                                                         "max": round(max(edge_over), 3)}
 
     points, compared = [], []
     for (bw, rtt), ms in sorted(measured.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        fl = EP.fleet_at(bw, rtt, cloud_speed, split_overhead)
-        pred = EP.predict_options(profile, fl, options, cloud_costs, cloud_overhead, cfg["fidelity_floor"])
+        fl = EP.fleet_at(bw, rtt, cloud_speed, 0.0, edge_speed_rel=edge_speed, burst_bytes=_burst_bytes(bw))
+        pred = EP.predict_options(profile, fl, options, cloud_costs, 0.0, cfg["fidelity_floor"], offsets)
         cmp = EP.compare_point(pred, {n: ms[n]["p50_ms"] for n in names})
         compared.append(cmp)
         points.append({"bandwidth_mbit_s": bw, "rtt_ms": rtt,
@@ -460,9 +546,28 @@ def run(args: argparse.Namespace) -> dict:
                  "confident_note": f"confident: the unsplit model's top-1 probability on the original pixels is >= {CONFIDENT_P}"},
         "load": load,
         "edge_scaling": {
-            "how": "edge = core 0 (edge stage, edge-only client and edge profile pinned there, 1 torch thread); cloud = core 1. "
-                   "The planner's edge device has compute_speed_rel 1.0 (the profile was measured on core 0); a fleet device "
-                   "k times slower is modelled by compute_speed_rel 1/k on these per-block times.",
+            "how": (f"edge = core 0 under a cgroup CPU quota of {cfg['edge_cpu_fraction']:g} of the core "
+                    f"(CFS bandwidth: {g_edge.quota_us} us every {g_edge.period_us} us, {g_edge.root}; cpu.shares {CGROUP_SHARES}): "
+                    "every edge process joins it (the edge stage, the clients of every option: edge-only's whole model, "
+                    "the split's and cloud-only's requests, JPEG encoding), the relay does not; cloud = core 1 without a quota "
+                    f"(cpu.shares {CGROUP_SHARES}, as the reference profile). The planner's reference device is core 0 without the "
+                    "quota (per-block times edge_core_ms); its edge device has compute_speed_rel = the reference whole-model "
+                    "time / the edge device's, measured as served (edge-only's p50 at the calibration point, outside the "
+                    "sweep; edge_compute_speed_rel_profiled: the same from an in-process run under the quota before the "
+                    "sweep), and every edge block and codec time is the reference's divided by it, as the cost model "
+                    "scales any device (splitnet/planner/cost.py). A fleet device k times slower than the core is "
+                    "--edge-cpu-fraction 1/k; cpu.shares makes the bench's processes take their core first on the shared "
+                    "VM (the edge never more than its quota)")
+                   if g_edge is not None else
+                   ("edge = core 0 (edge stage, edge-only client and edge profile pinned there, 1 torch thread), no quota "
+                    "(--edge-cpu-fraction 1); cloud = core 1. The planner's edge device has compute_speed_rel measured as "
+                    "served (~1: the profile was measured on core 0); a fleet device k times slower is modelled by "
+                    "compute_speed_rel 1/k on these per-block times"),
+            "edge_cpu_fraction": cfg["edge_cpu_fraction"],
+            "cgroups": {"edge": g_edge.describe(), "full": g_full.describe(),
+                        "edge_throttling": g_edge.stat()} if g_edge is not None else None,
+            "edge_compute_speed_rel": round(edge_speed, 4), "edge_compute_speed_rel_profiled": round(edge_speed_profiled, 4),
+            "edge_device_full_ms_profiled": round(edge_full_ms, 3),
             "edge_core_ms": edge_t.as_dict(), "cloud_core_ms": cloud_t.as_dict(), "cloud_compute_speed_rel": round(cloud_speed, 4),
         },
         "cloud_only_path": {"jpeg_bytes_mean": round(cloud_costs.jpeg_bytes, 1), "jpeg_encode_ms_edge": round(enc_ms, 3),
@@ -472,8 +577,12 @@ def run(args: argparse.Namespace) -> dict:
                             "jpeg_top1_agreement_vs_original_pixels_confident":
                                 round(float((jpeg_top1 == ref_top1)[confident].mean()), 4) if confident.any() else None},
         "calibration_point": {"link": "unshaped, no relay (outside the sweep)", "results": calib,
-                              "split_overhead_ms_per_message": round(split_overhead, 3),
-                              "cloud_overhead_ms_per_message": round(cloud_overhead, 3)},
+                              "edge_compute_speed_rel_served": round(edge_speed, 4),
+                              "edge_compute_speed_rel_profiled": round(edge_speed_profiled, 4),
+                              "offsets_ms_per_request": {k: round(v, 3) for k, v in offsets.items()},
+                              "offsets_how": "measured p50 - the cost model's prediction at this point, per path (split: the "
+                                             "first split option measured; cloud-only), signed, added to every prediction of "
+                                             "that path; edge-only has none: its speed is measured here"},
         "codec_profile": [c.as_dict() for c in costs],
         "fits": fits,
         "sensitivity": sensitivity,

@@ -16,6 +16,8 @@ cloud + the logits back.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -53,6 +55,140 @@ class pinned:
 
         os.sched_setaffinity(0, self.old)
         torch.set_num_threads(self.old_threads)
+
+
+CGROUP_V1_CPU = ("/sys/fs/cgroup/cpu", "/sys/fs/cgroup/cpu,cpuacct")
+CGROUP_V2 = "/sys/fs/cgroup"
+
+
+class CpuGroup:
+    """A CPU cgroup of this bench's own: a CFS bandwidth quota (``fraction`` of one core every
+    ``period_ms``; None: no quota) and a scheduling weight (``shares``, cgroup v1 ``cpu.shares``;
+    v2 ``cpu.weight`` = shares * 100 / 1024), created as a child of the root cpu cgroup and removed
+    by :meth:`remove`. Processes join it by pid (:meth:`join`, every thread moves with its process)
+    and the calling process for a ``with group.inside():`` block.
+
+    The kernel enforces the quota per period: a process in a group of fraction f runs at most
+    f * period of CPU time in each period, so a compute burst of C ms (unthrottled) takes about
+    C / f ms of wall time, within one period. That is how the bench makes its edge device slower
+    than the cloud core: honestly, every edge process (the client, the edge stage) obeys it.
+    """
+
+    def __init__(self, name: str, fraction: float | None, period_ms: float = 10.0, shares: int = 1024):
+        from splitnet.errors import ConfigError
+
+        if fraction is not None and not 0.0 < fraction <= 1.0:
+            raise ConfigError(f"cgroup {name}: the CPU fraction must be in (0, 1], got {fraction}")
+        if not 1.0 <= period_ms <= 1000.0:
+            raise ConfigError(f"cgroup {name}: the period must be 1..1000 ms, got {period_ms}")
+        self.fraction, self.period_us, self.shares = fraction, int(round(period_ms * 1000)), int(shares)
+        v1 = next((r for r in CGROUP_V1_CPU if os.path.exists(os.path.join(r, "cpu.cfs_quota_us"))), None)
+        if v1 is not None:
+            self.version, self.root = 1, v1
+        elif "cpu" in _read(os.path.join(CGROUP_V2, "cgroup.subtree_control")).split():
+            self.version, self.root = 2, CGROUP_V2
+        else:
+            raise ConfigError("no cgroup CPU controller to join (cgroup v1 cpu under /sys/fs/cgroup/cpu, or v2 with cpu "
+                              "enabled in /sys/fs/cgroup/cgroup.subtree_control); give --edge-cpu-fraction 1 to run without one")
+        self.path = os.path.join(self.root, name)
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            if self.version == 1:
+                _write(os.path.join(self.path, "cpu.cfs_period_us"), self.period_us)
+                _write(os.path.join(self.path, "cpu.cfs_quota_us"), -1 if fraction is None else max(1000, int(fraction * self.period_us)))
+                _write(os.path.join(self.path, "cpu.shares"), self.shares)
+            else:
+                q = "max" if fraction is None else str(max(1000, int(fraction * self.period_us)))
+                _write(os.path.join(self.path, "cpu.max"), f"{q} {self.period_us}")
+                _write(os.path.join(self.path, "cpu.weight"), max(1, min(10000, self.shares * 100 // 1024)))
+        except OSError as e:
+            raise ConfigError(f"cannot set up the cgroup {self.path}: {e}; give --edge-cpu-fraction 1 to run without one") from e
+
+    @property
+    def quota_us(self) -> int | None:
+        return None if self.fraction is None else max(1000, int(self.fraction * self.period_us))
+
+    def join(self, pid: int) -> None:
+        _write(os.path.join(self.path, "cgroup.procs"), pid)
+
+    def inside(self) -> "_Inside":
+        return _Inside(self)
+
+    def stat(self) -> dict:
+        """The kernel's throttling counters of this group (cpu.stat)."""
+        out = {}
+        for line in _read(os.path.join(self.path, "cpu.stat")).splitlines():
+            k, _, v = line.partition(" ")
+            if v.strip().isdigit():
+                out[k] = int(v)
+        return out
+
+    def describe(self) -> dict:
+        return {"path": self.path, "cgroup_version": self.version, "cpu_fraction": self.fraction,
+                "period_us": self.period_us, "quota_us": self.quota_us, "shares": self.shares}
+
+    def remove(self) -> None:
+        """Move what is left back to the root group and remove the group."""
+        procs = os.path.join(self.path, "cgroup.procs")
+        for pid in _read(procs).split():
+            try:
+                _write(os.path.join(self.root, "cgroup.procs"), pid)
+            except OSError:
+                pass  # it exited meanwhile
+        try:
+            os.rmdir(self.path)
+        except OSError:
+            pass
+
+
+class _Inside:
+    def __init__(self, group: CpuGroup):
+        self.group = group
+
+    def __enter__(self):
+        self.old = _own_cgroup(self.group)
+        self.group.join(os.getpid())
+        return self.group
+
+    def __exit__(self, *exc):
+        _write(os.path.join(self.old, "cgroup.procs"), os.getpid())
+
+
+def inside(group: CpuGroup | None):
+    """``with inside(group):`` runs the block in ``group`` (None: where the process is)."""
+    return group.inside() if group is not None else contextlib.nullcontext()
+
+
+def measure_whole(bm, pixel_values: np.ndarray, group: CpuGroup | None, repeats: int = 9) -> float:
+    """Median ms of the whole model on one input, on core 0 inside ``group`` (the edge device)."""
+    import torch
+
+    x = {"pixel_values": torch.from_numpy(pixel_values)}
+    full = bm.full()
+    with pinned({0}), inside(group), torch.no_grad():
+        return median_ms(lambda: full(x), repeats=repeats)
+
+
+def _own_cgroup(group: CpuGroup) -> str:
+    """This process's current cgroup directory in ``group``'s hierarchy."""
+    for line in _read("/proc/self/cgroup").splitlines():
+        _, ctrl, rel = line.split(":", 2)
+        if (group.version == 1 and "cpu" in ctrl.split(",")) or (group.version == 2 and ctrl == ""):
+            return os.path.join(group.root, rel.lstrip("/"))
+    return group.root
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _write(path: str, value) -> None:
+    with open(path, "w") as f:
+        f.write(str(value))
 
 
 @dataclass(frozen=True)
@@ -150,11 +286,18 @@ def build_profile(bm, edge: ComputeTimes, costs: Sequence[CutCodecCost], setting
                         return_tokens="last", codecs=codecs, source="measured by splitnet bench e2e in this run")
 
 
-def fleet_at(bandwidth_mbit_s: float, rtt_ms: float, cloud_speed_rel: float, overhead_ms: float) -> Fleet:
-    """Edge (first stage, the client's device) and cloud joined by the shaped link."""
-    devs = (DeviceProfile(EDGE, 1.0, 8 << 30, can_host_first_stage=True),
+def fleet_at(bandwidth_mbit_s: float, rtt_ms: float, cloud_speed_rel: float, overhead_ms: float, *,
+             edge_speed_rel: float = 1.0, edge_overhead_ms: float = 0.0, burst_bytes: float = 0.0) -> Fleet:
+    """Edge (first stage, the client's device) and cloud joined by the shaped link.
+
+    ``bandwidth_mbit_s`` is the configured (frame) rate: the link's goodput is
+    ``GOODPUT_FRACTION`` of it. ``burst_bytes``: the shaper's bucket in frame bytes (tbf's
+    ``burst``), which passes ``GOODPUT_FRACTION`` of it in message bytes at line rate.
+    ``edge_overhead_ms``: the edge device's fixed time per request beyond its block times."""
+    devs = (DeviceProfile(EDGE, edge_speed_rel, 8 << 30, can_host_first_stage=True, stage_overhead_ms=edge_overhead_ms),
             DeviceProfile(CLOUD, cloud_speed_rel, 64 << 30))
-    link = LinkProfile(EDGE, CLOUD, bandwidth_mbit_s * GOODPUT_FRACTION, rtt_ms, overhead_ms, transport="zmq", uplink=True)
+    link = LinkProfile(EDGE, CLOUD, bandwidth_mbit_s * GOODPUT_FRACTION, rtt_ms, overhead_ms, transport="zmq", uplink=True,
+                       burst_bytes=burst_bytes * GOODPUT_FRACTION)
     return Fleet(devs, (link,), "e2e-lab")
 
 
@@ -168,10 +311,12 @@ class CloudOnlyCosts:
     header_bytes: float = 64.0
 
 
-def predict_cloud_only(c: CloudOnlyCosts, bandwidth_mbit_s: float, rtt_ms: float, overhead_ms: float) -> float:
-    """Predicted ms of one cloud-only request with the cost model's link arithmetic."""
-    link = LinkProfile(EDGE, CLOUD, bandwidth_mbit_s * GOODPUT_FRACTION, rtt_ms, overhead_ms, transport="zmq")
-    return c.encode_ms + link.ms_for(c.jpeg_bytes + c.header_bytes) + c.cloud_ms + link.ms_for(LOGITS_BYTES + c.header_bytes)
+def predict_cloud_only(c: CloudOnlyCosts, link: LinkProfile, overhead_ms: float) -> float:
+    """Predicted ms of one cloud-only request with the cost model's link arithmetic (``link``: the
+    fleet's edge-cloud link, its goodput, RTT and bucket; ``overhead_ms`` per message instead of
+    the link's own, which is the split path's)."""
+    ln = dataclasses.replace(link, overhead_ms=overhead_ms)
+    return c.encode_ms + ln.ms_for(c.jpeg_bytes + c.header_bytes) + c.cloud_ms + ln.ms_for(LOGITS_BYTES + c.header_bytes)
 
 
 def option_name(kind: str, cut: int | None = None, setting: str | None = None) -> str:
@@ -179,8 +324,12 @@ def option_name(kind: str, cut: int | None = None, setting: str | None = None) -
 
 
 def predict_options(profile: ModelProfile, fleet: Fleet, options: Sequence[dict], cloud: CloudOnlyCosts,
-                    cloud_overhead_ms: float, fidelity_floor: float) -> dict[str, dict[str, Any]]:
-    """{option name: {"predicted_ms", "allowed"}} for every option; ``allowed``: the codec keeps the floor."""
+                    cloud_overhead_ms: float, fidelity_floor: float,
+                    offsets_ms: dict[str, float] | None = None) -> dict[str, dict[str, Any]]:
+    """{option name: {"predicted_ms", "allowed"}} for every option; ``allowed``: the codec keeps the floor.
+    ``offsets_ms``: by option kind ("cloud", "edge", "split"), ms added to every prediction of that
+    kind (signed: what :func:`calibration_offsets` measured at the calibration point)."""
+    off = offsets_ms or {}
     link = fleet.links[0]
     wl = Workload(prefill_tokens=1, decode_steps=0, fidelity_floor=0.0)
     out: dict[str, dict[str, Any]] = {}
@@ -188,16 +337,22 @@ def predict_options(profile: ModelProfile, fleet: Fleet, options: Sequence[dict]
         name = option_name(o["kind"], o.get("cut"), o.get("setting"))
         if o["kind"] == "edge":
             ev = evaluate(profile, fleet, wl, Assignment([(EDGE, 0, profile.num_blocks)], []))
-            out[name] = {"predicted_ms": ev.latency_ms, "allowed": True}
+            out[name] = {"predicted_ms": ev.latency_ms + off.get("edge", 0.0), "allowed": True}
         elif o["kind"] == "cloud":
-            out[name] = {"predicted_ms": predict_cloud_only(cloud, link.bandwidth_mbit_s / GOODPUT_FRACTION, link.rtt_ms, cloud_overhead_ms),
-                         "allowed": True}
+            out[name] = {"predicted_ms": predict_cloud_only(cloud, link, cloud_overhead_ms) + off.get("cloud", 0.0), "allowed": True}
         else:
             asg = Assignment([(EDGE, 0, o["cut"]), (CLOUD, o["cut"], profile.num_blocks)], [o["setting"]])
             ev = evaluate(profile, fleet, wl, asg)
             fid = profile.cut_codec_cost(o["cut"] - 1, profile.codec(o["setting"]))["fidelity"]
-            out[name] = {"predicted_ms": ev.latency_ms, "allowed": bool(fid >= fidelity_floor - 1e-12)}
+            out[name] = {"predicted_ms": ev.latency_ms + off.get("split", 0.0), "allowed": bool(fid >= fidelity_floor - 1e-12)}
     return out
+
+
+def calibration_offsets(predicted: dict[str, dict[str, Any]], calib: dict[str, dict]) -> dict[str, float]:
+    """{kind: measured p50 - predicted ms} at the calibration point, for the kinds measured there
+    (``calib``: {kind: {"option": name, "p50_ms": ...}}; ``predicted`` at that point, no offsets).
+    Signed: a path that ran faster than its profile there gets a negative offset."""
+    return {k: float(c["p50_ms"] - predicted[c["option"]]["predicted_ms"]) for k, c in calib.items() if c["option"] in predicted}
 
 
 def planner_choice(predicted: dict[str, dict[str, Any]]) -> str:

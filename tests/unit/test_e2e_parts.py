@@ -146,3 +146,34 @@ def test_config_defaults_and_refusals():
 def test_unknown_codec_refused_before_any_work():
     with pytest.raises(ValueError, match="unknown codec"):
         e2e.run(_args("--quick", "--codecs", "fp16,zstd"))
+
+
+def test_the_bucket_the_edge_speed_and_the_offsets_enter_the_predictions():
+    prof = _profile(codec_bytes=5000.0)
+    cloud = EP.CloudOnlyCosts(jpeg_bytes=13000.0, encode_ms=1.0, cloud_ms=10.0)
+    opts = [{"kind": "cloud"}, {"kind": "edge"}, {"kind": "split", "cut": 15, "setting": "int8"}]
+    plain = EP.predict_options(prof, EP.fleet_at(1.0, 20.0, 2.0, 0.0), opts, cloud, 0.0, 0.99)
+    burst = 2048.0  # tbf's bucket in frame bytes: GOODPUT_FRACTION of it in message bytes passes at line rate
+    free_ms = burst * EP.GOODPUT_FRACTION * 8 / (EP.GOODPUT_FRACTION * 1e3)
+    bucket = EP.predict_options(prof, EP.fleet_at(1.0, 20.0, 2.0, 0.0, burst_bytes=burst), opts, cloud, 0.0, 0.99)
+    # each of the two messages of a path (up and back) is larger than the bucket: each saves it once
+    for n in ("cloud-only", "split@15:int8"):
+        assert plain[n]["predicted_ms"] - bucket[n]["predicted_ms"] == pytest.approx(2 * free_ms)
+    assert bucket["edge-only"] == plain["edge-only"]
+    small = EP.predict_options(_profile(codec_bytes=1000.0), EP.fleet_at(1.0, 20.0, 2.0, 0.0, burst_bytes=burst), opts, cloud, 0.0, 0.99)
+    small0 = EP.predict_options(_profile(codec_bytes=1000.0), EP.fleet_at(1.0, 20.0, 2.0, 0.0), opts, cloud, 0.0, 0.99)
+    saved = small0["split@15:int8"]["predicted_ms"] - small["split@15:int8"]["predicted_ms"]
+    assert saved == pytest.approx((1000.0 + burst * EP.GOODPUT_FRACTION) * 8 / (EP.GOODPUT_FRACTION * 1e3))  # a cut inside the bucket: free
+    # an edge 4x slower than the reference core: its blocks, stem, head and the split's encode 4x longer
+    slow = EP.predict_options(prof, EP.fleet_at(1.0, 20.0, 2.0, 0.0, edge_speed_rel=0.25), opts, cloud, 0.0, 0.99)
+    assert slow["edge-only"]["predicted_ms"] == pytest.approx(4 * 17.0)
+    assert slow["split@15:int8"]["predicted_ms"] - plain["split@15:int8"]["predicted_ms"] == pytest.approx(3 * (15.5 + 0.2))
+    # the calibration point's offsets: measured - predicted there, signed, added per path
+    calib = {"split": {"option": "split@15:int8", "p50_ms": plain["split@15:int8"]["predicted_ms"] - 3.0},
+             "cloud": {"option": "cloud-only", "p50_ms": plain["cloud-only"]["predicted_ms"] + 5.0}}
+    off = EP.calibration_offsets(plain, calib)
+    assert off == {"split": pytest.approx(-3.0), "cloud": pytest.approx(5.0)}
+    shifted = EP.predict_options(prof, EP.fleet_at(1.0, 20.0, 2.0, 0.0), opts, cloud, 0.0, 0.99, off)
+    assert shifted["split@15:int8"]["predicted_ms"] == pytest.approx(plain["split@15:int8"]["predicted_ms"] - 3.0)
+    assert shifted["cloud-only"]["predicted_ms"] == pytest.approx(plain["cloud-only"]["predicted_ms"] + 5.0)
+    assert shifted["edge-only"] == plain["edge-only"]
