@@ -11,8 +11,13 @@ processes and sockets, and the client in the edge host times each request:
 * split: an edge stage (blocks [0, cut), ``splitnet serve-stage``) and a cloud stage ([cut, 16)),
   with each codec on the cut, driven by :func:`splitnet.connect`.
 
-Edge compute is core 0 of this machine (the edge stage, the edge-only client and the edge profile
-pinned to it, one torch thread), cloud compute core 1. Bytes on the wire are the veth's own
+Edge compute is core 0 of this machine under a cgroup CPU quota (``--edge-cpu-fraction`` of the
+core, default 0.25: an edge device 4x slower than the core, so that the planner has a real choice
+between edge-only, split and cloud-only); every edge process (the edge stage, the clients) joins
+it and is pinned to core 0, one torch thread. Cloud compute is core 1 without a quota. The
+planner's reference device is core 0 without the quota (per-block times); its edge device's
+``compute_speed_rel`` is the reference whole-model time over edge-only's p50 at the calibration
+point (the edge device as served). Bytes on the wire are the veth's own
 counters in the edge host (both directions, every frame: TCP/IP headers, heartbeats), per
 request. Fidelity is top-1 agreement with the unsplit model on the original pixels.
 

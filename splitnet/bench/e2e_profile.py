@@ -6,9 +6,13 @@ feature is one token of H*W*C channels, so the cost model's per-token arithmetic
 bytes. Codec figures at each cut are measured (bytes = ``payload.nbytes``, encode/decode time,
 fidelity = top-1 agreement with the unsplit model on held-out crops) and override the defaults.
 
-Edge and cloud are this machine's two cores: the edge stage and the edge profile on core 0, the
-cloud stage on core 1; ``compute_speed_rel`` of the cloud is the edge's whole-model time over the
-cloud's, both measured here. The cost model knows no input upload (the client sits on the first
+Edge and cloud are this machine's two cores: the edge stage and the edge profile on core 0 (the
+edge device: core 0 under a :class:`CpuGroup` quota), the cloud stage on core 1. The reference
+device of the model profile is core 0 without the quota; ``compute_speed_rel`` of each device is
+the reference whole-model time over the device's, measured here. Links carry the shaper's token
+bucket (``LinkProfile.burst_bytes``), and a signed per-path offset measured at the calibration
+point (:func:`calibration_offsets`) stands for what the profile does not see (the client's and the
+stage's per-message work, the relay). The cost model knows no input upload (the client sits on the first
 stage's device), so cloud-only is predicted from the same link figures by
 :func:`predict_cloud_only`: JPEG encode on the edge + upload + decode and the whole model on the
 cloud + the logits back.

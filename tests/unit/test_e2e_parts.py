@@ -12,7 +12,7 @@ import pytest
 from splitnet.bench import e2e, e2e_profile as EP
 from splitnet.bench.e2e_jpeg import JpegLimits, decode_jpeg, encode_jpeg, pack_request, unpack_header
 from splitnet.bench.e2e_plot import crossover_mbit_s
-from splitnet.errors import ProtocolError
+from splitnet.errors import ConfigError, ProtocolError
 
 
 def _image(seed=0):
@@ -177,3 +177,36 @@ def test_the_bucket_the_edge_speed_and_the_offsets_enter_the_predictions():
     assert shifted["split@15:int8"]["predicted_ms"] == pytest.approx(plain["split@15:int8"]["predicted_ms"] - 3.0)
     assert shifted["cloud-only"]["predicted_ms"] == pytest.approx(plain["cloud-only"]["predicted_ms"] + 5.0)
     assert shifted["edge-only"] == plain["edge-only"]
+
+
+def _cgroup_v1_writable() -> bool:
+    import os
+
+    return os.geteuid() == 0 and any(os.access(r, os.W_OK) for r in EP.CGROUP_V1_CPU if os.path.exists(os.path.join(r, "cpu.cfs_quota_us")))
+
+
+@pytest.mark.skipif(not _cgroup_v1_writable(), reason="needs root and a cgroup v1 cpu controller")
+def test_cpu_group_quota_throttles_what_runs_inside_and_is_removed():
+    import os
+    import time
+
+    def own():
+        return [ln for ln in open("/proc/self/cgroup").read().splitlines() if "cpu" in ln.split(":")[1].split(",")]
+
+    before = own()
+    g = EP.CpuGroup(f"splitnet-test-{os.getpid()}", 0.25, period_ms=10.0, shares=1024)
+    try:
+        assert open(os.path.join(g.path, "cpu.cfs_quota_us")).read().strip() == "2500"
+        assert open(os.path.join(g.path, "cpu.cfs_period_us")).read().strip() == "10000"
+        with g.inside():
+            assert str(os.getpid()) in open(os.path.join(g.path, "cgroup.procs")).read().split()
+            t = time.process_time()
+            while time.process_time() - t < 0.05:  # 50 ms of CPU: more than one period's quota
+                pass
+        assert own() == before  # back where it was
+        assert g.stat()["nr_throttled"] > 0
+    finally:
+        g.remove()
+    assert not os.path.exists(g.path)
+    with pytest.raises(ConfigError, match="fraction"):
+        EP.CpuGroup("x", 1.5)
