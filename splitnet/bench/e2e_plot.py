@@ -1,6 +1,8 @@
 """The plot of ``splitnet bench e2e --plot FILE``: p50 latency vs bandwidth per option, one panel
 per RTT, with the crossovers of cloud-only and the fastest split marked: with any codec (red) and
-with a codec that keeps the fidelity floor (purple)."""
+with a codec that keeps the fidelity floor (purple); the crossover of cloud-only and edge-only,
+measured (green) and predicted by the planner (grey); the planner's choice circled at its measured
+p50, and its predicted latency as an x."""
 
 from __future__ import annotations
 
@@ -32,6 +34,8 @@ def plot_latency(doc: dict, path: str) -> dict:
     fig, axes = plt.subplots(1, len(rtts), figsize=(7 * len(rtts), 5), squeeze=False)
     crossings: dict[str, float | None] = {}
     crossings_allowed: dict[str, float | None] = {}
+    crossings_edge: dict[str, float | None] = {}
+    crossings_edge_pred: dict[str, float | None] = {}
     for ax, rtt in zip(axes[0], rtts):
         pts = sorted((p for p in doc["points"] if p["rtt_ms"] == rtt), key=lambda p: p["bandwidth_mbit_s"])
         bws = [p["bandwidth_mbit_s"] for p in pts]
@@ -57,8 +61,20 @@ def plot_latency(doc: dict, path: str) -> dict:
                             va="top", ha="left", fontsize=8)
         else:
             crossings_allowed[str(rtt)] = None
+        if "edge-only" in names:
+            edge = [p["options"]["edge-only"]["p50_ms"] for p in pts]
+            xe = crossings_edge[str(rtt)] = crossover_mbit_s(bws, cloud, edge)
+            xp = crossings_edge_pred[str(rtt)] = crossover_mbit_s(bws, [p["options"]["cloud-only"]["predicted_ms"] for p in pts],
+                                                                  [p["options"]["edge-only"]["predicted_ms"] for p in pts])
+            for xv, color, what in ((xe, "tab:green", "measured"), (xp, "grey", "predicted")):
+                if xv is not None:
+                    ax.axvline(xv, color=color, ls="--", lw=1.2)
+                    ax.annotate(f"cloud-only = edge-only at {xv:g} Mbit/s ({what})", (xv, min(cloud)), color=color, rotation=90,
+                                va="bottom", ha="right" if what == "measured" else "left", fontsize=8)
         chosen = [p["options"][p["planner"]["planner_choice"]]["p50_ms"] for p in pts]
-        ax.scatter(bws, chosen, s=90, facecolors="none", edgecolors="red", label="planner's choice", zorder=5)
+        ax.scatter(bws, chosen, s=90, facecolors="none", edgecolors="red", label="planner's choice (measured)", zorder=5)
+        ax.scatter(bws, [p["planner"]["predicted_ms"] for p in pts], s=40, marker="x", color="red",
+                   label="planner's choice (predicted)", zorder=6)
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("link bandwidth (Mbit/s)")
@@ -70,4 +86,5 @@ def plot_latency(doc: dict, path: str) -> dict:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return {"file": path, "crossover_cloud_vs_fastest_split_mbit_s": crossings,
-            "crossover_cloud_vs_fastest_split_keeping_floor_mbit_s": crossings_allowed}
+            "crossover_cloud_vs_fastest_split_keeping_floor_mbit_s": crossings_allowed,
+            "crossover_cloud_vs_edge_mbit_s": crossings_edge, "crossover_cloud_vs_edge_predicted_mbit_s": crossings_edge_pred}
