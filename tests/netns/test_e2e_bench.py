@@ -63,7 +63,23 @@ def test_planner_summary_plot_and_cleanup(doc):
     s = d["planner_summary"]
     assert s["points"] == 3 and 0 <= s["choice_within_10pct"] <= 3
     assert s["mape_pct_all_options"] >= 0
-    assert d["calibration_point"]["split_overhead_ms_per_message"] >= 0
+    offsets = d["calibration_point"]["offsets_ms_per_request"]
+    assert set(offsets) == {"split", "cloud"} and all(math.isfinite(v) for v in offsets.values())
+    assert d["calibration_point"]["edge_compute_speed_rel_served"] > 0
     assert plot.exists() and plot.stat().st_size > 10_000
     assert set(d["plot"]["crossover_cloud_vs_fastest_split_mbit_s"]) == set(d["plot"]["crossover_cloud_vs_fastest_split_keeping_floor_mbit_s"]) == {"20.0"}
     assert not [lab for lab in list_labs() if lab["name"].startswith("e2e")]
+
+
+def test_the_edge_device_is_a_cpu_quota_its_processes_obey(doc):
+    import os
+
+    d, _ = doc
+    es = d["edge_scaling"]
+    assert es["edge_cpu_fraction"] == 0.25  # the default
+    edge = es["cgroups"]["edge"]
+    assert edge["quota_us"] == edge["period_us"] // 4 and es["cgroups"]["full"]["quota_us"] is None
+    assert es["cgroups"]["edge_throttling"]["nr_throttled"] > 0  # the edge's processes ran into the quota
+    for g in es["cgroups"].values():
+        if isinstance(g, dict) and "path" in g:
+            assert not os.path.exists(g["path"])  # removed with the run
