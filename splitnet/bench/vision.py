@@ -248,7 +248,10 @@ def run(args: argparse.Namespace) -> dict:
                 continue
             bar.set_postfix_str(f"cut {cut}: {spec}")
             t0 = time.perf_counter()
-            if name == "transform":
+            if name == "learned":  # distilled through the frozen tail, on the calibration maps only
+                codec.fit(cal_maps[cut], progress=False, tail=bm.stage(cut, bm.num_blocks), channel_metric=sens.channel_metric,
+                          frequency_weights=sens.frequency_weights)
+            elif name == "transform":
                 kw = {}
                 if codec.metric == "fisher":
                     kw = {"channel_metric": sens.channel_metric, **({"frequency_weights": sens.frequency_weights} if codec.spatial == "dct" else {})}

@@ -54,5 +54,6 @@ for _name, _mod in {
     "rvq": "splitnet.codecs.vq",
     "alignedvq": "splitnet.codecs.alignedvq",
     "transform": "splitnet.codecs.transform",
+    "learned": "splitnet.codecs.learned",
 }.items():
     register_lazy(_name, _mod)
