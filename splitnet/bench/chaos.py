@@ -66,6 +66,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat-interval-s", type=float, default=None, help="ClientConfig.heartbeat_interval_s (default: the SDK default)")
     p.add_argument("--standbys", type=int, default=1, help="warm standby processes kept per stage")
     p.add_argument("--start-workers", type=int, default=2, help="standby processes started at once per pipeline")
+    p.add_argument("--one-fault-per-request", action="store_true",
+                   help="before each scheduled fault, wait until every tenant runs a request started after the last one "
+                        "(as --quick does): each request meets one scheduled fault, so every typed error is one fault's; "
+                        "without it faults come back to back and a long request may meet several and spend its recovery budget")
     p.add_argument("--no-relays", action="store_true", help="clients and stages connect directly (no link faults, no --impair)")
     p.add_argument("--impair", default="", help="no faults: every link through a relay with delay=MS,jitter=MS,loss=FRACTION")
 
@@ -279,7 +283,7 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
                 if REPLACES[kind] and not pool.all_ready(90):
                     faults.append(FaultRecord(len(faults), kind, [], "", model, note="no warm standby within 90 s; not injected"))
                     continue
-                if args.quick and faults:
+                if (args.quick or args.one_fault_per_request) and faults:
                     # CI checks each kind's outcome: a request meets one fault at most (a long one that
                     # meets several runs out of its recovery budget, max_recoveries: the full campaign shows that)
                     tenants.wait_fresh_requests(faults[-1].t_heal or faults[-1].t_fault, 120)
@@ -548,7 +552,7 @@ def run(args: argparse.Namespace) -> dict:
           and all(all(c == 0 for c in r["caches_left"]) for r in runs) and not any(r["hung_tenants"] or r["tenant_failures"] for r in runs)
           and not any(r["outcomes_not_ok"] for r in runs))
     return {
-        "config": {"quick": quick, "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants,
+        "config": {"quick": quick, "one_fault_per_request": bool(args.one_fault_per_request), "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants,
                    "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "relays": not args.no_relays,
                    "impair": args.impair, "concurrent_models": bool(args.concurrent_models), "time_budget_s": args.time_budget_s,
                    "cpus_usable": len(os.sched_getaffinity(0)),
