@@ -556,7 +556,7 @@ def run(args: argparse.Namespace) -> dict:
                    "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "relays": not args.no_relays,
                    "impair": args.impair, "concurrent_models": bool(args.concurrent_models), "time_budget_s": args.time_budget_s,
                    "cpus_usable": len(os.sched_getaffinity(0)),
-                   "client_config": {"heartbeat_interval_s": config.heartbeat_interval_s, "heartbeat_liveness": config.heartbeat_liveness,
+                   "client_config": {"heartbeat_interval_s": config.heartbeat_interval_s, "heartbeat_liveness": config.heartbeat_liveness, "max_rtt_slack_s": config.max_rtt_slack_s,
                                      "disconnect_grace_s": config.disconnect_grace_s, "compute_stall_s": config.compute_stall_s,
                                      "max_recoveries": config.max_recoveries, "prefill_chunk_tokens": config.prefill_chunk_tokens},
                    "schedule": kinds},

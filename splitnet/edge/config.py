@@ -18,7 +18,11 @@ class ClientConfig:
         heartbeat_liveness: missed heartbeats after which a stage is declared unavailable: a
             stage silent for ``heartbeat_interval_s x heartbeat_liveness`` (1.5 s by default)
             plus 4 x the longest of its recent heartbeat round trips (milliseconds on a LAN;
-            seconds on a slow, lossy link or a loaded host) is unavailable.
+            seconds on a slow, lossy link or a loaded host), at most ``max_rtt_slack_s``, is
+            unavailable.
+        max_rtt_slack_s: the most the round trips may add to a stage's silence window (1.5 s:
+            a stage silent for 3 s at the defaults is down, however slow its pongs were; raise it
+            for links whose round trips are near a second or more).
         reply_via: how results come back: ``"connection"`` (default) over the connection this
             client opened to the last stage, so the client needs no open port and works behind
             NAT; ``"bind"``: the client binds ``reply_host`` and the last stage connects to it.
@@ -53,6 +57,7 @@ class ClientConfig:
     connect_timeout_s: float = 30.0
     heartbeat_interval_s: float = 0.5
     heartbeat_liveness: int = 3
+    max_rtt_slack_s: float = 1.5
     reply_via: str = "connection"
     reply_host: str = "127.0.0.1"
     prefill_chunk_tokens: int = 64
@@ -69,6 +74,8 @@ class ClientConfig:
         for name in ("timeout_s", "connect_timeout_s", "heartbeat_interval_s"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ClientConfig.{name} must be positive, got {getattr(self, name)!r}")
+        if not self.max_rtt_slack_s >= 0:
+            raise ConfigError("ClientConfig.max_rtt_slack_s must be >= 0")
         if self.heartbeat_liveness < 1:
             raise ConfigError("ClientConfig.heartbeat_liveness must be >= 1")
         if self.max_recoveries < 0:

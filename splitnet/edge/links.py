@@ -129,11 +129,13 @@ class _Link:
     longest_step_s: float = 0.0  # the longest compute time its traces reported to this client
     rtts_s: deque = field(default_factory=lambda: deque(maxlen=_RTT_SAMPLES))  # recent heartbeat round trips
     draining: list = field(default_factory=list)  # [(socket, close at)]: connections replaced by a reopen, still read
+    max_slack_s: float = float("inf")  # ClientConfig.max_rtt_slack_s: the most the round trips may widen its window
 
     @property
     def rtt_slack_s(self) -> float:
-        """4 x the longest of its recent heartbeat round trips (0 before the first)."""
-        return 4.0 * max(self.rtts_s, default=0.0)
+        """4 x the longest of its recent heartbeat round trips (0 before the first), at most
+        :attr:`max_slack_s`."""
+        return min(4.0 * max(self.rtts_s, default=0.0), self.max_slack_s)
 
     def window_s(self, base_s: float) -> float:
         """How long this stage may stay silent: ``base_s`` (heartbeat interval x liveness) plus
@@ -188,7 +190,7 @@ class StageLinks:
             self.begin_handshake()
             now = time.monotonic()
             for i, ep in enumerate(endpoints):
-                self._links.append(_Link(i, ep, self._open(i, ep), last_seen=now))
+                self._links.append(_Link(i, ep, self._open(i, ep), last_seen=now, max_slack_s=config.max_rtt_slack_s))
         except BaseException:
             self.close()
             raise

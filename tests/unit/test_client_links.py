@@ -269,3 +269,15 @@ def test_a_probe_counts_a_closed_silent_stage_dead_without_waiting_out_the_grace
         assert time.monotonic() - t0 < 1.5
     finally:
         links.close()
+
+
+def test_round_trips_widen_a_window_only_up_to_the_configured_slack():
+    from splitnet.edge.links import _Link
+
+    link = _Link(0, "tcp://127.0.0.1:9", None, last_seen=0.0, max_slack_s=ClientConfig().max_rtt_slack_s)
+    link.rtts_s.extend([0.05, 0.1])
+    assert link.window_s(1.5) == pytest.approx(1.5 + 0.4)  # 4 x the longest round trip
+    link.rtts_s.append(1.0)  # a loaded host: pongs a second late
+    assert link.window_s(1.5) == pytest.approx(3.0)  # silent 3 s at the defaults is down, however slow the pongs were
+    with pytest.raises(Exception, match="max_rtt_slack_s"):
+        ClientConfig(max_rtt_slack_s=-1)
