@@ -13,7 +13,8 @@ Kinds (each with the outcome it must have):
 - ``kill_in_recovery``: a stage is killed, and the first replacement handed out for it is killed
   before the client's handshake (a fault inside the recovery).
 - ``restart_same_endpoint``: killed, and a fresh process binds the same endpoint (a supervisor
-  restart); the clients reconnect to it.
+  restart); the clients reconnect to it. Replaced (a tenant's hook handed out a standby first) or
+  replayed on the restarted process (its pongs carry a new pid) are both right.
 - ``freeze_compute``: only the stage's compute thread is stopped (``PTRACE_SEIZE`` +
   ``PTRACE_INTERRUPT`` on that thread; its I/O thread still answers pings): detected by the
   heartbeats' compute progress (``ClientConfig.compute_stall_s``) and replaced. A thread stopped
@@ -222,6 +223,8 @@ def _expected(kind: str, stage: int, nst: int) -> str:
         return "typed error within 2 x window"
     if kind == "partition_down" and stage != nst - 1:
         return "replaced or no failover"
+    if kind == "restart_same_endpoint":  # the new process serves the old endpoint: a replay there is the cure, a standby is too
+        return "replaced or replayed"
     return "replaced"
 
 
@@ -344,6 +347,8 @@ def settle(history: History, rec: FaultRecord, tenants: int, window_s: float) ->
         rec.outcome_ok = not starts
     elif rec.expected == "replaced or no failover":
         rec.outcome_ok = replaced or not starts
+    elif rec.expected == "replaced or replayed":
+        rec.outcome_ok = bool(starts)
 
 
 def breakdown(t_fault: float, start: Event, end: Event, first: Event, evs: list[Event]) -> dict:

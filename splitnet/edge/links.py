@@ -129,6 +129,8 @@ class _Link:
     longest_step_s: float = 0.0  # the longest compute time its traces reported to this client
     rtts_s: deque = field(default_factory=lambda: deque(maxlen=_RTT_SAMPLES))  # recent heartbeat round trips
     draining: list = field(default_factory=list)  # [(socket, close at)]: connections replaced by a reopen, still read
+    pid: int | None = None  # the stage process's pid, from its pongs (None until one, and after a replacement)
+    restarted: tuple[float, int, int] | None = None  # (when seen, old pid, new pid): its pongs came from a new process on the same connection
     max_slack_s: float = float("inf")  # ClientConfig.max_rtt_slack_s: the most the round trips may widen its window
 
     @property
@@ -262,6 +264,7 @@ class StageLinks:
         link.disconnected_at = None
         link.declared_down = False
         link.compute_stuck, link.forwards_seen, link.longest_step_s = "", None, 0.0
+        link.pid, link.restarted = None, None
         link.held_releases = []  # a new process holds none of the caches they were for
         if self._watch is None:
             self._start_monitor(link)
@@ -274,13 +277,13 @@ class StageLinks:
         was only slow: stopped, swapped out, starved of a core) arrives instead of being lost
         with the socket (which would cost the request a replay)."""
         link = self._links[i]
-        seen, gone, held, replaced = link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at
+        seen, gone, held, replaced, pid = link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at, link.pid
         old, window = link.sock, link.window_s(self.window_s)
         self._stop_monitor(link)
         link.sock = None  # kept open below, not closed by replace()
         self.replace(i, link.endpoint, connect_wait_s=0.0)  # the loop goes on at once; the stage is silent anyway
         link.draining.append((old, time.monotonic() + window))
-        link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at = seen, gone, held, replaced
+        link.last_seen, link.disconnected_at, link.held_releases, link.replaced_at, link.pid = seen, gone, held, replaced, pid
         link.reopened_at = time.monotonic()
 
     def _close_drained(self, now: float) -> None:
@@ -469,6 +472,7 @@ class StageLinks:
                 self._links[stage].rtts_s.append(rtt)
         if stage is not None and msg.kind == "pong":
             self._pongs.add((stage, msg.req))
+            self._note_pid(self._links[stage], msg.meta.get("pid"))
             self._check_progress(self._links[stage], msg.meta.get("progress"))
             return
         if msg.kind == "result":  # a result proves every stage in its trace worked on it
@@ -480,6 +484,25 @@ class StageLinks:
                     if isinstance(t.get("compute_ms"), (int, float)):
                         link.longest_step_s = max(link.longest_step_s, float(t["compute_ms"]) / 1e3)
         self._on_message(stage, msg, nbytes)
+
+    @staticmethod
+    def _note_pid(link: _Link, pid: object) -> None:
+        """A pong from another pid than the last on the same endpoint: the process was restarted
+        in place (a supervisor, a restart on a known port) between two heartbeats, faster than
+        the disconnect grace; whatever it held or owed is gone."""
+        if type(pid) is not int:
+            return
+        if link.pid is not None and pid != link.pid:
+            link.restarted = (time.monotonic(), link.pid, pid)
+        link.pid = pid
+
+    def restarted_since(self, since_s: float) -> tuple[int, int, int] | None:
+        """(stage, old pid, new pid) of a stage whose process was restarted in place after
+        ``since_s`` (monotonic): replies it owed for work sent before are lost. None when none."""
+        for link in self._links:
+            if link.restarted is not None and link.restarted[0] > since_s:
+                return link.index, link.restarted[1], link.restarted[2]
+        return None
 
     def _check_progress(self, link: _Link, progress: object) -> None:
         """Liveness that sees the work: a heartbeat whose compute thread has not ticked for

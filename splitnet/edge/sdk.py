@@ -361,6 +361,11 @@ class Session:
             if reply is not None:
                 got.append(reply)
                 return True
+            restarted = self.links.restarted_since(since)
+            if restarted is not None:  # a new process answers on the old endpoint: what the old one owed will never come
+                i, old_pid, new_pid = restarted
+                raise UnknownRequest(f"stage {i} at {self.endpoints[i]} was restarted in place (pid {old_pid} -> {new_pid}) "
+                                     f"while {sorted(k[0] for k in keys)[:3]} waited; its caches and replies are gone; replaying")
             lost = self.links.lost_reply_suspect(since)
             if lost is not None:  # the stage is back but what it sent across the reopen is gone: replay now, not after timeout_s
                 raise UnknownRequest(f"stage {lost} at {self.endpoints[lost]} answered again after its connection was reopened, "

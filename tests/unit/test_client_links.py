@@ -24,6 +24,7 @@ class FakeStage:
     def __init__(self, silent: bool = False, rtt_s: float = 0.0):
         self.silent = silent
         self.rtt_s = rtt_s  # pongs leave this long after their ping, echoing its "t" (a slow link)
+        self.pid: int | None = None  # sent in pongs as a stage does (a new value: a restart in place)
         self._due: list[tuple[float, bytes, Message]] = []
         self.paused_until = 0.0  # pings before this are dropped (a stall shorter than a death)
         self.pings = 0
@@ -63,7 +64,8 @@ class FakeStage:
                     if self.rtt_s and time.monotonic() >= self.paused_until:
                         self._due.append((time.monotonic() + self.rtt_s, ident, Message(kind="pong", req=msg.req, meta={"t": msg.meta.get("t")})))
                     elif not self.silent and not self.rtt_s:
-                        sock.send_multipart([ident, *encode_message(Message(kind="pong", req=msg.req))])
+                        meta = {} if self.pid is None else {"pid": self.pid}
+                        sock.send_multipart([ident, *encode_message(Message(kind="pong", req=msg.req, meta=meta))])
                 elif msg.kind == "pong":
                     self.pongs_from_client += 1
         finally:
@@ -281,3 +283,21 @@ def test_round_trips_widen_a_window_only_up_to_the_configured_slack():
     assert link.window_s(1.5) == pytest.approx(3.0)  # silent 3 s at the defaults is down, however slow the pongs were
     with pytest.raises(Exception, match="max_rtt_slack_s"):
         ClientConfig(max_rtt_slack_s=-1)
+
+
+def test_a_pong_from_a_new_pid_on_the_same_endpoint_is_a_restart_in_place(stages):
+    a = stages()
+    a.pid = 100
+    links = _links([a.endpoint], [], heartbeat_interval_s=0.05)
+    try:
+        links.wait_until(lambda: links._links[0].pid == 100, 5, lambda: AssertionError("no pong with a pid"))
+        since = time.monotonic()
+        assert links.restarted_since(since) is None
+        a.pid = 101  # the process was restarted between two heartbeats, faster than the disconnect grace
+        links.wait_until(lambda: links.restarted_since(since) is not None, 5, lambda: AssertionError("restart not seen"))
+        assert links.restarted_since(since) == (0, 100, 101)
+        assert links.restarted_since(time.monotonic()) is None  # a wait that began after it has nothing to fear
+        links.replace(0, a.endpoint)  # a replacement is a new process by design: no restart to report
+        assert links._links[0].pid is None and links.restarted_since(since) is None
+    finally:
+        links.close()
