@@ -99,10 +99,10 @@ class CpuGroup:
             os.makedirs(self.path, exist_ok=True)
             if self.version == 1:
                 _write(os.path.join(self.path, "cpu.cfs_period_us"), self.period_us)
-                _write(os.path.join(self.path, "cpu.cfs_quota_us"), -1 if fraction is None else max(1000, int(fraction * self.period_us)))
+                _write(os.path.join(self.path, "cpu.cfs_quota_us"), -1 if self.quota_us is None else self.quota_us)
                 _write(os.path.join(self.path, "cpu.shares"), self.shares)
             else:
-                q = "max" if fraction is None else str(max(1000, int(fraction * self.period_us)))
+                q = "max" if self.quota_us is None else str(self.quota_us)
                 _write(os.path.join(self.path, "cpu.max"), f"{q} {self.period_us}")
                 _write(os.path.join(self.path, "cpu.weight"), max(1, min(10000, self.shares * 100 // 1024)))
         except OSError as e:

@@ -141,11 +141,12 @@ def _start_method(start: str, env: dict, extra_args: Sequence[str]) -> str:
     if start not in START_METHODS:
         raise ConfigError(f"start must be one of {', '.join(START_METHODS)}, got {start!r}")
     if start == "fork" and not fork_available():
-        raise ConfigError("start='fork' needs the forkserver start method (Linux or macOS); use start='exec'")
+        raise ConfigError("start='fork' needs os.fork (a POSIX system); use start='exec'")
     if start != "auto":
         return start
     args = list(extra_args)
-    on_cuda = "--device" in args and args.index("--device") + 1 < len(args) and args[args.index("--device") + 1].startswith("cuda")
+    at = args.index("--device") + 1 if "--device" in args else len(args)
+    on_cuda = at < len(args) and args[at].startswith("cuda")
     return "fork" if fork_available() and not env and not on_cuda else "exec"
 
 

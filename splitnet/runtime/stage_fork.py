@@ -32,6 +32,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from typing import Sequence
 
 from splitnet.errors import StageUnavailable
@@ -154,8 +155,6 @@ class _Server:
             self._cond.wait_for(lambda: pid in self._exits or self._gone, timeout)
         code = self.exit_code(pid)
         if code is None and self._gone:  # nobody reports exits now: poll for the process to vanish
-            import time
-
             deadline = None if timeout is None else time.monotonic() + timeout
             while code is None and (deadline is None or time.monotonic() < deadline):
                 time.sleep(0.05)
