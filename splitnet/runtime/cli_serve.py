@@ -38,6 +38,7 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-size", type=int, default=64, help="most requests one forward combines (1: no batching)")
     p.add_argument("--max-batch-tokens", type=int, default=4096, help="most new tokens one forward combines over its requests")
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="wait up to this long for the rest of a batch: the first stage for the next steps of requests keeping their rhythm (never longer than its last forward), a later stage for the rest of the upstream batch")
+    p.add_argument("--merge-chunk-tokens", type=int, default=64, help="run a request's consecutive queued prompt chunks as one forward of up to this many tokens (1: never merge)")
     p.add_argument("--shared-device", action="store_true", help="every stage of the pipeline runs on this stage's device (one GPU): the first stage waits the whole --batch-wait-ms for the requests it expects")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of replaying captured graphs")
     p.add_argument("--cpus", default="", help="CPU cores to pin this stage to, e.g. 0-3 or 0,2,4 (torch threads default to their number)")
@@ -86,6 +87,7 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
         batch_wait_ms=args.batch_wait_ms,
+        merge_chunk_tokens=args.merge_chunk_tokens,
         shared_device=args.shared_device,
         cuda_graphs=not args.no_cuda_graphs,
         cpus=parse_cpus(args.cpus),

@@ -47,6 +47,16 @@ class StageWorkerConfig:
         cuda_graphs: on CUDA, replay captured graphs for decode steps (one per batch and length bucket).
         cpus: CPU cores this stage process is pinned to (empty: not pinned); torch's threads
             default to their number.
+        merge_chunk_tokens: a request's consecutive prompt chunks queued here run as one forward
+            of up to this many tokens (their inputs concatenated; what leaves is one message, in
+            the last chunk's name). A chunk alone already this long is never merged with the next,
+            so the client's chunking (``ClientConfig.prefill_chunk_tokens``, 64 by default)
+            decides the pipelining of long prompts; small chunks stop paying a forward and a
+            message each when they pile up, as a replay's do. 1: never merge.
+        warm_up: run a few dummy forwards before announcing READY (a chunk and a batched decode
+            step through a scratch cache slot), so that the first real request, often a replay
+            onto a freshly started replacement, does not pay the first forward's one-time costs
+            (tens of milliseconds on a CPU: thread pools, allocator, kernel selection).
         metrics_port: serve Prometheus ``/metrics`` and ``/health`` over HTTP on this port of the
             bind host (0: any free port, reported in ``info``; None: off).
     """
@@ -77,13 +87,15 @@ class StageWorkerConfig:
     shared_device: bool = False
     cpus: tuple[int, ...] = field(default_factory=tuple)
     metrics_port: int | None = None
+    merge_chunk_tokens: int = 64
+    warm_up: bool = True
 
     def __post_init__(self) -> None:
         if self.start_block < 0 or self.end_block <= self.start_block:
             raise ConfigError(f"stage blocks [{self.start_block}, {self.end_block}) are empty or negative")
         if not self.bind.startswith(("tcp://", "ipc://", "inproc://")):
             raise ConfigError(f"bind endpoint {self.bind!r} must start with tcp://, ipc:// or inproc://")
-        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms", "max_input_bytes", "max_batch_size", "max_batch_tokens"):
+        for name in ("max_requests", "max_cache_bytes", "queue_depth", "send_timeout_ms", "max_input_bytes", "max_batch_size", "max_batch_tokens", "merge_chunk_tokens"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"StageWorkerConfig.{name} must be positive")
         if self.dtype not in ("float32", "float16", "bfloat16"):

@@ -123,7 +123,7 @@ class _Server:
     def fork(self, argv: Sequence[str], environ: dict[str, str]) -> int:
         with self._cond:
             if self._gone:
-                raise StageUnavailable(f"the stage fork server (pid {self.popen.pid}) has exited with code {self.popen.poll()}; no stage can start from it")
+                raise _ServerGone(f"the stage fork server (pid {self.popen.pid}) has exited with code {self.popen.poll()}; no stage can start from it")
             rid = self._next_id
             self._next_id += 1
         line = json.dumps({"id": rid, "argv": list(argv), "env": dict(environ)}) + "\n"
@@ -133,7 +133,7 @@ class _Server:
             if not self._cond.wait_for(lambda: rid in self._started or self._gone, START_TIMEOUT_S):
                 raise StageUnavailable(f"the stage fork server (pid {self.popen.pid}) forked nothing within {START_TIMEOUT_S:.0f} s")
             if rid not in self._started:
-                raise StageUnavailable(f"the stage fork server (pid {self.popen.pid}) exited before it forked the stage")
+                raise _ServerGone(f"the stage fork server (pid {self.popen.pid}) exited before it forked the stage")
             return self._started.pop(rid)
 
     def exit_code(self, pid: int) -> int | None:
@@ -162,6 +162,10 @@ class _Server:
         return code
 
 
+class _ServerGone(StageUnavailable):
+    """The fork server died (killed with the caller's other children, say) before it forked."""
+
+
 _server_lock = threading.Lock()
 _server: _Server | None = None
 
@@ -169,7 +173,7 @@ _server: _Server | None = None
 def _current_server() -> _Server:
     global _server
     with _server_lock:
-        if _server is None or _server.popen.poll() is not None:
+        if _server is None or _server._gone or _server.popen.poll() is not None:
             _server = _Server()
         return _server
 
@@ -177,8 +181,21 @@ def _current_server() -> _Server:
 def fork_stage(argv: Sequence[str], environ: dict[str, str]) -> ForkedStage:
     """Fork a stage process running ``cli_serve`` with ``argv`` in ``environ``. The first call
     starts the server (one interpreter start plus the imports in :data:`PRELOAD`)."""
-    server = _current_server()
-    return ForkedStage(server, server.fork(argv, environ))
+    for attempt in range(2):
+        server = _current_server()
+        try:
+            return ForkedStage(server, server.fork(argv, environ))
+        except _ServerGone:
+            # killed a moment ago (a cleanup that kills every child of the caller does it), so
+            # not yet seen as exited: wait for it to end, then start another server, once
+            if attempt:
+                raise
+            try:
+                server.popen.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                server.popen.kill()
+                server.popen.wait(timeout=10)
+    raise AssertionError("unreachable")
 
 
 # --------------------------------------------------------------------------- the server ---------

@@ -154,6 +154,7 @@ class _Work:
     started_at: float = 0.0
     decode_ms: float = 0.0
     batch: "tuple[_BatchInputs, int] | None" = None  # split off a forward_batch: its tensors, and this member's place in it
+    decoded: dict | None = None  # its inputs, decoded already (looked at to be merged into an earlier chunk, and not)
 
 
 class _BatchInputs:
@@ -280,6 +281,8 @@ class StageWorker:
                                   new_cache=self.pool.acquire if self.pool is not None else getattr(self.stage, "new_cache", KVCache))
         if self.pool is not None and self.device.type == "cuda" and config.cuda_graphs and hasattr(self.stage, "enable_cuda_graphs"):
             self.stage.enable_cuda_graphs(self.pool, config.max_batch_size)
+        if config.warm_up:
+            self._warm_up()
         self._banned: dict[tuple[str, bytes | None], float] = {}  # (endpoint, key) -> monotonic time until which sends fail fast
         self._peers_up: set[tuple[str, bytes | None]] = set()  # (endpoint, key) that took a message (a later send finds it gone fast)
         self.ctx = zmq.Context.instance()
@@ -292,11 +295,38 @@ class StageWorker:
         self.endpoint = ""
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
                       "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0,
-                      "batch_messages_in": 0, "batch_messages_out": 0}
+                      "batch_messages_in": 0, "batch_messages_out": 0, "merged_chunks": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
         self._replies_endpoint = f"inproc://splitnet-replies-{id(self):x}"
+
+    def _warm_up(self) -> None:
+        """Dummy forwards through scratch cache slots before READY: a prompt chunk, then a
+        batched one-token step of two requests. A fresh process's first forward costs tens of
+        milliseconds more than the next (82 ms against 1.5 ms for a tiny-gpt2 block on a CPU),
+        and the first request a replacement stage serves is a replay someone waits for. Decoder
+        stages with a cache pool only: other stages have no input shape known before a request."""
+        if self.pool is None or self.config.max_requests < 2:
+            return
+        first = self.stage.is_first
+        hidden = self.stage.arch.hidden_size if not first else 0
+
+        def inputs(tokens: int) -> dict:
+            if first:
+                return {"input_ids": torch.zeros(1, tokens, dtype=torch.long)}
+            return {"hidden": torch.zeros(1, tokens, hidden, dtype=self.dtype, device=self.device)}
+
+        slots = [self.pool.acquire(), self.pool.acquire()]
+        try:
+            self.stage.forward_batch([inputs(8)], slots[:1])  # no_grad inside, as every real forward
+            self.stage.forward_batch([inputs(8)], slots[1:])
+            self.stage.forward_batch([inputs(1), inputs(1)], slots)
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        finally:
+            for c in slots:
+                c.close()
 
     # ---------------------------------------------------------------- I/O thread -----------
     def run(self) -> None:
@@ -668,6 +698,8 @@ class StageWorker:
                 members.append(item.prepared if item.prepared is not None else self._prepare(item))
             except Exception as e:  # a bad member fails alone, before any batch runs
                 self._fail(peers, item, e)
+        if self.config.merge_chunk_tokens > 1 and self.pool is not None:
+            members = [self._merge_queued_chunks(m, backlog) for m in members]
         group, rest = pick_group(members, self.batch_limits)
         for m in reversed(rest):  # next round, first, with their inputs already decoded
             m.work.prepared = m
@@ -710,10 +742,11 @@ class StageWorker:
         if item.batch is not None:  # one decode and one copy to the device for the whole batch message
             whole, index = item.batch
             inputs = whole.rows(self, index)
+        elif item.decoded is not None:
+            inputs = item.decoded
         else:
-            context = (cache_key(item.origin, msg.req), msg.epoch) if meta.get("cache") else None  # binds / reads compact codes
-            inputs = self._inputs_of(self.codecs.decode(msg.tensors, meta, context=context), msg.dtypes)
-        item.decode_ms = (time.perf_counter() - t0) * 1e3
+            inputs = self._decode(item)
+        item.decode_ms += (time.perf_counter() - t0) * 1e3
         item.started_at = t0
         cache, ckey = None, cache_key(item.origin, msg.req)
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
@@ -730,6 +763,64 @@ class StageWorker:
         options = StepOptions(bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
         sig = whole.signature(index, inputs, cache is not None, options) if whole is not None else signature(inputs, cache is not None, options)
         return Member(item, inputs, cache, ckey, sig, tokens, options)
+
+    def _decode(self, item: _Work) -> dict:
+        """One forward message's inputs, decoded (codecs) and made the stage's tensors."""
+        msg, meta = item.msg, item.msg.meta
+        context = (cache_key(item.origin, msg.req), msg.epoch) if meta.get("cache") else None  # binds / reads compact codes
+        return self._inputs_of(self.codecs.decode(msg.tensors, meta, context=context), msg.dtypes)
+
+    def _merge_queued_chunks(self, m: Member, backlog: deque) -> Member:
+        """``m`` with its request's next chunks, queued in ``backlog`` right behind it, merged in:
+        one forward of their inputs concatenated along the tokens, up to ``merge_chunk_tokens``.
+
+        A follower must continue ``m`` exactly: same epoch, origin and route, its ``pos`` where
+        ``m``'s tokens end, one sequence of the same tensors, no logits at every position. The
+        merged step goes on in the last chunk's name (its seq, ``want_result``, ``final``) from
+        ``m``'s position, so the next stage sees one longer chunk and the client the reply it
+        waits for (the last chunk's). A follower that does not fit stays queued, decoded."""
+        cap = self.config.merge_chunk_tokens
+        head = m.work
+        meta0 = head.msg.meta
+        pos0 = meta0.get("pos")
+        if (m.cache is None or head.batch is not None or m.options.all_logits or m.tokens >= cap
+                or not isinstance(pos0, int) or meta0.get("final")):
+            return m
+        merged = [(head, m.inputs)]
+        tokens = m.tokens
+        while tokens < cap:
+            nxt = next((w for w in backlog if w.msg.kind in ("forward", "release") and cache_key(w.origin, w.msg.req) == m.cache_key), None)
+            if nxt is None or nxt.msg.kind != "forward" or nxt.batch is not None or nxt.prepared is not None:
+                break
+            meta = nxt.msg.meta
+            if (nxt.msg.epoch != head.msg.epoch or nxt.origin != head.origin or meta.get("pos") != pos0 + tokens
+                    or meta.get("route") != meta0.get("route") or meta.get("all_logits") or not meta.get("cache")):
+                break
+            if nxt.decoded is None:
+                t0 = time.perf_counter()
+                try:
+                    nxt.decoded = self._decode(nxt)
+                except Exception:  # noqa: BLE001 - it fails alone, in its own round
+                    break
+                nxt.decode_ms += (time.perf_counter() - t0) * 1e3
+            inputs = nxt.decoded
+            n = _one_sequence_tokens(inputs, m.inputs)
+            if n is None or tokens + n > cap:
+                break
+            backlog.remove(nxt)
+            merged.append((nxt, inputs))
+            tokens += n
+        if len(merged) == 1:
+            return m
+        last = merged[-1][0]
+        self.stats["merged_chunks"] += len(merged) - 1
+        inputs = {k: torch.cat([x[k] for _, x in merged], dim=1) for k in m.inputs}
+        meta = dict(last.msg.meta)
+        meta["pos"] = pos0
+        work = _Work(last.msg._replace(meta=meta), sum(w.wire_bytes for w, _ in merged), head.received_at, head.origin,
+                     started_at=head.started_at, decode_ms=sum(w.decode_ms for w, _ in merged))
+        options = StepOptions(False, m.options.last, meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
+        return Member(work, inputs, m.cache, m.cache_key, signature(inputs, True, options), tokens, options)
 
     def _inputs_of(self, arrays: dict, dtypes: Any) -> dict:
         """Decoded arrays as the stage's input tensors: floats in its dtype on its device; token
@@ -1024,8 +1115,13 @@ class StageWorker:
         self._send_since = time.monotonic()
         try:
             if self._banned.get(ban, 0.0) > time.monotonic():
-                why = f"(it took none within {self.socket_config.send_timeout_ms} ms less than {_BAN_S:.0f} s ago)"
-                raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
+                if sock.poll(0, zmq.POLLOUT):
+                    # it can take a message now (ZMQ_IMMEDIATE: a connected pipe with room): a
+                    # stage restarted on the same endpoint, a healed link; the ban is over
+                    self._banned.pop(ban, None)
+                else:
+                    why = f"(it took none within {self.socket_config.send_timeout_ms} ms less than {_BAN_S:.0f} s ago)"
+                    raise zmq.Again()  # timed out recently: fail at once instead of stalling compute again
             if ban in self._peers_up and not sock.poll(_GONE_WAIT_MS, zmq.POLLOUT):
                 why = f"(it took messages before and has had no connection for {_GONE_WAIT_MS} ms)"
                 raise zmq.Again()  # it took messages before and has no connection now: gone (a killed stage), not a 5 s stall of compute
@@ -1059,6 +1155,22 @@ def _add(backlog: deque, item: "_Work | list[_Work]") -> None:
         backlog.extend(item)
     else:
         backlog.append(item)
+
+
+def _one_sequence_tokens(inputs: dict, like: dict) -> int | None:
+    """How many tokens ``inputs`` holds when it is one sequence with the same tensors as
+    ``like`` (shapes equal but the token dimension); None otherwise."""
+    if inputs.keys() != like.keys() or not inputs:
+        return None
+    n = None
+    for k, t in inputs.items():
+        o = like[k]
+        if t.dim() < 2 or t.shape[0] != 1 or t.dim() != o.dim() or t.shape[2:] != o.shape[2:] or t.dtype != o.dtype or t.device != o.device:
+            return None
+        if n is not None and t.shape[1] != n:
+            return None
+        n = t.shape[1]
+    return int(n)
 
 
 def _reduce_logits(logits: torch.Tensor, meta: Any) -> dict[str, torch.Tensor]:

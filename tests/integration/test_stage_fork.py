@@ -70,3 +70,17 @@ def test_start_method_is_checked_before_any_work_and_auto_execs_what_a_fork_cann
     assert _start_method("auto", {"OMP_NUM_THREADS": "1"}, []) == "exec"  # read at import: the server's value would win
     assert _start_method("auto", {}, ["--device", "cuda:0"]) == "exec"
     assert _start_method("exec", {}, []) == "exec"
+
+
+def test_a_fork_server_killed_a_moment_ago_is_replaced_not_reported_as_a_dead_stage():
+    # a test harness or a user's cleanup that kills every child of the caller kills the server
+    # too; the next stage must start from a new server, even before the old one is reaped
+    from splitnet.runtime import stage_fork
+
+    argv = ["--model", "tiny-gpt2", "--blocks", "0:99", "--insecure"]  # exits 2 at once: no stage left behind
+    assert fork_stage(argv, dict(os.environ)).wait(timeout=60) == 2
+    old = stage_fork._current_server()
+    os.kill(old.popen.pid, signal.SIGKILL)
+    stage = fork_stage(argv, dict(os.environ))
+    assert stage_fork._current_server() is not old
+    assert stage.wait(timeout=60) == 2
