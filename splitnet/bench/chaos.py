@@ -360,11 +360,13 @@ def _chunks(tokens: int, chunk: int) -> int:
     return max(1, math.ceil(tokens / chunk))
 
 
-def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int) -> list[float]:
+def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, samples: dict | None = None) -> list[float]:
     """Per recovery of a one-sequence request: the time from its end to the tenant's next reply
     used (the replay of prompt + tokens so far: N chunks), over a fresh prefill of N chunks in the
     same campaign (the median time to first token of the fault-free one-sequence requests whose
-    prompt is N chunks long; interpolated between the nearest lengths measured, held at the ends)."""
+    prompt is N chunks long; interpolated between the nearest lengths measured, held at the ends).
+    ``samples``, when given, gets what the ratios rest on: the fresh medians by chunks, and each
+    replay's chunks, seconds and fresh seconds."""
     fresh: dict[int, list[float]] = {}
     for o in outcomes:
         if not o.error and o.replays == 0 and o.ttft_s and specs[o.spec].mode != "generate_many":
@@ -373,6 +375,9 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int) ->
         return []
     xs = sorted(fresh)
     ys = [statistics.median(fresh[x]) for x in xs]
+    if samples is not None:
+        samples["fresh_ttft_s_by_chunks"] = {str(x): [round(y, 4), len(fresh[x])] for x, y in zip(xs, ys)}
+        samples["replays"] = []
 
     def fresh_s(n: int) -> float:
         if n <= xs[0]:
@@ -398,11 +403,14 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int) ->
         n = sum(1 for x in evs[k + 1:nxt_k] if x.tenant == e.tenant and x.what == "send" and x.kind == "forward")
         if n:
             ratios.append((evs[nxt_k].t - e.t) / fresh_s(n))
+            if samples is not None:
+                samples["replays"].append([n, round(evs[nxt_k].t - e.t, 4), round(fresh_s(n), 4)])
     return ratios
 
 
 def _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, wall_s) -> dict:
     outcomes, sessions = tenants.outcomes, tenants.sessions
+    replay_samples: dict = {}
     identical = lost = duplicated = typed = untyped = 0
     errors: list[str] = []
     unrecoverable = [f for f in faults if f.fired and f.kind == "cut_unrecoverable"]
@@ -467,7 +475,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "fault_to_token_by_kind": {k: _percentiles([f.fault_to_token_s for f in timed if f.kind == k and f.fault_to_token_s is not None])
                                    for k in FAULT_KINDS if any(f.kind == k for f in timed)},
         "fault_to_token_parts": _parts([f.breakdown for f in timed if f.breakdown]),
-        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, 8)),
+        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, 8, replay_samples)),
+        "replay_samples": replay_samples,  # [chunks, replay s, fresh s] per replay; fresh [median s, n] by chunks
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
         "tenant_failures": [v["failed"] for v in sessions.values() if "failed" in v],

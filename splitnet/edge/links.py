@@ -517,7 +517,7 @@ class StageLinks:
         moved = link.forwards_seen is None or forwards != link.forwards_seen
         link.forwards_seen = forwards
         wait, bound = progress.get("send_wait_s"), progress.get("send_timeout_s")
-        if isinstance(wait, (int, float)) and isinstance(bound, (int, float)) and 0 < wait <= bound + 1.0:
+        if isinstance(wait, (int, float)) and isinstance(bound, (int, float)) and 0 < wait <= bound + 1.0 and not self._next_answers(link, progress):
             moved = True  # inside a send the stage bounds itself (a next stage that does not take it): it ends, or fails the step, by then
         if age > limit and not moved:
             if not link.compute_stuck:
@@ -526,6 +526,16 @@ class StageLinks:
                                   f"{progress.get('queued')} steps queued); its I/O thread answers but the work does not move")
         else:
             link.compute_stuck = ""
+
+    def _next_answers(self, link: _Link, progress: dict) -> bool:
+        """Whether a send ``link``'s stage reports in progress goes to the next stage while that
+        stage answers this client's heartbeats (heard from within two intervals). Its I/O
+        thread then reads whatever arrives, so a send there does not block for long: a compute
+        thread "inside a send" for seconds is frozen, not waiting for a slow peer."""
+        if progress.get("send_to_next") is not True or link.index + 1 >= len(self._links):
+            return False
+        nxt = self._links[link.index + 1]
+        return time.monotonic() - nxt.last_seen <= 2 * self.config.heartbeat_interval_s
 
     def _monitor_events(self, link: _Link) -> None:
         while link.monitor is not None:

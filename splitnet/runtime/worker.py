@@ -273,6 +273,7 @@ class StageWorker:
         self.ledger = RequestLedger(max(4096, 4 * config.max_requests))  # newest epoch and cancelled steps per request (compute thread)
         self._compute_tick = time.monotonic()  # when the compute thread last finished a round or found nothing to do
         self._send_since = 0.0  # when the compute thread's send in progress began (0: none): a bounded wait, not a stall
+        self._send_to_next = False  # that send goes to the next stage (a forward), not to a client
         self._last_forward_s = 0.0
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -481,7 +482,8 @@ class StageWorker:
         now, since = time.monotonic(), self._send_since
         return {"forwards": self.stats["forwards"], "batches": self.stats["batches"], "queued": self._queued_members,
                 "compute_tick_age_s": round(now - self._compute_tick, 3),
-                "send_wait_s": round(now - since, 3) if since else 0.0, "send_timeout_s": self.socket_config.send_timeout_ms / 1000}
+                "send_wait_s": round(now - since, 3) if since else 0.0, "send_timeout_s": self.socket_config.send_timeout_ms / 1000,
+                "send_to_next": bool(since) and self._send_to_next}
 
     def _principal(self, frames: list) -> str:
         """The CURVE key that authenticated this message ("" without keys)."""
@@ -1112,6 +1114,7 @@ class StageWorker:
             peers[(endpoint, key)] = sock
         ban = (endpoint, key)  # a ban follows the key too: one request's bad key must not cut the link for others
         why = f"within {self.socket_config.send_timeout_ms} ms"
+        self._send_to_next = msg.kind in ("forward", "forward_batch")
         self._send_since = time.monotonic()
         try:
             if self._banned.get(ban, 0.0) > time.monotonic():
