@@ -360,13 +360,17 @@ def _chunks(tokens: int, chunk: int) -> int:
     return max(1, math.ceil(tokens / chunk))
 
 
-def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, samples: dict | None = None) -> list[float]:
+def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, samples: dict | None = None,
+                   impossible: "list | None" = None, window_s: float = 0.0) -> list[float]:
     """Per recovery of a one-sequence request: the time from its end to the tenant's next reply
     used (the replay of prompt + tokens so far: N chunks), over a fresh prefill of N chunks in the
     same campaign (the median time to first token of the fault-free one-sequence requests whose
     prompt is N chunks long; interpolated between the nearest lengths measured, held at the ends).
     ``samples``, when given, gets what the ratios rest on: the fresh medians by chunks, and each
-    replay's chunks, seconds and fresh seconds."""
+    replay's chunks, seconds and fresh seconds. Recoveries that start during a
+    recovery-impossible fault (``impossible``: from its injection to its heal plus one window)
+    are left out, as from ``detect_s`` and ``fault_to_token_s``: what they replay after is a
+    link that came back, not a stage replaced; ``samples["left_out"]`` keeps them."""
     fresh: dict[int, list[float]] = {}
     for o in outcomes:
         if not o.error and o.replays == 0 and o.ttft_s and specs[o.spec].mode != "generate_many":
@@ -378,6 +382,7 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, sa
     if samples is not None:
         samples["fresh_ttft_s_by_chunks"] = {str(x): [round(y, 4), len(fresh[x])] for x, y in zip(xs, ys)}
         samples["replays"] = []
+        samples["left_out"] = []
 
     def fresh_s(n: int) -> float:
         if n <= xs[0]:
@@ -402,9 +407,14 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, sa
             continue
         n = sum(1 for x in evs[k + 1:nxt_k] if x.tenant == e.tenant and x.what == "send" and x.kind == "forward")
         if n:
-            ratios.append((evs[nxt_k].t - e.t) / fresh_s(n))
+            cause = next((x for x in reversed(evs[:k]) if x.tenant == e.tenant and x.what == "recover_start"), None)
+            t_cause = cause.t if cause is not None else e.t
+            left_out = any(f.t_fault <= t_cause <= (f.t_heal or f.t_fault) + window_s for f in impossible or [])
+            if not left_out:
+                ratios.append((evs[nxt_k].t - e.t) / fresh_s(n))
             if samples is not None:
-                samples["replays"].append([n, round(evs[nxt_k].t - e.t, 4), round(fresh_s(n), 4)])
+                samples["left_out" if left_out else "replays"].append([n, round(evs[nxt_k].t - e.t, 4), round(fresh_s(n), 4), e.tenant,
+                                                                       (cause.detail or "")[:120] if cause is not None else ""])
     return ratios
 
 
@@ -475,8 +485,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "fault_to_token_by_kind": {k: _percentiles([f.fault_to_token_s for f in timed if f.kind == k and f.fault_to_token_s is not None])
                                    for k in FAULT_KINDS if any(f.kind == k for f in timed)},
         "fault_to_token_parts": _parts([f.breakdown for f in timed if f.breakdown]),
-        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, 8, replay_samples)),
-        "replay_samples": replay_samples,  # [chunks, replay s, fresh s] per replay; fresh [median s, n] by chunks
+        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, 8, replay_samples, unrecoverable, window_s)),
+        "replay_samples": replay_samples,  # [chunks, replay s, fresh s, tenant, cause] per replay; fresh [median s, n] by chunks
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
         "tenant_failures": [v["failed"] for v in sessions.values() if "failed" in v],

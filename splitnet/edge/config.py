@@ -20,9 +20,12 @@ class ClientConfig:
             plus 4 x the longest of its recent heartbeat round trips (milliseconds on a LAN;
             seconds on a slow, lossy link or a loaded host), at most ``max_rtt_slack_s``, is
             unavailable.
-        max_rtt_slack_s: the most the round trips may add to a stage's silence window (1.5 s:
-            a stage silent for 3 s at the defaults is down, however slow its pongs were; raise it
-            for links whose round trips are near a second or more).
+        max_rtt_slack_s: the most the round trips may add to a stage's silence window (1.4 s:
+            at the defaults a stage silent for 2.9 s is down, however slow its pongs were, so a
+            failure is seen within 3 s with the poll loop's 50 ms; raise it for links whose
+            round trips are near a second or more). A stage frozen for a while (a SIGSTOP, a
+            long pause) answers its next ping late, and that one round trip widens its window
+            to the cap for its next 16 heartbeats.
         reply_via: how results come back: ``"connection"`` (default) over the connection this
             client opened to the last stage, so the client needs no open port and works behind
             NAT; ``"bind"``: the client binds ``reply_host`` and the last stage connects to it.
@@ -57,7 +60,7 @@ class ClientConfig:
     connect_timeout_s: float = 30.0
     heartbeat_interval_s: float = 0.5
     heartbeat_liveness: int = 3
-    max_rtt_slack_s: float = 1.5
+    max_rtt_slack_s: float = 1.4
     reply_via: str = "connection"
     reply_host: str = "127.0.0.1"
     prefill_chunk_tokens: int = 64
