@@ -40,6 +40,7 @@ from zmq.utils.monitor import recv_monitor_message
 from splitnet.edge.config import ClientConfig
 from splitnet.errors import AuthError, ProtocolError, StageUnavailable
 from splitnet.wire import DEFAULT_LIMITS, Message, SocketConfig, decode_message, encode_message, make_socket, message_nbytes
+from splitnet.wire.hop_digest import hop_digest
 from splitnet.wire.batches import member_shares, split_batch
 from splitnet.wire.security import HandshakeWatch, set_peer_key
 
@@ -528,13 +529,19 @@ class StageLinks:
             link.compute_stuck = ""
 
     def _next_answers(self, link: _Link, progress: dict) -> bool:
-        """Whether a send ``link``'s stage reports in progress goes to the next stage while that
-        stage answers this client's heartbeats (heard from within two intervals). Its I/O
-        thread then reads whatever arrives, so a send there does not block for long: a compute
-        thread "inside a send" for seconds is frozen, not waiting for a slow peer."""
-        if progress.get("send_to_next") is not True or link.index + 1 >= len(self._links):
+        """Whether a send ``link``'s stage reports in progress goes to this client's own next
+        stage (same endpoint and key: :func:`hop_digest`) while that stage answers this
+        client's heartbeats (heard from within two intervals). Its I/O thread then reads
+        whatever arrives, so a send there does not block for long: a compute thread "inside a
+        send" for seconds is frozen, not waiting for a slow peer. A send elsewhere (another
+        client's route, a key that does not authenticate) is bounded and is not its fault."""
+        target = progress.get("send_to")
+        if not isinstance(target, str) or not target or link.index + 1 >= len(self._links):
             return False
         nxt = self._links[link.index + 1]
+        key = self._stage_keys[nxt.index] if self._stage_keys is not None and nxt.index < len(self._stage_keys) else None
+        if target != hop_digest(nxt.endpoint, key):
+            return False
         return time.monotonic() - nxt.last_seen <= 2 * self.config.heartbeat_interval_s
 
     def _monitor_events(self, link: _Link) -> None:

@@ -64,6 +64,7 @@ from splitnet.wire import (
 )
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
 from splitnet.runtime.request_ledger import RequestLedger
+from splitnet.wire.hop_digest import hop_digest
 from splitnet.wire.batches import batch_message, member_shares, split_batch
 from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders, batch_member
 from splitnet.wire.limits import limits_for_input
@@ -273,7 +274,7 @@ class StageWorker:
         self.ledger = RequestLedger(max(4096, 4 * config.max_requests))  # newest epoch and cancelled steps per request (compute thread)
         self._compute_tick = time.monotonic()  # when the compute thread last finished a round or found nothing to do
         self._send_since = 0.0  # when the compute thread's send in progress began (0: none): a bounded wait, not a stall
-        self._send_to_next = False  # that send goes to the next stage (a forward), not to a client
+        self._send_to = ""  # that send's target, a forward's: hop_digest(endpoint, key) ("": a reply, or none)
         self._last_forward_s = 0.0
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -483,7 +484,7 @@ class StageWorker:
         return {"forwards": self.stats["forwards"], "batches": self.stats["batches"], "queued": self._queued_members,
                 "compute_tick_age_s": round(now - self._compute_tick, 3),
                 "send_wait_s": round(now - since, 3) if since else 0.0, "send_timeout_s": self.socket_config.send_timeout_ms / 1000,
-                "send_to_next": bool(since) and self._send_to_next}
+                "send_to": self._send_to if since else ""}
 
     def _principal(self, frames: list) -> str:
         """The CURVE key that authenticated this message ("" without keys)."""
@@ -777,7 +778,8 @@ class StageWorker:
         one forward of their inputs concatenated along the tokens, up to ``merge_chunk_tokens``.
 
         A follower must continue ``m`` exactly: same epoch, origin and route, its ``pos`` where
-        ``m``'s tokens end, one sequence of the same tensors, no logits at every position. The
+        ``m``'s tokens end, one sequence of the same tensors, no logits at every position; and
+        every chunk but the last merged must want no result (a prefill's chunks before its last). The
         merged step goes on in the last chunk's name (its seq, ``want_result``, ``final``) from
         ``m``'s position, so the next stage sees one longer chunk and the client the reply it
         waits for (the last chunk's). A follower that does not fit stays queued, decoded."""
@@ -786,11 +788,11 @@ class StageWorker:
         meta0 = head.msg.meta
         pos0 = meta0.get("pos")
         if (m.cache is None or head.batch is not None or m.options.all_logits or m.tokens >= cap
-                or not isinstance(pos0, int) or meta0.get("final")):
-            return m
+                or not isinstance(pos0, int) or meta0.get("final") or meta0.get("want_result", True)):
+            return m  # a chunk whose result is wanted is answered in its own name: never merged into a later one
         merged = [(head, m.inputs)]
         tokens = m.tokens
-        while tokens < cap:
+        while tokens < cap and not merged[-1][0].msg.meta.get("want_result", True):
             nxt = next((w for w in backlog if w.msg.kind in ("forward", "release") and cache_key(w.origin, w.msg.req) == m.cache_key), None)
             if nxt is None or nxt.msg.kind != "forward" or nxt.batch is not None or nxt.prepared is not None:
                 break
@@ -1114,7 +1116,7 @@ class StageWorker:
             peers[(endpoint, key)] = sock
         ban = (endpoint, key)  # a ban follows the key too: one request's bad key must not cut the link for others
         why = f"within {self.socket_config.send_timeout_ms} ms"
-        self._send_to_next = msg.kind in ("forward", "forward_batch")
+        self._send_to = hop_digest(endpoint, key) if msg.kind in ("forward", "forward_batch") else ""
         self._send_since = time.monotonic()
         try:
             if self._banned.get(ban, 0.0) > time.monotonic():

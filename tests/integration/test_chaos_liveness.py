@@ -95,6 +95,36 @@ def test_a_compute_thread_inside_a_bounded_send_is_not_stuck_until_the_send_time
         stage.close()
 
 
+@pytest.mark.parametrize("to_own_next_stage", [True, False])
+def test_a_send_to_a_next_stage_that_answers_is_no_excuse(to_own_next_stage):
+    """Inside a send to this client's own next stage, which answers this client's heartbeats (so
+    its I/O thread reads what comes), a compute thread whose work does not move is frozen: failed
+    after compute_stall_s, not after the send's bound. A send elsewhere (another client's route,
+    a key that does not authenticate) keeps the bound."""
+    from splitnet.wire.hop_digest import hop_digest
+
+    t0 = time.monotonic()
+    nxt = _ProgressStage(lambda: {"forwards": 1, "batches": 1, "queued": 0, "compute_tick_age_s": 0.0})
+    target = hop_digest(nxt.endpoint, None) if to_own_next_stage else hop_digest("tcp://10.0.0.9:5555", None)
+    stage = _ProgressStage(lambda: {"forwards": 3, "batches": 3, "queued": 1, "compute_tick_age_s": round(time.monotonic() - t0 + 0.5, 3),
+                                    "send_wait_s": round(time.monotonic() - t0 + 0.5, 3), "send_timeout_s": 5.0, "send_to": target})
+    config = ClientConfig(heartbeat_interval_s=0.1, heartbeat_liveness=30, compute_stall_s=0.3)
+    links = StageLinks([stage.endpoint, nxt.endpoint], config, SocketConfig(), None, b"chaos-liveness-client", lambda *_: None)
+    links.end_handshake()
+    try:
+        if to_own_next_stage:
+            with pytest.raises(StageUnavailable, match="stage 0 .*compute thread has finished no step"):
+                links.wait_until(lambda: False, 3.0, lambda: TimeoutError("a frozen sender was never declared failed"))
+            assert time.monotonic() - t0 < 2.5  # compute_stall_s, not 5 s + 1 s
+        else:
+            with pytest.raises(TimeoutError, match="no failure"):
+                links.wait_until(lambda: False, 2.0, lambda: TimeoutError("no failure"))
+    finally:
+        links.close()
+        stage.close()
+        nxt.close()
+
+
 def test_compute_stall_must_be_positive():
     with pytest.raises(ConfigError, match="compute_stall_s"):
         ClientConfig(compute_stall_s=0)
