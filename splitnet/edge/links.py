@@ -132,6 +132,7 @@ class _Link:
     draining: list = field(default_factory=list)  # [(socket, close at)]: connections replaced by a reopen, still read
     pid: int | None = None  # the stage process's pid, from its pongs (None until one, and after a replacement)
     restarted: tuple[float, int, int] | None = None  # (when seen, old pid, new pid): its pongs came from a new process on the same connection
+    restart_at: float = 0.0  # when that new process started, from its pong's uptime (monotonic, here; an upper bound)
     max_slack_s: float = float("inf")  # ClientConfig.max_rtt_slack_s: the most the round trips may widen its window
 
     @property
@@ -473,7 +474,7 @@ class StageLinks:
                 self._links[stage].rtts_s.append(rtt)
         if stage is not None and msg.kind == "pong":
             self._pongs.add((stage, msg.req))
-            self._note_pid(self._links[stage], msg.meta.get("pid"))
+            self._note_pid(self._links[stage], msg.meta.get("pid"), msg.meta.get("up_s"))
             self._check_progress(self._links[stage], msg.meta.get("progress"))
             return
         if msg.kind == "result":  # a result proves every stage in its trace worked on it
@@ -487,21 +488,27 @@ class StageLinks:
         self._on_message(stage, msg, nbytes)
 
     @staticmethod
-    def _note_pid(link: _Link, pid: object) -> None:
+    def _note_pid(link: _Link, pid: object, up_s: object = None) -> None:
         """A pong from another pid than the last on the same endpoint: the process was restarted
         in place (a supervisor, a restart on a known port) between two heartbeats, faster than
-        the disconnect grace; whatever it held or owed is gone."""
+        the disconnect grace; whatever it held or owed is gone. ``up_s`` (its uptime) dates the
+        new process: now minus it, later than the truth by the pong's way here."""
         if type(pid) is not int:
             return
         if link.pid is not None and pid != link.pid:
-            link.restarted = (time.monotonic(), link.pid, pid)
+            now = time.monotonic()
+            link.restarted = (now, link.pid, pid)
+            link.restart_at = now - float(up_s) if isinstance(up_s, (int, float)) and 0 <= up_s else now
         link.pid = pid
 
-    def restarted_since(self, since_s: float) -> tuple[int, int, int] | None:
+    def restarted_since(self, since_s: float, opened_s: float = 0.0) -> tuple[int, int, int] | None:
         """(stage, old pid, new pid) of a stage whose process was restarted in place after
-        ``since_s`` (monotonic): replies it owed for work sent before are lost. None when none."""
+        ``since_s`` (monotonic): replies it owed for work sent before are lost. None when none.
+        ``opened_s``: when the oldest request waited for was opened; a restart whose new process
+        is older than that (a client idle meanwhile, which sends no heartbeats, learns of it only
+        from its next request's first pong) lost none of that work."""
         for link in self._links:
-            if link.restarted is not None and link.restarted[0] > since_s:
+            if link.restarted is not None and link.restarted[0] > since_s and not (opened_s and link.restart_at < opened_s):
                 return link.index, link.restarted[1], link.restarted[2]
         return None
 

@@ -245,6 +245,7 @@ class StageWorker:
 
     def __init__(self, config: StageWorkerConfig, *, socket_config: SocketConfig | None = None, limits: WireLimits | None = None, max_request_cache_bytes: int | None = None):
         self.config = config
+        self._started_s = time.monotonic()  # its pongs report the uptime: a client dates a restart in place by it
         self._trace_clock = os.environ.get(TRACE_CLOCK_ENV) == "1"
         # the largest input this stage takes bounds every tensor and (as ZMQ_MAXMSGSIZE) every frame
         self.limits = limits or limits_for_input(config.max_input_bytes, DEFAULT_LIMITS)
@@ -514,7 +515,7 @@ class StageWorker:
             self._refuse(router, identity, e)
             return
         if msg.kind == "ping":
-            self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "t": msg.meta.get("t"), "progress": self.progress()}))
+            self._reply(router, identity, Message(kind="pong", req=msg.req, seq=msg.seq, meta={"pid": os.getpid(), "up_s": round(time.monotonic() - self._started_s, 3), "t": msg.meta.get("t"), "progress": self.progress()}))
         elif msg.kind == "info":
             self._reply(router, identity, Message(kind="info_reply", req=msg.req, meta={**self.info(), "t": msg.meta.get("t")}))
         elif msg.kind in ("pong", "info_reply"):

@@ -296,6 +296,10 @@ def test_a_pong_from_a_new_pid_on_the_same_endpoint_is_a_restart_in_place(stages
         a.pid = 101  # the process was restarted between two heartbeats, faster than the disconnect grace
         links.wait_until(lambda: links.restarted_since(since) is not None, 5, lambda: AssertionError("restart not seen"))
         assert links.restarted_since(since) == (0, 100, 101)
+        assert links.restarted_since(since, opened_s=since) == (0, 100, 101)  # its request was opened before the restart
+        # an idle client learns of a restart from its next request's first pong: that request,
+        # opened after the new process started, lost nothing there
+        assert links.restarted_since(since, opened_s=time.monotonic()) is None
         assert links.restarted_since(time.monotonic()) is None  # a wait that began after it has nothing to fear
         links.replace(0, a.endpoint)  # a replacement is a new process by design: no restart to report
         assert links._links[0].pid is None and links.restarted_since(since) is None
