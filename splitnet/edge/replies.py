@@ -18,6 +18,7 @@ so each member passes the same epoch, open-request and bound checks as a result 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from splitnet.errors import LimitExceeded, SplitnetError, error_from_code
@@ -46,7 +47,7 @@ class ReplyStore:
         self.max_entries = max_entries
         self.epoch = 0
         self.counts = ReplyCounts()
-        self._open: set[str] = set()
+        self._open: dict[str, float] = {}  # open request -> when it was opened (monotonic)
         self._replies: dict[Key, tuple[Message, int]] = {}
         self._failed: dict[str, Key] = {}  # request -> key of its first error
 
@@ -55,11 +56,15 @@ class ReplyStore:
 
     def open(self, req: str) -> None:
         """Accept replies for ``req`` from now on."""
-        self._open.add(req)
+        self._open[req] = time.monotonic()
+
+    def opened_s(self, req: str) -> float:
+        """When ``req`` was opened (monotonic); 0.0 when it is not open."""
+        return self._open.get(req, 0.0)
 
     def release(self, req: str) -> None:
         """Drop what is held for ``req`` and every later reply to it."""
-        self._open.discard(req)
+        self._open.pop(req, None)
         self._failed.pop(req, None)
         for key in [k for k in self._replies if k[0] == req]:
             del self._replies[key]

@@ -104,7 +104,6 @@ class Session:
         self.socket_config = socket_config or SocketConfig()
         self._stage_keys = self._keys_per_stage(len(endpoints))
         self._replies = ReplyStore(self.config.max_pending_replies)
-        self._opened_s: dict[str, float] = {}  # request id -> when it was opened (monotonic), until released
         self._infos: list[dict] = []
         self._info_replies: dict[int, dict] = {}
         self._refusal: Exception | None = None
@@ -279,9 +278,6 @@ class Session:
         """A new request id whose replies the store accepts until :meth:`release`."""
         req = uuid.uuid4().hex[:16]
         self._replies.open(req)
-        if len(self._opened_s) >= 4 * self.config.max_pending_replies:  # requests never released: forget the oldest
-            self._opened_s.pop(next(iter(self._opened_s)))
-        self._opened_s[req] = time.monotonic()
         return req
 
     def send_tokens(self, req: str, seq: int, tokens: list[int], *, pos: int, want_result: bool, rewind: bool,
@@ -365,7 +361,7 @@ class Session:
             if reply is not None:
                 got.append(reply)
                 return True
-            restarted = self.links.restarted_since(since, min((self._opened_s.get(k[0], 0.0) for k in keys), default=0.0))
+            restarted = self.links.restarted_since(since, min((self._replies.opened_s(k[0]) for k in keys), default=0.0))
             if restarted is not None:  # a new process answers on the old endpoint: what the old one owed will never come
                 i, old_pid, new_pid = restarted
                 raise UnknownRequest(f"stage {i} at {self.endpoints[i]} was restarted in place (pid {old_pid} -> {new_pid}) "
@@ -393,7 +389,6 @@ class Session:
     def release(self, req: str) -> None:
         """Drop ``req``'s caches on every stage (and locally) and any reply still to come."""
         self._replies.release(req)
-        self._opened_s.pop(req, None)
         if self._local is not None and hasattr(self._local, "release"):
             self._local.release(req)
         for i in range(len(self.links)):

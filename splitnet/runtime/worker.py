@@ -764,7 +764,7 @@ class StageWorker:
         first = next(iter(inputs.values()), None)
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
         # members of one forward also share what leaves it: last stage or not, and the head reduction
-        options = StepOptions(bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
+        options = _step_options(meta)
         sig = whole.signature(index, inputs, cache is not None, options) if whole is not None else signature(inputs, cache is not None, options)
         return Member(item, inputs, cache, ckey, sig, tokens, options)
 
@@ -824,7 +824,7 @@ class StageWorker:
         meta["pos"] = pos0
         work = _Work(last.msg._replace(meta=meta), sum(w.wire_bytes for w, _ in merged), head.received_at, head.origin,
                      started_at=head.started_at, decode_ms=sum(w.decode_ms for w, _ in merged))
-        options = StepOptions(False, m.options.last, meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
+        options = _step_options(meta)  # no all_logits, the same route as m: checked above
         return Member(work, inputs, m.cache, m.cache_key, signature(inputs, True, options), tokens, options)
 
     def _inputs_of(self, arrays: dict, dtypes: Any) -> dict:
@@ -1161,6 +1161,11 @@ def _add(backlog: deque, item: "_Work | list[_Work]") -> None:
         backlog.extend(item)
     else:
         backlog.append(item)
+
+
+def _step_options(meta: Any) -> StepOptions:
+    """What a forward's header asks beyond its inputs (members of one forward share it)."""
+    return StepOptions(bool(meta.get("all_logits")), not meta.get("route"), meta.get("head", "logits"), meta.get("top_k"), bool(meta.get("want_result", True)))
 
 
 def _one_sequence_tokens(inputs: dict, like: dict) -> int | None:
