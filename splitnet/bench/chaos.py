@@ -360,6 +360,11 @@ def _chunks(tokens: int, chunk: int) -> int:
     return max(1, math.ceil(tokens / chunk))
 
 
+def _during(fault: FaultRecord, t: float, window_s: float) -> bool:
+    """Whether ``t`` falls in ``fault``: from its injection to its heal plus one window."""
+    return fault.t_fault <= t <= (fault.t_heal or fault.t_fault) + window_s
+
+
 def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, samples: dict | None = None,
                    impossible: "list | None" = None, window_s: float = 0.0) -> list[float]:
     """Per recovery of a one-sequence request: the time from its end to the tenant's next reply
@@ -407,13 +412,14 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, sa
             continue
         n = sum(1 for x in evs[k + 1:nxt_k] if x.tenant == e.tenant and x.what == "send" and x.kind == "forward")
         if n:
-            cause = next((x for x in reversed(evs[:k]) if x.tenant == e.tenant and x.what == "recover_start"), None)
+            cause = next((evs[j] for j in range(k - 1, -1, -1) if evs[j].tenant == e.tenant and evs[j].what == "recover_start"), None)
             t_cause = cause.t if cause is not None else e.t
-            left_out = any(f.t_fault <= t_cause <= (f.t_heal or f.t_fault) + window_s for f in impossible or [])
+            left_out = any(_during(f, t_cause, window_s) for f in impossible or [])
+            replay_s, prefill_s = evs[nxt_k].t - e.t, fresh_s(n)
             if not left_out:
-                ratios.append((evs[nxt_k].t - e.t) / fresh_s(n))
+                ratios.append(replay_s / prefill_s)
             if samples is not None:
-                samples["left_out" if left_out else "replays"].append([n, round(evs[nxt_k].t - e.t, 4), round(fresh_s(n), 4), e.tenant,
+                samples["left_out" if left_out else "replays"].append([n, round(replay_s, 4), round(prefill_s, 4), e.tenant,
                                                                        (cause.detail or "")[:120] if cause is not None else ""])
     return ratios
 
@@ -434,7 +440,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
             causes = [f"{e.kind}@{e.t - o.t_start:.2f}s" for e in history.events
                       if e.tenant == o.tenant and e.what == "recover_start" and o.t_start <= e.t <= o.t_end]
             errors.append(f"{o.error} [recoveries in this request: {', '.join(causes) or 'none'}]")
-            owner = next((f for f in unrecoverable if f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s), None)
+            owner = next((f for f in unrecoverable if _during(f, o.t_end, window_s)), None)
             if owner is not None and o.typed and "NoStandby" in o.error:  # ended by the refused replacement, nothing else
                 expected_errors += 1
                 error_s.append(o.t_end - max(owner.t_fault, o.t_start))
@@ -447,7 +453,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
             if arrived[:len(got)] != got:
                 lost += 1  # what arrived is not what the result says
     for f in unrecoverable:  # its requests must end in a typed error within 2 x the window
-        errs = [o for o in outcomes if o.error and o.typed and "NoStandby" in o.error and f.t_fault <= o.t_end <= (f.t_heal or f.t_fault) + window_s]
+        errs = [o for o in outcomes if o.error and o.typed and "NoStandby" in o.error and _during(f, o.t_end, window_s)]
         worst = max((o.t_end - max(f.t_fault, o.t_start) for o in errs), default=None)
         # the window the sessions applied: the base, widened by each stage's round trips (a loaded host's are long)
         applied = max([window_s] + [e.window_s for e in history.since(f.t_fault) if e.what == "recover_start" and e.window_s
