@@ -45,6 +45,10 @@ class History:
         with self._lock:
             return [e for e in self.events if e.t >= t]
 
+    def until(self, t: float) -> list[Event]:
+        with self._lock:
+            return [e for e in self.events if e.t <= t]
+
 
 def instrument(session: Any, tenant: int, history: History) -> None:
     """Log every send, receive, reply used, release and recovery of ``session``: its public

@@ -51,8 +51,11 @@ class NoStandby(StageUnavailable):
 class StandbyPool:
     """Warm standbys per stage, relays in front of every stage, and the tenants' recovery hooks."""
 
-    def __init__(self, pipe: Any, per_stage: int, *, relays: bool = False, impairment: Any = None, start_workers: int = 2):
+    def __init__(self, pipe: Any, per_stage: int, *, relays: bool = False, impairment: Any = None, start_workers: int = 2,
+                 refill_delay_s: float = 0.0):
         self.pipe = pipe
+        self.refill_delay_s = refill_delay_s
+        self._last_replace = 0.0  # monotonic time of the last standby handed out
         self.per_stage = per_stage
         self.relays = relays
         self.impairment = impairment
@@ -114,6 +117,12 @@ class StandbyPool:
                 short = [i for i, lst in self.ready.items() if len(lst) + self._starting.get(i, 0) < self.per_stage]
                 if short:
                     self._starting[short[0]] = self._starting.get(short[0], 0) + 1
+            wait_s = self._last_replace + self.refill_delay_s - time.monotonic()
+            if short and wait_s > 0:
+                with self._pool_lock:
+                    self._starting[short[0]] -= 1
+                self._stop.wait(wait_s)
+                continue
             if not short:
                 self._wake.wait(0.5)
                 self._wake.clear()
@@ -157,6 +166,7 @@ class StandbyPool:
             old = self.current[i]
             with self._pool_lock:
                 served = self.ready[i].pop(0) if self.ready[i] else None
+                self._last_replace = time.monotonic()
             if served is None:
                 served = self._spawn(i)
             self._wake.set()

@@ -134,11 +134,13 @@ class Stage(nn.Module):
         param = next(self.parameters(), None)
         return ids.to(param.device, non_blocking=True) if param is not None and ids.device != param.device else ids
 
-    def stacked_input(self, inputs: Sequence[Mapping[str, torch.Tensor]], vocab_size: int | None = None) -> torch.Tensor:
-        """The members of a cached batch, each one sequence of equal length, stacked along the
-        batch: ``input_ids`` (B, T) of a first stage (``vocab_size`` given), checked against the
+    def stacked_input(self, inputs: Sequence[Mapping[str, torch.Tensor]], vocab_size: int | None = None, *, ragged: bool = False) -> torch.Tensor:
+        """The members of a cached batch, each one sequence, stacked along the batch:
+        ``input_ids`` (B, T) of a first stage (``vocab_size`` given), checked against the
         vocabulary once and copied to the device in one copy, or ``hidden`` (B, T, C), checked
-        as :meth:`hidden_input` checks one and converted once."""
+        as :meth:`hidden_input` checks one and converted once. Members of different lengths are
+        refused unless ``ragged``: then each is right-padded to the longest (token 0, zero hidden
+        states), and the caller masks and drops the padding."""
         name = "input_ids" if vocab_size is not None else "hidden"
         parts = []
         for x in inputs:
@@ -150,8 +152,13 @@ class Stage(nn.Module):
         if vocab_size is None and self.arch.hidden_size > 0 and any(p.dim() != 3 or p.shape[-1] != self.arch.hidden_size for p in parts):
             bad = next(p for p in parts if p.dim() != 3 or p.shape[-1] != self.arch.hidden_size)
             raise StageError(f"{self!r} expects hidden of shape (B, T, {self.arch.hidden_size}), got {tuple(bad.shape)}")
-        if any(p.dim() < 2 or p.shape[0] != 1 or p.shape[1:] != first.shape[1:] or p.dtype != first.dtype for p in parts):
-            raise StageError("a cached request sends one sequence (batch 1, no attention_mask), all members the same number of tokens")
+        if any(p.dim() < 2 or p.shape[0] != 1 or p.shape[2:] != first.shape[2:] or p.dtype != first.dtype for p in parts):
+            raise StageError("a cached request sends one sequence (batch 1, no attention_mask) of the same tensors as the other members")
+        longest = max(p.shape[1] for p in parts)
+        if any(p.shape[1] != longest for p in parts):
+            if not ragged:
+                raise StageError("a cached batch without padding needs all members the same number of tokens")
+            parts = [p if p.shape[1] == longest else torch.nn.functional.pad(p, (0, 0) * (p.dim() - 2) + (0, longest - p.shape[1])) for p in parts]
         x = torch.cat(parts, dim=0) if len(parts) > 1 else first  # (B, T) ids or (B, T, C) hidden, where the members' tensors are
         if vocab_size is not None:
             return self.token_ids_input({"input_ids": x}, vocab_size)

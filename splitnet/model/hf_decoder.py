@@ -306,11 +306,15 @@ class HFDecoderStage(Stage):
     @torch.no_grad()
     def forward_batch(self, inputs: list[Mapping[str, torch.Tensor]], caches: list[SlotCache] | None, *, all_logits: bool = False,
                       head: bool = True) -> list[dict[str, torch.Tensor]]:
-        """One forward for several requests, each (1, T) new tokens (or hidden states) after its
+        """One forward for several requests, each (1, T_i) new tokens (or hidden states) after its
         own cached positions in ``caches`` (slots of one :meth:`cache_pool`); outputs per member,
-        in order. Without caches: members of equal shape stacked along the batch. ``head=False``
-        on the last stage fills the caches only (a prefill chunk whose logits nobody reads: the
-        LM head is often the stage's largest matrix) and returns empty outputs."""
+        in order. Members of different lengths are right-padded to the longest: a padded
+        position sits after every real one of its member, so the causal mask already keeps every
+        real query off it, its keys land in the member's row past its length (never read: the
+        cache advances by ``T_i`` only) and its outputs are dropped. Without caches: members of
+        equal shape stacked along the batch. ``head=False`` on the last stage fills the caches
+        only (a prefill chunk whose logits nobody reads: the LM head is often the stage's
+        largest matrix) and returns empty outputs."""
         if caches is None:
             return super().forward_batch(inputs, None, all_logits=all_logits)
         if len(caches) != len(inputs) or not inputs:
@@ -319,14 +323,17 @@ class HFDecoderStage(Stage):
         if any(c.pool is not pool for c in caches):
             raise StageError("the caches of one batch must come from one pool")
         if any("attention_mask" in x for x in inputs):
-            raise StageError("a cached request sends one sequence (batch 1, no attention_mask), all members the same number of tokens")
+            raise StageError("a cached request sends one sequence (batch 1, no attention_mask)")
         # (B, T) ids or (B, T, C) hidden: one vocabulary check and one copy to the device for the whole batch
-        x = self.stacked_input(inputs, self.arch.hf.vocab_size if self.embed is not None else None)
+        x = self.stacked_input(inputs, self.arch.hf.vocab_size if self.embed is not None else None, ragged=True)
         T = x.shape[1]
+        lengths = [int(next(iter(m.values())).shape[1]) for m in inputs]  # each member's real new tokens
         limit = getattr(self.arch.hf, "max_position_embeddings", None)
-        longest = max(c.length for c in caches) + T
+        longest = max(c.length + n for c, n in zip(caches, lengths))
         if limit and longest > limit:
             raise StageError(f"sequence of {longest} tokens exceeds max_position_embeddings={limit} of this model")
+        if limit and max(c.length for c in caches) + T > limit:  # the padding would pass the position table: one by one
+            return [self.forward_batch([m], [c], all_logits=all_logits, head=head)[0] for m, c in zip(inputs, caches)]
         device = x.device
         graphs = self.__dict__.get("_graphs")
         if graphs is not None and x.is_cuda and graphs.pool is pool and graphs.supports(caches, T, all_logits):
@@ -339,16 +346,20 @@ class HFDecoderStage(Stage):
         positions = view.positions(device)
         out = self._run_shell(device, attention_mask=self.slot_masks(positions, view.read_len, param.dtype),
                               position_ids=positions, cache=view, use_cache=True, **kwargs)
-        for c in caches:
-            c.advance(T)
+        for c, n in zip(caches, lengths):
+            c.advance(n)
         h = out.last_hidden_state  # (B, T, C)
+        ragged = any(n != T for n in lengths)
         if self.head is not None:
             if not head:
                 return [{} for _ in inputs]
-            logits = self.head.logits(h if all_logits else h[:, -1:])
-            logits = logits if all_logits else logits[:, -1]
+            if all_logits:
+                logits = self.head.logits(h)
+                return [{"logits": logits[b : b + 1, :n]} for b, n in enumerate(lengths)]
+            last = h[torch.arange(len(lengths), device=h.device), torch.tensor(lengths, device=h.device) - 1].unsqueeze(1) if ragged else h[:, -1:]
+            logits = self.head.logits(last)[:, -1]
             return [{"logits": logits[b : b + 1]} for b in range(len(inputs))]
-        return [{"hidden": h[b : b + 1]} for b in range(len(inputs))]
+        return [{"hidden": h[b : b + 1, :n]} for b, n in enumerate(lengths)]
 
     def _run_shell(self, device: torch.device, **kwargs):
         """The family's base-model forward on the shell, the stage's layers and rotary bound."""

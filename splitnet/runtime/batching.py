@@ -6,7 +6,11 @@ at most one per request, never one that has an earlier step of its own request s
 (per-request order is arrival order); a ``release`` is returned to run at once when no earlier
 step of its request waits. :func:`pick_group` then keeps the members whose inputs stack into one
 forward (same tensors, same shapes but the batch dimension, same options), oldest first, under a
-token budget; the rest go back to the front of the backlog for the next round.
+token budget; the rest go back to the front of the backlog for the next round. Members that hold
+a KV cache are one sequence each and may differ in their number of new tokens (a *ragged*
+group: the stage pads them to the longest, and the padding is budgeted by
+``BatchLimits.max_padding``): the prompt chunks of several requests replaying at once after a
+failover, or starting together, run as one forward instead of one each.
 """
 
 from __future__ import annotations
@@ -26,16 +30,24 @@ class BatchLimits:
 
     Attributes:
         max_batch_size: most requests in one forward (1: no batching).
-        max_batch_tokens: most new tokens (positions) in one forward, summed over its members;
-            a single request's chunk may exceed it (it runs alone).
+        max_batch_tokens: most positions in one forward, summed over its members (padding
+            of a ragged group included); a single request's chunk may exceed it (it runs alone).
+        max_padding: in a group of cached members with different numbers of new tokens, the
+            most padded positions, as a fraction of its real ones (0: only equal lengths stack).
+            Padding costs compute on a device that is compute bound (a prefill on a GPU), so a
+            one-token decode step never joins a long prompt chunk, while chunks of similar
+            length (replays, prompts arriving together) share one forward.
     """
 
     max_batch_size: int = 64
     max_batch_tokens: int = 4096
+    max_padding: float = 0.5
 
     def __post_init__(self) -> None:
         if self.max_batch_size < 1 or self.max_batch_tokens < 1:
             raise ConfigError("max_batch_size and max_batch_tokens must be >= 1")
+        if not 0 <= self.max_padding:
+            raise ConfigError(f"max_padding must be >= 0, got {self.max_padding}")
 
 
 def take_round(backlog: deque, *, key_of: Callable[[W], Hashable], is_release: Callable[[W], bool], max_members: int) -> tuple[list, list]:
@@ -89,11 +101,22 @@ def pick_group(members: list[Member], limits: BatchLimits) -> tuple[list[Member]
     if not members:
         return [], []
     head = members[0]
-    group, rest, tokens = [head], [], head.tokens
+    ragged = head.cache is not None  # one sequence each: ``tokens`` is its length, lengths may differ
+    group, rest, tokens, longest = [head], [], head.tokens, head.tokens
     for m in members[1:]:
-        if m.signature == head.signature and len(group) < limits.max_batch_size and tokens + m.tokens <= limits.max_batch_tokens:
+        if m.signature != head.signature or len(group) >= limits.max_batch_size:
+            rest.append(m)
+            continue
+        if ragged:
+            wide = max(longest, m.tokens)
+            padded = wide * (len(group) + 1)
+            fits = padded <= limits.max_batch_tokens and padded - (tokens + m.tokens) <= limits.max_padding * (tokens + m.tokens)
+        else:
+            fits = tokens + m.tokens <= limits.max_batch_tokens
+        if fits:
             group.append(m)
             tokens += m.tokens
+            longest = max(longest, m.tokens)
         else:
             rest.append(m)
     return group, rest
@@ -101,8 +124,11 @@ def pick_group(members: list[Member], limits: BatchLimits) -> tuple[list[Member]
 
 def signature(inputs: dict, cached: bool, options: StepOptions) -> tuple:
     """What members must share to run in one forward: tensor names, shapes but the batch
-    dimension, dtypes, whether they hold a KV cache (then each is one sequence), and options."""
-    parts = tuple((name, tuple(t.shape[1:]), str(t.dtype), int(t.shape[0]) if cached else None) for name, t in sorted(inputs.items()))
+    dimension, dtypes, whether they hold a KV cache, and options. A cached member is one
+    sequence, and its number of new tokens is left out: cached members of different lengths
+    stack (padded, see :func:`pick_group`)."""
+    parts = tuple((name, tuple(t.shape[2:]) if cached else tuple(t.shape[1:]), str(t.dtype), int(t.shape[0]) if cached else None)
+                  for name, t in sorted(inputs.items()))
     return (parts, cached, options)
 
 

@@ -36,7 +36,9 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-mib", type=int, default=128, help="largest input tensor (and message) this stage accepts, MiB; also ZMQ_MAXMSGSIZE")
     p.add_argument("--insecure", action="store_true", help="serve plaintext without authentication (warns; needed for a non-loopback bind without --server-key)")
     p.add_argument("--max-batch-size", type=int, default=64, help="most requests one forward combines (1: no batching)")
-    p.add_argument("--max-batch-tokens", type=int, default=4096, help="most new tokens one forward combines over its requests")
+    p.add_argument("--max-batch-tokens", type=int, default=4096, help="most positions one forward combines over its requests (padding included)")
+    p.add_argument("--max-padding", type=float, default=0.5,
+                   help="requests with different numbers of new tokens share a forward while its padding is at most this fraction of its real tokens (0: equal lengths only)")
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="wait up to this long for the rest of a batch: the first stage for the next steps of requests keeping their rhythm (never longer than its last forward), a later stage for the rest of the upstream batch")
     p.add_argument("--merge-chunk-tokens", type=int, default=64, help="run a request's consecutive queued prompt chunks as one forward of up to this many tokens (1: never merge)")
     p.add_argument("--shared-device", action="store_true", help="every stage of the pipeline runs on this stage's device (one GPU): the first stage waits the whole --batch-wait-ms for the requests it expects")
@@ -86,6 +88,7 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         max_input_bytes=args.max_input_mib * 1024 * 1024,
         max_batch_size=args.max_batch_size,
         max_batch_tokens=args.max_batch_tokens,
+        max_padding=args.max_padding,
         batch_wait_ms=args.batch_wait_ms,
         merge_chunk_tokens=args.merge_chunk_tokens,
         shared_device=args.shared_device,

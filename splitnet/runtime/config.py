@@ -35,8 +35,11 @@ class StageWorkerConfig:
             accepts; also its sockets' ZMQ_MAXMSGSIZE (a larger frame drops the connection before
             libzmq assembles it). 128 MiB holds 8,192 tokens of a 4,096-wide fp32 hidden state.
         max_batch_size: most requests one forward combines (decode steps of many sequences,
-            prefill chunks of equal length); 1 runs one request per forward.
-        max_batch_tokens: most new tokens one forward combines over its requests.
+            prompt chunks of several requests); 1 runs one request per forward.
+        max_batch_tokens: most positions one forward combines over its requests (padding included).
+        max_padding: cached requests with different numbers of new tokens share a forward, padded
+            to the longest, while the padded positions are at most this fraction of the real ones
+            (0: only equal lengths share one).
         batch_wait_ms: how long a stage may wait for the rest of a batch: the first stage for the
             next steps of the requests keeping their step rhythm (never longer than its last
             forward), a later stage for the rest of the upstream stage's batch.
@@ -82,6 +85,7 @@ class StageWorkerConfig:
     max_input_bytes: int = 128 * 1024**2
     max_batch_size: int = 64
     max_batch_tokens: int = 4096
+    max_padding: float = 0.5
     batch_wait_ms: float = 20.0
     cuda_graphs: bool = True
     shared_device: bool = False
@@ -104,6 +108,8 @@ class StageWorkerConfig:
             raise ConfigError(f"StageWorkerConfig.device must be cpu or cuda[:N], got {self.device!r}")
         if self.batch_wait_ms < 0:
             raise ConfigError("StageWorkerConfig.batch_wait_ms must be >= 0")
+        if self.max_padding < 0:
+            raise ConfigError("StageWorkerConfig.max_padding must be >= 0")
         if any(c < 0 for c in self.cpus):
             raise ConfigError(f"StageWorkerConfig.cpus must be core numbers, got {self.cpus}")
         if self.cache_ttl_s <= 0:

@@ -130,16 +130,25 @@ def _oldest_is_chunk(backlog: deque) -> bool:
 
 
 class _Whole:
-    """A forward's outputs for all its members in host memory: rows concatenated in member order."""
+    """A forward's outputs for all its members in host memory: rows concatenated in member order;
+    or, for a ragged batch (members of different lengths, :attr:`ragged`), one dict per member
+    (``members``), which a batch message cannot carry: each member is then sent alone."""
 
-    def __init__(self, host: dict, shared: frozenset, sizes: list):
+    def __init__(self, host: dict, shared: frozenset, sizes: list, members: "list[dict] | None" = None):
         self.host = host
         self.shared = shared  # tensors every member gets whole (not one row block each)
         self.sizes = sizes  # rows per member
+        self.members = members
         self._parts: dict | None = None
+
+    @property
+    def ragged(self) -> bool:
+        return self.members is not None
 
     def rows(self, index: int) -> dict:
         """Member ``index``'s outputs: its rows of each tensor (the shared ones whole)."""
+        if self.members is not None:
+            return self.members[index]
         if self._parts is None:
             self._parts = {k: torch.split(v, self.sizes) for k, v in self.host.items() if k not in self.shared}
         return {k: (v if k in self.shared else self._parts[k][index]) for k, v in self.host.items()}
@@ -270,7 +279,7 @@ class StageWorker:
         self.dtype = getattr(torch, config.dtype)
         self.stage = bm.stage(config.start_block, config.end_block).to(self.device, self.dtype)
         self.codecs = CutCodecs(config.codec_out, config.codec_files, max_contexts=max(4096, 4 * config.max_requests))  # + compact-form contexts
-        self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens)
+        self.batch_limits = BatchLimits(config.max_batch_size, config.max_batch_tokens, config.max_padding)
         self._rhythms = StepRhythms(active_s=_ACTIVE_S)  # when each request's next step is due (see _await_stragglers)
         self.ledger = RequestLedger(max(4096, 4 * config.max_requests))  # newest epoch and cancelled steps per request (compute thread)
         self._compute_tick = time.monotonic()  # when the compute thread last finished a round or found nothing to do
@@ -298,7 +307,8 @@ class StageWorker:
         self.endpoint = ""
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
                       "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0,
-                      "batch_messages_in": 0, "batch_messages_out": 0, "merged_chunks": 0}
+                      "batch_messages_in": 0, "batch_messages_out": 0, "merged_chunks": 0,
+                      "ragged_batches": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
@@ -608,7 +618,7 @@ class StageWorker:
         backlog: deque[_Work] = deque()  # taken off the queue, not run yet (arrival order)
         try:
             while not self.stop_event.is_set():
-                if not self._fill_backlog(backlog) or not self._await_stragglers(backlog):
+                if not self._fill_backlog(backlog, peers) or not self._await_stragglers(backlog, peers):
                     break
                 if backlog:
                     self._run_round(backlog, peers)
@@ -618,7 +628,7 @@ class StageWorker:
                 s.close(linger=0)
             self._to_io.close(linger=0)
 
-    def _fill_backlog(self, backlog: deque) -> bool:
+    def _fill_backlog(self, backlog: deque, peers: dict) -> bool:
         """Move queued work into ``backlog`` (waiting a poll interval when there is none); False
         when the worker is stopping."""
         while len(backlog) < self.config.queue_depth:
@@ -628,10 +638,11 @@ class StageWorker:
                 return True
             if item is None:
                 return False
+            self._connect_ahead(peers, item)
             _add(backlog, item)
         return True
 
-    def _await_stragglers(self, backlog: deque) -> bool:
+    def _await_stragglers(self, backlog: deque, peers: dict) -> bool:
         """Wait briefly for the rest of a batch before running part of it. False when stopping.
 
         - A later stage waits (up to ``batch_wait_ms``) until every member of the upstream batch
@@ -673,6 +684,7 @@ class StageWorker:
                 return True
             if item is None:
                 return False
+            self._connect_ahead(peers, item)
             _add(backlog, item)
 
     def _batch_complete(self, backlog: deque, expected: "set | frozenset" = frozenset()) -> bool:
@@ -882,6 +894,8 @@ class StageWorker:
         self._batch_id = (self._batch_id + 1) % (1 << 31)
         self.stats["batched_requests"] += len(group)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(group))
+        if cached and len({m.tokens for m in group}) > 1:
+            self.stats["ragged_batches"] += 1  # members of different lengths, padded to the longest
         self.metrics.observe_batch(len(group), compute_ms / 1e3, sum(m.tokens for m in group), sum(m.work.wire_bytes for m in group))
         try:
             whole = self._to_host(group, outputs)
@@ -927,6 +941,13 @@ class StageWorker:
         opts = group[0].options  # members share route end and head (their signature)
         last = opts.last
         sizes = [next(iter(o.values())).shape[0] for o in outputs]
+        if any(o[k].shape[1:] != outputs[0][k].shape[1:] for o in outputs[1:] for k in outputs[0]):  # a ragged batch: member by member
+            members = []
+            for m, o in zip(group, outputs):
+                if last and "logits" in o and opts.head != "logits":
+                    o = _reduce_logits(o["logits"], m.work.msg.meta)
+                members.append({k: (v.float() if last and v.is_floating_point() else v).to("cpu") for k, v in o.items()})
+            return _Whole({}, frozenset(), sizes, members)
         batched = {k: torch.cat([o[k] for o in outputs]) if len(outputs) > 1 else outputs[0][k] for k in outputs[0]}
         if last and "logits" in batched and opts.head != "logits":
             batched = _reduce_logits(batched["logits"], group[0].work.msg.meta)
@@ -989,7 +1010,7 @@ class StageWorker:
             by_hop.setdefault(hop, []).append(lv)
         for hop, lvs in by_hop.items():
             raw_cut = hop[0] == "result" or self.codecs.out is None
-            if len(lvs) > 1 and raw_cut and whole is not None and all(lv.next_meta.get("batch_messages") for lv in lvs):
+            if len(lvs) > 1 and raw_cut and whole is not None and not whole.ragged and all(lv.next_meta.get("batch_messages") for lv in lvs):
                 try:
                     self._send_batch(peers, hop[0], lvs, whole, compute_ms, batch)
                 except Exception as e:  # the batch could not be built: its members fail, each to its own client
@@ -1096,11 +1117,9 @@ class StageWorker:
         key = item.origin.encode() if item.origin and self.socket_config.security is not None else None
         self._send(peers, reply_to, msg, key=key)
 
-    def _send(self, peers: dict, endpoint: str, msg: Message, key: bytes | None = None, on_fail: list[_Work] | None = None) -> None:
-        """Send ``msg`` to ``endpoint`` over a socket that authenticates the peer as ``key`` (None:
-        the configured default peer key). With ``on_fail``, a peer that cannot take it is reported
-        to the client of each of those requests (the members of a batch message)."""
-        frames = encode_message(msg)
+    def _peer(self, peers: dict, endpoint: str, key: bytes | None) -> zmq.Socket:
+        """The socket to a next stage at ``endpoint`` that authenticates it as ``key``, connected
+        now if there is none (a ZMQError for an endpoint libzmq refuses)."""
         sock = peers.get((endpoint, key))
         if sock is None:
             if len(peers) >= _MAX_PEERS:  # route and reply_to come from peers: bound the sockets they make us open
@@ -1110,11 +1129,39 @@ class StageWorker:
                 if key is not None and self.socket_config.security is not None:
                     set_peer_key(sock, key)
                 sock.connect(endpoint)
-            except zmq.ZMQError as e:
+            except zmq.ZMQError:
                 sock.close(linger=0)
-                log.warning("cannot connect to %s (%s); %s for %s dropped", endpoint, e, msg.kind, msg.req)
-                return
+                raise
             peers[(endpoint, key)] = sock
+        return sock
+
+    def _connect_ahead(self, peers: dict, item: "_Work | list[_Work]") -> None:
+        """Open the socket to a forward's next stage when the forward is taken off the queue, so
+        that its TCP and ZMTP (CURVE) handshakes overlap the queueing and the compute instead of
+        holding up the send after them. A replay onto a replacement meets two new hops at once
+        (the stage before it, and the replacement itself to the stage after it)."""
+        w = item[0] if isinstance(item, list) else item  # a batch message's members share one route
+        if w is None or w.msg.kind != "forward":
+            return
+        route, keys = w.msg.meta.get("route"), w.msg.meta.get("route_keys")
+        if not route or not isinstance(route, list) or not isinstance(route[0], str):
+            return
+        key = keys[0].encode() if isinstance(keys, list) and keys and isinstance(keys[0], str) else None
+        try:
+            self._peer(peers, route[0], key)
+        except zmq.ZMQError:
+            pass  # the send reports it, to the request's client
+
+    def _send(self, peers: dict, endpoint: str, msg: Message, key: bytes | None = None, on_fail: list[_Work] | None = None) -> None:
+        """Send ``msg`` to ``endpoint`` over a socket that authenticates the peer as ``key`` (None:
+        the configured default peer key). With ``on_fail``, a peer that cannot take it is reported
+        to the client of each of those requests (the members of a batch message)."""
+        frames = encode_message(msg)
+        try:
+            sock = self._peer(peers, endpoint, key)
+        except zmq.ZMQError as e:
+            log.warning("cannot connect to %s (%s); %s for %s dropped", endpoint, e, msg.kind, msg.req)
+            return
         ban = (endpoint, key)  # a ban follows the key too: one request's bad key must not cut the link for others
         why = f"within {self.socket_config.send_timeout_ms} ms"
         self._send_to = hop_digest(endpoint, key) if msg.kind in ("forward", "forward_batch") else ""

@@ -79,9 +79,10 @@ def test_a_batch_member_failing_alone_and_the_others_unchanged(bench):
     prompts = {"a": [1, 2, 3, 4, 5], "b": [9, 8, 7], "c": [4, 4, 4, 4, 4, 4, 4]}
     for req, ids in prompts.items():
         bench.put(req, 0, ids, 0)
-    for _ in prompts:  # prefills differ in length: one per round
-        bench.round()
-    bench.replies(3)
+    bench.round()  # prefills of different lengths: one padded forward
+    assert bench.worker.stats["ragged_batches"] == 1 and bench.worker.stats["batches"] == 1
+    for req, msg in bench.replies(3).items():
+        assert (torch.from_numpy(np.array(msg.tensors["logits"][0])) - _alone(prompts[req[0]][:-1], prompts[req[0]][-1])).abs().max() <= 1e-4
     bench.put("a", 1, [11], 5)
     bench.put("b", 1, [10**6], 3)  # outside the vocabulary: fails inside the batched forward
     bench.put("c", 1, [13], 7)
@@ -92,13 +93,13 @@ def test_a_batch_member_failing_alone_and_the_others_unchanged(bench):
         msg = got[(req, 1)]
         assert msg.kind == "result", msg.meta
         assert (torch.from_numpy(np.array(msg.tensors["logits"][0])) - _alone(prompts[req], step)).abs().max() <= 1e-4
-    assert bench.worker.stats["max_batch"] == 1  # the failed batch of 3 was retried one by one
+        assert msg.meta["trace"][0]["batch"] == 1  # the failed batch of 3 was retried one by one
     bench.put("a", 2, [12], 6)
     bench.put("c", 2, [14], 8)
     bench.round()
     got = bench.replies(2)
     assert all(m.meta["trace"][0]["batch"] == 2 for m in got.values())
-    assert bench.worker.stats["max_batch"] == 2
+    assert bench.worker.stats["max_batch"] == 3  # the prefill round
 
 
 def test_one_step_per_request_per_round_in_arrival_order(bench):
@@ -160,6 +161,15 @@ def test_take_round_and_pick_group_rules():
     members = [Member(i, {}, None, str(i), sig, tok) for i, (sig, tok) in enumerate([("s", 3), ("t", 1), ("s", 2), ("s", 4)])]
     group, rest = pick_group(members, BatchLimits(max_batch_size=8, max_batch_tokens=6))
     assert [m.work for m in group] == [0, 2] and [m.work for m in rest] == [1, 3]
+    # cached members (one sequence each) of different lengths stack while the padding stays within
+    # max_padding of the real tokens, and the padded positions count against max_batch_tokens
+    cached = [Member(i, {}, object(), str(i), "s", tok) for i, tok in enumerate([64, 40, 1, 48, 64])]
+    group, rest = pick_group(cached, BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_padding=0.5))
+    assert [m.work for m in group] == [0, 1, 3, 4] and [m.work for m in rest] == [2]
+    group, _ = pick_group(cached, BatchLimits(max_batch_size=8, max_batch_tokens=4096, max_padding=0))
+    assert [m.work for m in group] == [0, 4]
+    group, _ = pick_group(cached, BatchLimits(max_batch_size=8, max_batch_tokens=150, max_padding=0.5))
+    assert [m.work for m in group] == [0, 1]
 
 
 def test_concurrent_clients_are_batched_and_get_their_own_tokens(kill_leftovers):

@@ -124,8 +124,53 @@ def test_pool_limits_are_typed_errors(tmp_path_factory):
     assert pool.acquire().slot == b.slot
     with pytest.raises(StageError, match="exceeds max_position_embeddings=128"):
         st.forward_batch([{"input_ids": torch.zeros(1, 129, dtype=torch.long)}], [a])
+    with pytest.raises(StageError, match="of the same tensors"):
+        st.forward_batch([{"input_ids": torch.zeros(1, 3, dtype=torch.long)}, {"input_ids": torch.zeros(2, 3, dtype=torch.long)}], [a, b])
     with pytest.raises(StageError, match="same number of tokens"):
-        st.forward_batch([{"input_ids": torch.zeros(1, 3, dtype=torch.long)}, {"input_ids": torch.zeros(1, 2, dtype=torch.long)}], [a, b])
+        st.stacked_input([{"input_ids": torch.zeros(1, 3, dtype=torch.long)}, {"input_ids": torch.zeros(1, 2, dtype=torch.long)}], 97)
+
+
+def test_ragged_members_in_one_forward_equal_each_alone(case):
+    """Prompt chunks of different lengths after different cached lengths (several requests
+    replaying at once) run as one padded forward: every member's logits at the last position, at
+    every position, and the hidden states a first stage sends on equal transformers' for that
+    request alone, and so do the next decode steps batched over the caches the padded forward
+    wrote (its padding never read)."""
+    name, d, ref = case
+    bm = load_model(str(d))
+    first, rest = bm.stage(0, 2), bm.stage(2, 4)
+    pools = [first.cache_pool(4), rest.cache_pool(4)]
+    g = torch.Generator().manual_seed(3)
+    heads = [torch.randint(0, 97, (1, n), generator=g) for n in (5, 0, 11)]  # cached before the ragged step
+    chunks = [torch.randint(0, 97, (1, n), generator=g) for n in (7, 12, 2)]
+    caches = [[p.acquire() for p in pools] for _ in heads]
+    for h, cs in zip(heads, caches):
+        if h.shape[1]:
+            first.forward_batch([{"input_ids": h}], [cs[0]])
+            rest.forward_batch([first.forward_batch([{"input_ids": h}], [first.cache_pool(1).acquire()])[0]], [cs[1]])
+    hidden = first.forward_batch([{"input_ids": c} for c in chunks], [cs[0] for cs in caches])
+    assert [x["hidden"].shape[1] for x in hidden] == [7, 12, 2]
+    outs = rest.forward_batch(hidden, [cs[1] for cs in caches], all_logits=True)
+    with torch.no_grad():
+        for h, c, x, out in zip(heads, chunks, hidden, outs):
+            full = torch.cat([h, c], 1)
+            expected = ref(full).logits[:, h.shape[1]:]
+            assert out["logits"].shape == expected.shape, name
+            assert (out["logits"] - expected).abs().max().item() <= 1e-4, name
+    assert [cs[0].length for cs in caches] == [12, 12, 13] == [cs[1].length for cs in caches]
+    nxt = [torch.tensor([[5]]), torch.tensor([[7]]), torch.tensor([[9]])]
+    lasts = rest.forward_batch(first.forward_batch([{"input_ids": t} for t in nxt], [cs[0] for cs in caches]), [cs[1] for cs in caches])
+    with torch.no_grad():
+        for h, c, t, out in zip(heads, chunks, nxt, lasts):
+            expected = ref(torch.cat([h, c, t], 1)).logits[:, -1]
+            assert (out["logits"] - expected).abs().max().item() <= 1e-4, name
+    # last-position logits only (the ragged gather of each member's own last position)
+    st = bm.full()
+    pool = st.cache_pool(3)
+    got = st.forward_batch([{"input_ids": c} for c in chunks], [pool.acquire() for _ in chunks])
+    with torch.no_grad():
+        for c, out in zip(chunks, got):
+            assert (out["logits"] - ref(c).logits[:, -1]).abs().max().item() <= 1e-4, name
 
 
 def test_cacheless_members_are_stacked_and_split(tmp_path_factory):
