@@ -50,6 +50,17 @@ class UnknownRequest(StageError):
     code = "unknown_request"
 
 
+class CachesLost(UnknownRequest):
+    """Some stages' caches are gone while the others' are not: ``stages`` names those that lost
+    theirs (a process restarted on its endpoint; none when only a reply was lost on the way).
+    A recovery then resumes the requests on the caches that survived (refilling those stages)
+    instead of replaying them in full."""
+
+    def __init__(self, message: str, stages: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.stages = tuple(stages)
+
+
 class StaleEpoch(ProtocolError):
     """A message of a request stamped with an older epoch than one the stage already saw for it
     (sent before the client's recovery started a new epoch): refused, never run."""

@@ -31,15 +31,15 @@ Figures: ``faults_injected``, ``requests``, ``token_identical``, ``lost``, ``dup
 within 2 x the window or not), ``untyped_errors``, ``false_failovers``, ``detect_s`` /
 ``recover_s`` / ``fault_to_token_s`` (p50, p90, max; also per kind), ``fault_to_token_parts``
 (where that time went: detection, probe, hook, handshake, replay send and wait, the replay's
-queue and compute time at the stages), ``replay_over_prefill`` (a replay of N chunks over a
-fresh prefill of N chunks of the same campaign), ``pending_max``, ``cold_start_s`` (a new stage
+queue and compute time at the stages), ``replay_over_prefill`` (recovery end to the next
+token, a resume or a replay, over a fresh prefill of the request's context, prompt + tokens so
+far, in the same campaign), ``pending_max``, ``cold_start_s`` (a new stage
 process to READY), ``outcomes_ok`` (faults whose outcome was the expected one), the schedule.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import random
 import statistics
@@ -358,36 +358,37 @@ def _cached_requests(splitnet: Any, endpoints: list[str], config: Any) -> tuple[
     return counts, means
 
 
-def _chunks(tokens: int, chunk: int) -> int:
-    return max(1, math.ceil(tokens / chunk))
-
-
 def _during(fault: FaultRecord, t: float, window_s: float) -> bool:
     """Whether ``t`` falls in ``fault``: from its injection to its heal plus one window."""
     return fault.t_fault <= t <= (fault.t_heal or fault.t_fault) + window_s
 
 
-def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, samples: dict | None = None,
+def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict | None = None,
                    impossible: "list | None" = None, window_s: float = 0.0) -> list[float]:
     """Per recovery of a one-sequence request: the time from its end to the tenant's next reply
-    used (the replay of prompt + tokens so far: N chunks), over a fresh prefill of N chunks in the
-    same campaign (the median time to first token of the fault-free one-sequence requests whose
-    prompt is N chunks long; interpolated between the nearest lengths measured, held at the ends).
-    ``samples``, when given, gets what the ratios rest on: the fresh medians by chunks, and each
-    replay's chunks, seconds and fresh seconds. Recoveries that start during a
-    recovery-impossible fault (``impossible``: from its injection to its heal plus one window)
-    are left out, as from ``detect_s`` and ``fault_to_token_s``: what they replay after is a
-    link that came back, not a stage replaced; ``samples["left_out"]`` keeps them."""
+    used (a resume of the stages' surviving caches, or a full replay of prompt + tokens so far),
+    over a fresh prefill of as many tokens as the request held then (its prompt plus the tokens
+    it had taken: what a client without recovery would prefill again), measured in the same
+    campaign: the median time to first token of the fault-free one-sequence requests, by prompt
+    length, interpolated between the nearest lengths measured and held at the ends.
+    ``samples``, when given, gets what the ratios rest on: the fresh medians by prompt tokens,
+    and each recovery's context tokens, seconds, fresh seconds, tenant, cause and forwards
+    sent. Recoveries that start during a recovery-impossible fault (``impossible``: from its
+    injection to its heal plus one window) are left out, as from ``detect_s`` and
+    ``fault_to_token_s``: what they replay after is a link that came back, not a stage
+    replaced; ``samples["left_out"]`` keeps them."""
+    import bisect
+
     fresh: dict[int, list[float]] = {}
     for o in outcomes:
         if not o.error and o.replays == 0 and o.ttft_s and specs[o.spec].mode != "generate_many":
-            fresh.setdefault(_chunks(len(specs[o.spec].prompts[0]), chunk), []).append(o.ttft_s)
+            fresh.setdefault(len(specs[o.spec].prompts[0]), []).append(o.ttft_s)
     if not fresh:
         return []
     xs = sorted(fresh)
     ys = [statistics.median(fresh[x]) for x in xs]
     if samples is not None:
-        samples["fresh_ttft_s_by_chunks"] = {str(x): [round(y, 4), len(fresh[x])] for x, y in zip(xs, ys)}
+        samples["fresh_ttft_s_by_prompt_tokens"] = {str(x): [round(y, 4), len(fresh[x])] for x, y in zip(xs, ys)}
         samples["replays"] = []
         samples["left_out"] = []
 
@@ -403,6 +404,12 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, sa
 
     ratios = []
     evs = history.events
+    takes: dict[int, list[float]] = {}  # per tenant, the times of the replies it used (one token each: no drafts here)
+    for e in evs:
+        if e.what == "take":
+            takes.setdefault(e.tenant, []).append(e.t)
+    for times in takes.values():
+        times.sort()
     for k, e in enumerate(evs):
         if e.what != "recover_end":
             continue
@@ -412,17 +419,21 @@ def _replay_ratios(outcomes: list, history: History, specs: list, chunk: int, sa
         nxt_k = next((j for j in range(k + 1, len(evs)) if evs[j].tenant == e.tenant and evs[j].what in ("take", "recover_start")), None)
         if nxt_k is None or evs[nxt_k].what != "take":
             continue
-        n = sum(1 for x in evs[k + 1:nxt_k] if x.tenant == e.tenant and x.what == "send" and x.kind == "forward")
-        if n:
-            cause = next((evs[j] for j in range(k - 1, -1, -1) if evs[j].tenant == e.tenant and evs[j].what == "recover_start"), None)
-            t_cause = cause.t if cause is not None else e.t
-            left_out = any(_during(f, t_cause, window_s) for f in impossible or [])
-            replay_s, prefill_s = evs[nxt_k].t - e.t, fresh_s(n)
-            if not left_out:
-                ratios.append(replay_s / prefill_s)
-            if samples is not None:
-                samples["left_out" if left_out else "replays"].append([n, round(replay_s, 4), round(prefill_s, 4), e.tenant,
-                                                                       (cause.detail or "")[:120] if cause is not None else ""])
+        sent = sum(1 for x in evs[k + 1:nxt_k] if x.tenant == e.tenant and x.what == "send" and x.kind == "forward")
+        if not sent:
+            continue
+        times = takes.get(e.tenant, [])
+        taken = bisect.bisect_right(times, e.t) - bisect.bisect_left(times, own.t_start)
+        context = len(specs[own.spec].prompts[0]) + taken
+        cause = next((evs[j] for j in range(k - 1, -1, -1) if evs[j].tenant == e.tenant and evs[j].what == "recover_start"), None)
+        t_cause = cause.t if cause is not None else e.t
+        left_out = any(_during(f, t_cause, window_s) for f in impossible or [])
+        replay_s, prefill_s = evs[nxt_k].t - e.t, fresh_s(context)
+        if not left_out:
+            ratios.append(replay_s / prefill_s)
+        if samples is not None:
+            samples["left_out" if left_out else "replays"].append([context, round(replay_s, 4), round(prefill_s, 4), e.tenant,
+                                                                   (cause.detail or "")[:120] if cause is not None else "", sent])
     return ratios
 
 
@@ -493,7 +504,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "fault_to_token_by_kind": {k: _percentiles([f.fault_to_token_s for f in timed if f.kind == k and f.fault_to_token_s is not None])
                                    for k in FAULT_KINDS if any(f.kind == k for f in timed)},
         "fault_to_token_parts": _parts([f.breakdown for f in timed if f.breakdown]),
-        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, 8, replay_samples, unrecoverable, window_s)),
+        "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, replay_samples, unrecoverable, window_s)),
         "replay_samples": replay_samples,  # [chunks, replay s, fresh s, tenant, cause] per replay; fresh [median s, n] by chunks
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),

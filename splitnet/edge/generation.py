@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterator, Literal, Protocol, Sequence
 
 from splitnet.edge.draft import DraftModel
 from splitnet.edge.sampling import Sampler, SamplingConfig, head_request
-from splitnet.errors import ConfigError, StageUnavailable, UnknownRequest
+from splitnet.errors import CachesLost, ConfigError, StageUnavailable, UnknownRequest
 from splitnet.wire import Message
 
 Key = tuple[str, int]
@@ -88,7 +88,8 @@ class StepClient(Protocol):
     def open_request(self) -> str: ...
 
     def send_tokens(self, req: str, seq: int, tokens: list[int], *, pos: int, want_result: bool, rewind: bool,
-                    all_logits: bool, head: dict) -> int: ...
+                    all_logits: bool, head: dict, resume_from: str | None = None, refill: tuple[int, ...] = (),
+                    stages: int | None = None) -> int: ...
 
     def wait_reply(self, keys: set[Key], timeout_s: float | None) -> tuple[Key, Message, int]: ...
 
@@ -164,6 +165,11 @@ class SequenceState:
     req: str = ""  # the request holding this sequence's caches in the stages ("" before the first)
     seq: int = 0  # next step number of ``req``
     fed: int = 0  # tokens ``req`` has fed the pipeline and kept
+    confirmed: int = 0  # positions every stage computed: those of the last reply used
+    resume_from: str = ""  # the next step resumes this request's caches where they survived (see resume)
+    refill: tuple[int, ...] = ()  # ... and these stages (replacements) are refilled first
+    fill_upto: int = 0  # the client fills a replaced first stage with positions 0..fill_upto-1 first
+    given_up: list[str] = field(default_factory=list)  # requests resumed from and not released yet
     pending: list[int] = field(default_factory=list)  # tokens still to feed
     proposals: list[int] = field(default_factory=list)  # draft tokens sent after ``pending`` in the step in flight
     sent_bytes: int = 0
@@ -183,6 +189,20 @@ class SequenceState:
         """A new request for this sequence, to be fed its whole log (every stage's cache is rebuilt)."""
         self.req, self.seq, self.fed = req, 0, 0
         self.pending = self.log()
+        self.proposals = []
+        self.resume_from, self.refill, self.fill_upto = "", (), 0
+
+    def resume(self, req: str, lost: tuple[int, ...]) -> None:
+        """A new request for this sequence that takes over the current one's caches on the
+        stages that kept them (cut back to :attr:`confirmed`, what every stage computed), while
+        the stages in ``lost`` (replacements, empty) are refilled: a replaced first stage by
+        this client with the tokens, any other run of them by the stage before it, from what it
+        sent before. Only the tokens after :attr:`confirmed` are fed again."""
+        self.given_up.append(self.req)
+        self.resume_from, self.refill = self.req, tuple(lost)
+        self.fill_upto = self.confirmed if 0 in lost else 0
+        self.req, self.seq, self.fed = req, 0, self.confirmed
+        self.pending = self.log()[self.confirmed:]
         self.proposals = []
 
     def accept(self, msg: Message, t0: float, received: int) -> list[int]:
@@ -213,6 +233,7 @@ class SequenceState:
             new = [self.sampler.pick(msg.tensors)]
         if spec is not None and self.out:
             spec["round_trips"] += 1  # decode steps, with or without proposals
+        self.confirmed = self.fed  # every stage computed what this reply answers (rejected proposals cut back above)
         self.proposals = []
         kept: list[int] = []
         for tok in new:
@@ -300,7 +321,7 @@ def decode(
         while any(not s.done for s in seqs):
             try:
                 ready = [s for s in seqs if not s.done and s.pending and (s.req, s.seq - 1) not in waiting]
-                steps = [s for s in ready if s.draft is None and len(s.pending) == 1] if batched else []
+                steps = [s for s in ready if s.draft is None and len(s.pending) == 1 and not s.resume_from] if batched else []
                 together = {id(s) for s in steps} if len(steps) >= 2 else set()
                 for s in ready:
                     if id(s) not in together:
@@ -319,14 +340,24 @@ def decode(
                 client.recover(e, budget)
                 live = [s for s in seqs if not s.done]
                 waiting.clear()
+                lost = _resumable(client, e)
                 for s in live:
-                    client.release(s.req)
-                    s.restart(client.open_request())
+                    if lost is not None and s.confirmed > 0 and not s.given_up:
+                        s.resume(client.open_request(), lost)  # the old request's caches are taken over, not released
+                    else:
+                        for old in [*s.given_up, s.req]:
+                            client.release(old)
+                        s.given_up.clear()
+                        s.restart(client.open_request())
                     s.stats["replays"].append({"after_tokens": len(s.out), "replayed_tokens": len(s.pending), "cause": type(e).__name__,
+                                               "resumed": bool(s.resume_from), "refill": list(s.refill),
                                                "recover_ms": round((time.perf_counter() - t_r) * 1e3, 1)})
                 continue
             for key, msg, received in arrived:
                 s = waiting.pop(key)
+                for old in s.given_up:  # the resumed request answered: the stages took the old one over (or never had it)
+                    client.release(old)
+                s.given_up.clear()
                 new = s.accept(msg, t0, received)
                 budget.progress(len(new))
                 if s.done:  # its caches are freed on every stage now, not when the last sequence ends
@@ -339,6 +370,26 @@ def decode(
                 client.release(s.req)
 
 
+#: tokens per message of a client's fill of a replaced first stage (nobody waits for these
+#: chunks' results, and the stages merge up to 64 queued tokens into a forward anyway)
+FILL_CHUNK_TOKENS = 64
+
+
+def _resumable(client: Any, cause: Exception) -> tuple[int, ...] | None:
+    """The stages whose caches are gone after the recovery just made (replaced ones, and those
+    a :class:`~splitnet.errors.CachesLost` names), when the requests may resume on the others'
+    caches; None when they must replay in full: the cause was some other UnknownRequest (a stage
+    lost a request it should hold, a failed resume's among them), or the pipeline cannot resume
+    (:attr:`Session.can_resume`)."""
+    if not getattr(client, "can_resume", False):
+        return None
+    if isinstance(cause, CachesLost):
+        return tuple(sorted(set(client.last_replaced() or ()) | set(cause.stages)))
+    if not isinstance(cause, StageUnavailable):
+        return None
+    return client.last_replaced()
+
+
 def _feed(client: StepClient, s: SequenceState, chunk: int, head: dict) -> Key:
     """Send ``s.pending`` (plus draft proposals on a decode step) in chunks after what ``s``
     kept; return the key of the last chunk, whose reply carries the next token."""
@@ -347,13 +398,27 @@ def _feed(client: StepClient, s: SequenceState, chunk: int, head: dict) -> Key:
         proposals = s.draft.propose(s.log(), min(s.speculate_tokens, s.max_new_tokens - len(s.out) - 1))
     tokens = s.pending + proposals
     s.pending, s.proposals, s.sent_bytes = [], proposals, 0
+    if s.fill_upto:  # a replaced first stage (and the replaced ones right after it): the log's first positions, no result
+        run = 1
+        while run in s.refill:
+            run += 1
+        log_ = s.log()
+        step = max(chunk, FILL_CHUNK_TOKENS)
+        for k in range(0, s.fill_upto, step):
+            s.sent_bytes += client.send_tokens(s.req, s.seq, log_[k:min(k + step, s.fill_upto)], pos=k, want_result=False, rewind=False,
+                                               all_logits=False, head=head, stages=run)
+            s.seq += 1
+        s.fill_upto = 0
+    resume = {"resume_from": s.resume_from, "refill": s.refill} if s.resume_from else {}
     for k in range(0, len(tokens), chunk):
         piece = tokens[k:k + chunk]
         last = k + chunk >= len(tokens)
-        s.sent_bytes += client.send_tokens(s.req, s.seq, piece, pos=s.fed, want_result=last, rewind=s.draft is not None,
-                                           all_logits=bool(proposals) and last, head=head)
+        s.sent_bytes += client.send_tokens(s.req, s.seq, piece, pos=s.fed, want_result=last, rewind=s.draft is not None or bool(resume),
+                                           all_logits=bool(proposals) and last, head=head, **resume)
+        resume = {}
         s.fed += len(piece)
         s.seq += 1
+    s.resume_from, s.refill = "", ()
     return (s.req, s.seq - 1)
 
 

@@ -49,7 +49,7 @@ from splitnet.edge.links import StageLinks
 from splitnet.edge.recovery import RecoveryRecord, StageRecovery
 from splitnet.edge.replies import Key, ReplyStore
 from splitnet.edge.sampling import SamplingConfig
-from splitnet.errors import ConfigError, PlanMismatch, SplitnetError, StageUnavailable, UnknownRequest, error_from_code
+from splitnet.errors import CachesLost, ConfigError, PlanMismatch, SplitnetError, StageUnavailable, UnknownRequest, error_from_code
 from splitnet.wire import Message, SocketConfig, encode_message
 from splitnet.wire.batches import batch_message, member_shares
 from splitnet.wire.headers import MAX_BATCH_MEMBERS, ForwardHeader, SiblingHeaders, batch_member
@@ -281,9 +281,26 @@ class Session:
         return req
 
     def send_tokens(self, req: str, seq: int, tokens: list[int], *, pos: int, want_result: bool, rewind: bool,
-                    all_logits: bool, head: dict) -> int:
+                    all_logits: bool, head: dict, resume_from: str | None = None, refill: tuple[int, ...] = (),
+                    stages: int | None = None) -> int:
+        """One chunk of ``req``'s tokens at ``pos``. ``resume_from``/``refill``: see
+        :class:`~splitnet.wire.headers.ForwardHeader`; ``stages``: the chunk visits only the
+        first ``stages`` stages (a fill of replacements; it wants no result)."""
         return self._forward(req, seq, {"input_ids": np.asarray([tokens], dtype=np.int64)}, cache=True, pos=pos,
-                             want_result=want_result, rewind=rewind, all_logits=all_logits, **head)
+                             want_result=want_result, rewind=rewind, all_logits=all_logits, resume_from=resume_from,
+                             refill=tuple(refill), _stages=stages, **head)
+
+    @property
+    def can_resume(self) -> bool:
+        """Whether a recovery may resume requests where the stages kept their caches (every
+        stage announces it) instead of replaying them in full. Not with a local first stage
+        (its cache lives here) or a cut codec (its state is per request and connection)."""
+        return self._local is None and bool(self._infos) and all(i.get("resume") for i in self._infos) and all(i.get("codec_out", "raw") == "raw" for i in self._infos)
+
+    def last_replaced(self) -> tuple[int, ...] | None:
+        """The stages the last recovery replaced (new processes: their caches are empty), or None."""
+        recs = self.recovery_records
+        return tuple(sorted(set(recs[-1].replaced))) if recs else None
 
     def _run_local(self, req: str, tensors: Mapping[str, Any], pos: int | None, cache: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """What crosses the first cut for model inputs ``tensors``: the local stage's outputs,
@@ -311,7 +328,11 @@ class Session:
             fields.update(codec_meta)
         if self.batch_messages:
             fields.setdefault("batch_messages", True)
-        header = ForwardHeader(reply_to=self.reply_to, route=tuple(self.endpoints[1:]), route_keys=self._route_keys(), **fields)
+        stages = fields.pop("_stages", None)
+        route, keys = tuple(self.endpoints[1:]), self._route_keys()
+        if stages is not None:
+            route, keys = route[:stages - 1], keys[:stages - 1]
+        header = ForwardHeader(reply_to=self.reply_to, route=route, route_keys=keys, **fields)
         frames = encode_message(Message(kind="forward", req=req, seq=seq, epoch=self.epoch, tensors=tensors, meta=header.to_meta()))
         return self.links.send_or_wait(0, frames, self.config.timeout_s)
 
@@ -364,12 +385,12 @@ class Session:
             restarted = self.links.restarted_since(since, min((self._replies.opened_s(k[0]) for k in keys), default=0.0))
             if restarted is not None:  # a new process answers on the old endpoint: what the old one owed will never come
                 i, old_pid, new_pid = restarted
-                raise UnknownRequest(f"stage {i} at {self.endpoints[i]} was restarted in place (pid {old_pid} -> {new_pid}) "
-                                     f"while {sorted(k[0] for k in keys)[:3]} waited; its caches and replies are gone; replaying")
+                raise CachesLost(f"stage {i} at {self.endpoints[i]} was restarted in place (pid {old_pid} -> {new_pid}) "
+                                 f"while {sorted(k[0] for k in keys)[:3]} waited; its caches and replies are gone; resuming", stages=(i,))
             lost = self.links.lost_reply_suspect(since)
             if lost is not None:  # the stage is back but what it sent across the reopen is gone: replay now, not after timeout_s
-                raise UnknownRequest(f"stage {lost} at {self.endpoints[lost]} answered again after its connection was reopened, "
-                                     f"but the reply of {sorted(k[0] for k in keys)[:3]} did not come; replaying")
+                raise CachesLost(f"stage {lost} at {self.endpoints[lost]} answered again after its connection was reopened, "
+                                 f"but the reply of {sorted(k[0] for k in keys)[:3]} did not come; resuming")
             return False
 
         def nothing() -> StageUnavailable:

@@ -40,6 +40,8 @@ def add_stage_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-padding", type=float, default=0.5,
                    help="requests with different numbers of new tokens share a forward while its padding is at most this fraction of its real tokens (0: equal lengths only)")
     p.add_argument("--batch-wait-ms", type=float, default=20.0, help="wait up to this long for the rest of a batch: the first stage for the next steps of requests keeping their rhythm (never longer than its last forward), a later stage for the rest of the upstream batch")
+    p.add_argument("--sent-log-mib", type=int, default=512,
+                   help="memory for the hidden states this stage sent on per request, to refill a lost next stage's replacement without a full replay (0: none)")
     p.add_argument("--merge-chunk-tokens", type=int, default=64, help="run a request's consecutive queued prompt chunks as one forward of up to this many tokens (1: never merge)")
     p.add_argument("--shared-device", action="store_true", help="every stage of the pipeline runs on this stage's device (one GPU): the first stage waits the whole --batch-wait-ms for the requests it expects")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of replaying captured graphs")
@@ -91,6 +93,7 @@ def config_from_args(args: argparse.Namespace) -> StageWorkerConfig:
         max_padding=args.max_padding,
         batch_wait_ms=args.batch_wait_ms,
         merge_chunk_tokens=args.merge_chunk_tokens,
+        sent_log_bytes=args.sent_log_mib * 1024 * 1024,
         shared_device=args.shared_device,
         cuda_graphs=not args.no_cuda_graphs,
         cpus=parse_cpus(args.cpus),

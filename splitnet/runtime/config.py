@@ -60,6 +60,11 @@ class StageWorkerConfig:
             step through a scratch cache slot), so that the first real request, often a replay
             onto a freshly started replacement, does not pay the first forward's one-time costs
             (tens of milliseconds on a CPU: thread pools, allocator, kernel selection).
+        sent_log_bytes: memory for what this stage sent on per cached request (the hidden
+            states it forwarded), from which a replacement of the next stage is refilled when
+            that one is lost, instead of every stage recomputing a full replay
+            (:mod:`splitnet.runtime.sent_log`); past it the least recently used requests lose
+            their logs (and fall back to a full replay). 0: keep none. The last stage keeps none.
         metrics_port: serve Prometheus ``/metrics`` and ``/health`` over HTTP on this port of the
             bind host (0: any free port, reported in ``info``; None: off).
     """
@@ -93,6 +98,7 @@ class StageWorkerConfig:
     metrics_port: int | None = None
     merge_chunk_tokens: int = 64
     warm_up: bool = True
+    sent_log_bytes: int = 512 * 1024**2
 
     def __post_init__(self) -> None:
         if self.start_block < 0 or self.end_block <= self.start_block:
@@ -108,6 +114,8 @@ class StageWorkerConfig:
             raise ConfigError(f"StageWorkerConfig.device must be cpu or cuda[:N], got {self.device!r}")
         if self.batch_wait_ms < 0:
             raise ConfigError("StageWorkerConfig.batch_wait_ms must be >= 0")
+        if self.sent_log_bytes < 0:
+            raise ConfigError("StageWorkerConfig.sent_log_bytes must be >= 0 (0: keep no log)")
         if self.max_padding < 0:
             raise ConfigError("StageWorkerConfig.max_padding must be >= 0")
         if any(c < 0 for c in self.cpus):

@@ -64,6 +64,7 @@ from splitnet.wire import (
 )
 from splitnet.runtime.peer_replies import DELIVER, HOLD, PeerReplies
 from splitnet.runtime.request_ledger import RequestLedger
+from splitnet.runtime.sent_log import SentLog
 from splitnet.wire.hop_digest import hop_digest
 from splitnet.wire.batches import batch_message, member_shares, split_batch
 from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders, batch_member
@@ -92,6 +93,8 @@ _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 #: header fields a stage does not pass on as they came: it writes its own (route, trace, origin, codec fields) or none
 _NOT_PASSED_ON = frozenset({"route", "route_keys", "reply_key", "origin", "trace", "codecs", "cc", "packed_tokens", "mask_len", "upstream_batch"})
+#: what a refill's fill-only forwards do not carry of the step they precede
+_NOT_IN_FILL = frozenset({"resume_from", "refill", "rewind", "final", "all_logits", "want_result", "pos"})
 
 
 def cache_key(origin: str, req: str) -> str:
@@ -195,7 +198,9 @@ class _BatchInputs:
 class _CacheTable:
     """KV caches by request id with count, memory and idle-time limits."""
 
-    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float, max_request_bytes: int | None = None, new_cache=KVCache):
+    def __init__(self, max_requests: int, max_bytes: int, ttl_s: float, max_request_bytes: int | None = None, new_cache=KVCache,
+                 sent_log_bytes: int = 0):
+        self.sent = SentLog(sent_log_bytes)  # what each request's forwards sent on: a lost next stage is refilled from it
         self.new_cache = new_cache  # the stage's own cache type (transformers' DynamicCache for HF families)
         self.max_requests = max_requests
         self.max_bytes = max_bytes
@@ -235,8 +240,20 @@ class _CacheTable:
     def drop(self, req: str) -> None:
         cache = self.caches.pop(req, None)
         self.last_used.pop(req, None)
+        self.sent.drop(req)
         if cache is not None:
             cache.close()
+
+    def rename(self, old: str, new: str) -> bool:
+        """``old``'s cache (and log) is ``new``'s now: a request resumed under a new id. False
+        when there is no ``old`` (or ``new`` exists already)."""
+        if old not in self.caches or new in self.caches:
+            return False
+        self.caches[new] = self.caches.pop(old)
+        self.last_used.pop(old, None)
+        self.last_used[new] = time.monotonic()
+        self.sent.rename(old, new)
+        return True
 
     def evict_idle(self) -> None:
         """Drop the caches idle past ``ttl_s``: the oldest first, stopping at the first that is
@@ -290,7 +307,8 @@ class StageWorker:
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
         self.pool = self.stage.cache_pool(config.max_requests, config.max_cache_bytes) if self.stage.arch.uses_kv_cache else None
         self.caches = _CacheTable(config.max_requests, config.max_cache_bytes, config.cache_ttl_s, max_request_cache_bytes,
-                                  new_cache=self.pool.acquire if self.pool is not None else getattr(self.stage, "new_cache", KVCache))
+                                  new_cache=self.pool.acquire if self.pool is not None else getattr(self.stage, "new_cache", KVCache),
+                                  sent_log_bytes=config.sent_log_bytes if not self.stage.is_last else 0)
         if self.pool is not None and self.device.type == "cuda" and config.cuda_graphs and hasattr(self.stage, "enable_cuda_graphs"):
             self.stage.enable_cuda_graphs(self.pool, config.max_batch_size)
         if config.warm_up:
@@ -308,7 +326,7 @@ class StageWorker:
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
                       "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0,
                       "batch_messages_in": 0, "batch_messages_out": 0, "merged_chunks": 0,
-                      "ragged_batches": 0}
+                      "ragged_batches": 0, "resumed": 0, "refills": 0, "refill_tokens": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
@@ -484,6 +502,7 @@ class StageWorker:
             "queue_depth": self._queued_members,
             "metrics_url": self.metrics.url,
             "batch_messages": True,  # takes forward_batch (and sends batches on where each member's header allows)
+            "resume": 1,  # takes meta.resume_from and meta.refill (a recovery resumes requests where caches survived)
         }
 
     def progress(self) -> dict[str, Any]:
@@ -711,7 +730,7 @@ class StageWorker:
         members = []
         for item in taken:
             try:
-                members.append(item.prepared if item.prepared is not None else self._prepare(item))
+                members.append(item.prepared if item.prepared is not None else self._prepare(item, peers))
             except Exception as e:  # a bad member fails alone, before any batch runs
                 self._fail(peers, item, e)
         if self.config.merge_chunk_tokens > 1 and self.pool is not None:
@@ -749,7 +768,7 @@ class StageWorker:
             self.caches.drop(cache_key(item.origin, msg.req))
         self._reply_to_origin(peers, item, error_message(msg.req, msg.seq, msg.epoch, e.code, str(e), stage=self.config.stage_index))
 
-    def _prepare(self, item: _Work) -> Member:
+    def _prepare(self, item: _Work, peers: dict) -> Member:
         """Decode and check one forward's inputs, find (or make) its cache and check its position."""
         msg, meta = item.msg, item.msg.meta
         self.ledger.check_epoch(cache_key(item.origin, msg.req), msg.epoch, msg.req)
@@ -766,19 +785,61 @@ class StageWorker:
         item.started_at = t0
         cache, ckey = None, cache_key(item.origin, msg.req)
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
+            resumed = meta.get("resume_from")
+            if resumed and ckey not in self.caches.caches:
+                old = cache_key(item.origin, resumed)
+                if self.caches.rename(old, ckey):  # the client's own request only: the key holds its origin
+                    self.ledger.cancel(old, time.monotonic())  # its steps still queued were sent before the recovery
+                    self.stats["resumed"] += 1
             cache = self.caches.get(ckey, create=True)
             pos = meta.get("pos")
             if isinstance(pos, int) and pos < cache.length and meta.get("rewind"):
-                cache.truncate(pos)  # the client rejected speculative tokens past ``pos``
+                cache.truncate(pos)  # the client rejected speculative tokens past ``pos``, or resumes at ``pos``
+                self.caches.sent.truncate(ckey, pos)
             if isinstance(pos, int) and pos != cache.length:
                 self.caches.drop(ckey)
                 raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
+            if meta.get("refill") and isinstance(pos, int) and pos > 0:
+                self._refill_next(peers, item, ckey, pos)
         first = next(iter(inputs.values()), None)
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1
         # members of one forward also share what leaves it: last stage or not, and the head reduction
         options = _step_options(meta)
         sig = whole.signature(index, inputs, cache is not None, options) if whole is not None else signature(inputs, cache is not None, options)
         return Member(item, inputs, cache, ckey, sig, tokens, options)
+
+    def _refill_next(self, peers: dict, item: _Work, ckey: str, pos: int) -> None:
+        """Before a resumed step: when the next stages of its route (a run of ``meta.refill``)
+        lost their caches and this stage did not, send them what this stage sent before for
+        positions ``0..pos-1`` (fill-only forwards, ending at the last stage of the run), so
+        that they hold the request again when the step itself comes (after these, on the same
+        connection). Without a log that covers them nothing is sent, and the first stage of the
+        run answers the step with UnknownRequest: the client then replays in full."""
+        meta = item.msg.meta
+        me, refill = self.config.stage_index, set(meta.get("refill") or ())
+        route = meta.get("route") or []
+        if me in refill or me + 1 not in refill or not route or self.codecs.out is not None:
+            return  # not the stage before a lost run; or a cut with a codec, whose state a fill cannot rebuild
+        run = 1
+        while me + run + 1 in refill and run < len(route):
+            run += 1
+        chunks = self.caches.sent.chunks(ckey, pos, self.config.merge_chunk_tokens)
+        if chunks is None:
+            log.info("stage %d: no log of %s up to %d to refill stage %d from", me, item.msg.req, pos, me + 1)
+            return
+        keys = list(meta.get("route_keys") or [])
+        fill_meta = {k: v for k, v in meta.items() if k not in _NOT_PASSED_ON and k not in _NOT_IN_FILL}
+        if item.origin:
+            fill_meta["origin"] = item.origin
+        key = keys[0].encode() if keys else None
+        for p, outputs in chunks:
+            m = dict(fill_meta, pos=p, cache=True, want_result=False, route=route[1:run])
+            if len(keys) > 1:
+                m["route_keys"] = keys[1:run]
+            self._send(peers, route[0], Message(kind="forward", req=item.msg.req, seq=item.msg.seq, epoch=item.msg.epoch,
+                                                                  tensors=dict(outputs), meta=m), key=key)
+        self.stats["refills"] += 1
+        self.stats["refill_tokens"] += pos
 
     def _decode(self, item: _Work) -> dict:
         """One forward message's inputs, decoded (codecs) and made the stage's tensors."""
@@ -972,7 +1033,10 @@ class StageWorker:
         if not route and not meta.get("want_result", True):
             return None
         route_keys = list(meta.get("route_keys") or [])
-        return _Leaving(m, index, whole, next_meta, route, route_keys, tokens_computed)
+        lv = _Leaving(m, index, whole, next_meta, route, route_keys, tokens_computed)
+        if route and cache is not None and not meta.get("final") and self.caches.sent.max_bytes > 0 and self.codecs.out is None:
+            self.caches.sent.append(ckey, meta.get("pos"), lv.outputs)  # host rows already made to send: no copy
+        return lv
 
     def _trace_common(self, compute_ms: float, encode_ms: float, batch: int) -> dict:
         """The fields of this stage's trace entry that every member sent on at once shares."""

@@ -33,6 +33,7 @@ from splitnet.errors import ProtocolError
 FORWARD_HEADER_VERSION = 1
 HEADS = ("logits", "argmax", "topk")
 MAX_ROUTE = 64  # stages a forward may still visit
+MAX_REQ_ID = 64  # characters of a request id a header may name (resume_from)
 MAX_TOP_K = 1024
 MAX_TRACE = 256  # per-stage trace entries a header may carry
 
@@ -72,6 +73,13 @@ class ForwardHeader:
         batch_messages: every stage after the receiving one and the client take batch messages
             (``forward_batch``, ``result_batch``): set by a client whose stages all announce them
             (``info["batch_messages"]``), so an older peer is never sent a kind it refuses.
+        resume_from: the request id this one resumes after a recovery: a stage holding that
+            request's cache (of the same client) takes it over under this id, cut back to
+            ``pos``, instead of the client replaying everything (see ``refill``).
+        refill: the stages (indices) that lost their caches in the recovery this step resumes
+            after; the surviving stage right before each run of them first sends them, from
+            what it sent before (:class:`~splitnet.runtime.sent_log.SentLog`), the states of
+            positions ``0..pos-1``, so that they rebuild their caches before this step.
         version: the header version (``hv``); only :data:`FORWARD_HEADER_VERSION` is understood.
     """
 
@@ -95,6 +103,8 @@ class ForwardHeader:
     reply_key: str | None = None
     final: bool = False
     batch_messages: bool = False
+    resume_from: str | None = None
+    refill: tuple[int, ...] = ()
     version: int = field(default=FORWARD_HEADER_VERSION)
 
     def __post_init__(self) -> None:
@@ -125,7 +135,7 @@ class ForwardHeader:
         if "reply_to" not in meta:
             raise ProtocolError("forward message needs meta.reply_to: an endpoint string, or 'peer:' + the client's routing id (8-64 hex digits)")
         values = {k: v for k, v in meta.items() if k != "hv"}
-        for name in ("route", "route_keys", "trace", "upstream_batch"):
+        for name in ("route", "route_keys", "trace", "upstream_batch", "refill"):
             v = values.get(name)
             if v is not None:
                 if not isinstance(v, (list, tuple)):
@@ -274,6 +284,11 @@ def _check_values(h: ForwardHeader) -> None:
         raise ProtocolError(f"meta.codecs must be a map of tensor name -> payload, got {type(h.codecs).__name__}")
     if h.cc is not None and not (type(h.cc) is list and len(h.cc) == 2):
         raise ProtocolError("meta.cc must be [vectors, bytes]: the compact codes of the cut tensor")
+    if h.resume_from is not None and not (isinstance(h.resume_from, str) and 0 < len(h.resume_from) <= MAX_REQ_ID):
+        raise ProtocolError(f"meta.resume_from must be a request id (a string of 1..{MAX_REQ_ID} characters)")
+    if h.refill and not (isinstance(h.refill, tuple) and len(h.refill) <= MAX_ROUTE + 1 and all(_is_int(i) and 0 <= i <= MAX_ROUTE for i in h.refill)
+                         and list(h.refill) == sorted(set(h.refill))):
+        raise ProtocolError(f"meta.refill must be a sorted list of distinct stage indices (0..{MAX_ROUTE})")
     if not _is_int(h.version):
         raise ProtocolError(f"forward header version must be an int, got {h.version!r}")
 

@@ -1,0 +1,104 @@
+"""A recovery resumes a request where the stages kept their caches (#18): the stage before a
+lost one refills its replacement from what it sent before (splitnet.runtime.sent_log), a lost
+first stage is refilled by the client, the survivors take the old request over under the new
+id, and only the step in flight is fed again. Tokens equal the fault-free run's; without a log
+the resume fails over to a full replay, with the same tokens and no cache left behind."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+import splitnet
+from splitnet.edge.config import ClientConfig
+from splitnet.edge.sampling import SamplingConfig
+from splitnet.runtime.launcher import launch_pipeline
+from tests.integration.test_chunk_merge import _stats
+
+pytestmark = pytest.mark.timeout(300)
+
+CONFIG = ClientConfig(timeout_s=30, connect_timeout_s=20, heartbeat_interval_s=0.3, heartbeat_liveness=3, prefill_chunk_tokens=8)
+PROMPT = [(7 * i + 3) % 250 + 1 for i in range(40)]
+
+
+def _hook(pipe, standbys: dict):
+    def hook(i: int) -> str:
+        sp = standbys[i].pop(0)
+        pipe.stages[i] = sp
+        return sp.endpoint
+    return hook
+
+
+def _stream_killing(s, pipe, lost: list[int], after: int, n: int) -> tuple[list[int], list[dict]]:
+    """Stream ``n`` tokens of PROMPT, SIGKILLing the stages ``lost`` once ``after`` tokens came:
+    the tokens, and the result's record of its replays."""
+    victims = [pipe.stages[k].pid for k in lost]
+    tokens: list[int] = []
+    replays: list[dict] = []
+    for ev in s.stream(PROMPT, n):
+        if hasattr(ev, "token"):
+            tokens.append(ev.token)
+            if len(tokens) == after:
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+        else:
+            replays = ev.stats["replays"]
+    return tokens, replays
+
+
+@pytest.mark.parametrize(("model", "lost"), [("tiny-gpt2", [1]), ("tiny-llama", [0]), ("tiny-gpt2", [1, 2]), ("tiny-llama", [0, 2])])
+def test_a_resume_refills_only_the_lost_stages_and_gives_the_same_tokens(kill_leftovers, model, lost):
+    with launch_pipeline(model, num_stages=3) as pipe:
+        standbys = {k: [pipe.start_stage(k, pipe.stages[k].blocks)] for k in lost}
+        with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=_hook(pipe, standbys)) as s:
+            want = s.generate(PROMPT, 12).tokens
+            got, replays = _stream_killing(s, pipe, lost, 4, 12)
+            stats = [_stats(e) for e in s.endpoints]
+        assert got == want
+        survivors = [i for i in range(3) if i not in lost]
+        assert all(stats[i]["resumed"] == 1 for i in survivors), stats  # took the old request over, nothing replayed
+        for i in lost:
+            if i > 0 and i - 1 not in lost:
+                assert stats[i - 1]["refills"] == 1 and stats[i - 1]["refill_tokens"] == len(PROMPT) + 3  # prompt + the tokens fed before the fault
+        for i in survivors:  # the survivors computed each position once, and the step in flight again at most
+            assert stats[i]["forwards"] <= 2 * (len(PROMPT) // 8) + 2 * 12, stats
+        assert len(replays) == 1 and replays[0]["resumed"] and replays[0]["refill"] == lost, replays
+
+
+def test_without_a_log_the_resume_fails_over_to_a_full_replay(kill_leftovers):
+    with launch_pipeline("tiny-gpt2", num_stages=3, extra_args=["--sent-log-mib", "0"]) as pipe:
+        standbys = {1: [pipe.start_stage(1, pipe.stages[1].blocks)]}
+        with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=_hook(pipe, standbys)) as s:
+            want = s.generate(PROMPT, 10).tokens
+            got, replays = _stream_killing(s, pipe, [1], 3, 10)
+            assert got == want
+            assert [r["resumed"] for r in replays] == [True, False], replays  # the resume met an empty stage 1: UnknownRequest, then a replay
+            stats = [_stats(e) for e in s.endpoints]
+        assert [st["refills"] for st in stats] == [0, 0, 0]
+        with splitnet.connect(pipe.endpoints, config=CONFIG) as s2:
+            assert [i["cached_requests"] for i in s2.stages] == [0, 0, 0]  # old, resumed and replayed requests all released
+
+
+def test_generate_many_resumes_every_sequence(kill_leftovers):
+    prompts = [PROMPT, PROMPT[:29], PROMPT[5:38]]
+    sampling = SamplingConfig(temperature=1.0, top_k=40, seed=7)
+    with launch_pipeline("tiny-llama", num_stages=3) as pipe:
+        standbys = {1: [pipe.start_stage(1, pipe.stages[1].blocks)]}
+        with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=_hook(pipe, standbys)) as s:
+            want = [r.tokens for r in s.generate_many(prompts, 10, sampling=sampling)]
+            victim = pipe.stages[1].pid
+            seen: list[int] = []
+
+            def on_token(i: int, tok: int) -> None:
+                seen.append(i)
+                if len(seen) == 9:
+                    os.kill(victim, signal.SIGKILL)
+
+            got = [r.tokens for r in s.generate_many(prompts, 10, sampling=sampling, on_token=on_token)]
+            replays = s.last_stats["replays"]
+            stats = [_stats(e) for e in s.endpoints]
+        assert got == want
+        assert replays and all(r["resumed"] for r in replays), replays
+        assert stats[0]["refills"] == len(replays)
