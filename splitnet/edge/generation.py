@@ -370,9 +370,10 @@ def decode(
                 client.release(s.req)
 
 
-#: tokens per message of a client's fill of a replaced first stage (nobody waits for these
-#: chunks' results, and the stages merge up to 64 queued tokens into a forward anyway)
-FILL_CHUNK_TOKENS = 64
+#: tokens per message of a client's fill of a replaced first stage: nobody waits for a fill
+#: chunk's result and the step after it waits for all of them, so fewer, longer forwards win
+#: (pipelining across stages only helps a run of several replaced stages)
+FILL_CHUNK_TOKENS = 512
 
 
 def _resumable(client: Any, cause: Exception) -> tuple[int, ...] | None:

@@ -93,6 +93,9 @@ _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 #: header fields a stage does not pass on as they came: it writes its own (route, trace, origin, codec fields) or none
 _NOT_PASSED_ON = frozenset({"route", "route_keys", "reply_key", "origin", "trace", "codecs", "cc", "packed_tokens", "mask_len", "upstream_batch"})
+#: positions per fill-only forward of a refill: the step after them waits for all of them, so
+#: few long forwards (as a client's fill of a replaced first stage, FILL_CHUNK_TOKENS)
+_FILL_CHUNK_TOKENS = 512
 #: what a refill's fill-only forwards do not carry of the step they precede
 _NOT_IN_FILL = frozenset({"resume_from", "refill", "rewind", "final", "all_logits", "want_result", "pos"})
 
@@ -823,7 +826,7 @@ class StageWorker:
         run = 1
         while me + run + 1 in refill and run < len(route):
             run += 1
-        chunks = self.caches.sent.chunks(ckey, pos, self.config.merge_chunk_tokens)
+        chunks = self.caches.sent.chunks(ckey, pos, _FILL_CHUNK_TOKENS)
         if chunks is None:
             log.info("stage %d: no log of %s up to %d to refill stage %d from", me, item.msg.req, pos, me + 1)
             return
