@@ -124,3 +124,24 @@ def test_stage_keys_dir_is_trusted_and_allowed(tmp_path):
     assert cfg.public_key in cfg.stage_list()  # deployments sharing one keypair keep working
     with pytest.raises(ConfigError, match="stage-keys-dir"):
         stage_socket_config(str(sec), str(tmp_path / "allow"), False, "tcp://127.0.0.1:0", stage_keys_dir=str(tmp_path / "nope"))
+
+
+def test_a_peer_dying_mid_greeting_is_no_key_verdict_but_a_repeated_hang_up_is():
+    """A broken pipe while writing the greeting is a stage dying as we connect (retried, silence
+    reported by timeouts); the same on the next attempt is a peer that speaks another mechanism."""
+    import errno
+
+    import zmq
+
+    from splitnet.errors import AuthError
+    from splitnet.wire.security import HandshakeWatch
+
+    watch = HandshakeWatch(secure=False)
+    ep = "tcp://127.0.0.1:9"
+    watch._on_event(zmq.EVENT_CONNECTED, 0, ep)
+    watch._on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE, ep)
+    assert not watch.ok(ep)
+    watch._on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET, ep)  # resets never count
+    watch._on_event(zmq.EVENT_CONNECTED, 0, ep)
+    with pytest.raises(AuthError, match="requires CURVE"):
+        watch._on_event(zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, errno.EPIPE, ep)
