@@ -788,10 +788,11 @@ class StageWorker:
         item.started_at = t0
         cache, ckey = None, cache_key(item.origin, msg.req)
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
-            resumed = meta.get("resume_from")
+            resumed, took_over = meta.get("resume_from"), False
             if resumed and ckey not in self.caches.caches:
                 old = cache_key(item.origin, resumed)
-                if self.caches.rename(old, ckey):  # the client's own request only: the key holds its origin
+                took_over = self.caches.rename(old, ckey)  # the client's own request only: the key holds its origin
+                if took_over:
                     self.ledger.cancel(old, time.monotonic())  # its steps still queued were sent before the recovery
                     self.stats["resumed"] += 1
             cache = self.caches.get(ckey, create=True)
@@ -802,7 +803,9 @@ class StageWorker:
             if isinstance(pos, int) and pos != cache.length:
                 self.caches.drop(ckey)
                 raise UnknownRequest(f"request {msg.req!r} step {msg.seq} starts at position {pos} but this stage's cache holds {cache.length}; replay the request from its first token")
-            if meta.get("refill") and isinstance(pos, int) and pos > 0:
+            if took_over and meta.get("refill") and isinstance(pos, int) and pos > 0:
+                # once per resume, by a stage that just took the request over: a step naming
+                # ``refill`` alone never makes a stage resend what it sent (no amplification)
                 self._refill_next(peers, item, ckey, pos)
         first = next(iter(inputs.values()), None)
         tokens = int(first.shape[0] * first.shape[1]) if first is not None and first.dim() >= 2 else 1

@@ -102,3 +102,19 @@ def test_generate_many_resumes_every_sequence(kill_leftovers):
         assert got == want
         assert replays and all(r["resumed"] for r in replays), replays
         assert stats[0]["refills"] == len(replays)
+
+
+def test_refill_is_sent_once_per_resume_not_on_request(kill_leftovers):
+    """A step that names ``refill`` without taking a request over (or again after it did) makes
+    no stage resend its log: a client cannot turn one small message into its states again and again."""
+    with launch_pipeline("tiny-gpt2", num_stages=3) as pipe:
+        with splitnet.connect(pipe.endpoints, config=CONFIG) as s:
+            req = s.open_request()
+            s.send_tokens(req, 0, PROMPT, pos=0, want_result=True, rewind=False, all_logits=False, head={"head": "argmax"})
+            s.wait_reply({(req, 0)}, 30)
+            for seq in (1, 2):
+                s.send_tokens(req, seq, [5], pos=len(PROMPT), want_result=True, rewind=True, all_logits=False,
+                              head={"head": "argmax"}, refill=(1,))
+                s.wait_reply({(req, seq)}, 30)
+            s.release(req)
+            assert [_stats(e)["refills"] for e in pipe.endpoints] == [0, 0, 0]
