@@ -349,20 +349,23 @@ def settle(history: History, rec: FaultRecord, tenants: int, window_s: float) ->
         rec.outcome_ok = replaced or not starts
     elif rec.expected == "replaced or replayed":
         rec.outcome_ok = bool(starts)
-        if not starts and not _steps_in_flight(history.until(rec.t_fault)):
-            # the request the fault was armed for ended just before it: no tenant had a step
-            # waiting, and the next request is served by the restarted process, as it should be
+        in_flight = _steps_in_flight(history.until(rec.t_fault))
+        if not starts and not any(e.what == "send" and in_flight.get(e.tenant) == e.req for e in evs):
+            # no request that had a step in flight at the fault sent another one: each ended
+            # with that step (the stages after the restarted one answered it, or it had passed
+            # them all), and the next requests are served by the restarted process, as they should be
             rec.outcome_ok = True
-            rec.note = "no step was in flight at the fault (every tenant's last step had its reply): nothing to recover"
+            rec.note = "no request in flight at the fault needed the restarted stage again: nothing to recover"
 
 
-def _steps_in_flight(evs: list[Event]) -> set[int]:
-    """The tenants whose last step in ``evs`` (the events up to a moment) was sent and its reply not used yet."""
-    last: dict[int, str] = {}
+def _steps_in_flight(evs: list[Event]) -> dict[int, str]:
+    """Tenant -> request, for the tenants whose last step in ``evs`` (the events up to a moment)
+    was sent and its reply not used yet."""
+    last: dict[int, Event] = {}
     for e in evs:
         if e.what == "take" or (e.what == "send" and e.kind in ("forward", "forward_batch")):
-            last[e.tenant] = e.what
-    return {tenant for tenant, what in last.items() if what == "send"}
+            last[e.tenant] = e
+    return {tenant: e.req for tenant, e in last.items() if e.what == "send"}
 
 
 def breakdown(t_fault: float, start: Event, end: Event, first: Event, evs: list[Event]) -> dict:

@@ -377,15 +377,15 @@ FILL_CHUNK_TOKENS = 512
 
 
 def _resumable(client: Any, cause: Exception) -> tuple[int, ...] | None:
-    """The stages whose caches are gone after the recovery just made (replaced ones, and those
-    a :class:`~splitnet.errors.CachesLost` names), when the requests may resume on the others'
+    """The stages whose caches are gone after the recovery just made (those it replaced, or
+    those a :class:`~splitnet.errors.CachesLost` names), when the requests may resume on the others'
     caches; None when they must replay in full: the cause was some other UnknownRequest (a stage
     lost a request it should hold, a failed resume's among them), or the pipeline cannot resume
     (:attr:`Session.can_resume`)."""
     if not getattr(client, "can_resume", False):
         return None
     if isinstance(cause, CachesLost):
-        return tuple(sorted(set(client.last_replaced() or ()) | set(cause.stages)))
+        return tuple(sorted(set(cause.stages)))  # an UnknownRequest's recovery replaces nothing (and records nothing)
     if not isinstance(cause, StageUnavailable):
         return None
     return client.last_replaced()

@@ -1,4 +1,4 @@
-"""Moving lost stages to live processes, for a session whose requests are then replayed.
+"""Moving lost stages to live processes, for a session whose requests are then resumed or replayed.
 
 :class:`StageRecovery` runs one recovery: find the stages that are down (one liveness window at
 most; those already known down count at once), call the user's hook for each of them in

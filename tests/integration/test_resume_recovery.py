@@ -118,3 +118,38 @@ def test_refill_is_sent_once_per_resume_not_on_request(kill_leftovers):
                 s.wait_reply({(req, seq)}, 30)
             s.release(req)
             assert [_stats(e)["refills"] for e in pipe.endpoints] == [0, 0, 0]
+
+
+def test_a_stage_restarted_in_place_is_refilled_not_replayed(kill_leftovers):
+    """Stage 1 is stopped while a step waits there, then killed and restarted on its endpoint:
+    the client learns it from the new process's pong (CachesLost naming stage 1) or from the
+    closed connection (a recovery whose hook hands out the same endpoint); either way the
+    request resumes with stage 1 refilled, and the tokens equal the fault-free run's."""
+    import threading
+
+    with launch_pipeline("tiny-gpt2", num_stages=3) as pipe:
+        with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=lambda i: pipe.stages[i].endpoint) as s:
+            want = s.generate(PROMPT, 12).tokens
+            old = pipe.stages[1]
+
+            def restart() -> None:
+                old.popen.kill()
+                old.popen.wait(timeout=10)
+                pipe.stages[1] = pipe.start_stage(1, old.blocks, bind=old.endpoint)
+
+            tokens: list[int] = []
+            replays: list[dict] = []
+            restarter = threading.Timer(0.3, restart)
+            for ev in s.stream(PROMPT, 12):
+                if hasattr(ev, "token"):
+                    tokens.append(ev.token)
+                    if len(tokens) == 4:
+                        os.kill(old.pid, signal.SIGSTOP)  # the next step waits at stage 1 when the restart comes
+                        restarter.start()
+                else:
+                    replays = ev.stats["replays"]
+            restarter.join()
+            stats = [_stats(e) for e in s.endpoints]
+        assert tokens == want
+        assert replays and replays[-1]["resumed"] and replays[-1]["refill"] == [1], replays
+        assert stats[0]["refills"] >= 1
