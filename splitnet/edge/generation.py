@@ -23,6 +23,7 @@ from splitnet.edge.draft import DraftModel
 from splitnet.edge.sampling import Sampler, SamplingConfig, head_request
 from splitnet.errors import CachesLost, ConfigError, StageUnavailable, UnknownRequest
 from splitnet.wire import Message
+from splitnet.wire.headers import FILL_CHUNK_TOKENS, refill_run
 
 Key = tuple[str, int]
 FinishReason = Literal["stop", "length"]
@@ -370,12 +371,6 @@ def decode(
                 client.release(s.req)
 
 
-#: tokens per message of a client's fill of a replaced first stage: nobody waits for a fill
-#: chunk's result and the step after it waits for all of them, so fewer, longer forwards win
-#: (pipelining across stages only helps a run of several replaced stages)
-FILL_CHUNK_TOKENS = 512
-
-
 def _resumable(client: Any, cause: Exception) -> tuple[int, ...] | None:
     """The stages whose caches are gone after the recovery just made (those it replaced, or
     those a :class:`~splitnet.errors.CachesLost` names), when the requests may resume on the others'
@@ -400,9 +395,7 @@ def _feed(client: StepClient, s: SequenceState, chunk: int, head: dict) -> Key:
     tokens = s.pending + proposals
     s.pending, s.proposals, s.sent_bytes = [], proposals, 0
     if s.fill_upto:  # a replaced first stage (and the replaced ones right after it): the log's first positions, no result
-        run = 1
-        while run in s.refill:
-            run += 1
+        run = refill_run(s.refill, 0)
         log_ = s.log()
         step = max(chunk, FILL_CHUNK_TOKENS)
         for k in range(0, s.fill_upto, step):

@@ -67,7 +67,7 @@ from splitnet.runtime.request_ledger import RequestLedger
 from splitnet.runtime.sent_log import SentLog
 from splitnet.wire.hop_digest import hop_digest
 from splitnet.wire.batches import batch_message, member_shares, split_batch
-from splitnet.wire.headers import MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders, batch_member
+from splitnet.wire.headers import FILL_CHUNK_TOKENS, MAX_BATCH_MEMBERS, BatchMember, ForwardHeader, SiblingHeaders, batch_member, refill_run
 from splitnet.wire.limits import limits_for_input
 from splitnet.wire.security import set_peer_key
 from splitnet.wire.sockets import frame_user_id, recv_bounded
@@ -93,9 +93,6 @@ _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 #: header fields a stage does not pass on as they came: it writes its own (route, trace, origin, codec fields) or none
 _NOT_PASSED_ON = frozenset({"route", "route_keys", "reply_key", "origin", "trace", "codecs", "cc", "packed_tokens", "mask_len", "upstream_batch"})
-#: positions per fill-only forward of a refill: the step after them waits for all of them, so
-#: few long forwards (as a client's fill of a replaced first stage, FILL_CHUNK_TOKENS)
-_FILL_CHUNK_TOKENS = 512
 #: what a refill's fill-only forwards do not carry of the step they precede
 _NOT_IN_FILL = frozenset({"resume_from", "refill", "rewind", "final", "all_logits", "want_result", "pos"})
 
@@ -826,10 +823,8 @@ class StageWorker:
         route = meta.get("route") or []
         if me in refill or me + 1 not in refill or not route or self.codecs.out is not None:
             return  # not the stage before a lost run; or a cut with a codec, whose state a fill cannot rebuild
-        run = 1
-        while me + run + 1 in refill and run < len(route):
-            run += 1
-        chunks = self.caches.sent.chunks(ckey, pos, _FILL_CHUNK_TOKENS)
+        run = min(refill_run(refill, me + 1), len(route))
+        chunks = self.caches.sent.chunks(ckey, pos, FILL_CHUNK_TOKENS)
         if chunks is None:
             log.info("stage %d: no log of %s up to %d to refill stage %d from", me, item.msg.req, pos, me + 1)
             return

@@ -34,6 +34,19 @@ FORWARD_HEADER_VERSION = 1
 HEADS = ("logits", "argmax", "topk")
 MAX_ROUTE = 64  # stages a forward may still visit
 MAX_REQ_ID = 64  # characters of a request id a header may name (resume_from)
+#: positions per fill-only forward of a refill (a survivor's, or a client's of a replaced first
+#: stage): nobody waits for a fill's result and the resumed step waits for all of them, so few
+#: long forwards win (pipelining across stages only helps a run of several replaced stages)
+FILL_CHUNK_TOKENS = 512
+
+
+def refill_run(refill: Any, first: int) -> int:
+    """How many stages from ``first`` on, consecutively, a ``meta.refill`` names: the run of
+    lost stages that one fill (from the stage before ``first``, or the client) goes through."""
+    lost, n = set(refill), 0
+    while first + n in lost:
+        n += 1
+    return n
 MAX_TOP_K = 1024
 MAX_TRACE = 256  # per-stage trace entries a header may carry
 
