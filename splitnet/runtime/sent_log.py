@@ -44,7 +44,7 @@ class SentLog:
         if tokens is None or pos != self._ends.get(key, 0):
             self.drop(key)
             return
-        nbytes = sum(t.numel() * t.element_size() for t in outputs.values())
+        nbytes = _nbytes(outputs)
         log = self._logs.setdefault(key, [])
         log.append((pos, dict(outputs)))
         self._logs.move_to_end(key)
@@ -55,22 +55,26 @@ class SentLog:
             self.drop(next(iter(self._logs)))
 
     def truncate(self, key: Hashable, pos: int) -> None:
-        """Forget what was logged for ``key`` from position ``pos`` on (a rewind)."""
+        """Forget what was logged for ``key`` from position ``pos`` on (a rewind). Works from the
+        log's end: a rejected speculation costs the entries it cuts, not a pass over the log."""
         if self._ends.get(key, 0) <= pos:
             return
-        kept: list[tuple[int, dict]] = []
-        for start, outputs in self._logs.get(key, []):
-            if start >= pos:
-                break
-            n = _tokens(outputs) or 0
-            kept.append((start, outputs if start + n <= pos else {k: v[:, : pos - start] for k, v in outputs.items()}))
-        old = self._bytes.get(key, 0)
-        new = sum(t.numel() * t.element_size() for _, o in kept for t in o.values())
-        self.total_bytes += new - old
-        if kept:
-            self._logs[key], self._ends[key], self._bytes[key] = kept, pos, new
+        log = self._logs[key]
+        while log and log[-1][0] >= pos:
+            self._forget(key, _nbytes(log.pop()[1]))
+        if log and log[-1][0] + (_tokens(log[-1][1]) or 0) > pos:
+            start, outputs = log[-1]
+            kept = {k: v[:, : pos - start] for k, v in outputs.items()}
+            self._forget(key, _nbytes(outputs) - _nbytes(kept))
+            log[-1] = (start, kept)
+        if log:
+            self._ends[key] = pos
         else:
             self.drop(key)
+
+    def _forget(self, key: Hashable, nbytes: int) -> None:
+        self._bytes[key] -= nbytes
+        self.total_bytes -= nbytes
 
     def rename(self, old: Hashable, new: Hashable) -> None:
         """The log of ``old`` is ``new``'s now (a request resumed under a new id)."""
@@ -99,6 +103,10 @@ class SentLog:
 
     def __len__(self) -> int:
         return len(self._logs)
+
+
+def _nbytes(outputs: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in outputs.values())
 
 
 def _tokens(outputs: dict) -> int | None:
