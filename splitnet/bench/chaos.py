@@ -389,6 +389,10 @@ def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict 
     ys = [statistics.median(fresh[x]) for x in xs]
     if samples is not None:
         samples["fresh_ttft_s_by_prompt_tokens"] = {str(x): [round(y, 4), len(fresh[x])] for x, y in zip(xs, ys)}
+        # the ratio's noise floor: each fresh request's own TTFT over the median it is compared with
+        # (a replay is one sample against a median: a p90 of fresh / fresh above 1 is load, not recovery)
+        floor = [t / ys[j] for j, x in enumerate(xs) for t in fresh[x]]
+        samples["fresh_over_fresh_median"] = _percentiles(floor)
         samples["replays"] = []
         samples["left_out"] = []
 
@@ -402,7 +406,8 @@ def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict 
             return ys[k]
         return ys[k - 1] + (ys[k] - ys[k - 1]) * (n - xs[k - 1]) / (xs[k] - xs[k - 1])
 
-    ratios = []
+    ratios: list[float] = []
+    kept: list = []  # (the lost stage's words in the cause, cause time, ratio) per ratio
     evs = history.events
     takes: dict[int, list[float]] = {}  # per tenant, the times of the replies it used (one token each: no drafts here)
     for e in evs:
@@ -429,12 +434,28 @@ def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict 
         t_cause = cause.t if cause is not None else e.t
         left_out = any(_during(f, t_cause, window_s) for f in impossible or [])
         replay_s, prefill_s = evs[nxt_k].t - e.t, fresh_s(context)
+        detail = (cause.detail or "") if cause is not None else ""
         if not left_out:
             ratios.append(replay_s / prefill_s)
+            kept.append((detail.split()[:4], t_cause, replay_s / prefill_s))
         if samples is not None:
             samples["left_out" if left_out else "replays"].append([context, round(replay_s, 4), round(prefill_s, 4), e.tenant,
-                                                                   (cause.detail or "")[:120] if cause is not None else "", sent])
+                                                                   detail[:120], sent])
+    if samples is not None:
+        samples["by_requests_rebuilt_together"] = _by_requests_rebuilt_together(kept, window_s)
     return ratios
+
+
+def _by_requests_rebuilt_together(kept: list, window_s: float) -> dict:
+    """The ratios by how many requests resumed from the same loss (the same stage, recoveries
+    started within one window of each other): a replaced stage rebuilds the cache of every
+    request it held, so with K of them it computes K contexts before the last resumes, while
+    a fresh prefill (the ratio's denominator) is one request's."""
+    groups: dict[int, list[float]] = {}
+    for stage, t, ratio in kept:
+        k = sum(1 for s2, t2, _ in kept if s2 == stage and abs(t2 - t) <= max(window_s, 0.5))
+        groups.setdefault(k, []).append(ratio)
+    return {str(k): _percentiles(v) for k, v in sorted(groups.items())}
 
 
 def _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, wall_s) -> dict:
@@ -505,6 +526,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
                                    for k in FAULT_KINDS if any(f.kind == k for f in timed)},
         "fault_to_token_parts": _parts([f.breakdown for f in timed if f.breakdown]),
         "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, replay_samples, unrecoverable, window_s)),
+        "fresh_over_fresh_median": replay_samples.get("fresh_over_fresh_median"),  # the same ratio for fresh prefills: its noise floor
+        "replay_over_prefill_by_requests_rebuilt_together": replay_samples.get("by_requests_rebuilt_together"),
         "replay_samples": replay_samples,  # [chunks, replay s, fresh s, tenant, cause] per replay; fresh [median s, n] by chunks
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
@@ -608,6 +631,7 @@ def run(args: argparse.Namespace) -> dict:
                                    for k in FAULT_KINDS if any(f["kind"] == k for f in timed)},
         "fault_to_token_parts": _parts([f["breakdown"] for f in timed if f["breakdown"]]),
         "replay_over_prefill": {r["model"]: r["replay_over_prefill"] for r in runs},
+        "fresh_over_fresh_median": {r["model"]: r["fresh_over_fresh_median"] for r in runs},
         "pending_max": max((r["pending_max"] or 0) for r in runs),
         "invariants_hold": ok,
         "wall_s": round(time.monotonic() - t0, 1),
