@@ -238,6 +238,63 @@ class _Tenants:
         return [th.name for th in self.threads if th.is_alive()]
 
 
+def _restart_burst(splitnet: Any, endpoints: list[str], config: Any, specs: list, k: int, rounds: int) -> list[tuple[int, float]]:
+    """What a client without recovery meets when one loss ends ``k`` requests at once and all
+    of them start again: ``rounds`` times, ``k`` sessions start a fresh one-sequence request
+    together (a barrier); (prompt tokens, time to first token) of each. No faults, the
+    campaign's links; two new tokens each (the first token is what is timed)."""
+    import threading
+
+    ones = [sp for sp in specs if sp.mode != "generate_many"]
+    if k < 2 or not ones:
+        return []
+    samples: list[tuple[int, float]] = []
+    lock = threading.Lock()
+    barrier = threading.Barrier(k, timeout=60)
+
+    def one(j: int) -> None:
+        with splitnet.connect(endpoints, config=config) as s:
+            for r in range(rounds):
+                sp = ones[(r * k + j) % len(ones)]
+                spec = RequestSpec("generate", sp.prompts, 2, None)
+                o = Outcome(-1, -1)
+                barrier.wait()
+                run_request(s, spec, o)
+                if o.error or not o.ttft_s:
+                    raise RuntimeError(f"restart burst: request failed without a fault: {o.error}")
+                with lock:
+                    samples.append((len(sp.prompts[0]), o.ttft_s))
+
+    errors: list[BaseException] = []
+
+    def guarded(j: int) -> None:
+        try:
+            one(j)
+        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread below
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=guarded, args=(j,), name=f"chaos-burst-{j}", daemon=True) for j in range(k)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    if errors:
+        raise RuntimeError(f"restart burst failed: {type(errors[0]).__name__}: {errors[0]}")
+    return samples
+
+
+def _line(samples: list[tuple[int, float]]) -> "tuple[float, float] | None":
+    """Least squares ``seconds = a + b * tokens`` over (tokens, seconds) samples."""
+    if len(samples) < 2:
+        return None
+    n = len(samples)
+    mx, my = sum(x for x, _ in samples) / n, sum(y for _, y in samples) / n
+    sxx = sum((x - mx) ** 2 for x, _ in samples)
+    b = sum((x - mx) * (y - my) for x, y in samples) / sxx if sxx else 0.0
+    return my - b * mx, b
+
+
 def _reference(splitnet: Any, endpoints: list[str], config: Any, specs: list) -> list:
     """The baseline: every request once, no faults, direct links."""
     reference = []
@@ -265,6 +322,7 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
             window_s = config.heartbeat_interval_s * config.heartbeat_liveness
             specs = _specs(rng, 256, 12)  # byte-level tiny models: ids 1..255 are text bytes
             reference = _reference(splitnet, pipe.endpoints, config, specs)
+            burst = _restart_burst(splitnet, pipe.endpoints, config, specs, args.tenants, 2 if args.quick else 6)
             tenants = _Tenants()
             tenants.start(args.tenants, args.seed, specs, pool.endpoints, config, history, pool)
             time.sleep(1.0)
@@ -297,7 +355,7 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
             cached, mean_batch = _cached_requests(splitnet, pool.endpoints, config)
         finally:
             pool.close()
-    doc = _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, time.monotonic() - t_pool)
+    doc = _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, time.monotonic() - t_pool, burst, args.tenants)
     doc["stage_mean_batch"] = mean_batch
     return doc
 
@@ -437,13 +495,36 @@ def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict 
         detail = (cause.detail or "") if cause is not None else ""
         if not left_out:
             ratios.append(replay_s / prefill_s)
-            kept.append((detail.split()[:4], t_cause, replay_s / prefill_s))
+            kept.append(([w.rstrip(":") for w in detail.split()[:2]], t_cause, replay_s / prefill_s, context, replay_s))
         if samples is not None:
             samples["left_out" if left_out else "replays"].append([context, round(replay_s, 4), round(prefill_s, 4), e.tenant,
                                                                    detail[:120], sent])
     if samples is not None:
         samples["by_requests_rebuilt_together"] = _by_requests_rebuilt_together(kept, window_s)
+        samples["replays_with_together"] = [[n, [x[3], x[4]]] for n, x in zip(_together_counts(kept, window_s), kept)]
     return ratios
+
+
+def _together_counts(kept: list, window_s: float) -> list[int]:
+    """Per replay in ``kept``, how many replays (itself included) resumed from the same loss:
+    the same stage named in the cause, recoveries started within one window of each other."""
+    return [sum(1 for other in kept if other[0] == x[0] and abs(other[1] - x[1]) <= max(window_s, 0.5)) for x in kept]
+
+
+def _burst_figures(burst, k: int, samples: dict) -> dict | None:
+    """The restart baseline of ``k`` requests at once (:func:`_restart_burst`) and each replay
+    of a loss that ``k`` requests resumed from over it: the time its first token would have
+    taken had all of them started again (a line in the context's tokens, fitted to the burst;
+    contexts past the burst's longest prompt are held there, as the fresh medians are)."""
+    fit = _line(list(burst))
+    if fit is None:
+        return None
+    a, b = fit
+    longest = max(x for x, _ in burst)
+    pairs = [cr for n, cr in samples.get("replays_with_together", []) if n == k]
+    ratios = [replay_s / (a + b * min(context, longest)) for context, replay_s in pairs]
+    return {"requests_at_once": k, "ttft_s": _percentiles([y for _, y in burst]), "fit_s": [round(a, 4), round(b, 6)],
+            "replay_over_restart": _percentiles(ratios)}
 
 
 def _by_requests_rebuilt_together(kept: list, window_s: float) -> dict:
@@ -452,13 +533,12 @@ def _by_requests_rebuilt_together(kept: list, window_s: float) -> dict:
     request it held, so with K of them it computes K contexts before the last resumes, while
     a fresh prefill (the ratio's denominator) is one request's."""
     groups: dict[int, list[float]] = {}
-    for stage, t, ratio in kept:
-        k = sum(1 for s2, t2, _ in kept if s2 == stage and abs(t2 - t) <= max(window_s, 0.5))
-        groups.setdefault(k, []).append(ratio)
+    for k, x in zip(_together_counts(kept, window_s), kept):
+        groups.setdefault(k, []).append(x[2])
     return {str(k): _percentiles(v) for k, v in sorted(groups.items())}
 
 
-def _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, wall_s) -> dict:
+def _figures(model, specs, reference, tenants, faults, history, hung, cached, pool, window_s, wall_s, burst=(), burst_k=0) -> dict:
     outcomes, sessions = tenants.outcomes, tenants.sessions
     replay_samples: dict = {}
     identical = lost = duplicated = typed = untyped = 0
@@ -528,6 +608,7 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "replay_over_prefill": _percentiles(_replay_ratios(outcomes, history, specs, replay_samples, unrecoverable, window_s)),
         "fresh_over_fresh_median": replay_samples.get("fresh_over_fresh_median"),  # the same ratio for fresh prefills: its noise floor
         "replay_over_prefill_by_requests_rebuilt_together": replay_samples.get("by_requests_rebuilt_together"),
+        "restart_burst": _burst_figures(burst, burst_k, replay_samples),
         "replay_samples": replay_samples,  # [chunks, replay s, fresh s, tenant, cause] per replay; fresh [median s, n] by chunks
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
