@@ -72,6 +72,9 @@ CALIBRATION_REQUESTS = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workload", choices=("vision", "lm"), default="vision",
+                   help="vision: EfficientNet-Lite0 on photo crops (default); lm: stdlib-gpt, a held-out prompt + greedy tokens "
+                        "per request (splitnet.bench.e2e_lm; the options below marked 'lm:' are its own)")
     p.add_argument("--quick", action="store_true", help="CI size: 3 bandwidths, RTT 20 ms, fp16/int8, cuts 11/15, 4 requests a point")
     p.add_argument("--plot", help="write latency vs bandwidth per option (PNG) to this file")
     p.add_argument("--bandwidths", help=f"Mbit/s, comma-separated (default {','.join(map(str, DEFAULT_BANDWIDTHS))})")
@@ -90,9 +93,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--edge-cpu-fraction", type=float, default=DEFAULT_EDGE_CPU_FRACTION,
                    help="the edge device's share of core 0, enforced by a cgroup CPU quota on every edge process "
                         f"(default {DEFAULT_EDGE_CPU_FRACTION}: an edge {1 / DEFAULT_EDGE_CPU_FRACTION:.0f}x slower than the core; 1: the whole core, no cgroup)")
-    p.add_argument("--cgroup-period-ms", type=float, default=DEFAULT_CGROUP_PERIOD_MS,
-                   help=f"the quota's period (default {DEFAULT_CGROUP_PERIOD_MS:g} ms)")
+    p.add_argument("--cgroup-period-ms", type=float, default=None,
+                   help=f"the quota's period (default {DEFAULT_CGROUP_PERIOD_MS:g} ms; lm: 5 ms)")
     p.add_argument("--seed", type=int, default=0)
+    from splitnet.bench.e2e_lm import add_lm_arguments
+
+    add_lm_arguments(p)
 
 
 def _floats(text: str | None, default) -> list[float]:
@@ -117,7 +123,7 @@ def _config(a: argparse.Namespace) -> dict:
         "jpeg_quality": a.jpeg_quality,
         "fisher_samples": a.fisher_samples,
         "edge_cpu_fraction": a.edge_cpu_fraction,
-        "cgroup_period_ms": a.cgroup_period_ms,
+        "cgroup_period_ms": a.cgroup_period_ms if a.cgroup_period_ms is not None else DEFAULT_CGROUP_PERIOD_MS,
         "seed": a.seed,
     }
     bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
@@ -135,16 +141,13 @@ def _config(a: argparse.Namespace) -> dict:
 
 
 # ---------------------------------------------------------------------------- processes in the lab
-class _Client:
-    """One e2e_client process in the edge host, driven line by line."""
+class Driven:
+    """A client process in the edge host (``cmd``, in ``group``), driven line by line: ``run N``
+    answers one JSON line within ``60 + per_request_s * N`` seconds."""
 
-    def __init__(self, lab, option: str, endpoints: str, cfg: dict, cpus: str = "", group=None):
-        cmd = [sys.executable, "-m", "splitnet.bench.e2e_client", "--option", option, "--endpoints", endpoints,
-               "--per-source", str(cfg["per_source"]), "--seed", str(cfg["seed"]), "--held-out-fraction", str(cfg["held_out_fraction"]),
-               "--crops", str(cfg["crops"]), "--jpeg-quality", str(cfg["jpeg_quality"]), "--timeout-s", "120"]
-        if cpus:
-            cmd += ["--cpus", cpus]
+    def __init__(self, lab, cmd: list[str], group=None, per_request_s: float = 10.0):
         self.lab = lab
+        self.per_request_s = per_request_s
         self.proc, _ = lab.spawn("edge", cmd, ready_prefix="READY", timeout_s=180, stdin=True)
         _join(group, self.proc)
 
@@ -155,7 +158,7 @@ class _Client:
         self.proc.stdin.write(f"run {n}\n")
         self.proc.stdin.flush()
         try:
-            line = read_line(self.proc, lambda s: s.startswith("{"), timeout_s=60 + 10 * n)
+            line = read_line(self.proc, lambda s: s.startswith("{"), timeout_s=60 + self.per_request_s * n)
         except (TimeoutError, EOFError) as e:
             raise StageUnavailable(f"e2e client gave no result: {e}") from None
         out = json.loads(line)
@@ -165,6 +168,18 @@ class _Client:
 
     def close(self) -> None:
         self.lab.stop([self.proc])
+
+
+class _Client(Driven):
+    """One e2e_client process in the edge host, driven line by line."""
+
+    def __init__(self, lab, option: str, endpoints: str, cfg: dict, cpus: str = "", group=None):
+        cmd = [sys.executable, "-m", "splitnet.bench.e2e_client", "--option", option, "--endpoints", endpoints,
+               "--per-source", str(cfg["per_source"]), "--seed", str(cfg["seed"]), "--held-out-fraction", str(cfg["held_out_fraction"]),
+               "--crops", str(cfg["crops"]), "--jpeg-quality", str(cfg["jpeg_quality"]), "--timeout-s", "120"]
+        if cpus:
+            cmd += ["--cpus", cpus]
+        super().__init__(lab, cmd, group)
 
 
 def _join(group, proc) -> None:
@@ -185,8 +200,14 @@ def shaped(bandwidth_mbit_s: float) -> LinkSpec:
     return LinkSpec(rate_mbit=bandwidth_mbit_s, burst_kbyte=max(2.0, bandwidth_mbit_s * 1e6 / 8 * 0.002 / 1024))
 
 
+def edge_dev(lab) -> str:
+    """The edge host's end of the edge-cloud veth."""
+    ln = lab.link("edge", "cloud")
+    return ln.dev_a if ln.a == "edge" else ln.dev_b
+
+
 def _veth_bytes(lab) -> int:
-    dev = lab.link("edge", "cloud").dev_a if lab.link("edge", "cloud").a == "edge" else lab.link("edge", "cloud").dev_b
+    dev = edge_dev(lab)
     r = lab.run_in("edge", ["cat", f"/sys/class/net/{dev}/statistics/tx_bytes", f"/sys/class/net/{dev}/statistics/rx_bytes"], timeout_s=20)
     return sum(int(x) for x in r.stdout.split())
 
@@ -245,10 +266,24 @@ def _fit(codec, name: str, maps: np.ndarray, sens) -> None:
 
 
 # ---------------------------------------------------------------------------- the run
-def run(args: argparse.Namespace) -> dict:
-    from splitnet.codecs import make_codec
+def check_lab_host(what: str = "splitnet bench e2e") -> None:
+    """A ConfigError before any work when this host cannot run the lab: not root, < 2 cores."""
     from splitnet.lab.netns import check_root
 
+    reason = check_root()
+    if reason:
+        raise ConfigError(f"{what} builds network namespaces: {reason}")
+    if len(os.sched_getaffinity(0)) < 2:
+        raise ConfigError(f"{what} pins the edge to core 0 and the cloud to core 1: it needs 2 usable cores")
+
+
+def run(args: argparse.Namespace) -> dict:
+    from splitnet.codecs import make_codec
+
+    if getattr(args, "workload", "vision") == "lm":
+        from splitnet.bench import e2e_lm
+
+        return e2e_lm.run(args)
     t_start = time.perf_counter()
     load = {"loadavg_1_5_15_at_start": [round(x, 2) for x in os.getloadavg()]}
     cfg = _config(args)
@@ -258,11 +293,7 @@ def run(args: argparse.Namespace) -> dict:
             make_codec(name, **conf)  # unknown codecs and bad settings fail here, before any work
         except (ValueError, TypeError) as e:
             raise ConfigError(f"--codecs {spec!r}: {e}") from e
-    reason = check_root()
-    if reason:
-        raise ConfigError(f"splitnet bench e2e builds network namespaces: {reason}")
-    if len(os.sched_getaffinity(0)) < 2:
-        raise ConfigError("splitnet bench e2e pins the edge to core 0 and the cloud to core 1: it needs 2 usable cores")
+    check_lab_host()
     if args.plot:
         import matplotlib  # noqa: F401 - fail before the work when the plot cannot be drawn
 
@@ -666,6 +697,10 @@ def _vision_goal(points: list[dict], names: list[str], top1: dict, split_rows: l
 
 
 def summarize(doc: dict) -> str:
+    if doc.get("workload") == "lm":
+        from splitnet.bench.e2e_lm import summarize as summarize_lm
+
+        return summarize_lm(doc)
     lines = [f"e2e bench ({'quick' if doc['config']['quick'] else 'full'}), split at cut {doc['split_cut']}, {doc['elapsed_s']:.0f} s"]
     for p in doc["points"]:
         lines.append(f"{p['bandwidth_mbit_s']:6.1f} Mbit/s RTT {p['rtt_ms']:4.0f} ms  planner {p['planner']['planner_choice']} "

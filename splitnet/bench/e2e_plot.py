@@ -23,8 +23,9 @@ def crossover_mbit_s(bandwidths: list[float], cloud_ms: list[float], split_ms: l
     return bandwidths[-1] if diff and diff[-1] == 0 else None
 
 
-def plot_latency(doc: dict, path: str) -> dict:
-    """Draw the figure to ``path``; return {rtt: crossover Mbit/s or None} (cloud-only vs fastest split)."""
+def plot_latency(doc: dict, path: str, *, title: str = "EfficientNet-Lite0", ylabel: str = "p50 latency per image (ms)") -> dict:
+    """Draw the figure to ``path``; return {rtt: crossover Mbit/s or None} (cloud-only vs fastest split).
+    ``title`` names the model in each panel's title, ``ylabel`` what the latency is of."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,8 +79,8 @@ def plot_latency(doc: dict, path: str) -> dict:
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("link bandwidth (Mbit/s)")
-        ax.set_ylabel("p50 latency per image (ms)")
-        ax.set_title(f"EfficientNet-Lite0, RTT {rtt:g} ms (split at cut {doc['split_cut']})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(f"{title}, RTT {rtt:g} ms (split at cut {doc['split_cut']})")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
