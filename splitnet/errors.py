@@ -56,6 +56,11 @@ class CachesLost(UnknownRequest):
     A recovery then resumes the requests on the caches that survived (refilling those stages)
     instead of replaying them in full."""
 
+    #: its own code: a client raises it, no stage sends it, and a stage's ``unknown_request``
+    #: must come back as a plain UnknownRequest (a lost cache to replay in full), not as a
+    #: CachesLost naming no stage (a resume on the same caches, which fails again)
+    code = "caches_lost"
+
     def __init__(self, message: str, stages: tuple[int, ...] = ()):
         super().__init__(message)
         self.stages = tuple(stages)

@@ -112,15 +112,33 @@ class RecoveryBudget:
         self.refill_tokens = refill_tokens
         self.left = max_recoveries
         self.used = 0
+        self.forgiven = 0  # recoveries that continued a failed resume, at no cost
         self._progress = 0
+        self._free = False
+        self._forgiven_since_spend = False
 
     def spend(self, cause: BaseException) -> None:
-        """Take one recovery, or re-raise ``cause`` when none is left."""
+        """Take one recovery, or re-raise ``cause`` when none is left (free once after
+        :meth:`forgive_next`)."""
+        if self._free:
+            self._free = False
+            self.forgiven += 1
+            return
         if self.left <= 0:
             raise cause
         self.left -= 1
         self.used += 1
         self._progress = 0
+        self._forgiven_since_spend = False
+
+    def forgive_next(self) -> None:
+        """The next recovery continues the last one and costs nothing: a resume (the
+        optimistic end of a recovery, on the caches thought to survive) failed before its first
+        token, and the full replay it falls back to is what that recovery would have done.
+        Once per spent recovery, so a pipeline that keeps failing still exhausts the budget."""
+        if not self._forgiven_since_spend and self.used:
+            self._free = True
+            self._forgiven_since_spend = True
 
     def progress(self, tokens: int) -> None:
         if self.refill_tokens <= 0 or self.left >= self.max_recoveries:
@@ -170,6 +188,7 @@ class SequenceState:
     resume_from: str = ""  # the next step resumes this request's caches where they survived (see resume)
     refill: tuple[int, ...] = ()  # ... and these stages (replacements) are refilled first
     fill_upto: int = 0  # the client fills a replaced first stage with positions 0..fill_upto-1 first
+    resume_unconfirmed: bool = False  # resumed, and no reply yet: an UnknownRequest now is the resume failing (RecoveryBudget.forgive_next)
     given_up: list[str] = field(default_factory=list)  # requests resumed from and not released yet
     pending: list[int] = field(default_factory=list)  # tokens still to feed
     proposals: list[int] = field(default_factory=list)  # draft tokens sent after ``pending`` in the step in flight
@@ -192,6 +211,7 @@ class SequenceState:
         self.pending = self.log()
         self.proposals = []
         self.resume_from, self.refill, self.fill_upto = "", (), 0
+        self.resume_unconfirmed = False
 
     def resume(self, req: str, lost: tuple[int, ...]) -> None:
         """A new request for this sequence that takes over the current one's caches on the
@@ -205,11 +225,13 @@ class SequenceState:
         self.req, self.seq, self.fed = req, 0, self.confirmed
         self.pending = self.log()[self.confirmed:]
         self.proposals = []
+        self.resume_unconfirmed = True  # until its first reply: a failure before it is the resume's, not a new fault's
 
     def accept(self, msg: Message, t0: float, received: int) -> list[int]:
         """The tokens a reply gives this sequence (with speculation, the agreeing proposals and
         the pipeline's next token), cut at the stop token or ``max_new_tokens``."""
         now = time.perf_counter()
+        self.resume_unconfirmed = False
         trace = [t for t in msg.meta.get("trace", []) if isinstance(t, dict)]
         if not self.out:
             self.stats["ttft_ms"] = (now - t0) * 1e3
@@ -338,8 +360,10 @@ def decode(
                     left.discard(arrived[-1][0])
             except (StageUnavailable, UnknownRequest) as e:
                 t_r = time.perf_counter()
-                client.recover(e, budget)
                 live = [s for s in seqs if not s.done]
+                if isinstance(e, UnknownRequest) and not isinstance(e, CachesLost) and any(s.resume_unconfirmed for s in live):
+                    budget.forgive_next()  # a stage lacked a cache the resume counted on: the full replay below continues that recovery
+                client.recover(e, budget)
                 waiting.clear()
                 lost = _resumable(client, e)
                 for s in live:

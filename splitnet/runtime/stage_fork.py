@@ -128,7 +128,10 @@ class _Server:
             self._next_id += 1
         line = json.dumps({"id": rid, "argv": list(argv), "env": dict(environ)}) + "\n"
         with self._write_lock:
-            os.write(self._req_w, line.encode("utf-8"))
+            try:
+                os.write(self._req_w, line.encode("utf-8"))
+            except BrokenPipeError:  # killed a moment ago: its reader has not seen the end of its pipe yet
+                raise _ServerGone(f"the stage fork server (pid {self.popen.pid}) has exited; no stage can start from it") from None
         with self._cond:
             if not self._cond.wait_for(lambda: rid in self._started or self._gone, START_TIMEOUT_S):
                 raise StageUnavailable(f"the stage fork server (pid {self.popen.pid}) forked nothing within {START_TIMEOUT_S:.0f} s")

@@ -6,6 +6,7 @@ the resume fails over to a full replay, with the same tokens and no cache left b
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 
@@ -68,13 +69,15 @@ def test_a_resume_refills_only_the_lost_stages_and_gives_the_same_tokens(kill_le
 
 
 def test_without_a_log_the_resume_fails_over_to_a_full_replay(kill_leftovers):
+    one_recovery = dataclasses.replace(CONFIG, max_recoveries=1)  # one fault: the failed resume's replay continues its recovery, free
     with launch_pipeline("tiny-gpt2", num_stages=3, extra_args=["--sent-log-mib", "0"]) as pipe:
         standbys = {1: [pipe.start_stage(1, pipe.stages[1].blocks)]}
-        with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=_hook(pipe, standbys)) as s:
+        with splitnet.connect(pipe.endpoints, config=one_recovery, recovery=_hook(pipe, standbys)) as s:
             want = s.generate(PROMPT, 10).tokens
             got, replays = _stream_killing(s, pipe, [1], 3, 10)
             assert got == want
             assert [r["resumed"] for r in replays] == [True, False], replays  # the resume met an empty stage 1: UnknownRequest, then a replay
+            assert replays[1]["cause"] == "UnknownRequest", replays  # the stage's error as it is, not a CachesLost naming no stage
             stats = [_stats(e) for e in s.endpoints]
         assert [st["refills"] for st in stats] == [0, 0, 0]
         with splitnet.connect(pipe.endpoints, config=CONFIG) as s2:

@@ -201,3 +201,25 @@ def test_incremental_text_concatenates_to_the_whole_and_waits_for_whole_characte
     assert "".join(deltas) == "héllo → wörld"
     assert all("\ufffd" not in d for d in deltas)
     assert "" in deltas  # the first byte of a multi-byte character gives no text yet
+
+
+def test_a_failed_resume_is_forgiven_once_per_spent_recovery():
+    cause = StageUnavailable("down")
+    b = RecoveryBudget(1)
+    b.forgive_next()  # nothing spent yet: nothing to continue
+    b.spend(cause)
+    b.forgive_next()
+    b.forgive_next()  # once, however often it is asked
+    b.spend(UnknownRequest("the resume met an empty stage"))  # free: it continues the recovery just spent
+    assert (b.left, b.used, b.forgiven) == (0, 1, 1)
+    b.forgive_next()  # no recovery spent since the last forgiveness
+    with pytest.raises(UnknownRequest):
+        b.spend(UnknownRequest("again"))
+
+
+def test_a_stages_unknown_request_comes_back_as_itself_not_as_caches_lost():
+    from splitnet.errors import CachesLost, error_from_code
+
+    e = error_from_code(UnknownRequest.code, "request r step 0 starts at position 28 but this stage's cache holds 0")
+    assert type(e) is UnknownRequest
+    assert type(error_from_code(CachesLost.code, "x")) is CachesLost
