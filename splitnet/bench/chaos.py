@@ -72,6 +72,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="before each scheduled fault, wait until every tenant runs a request started after the last one "
                         "(as --quick does): each request meets one scheduled fault, so every typed error is one fault's; "
                         "without it faults come back to back and a long request may meet several and spend its recovery budget")
+    p.add_argument("--kinds", default="",
+                   help=f"only these fault kinds, comma-separated, drawn with their usual weights (default all: {', '.join(FAULT_KINDS)})")
     p.add_argument("--no-relays", action="store_true", help="clients and stages connect directly (no link faults, no --impair)")
     p.add_argument("--impair", default="", help="no faults: every link through a relay with delay=MS,jitter=MS,loss=FRACTION")
 
@@ -622,15 +624,40 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "window_s": window_s,
         "wall_s": round(wall_s, 1),
         "faults": [{k: v for k, v in asdict(f).items() if k not in ("t_fault", "t_heal")} for f in faults],
+        "storms": _storms(fired, history, len(sessions) or 1),
     }
 
 
+def _storms(fired: list, history: History, tenants: int, limit: int = 10) -> list[dict]:
+    """Faults that started more recoveries than there are tenants (one each is what a loss
+    should cost), with their recovery events: tenant, seconds after the fault, what, cause."""
+    out = []
+    for f in fired:
+        if f.failovers <= tenants or len(out) >= limit:
+            continue
+        evs = [e for e in history.since(f.t_fault) if e.what in ("recover_start", "recover_end")][:4 * f.failovers]
+        out.append({"index": f.index, "kind": f.kind, "stages": f.stages, "failovers": f.failovers,
+                    "events": [[e.tenant, round(e.t - f.t_fault, 3), e.what, e.kind, str(e.detail)[:200]] for e in evs]})
+    return out
+
+
 # ---------------------------------------------------------------------- the suite --------------
-def _schedule(rng: random.Random, n: int, quick: bool) -> list[str]:
+def _schedule(rng: random.Random, n: int, quick: bool, only: "list[str] | None" = None) -> list[str]:
     if quick:
         return list(QUICK_SCHEDULE[:n])
-    kinds = list(WEIGHTS)
+    kinds = [k for k in WEIGHTS if not only or k in only]
     return rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds], k=n)
+
+
+def parse_kinds(text: str) -> list[str]:
+    """``--kinds``: known fault kinds, in order, or a ConfigError naming the known ones."""
+    from splitnet.errors import ConfigError
+
+    kinds = [k.strip() for k in text.split(",") if k.strip()]
+    unknown = [k for k in kinds if k not in FAULT_KINDS]
+    if unknown:
+        raise ConfigError(f"--kinds: unknown fault kind(s) {', '.join(unknown)}; known: {', '.join(FAULT_KINDS)}")
+    return kinds
 
 
 def _prepare_models(models: list[str]) -> None:
@@ -658,8 +685,13 @@ def run(args: argparse.Namespace) -> dict:
         from splitnet.errors import ConfigError
 
         raise ConfigError("--impair runs every link through a relay; drop --no-relays")
+    only = parse_kinds(args.kinds)
+    if only and args.no_relays and all(k in LINK_KINDS for k in only):
+        from splitnet.errors import ConfigError
+
+        raise ConfigError(f"--kinds {args.kinds} are link faults, which need relays; drop --no-relays")
     rng = random.Random(args.seed)
-    kinds = [] if args.impair else _schedule(rng, n_faults, quick)
+    kinds = [] if args.impair else _schedule(rng, n_faults, quick, only)
     cfg: dict[str, Any] = {"prefill_chunk_tokens": 8}
     if args.heartbeat_interval_s:
         cfg["heartbeat_interval_s"] = args.heartbeat_interval_s
@@ -694,7 +726,7 @@ def run(args: argparse.Namespace) -> dict:
           and all(all(c == 0 for c in r["caches_left"]) for r in runs) and not any(r["hung_tenants"] or r["tenant_failures"] for r in runs)
           and not any(r["outcomes_not_ok"] for r in runs))
     return {
-        "config": {"quick": quick, "one_fault_per_request": bool(args.one_fault_per_request), "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants,
+        "config": {"quick": quick, "one_fault_per_request": bool(args.one_fault_per_request), "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants, "kinds": only or list(FAULT_KINDS),
                    "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "standby_refill_delay_s": args.standby_refill_delay_s, "relays": not args.no_relays,
                    "impair": args.impair, "concurrent_models": bool(args.concurrent_models), "time_budget_s": args.time_budget_s,
                    "cpus_usable": len(os.sched_getaffinity(0)),
