@@ -92,6 +92,10 @@ class _Remote:
             elif first:
                 first = False
                 on_first()
+        if result is None:
+            from splitnet.errors import StageUnavailable
+
+            raise StageUnavailable("the stream ended without a result")
         st = result.stats
         nbytes = int(st.get("prefill", {}).get("wire_bytes", 0)) + int(st.get("decode_wire_bytes", 0))
         return list(result.tokens), nbytes

@@ -137,9 +137,18 @@ def test_config_defaults_and_refusals():
     assert full["cgroup_period_ms"] == LM.LM_CGROUP_PERIOD_MS and quick["requests"] < full["requests"]
     assert e2e._config(_args())["cgroup_period_ms"] == e2e.DEFAULT_CGROUP_PERIOD_MS  # the vision default is unchanged
     for bad in (["--codecs", "fp16,zstd"], ["--codecs", "int8:anchors=1"], ["--new-tokens", "1"], ["--requests", "0"],
-                ["--bandwidths", "0"], ["--edge-cpu-fraction", "2"]):
+                ["--bandwidths", "0"], ["--edge-cpu-fraction", "2"],
+                ["--edge-cpu-fraction", "0.1"]):  # 0.5 ms of a 5 ms period: under the 1 ms smallest quota
         with pytest.raises(ConfigError):
             LM.config(_args(*bad))
+
+
+def test_a_small_fraction_needs_a_longer_period():
+    cfg = LM.config(_args("--edge-cpu-fraction", "0.1", "--cgroup-period-ms", "10"))
+    assert cfg["edge_cpu_fraction"] * cfg["cgroup_period_ms"] >= LM.MIN_QUOTA_MS
+    from splitnet.bench.e2e_profile import CpuGroup
+
+    assert CpuGroup.quota_us.fget(type("G", (), {"fraction": 0.1, "period_us": 10_000})()) == 1000
 
 
 def test_unknown_codec_refused_before_any_work():
