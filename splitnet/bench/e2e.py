@@ -105,6 +105,19 @@ def _floats(text: str | None, default) -> list[float]:
     return [float(x) for x in text.split(",")] if text else list(default)
 
 
+def check_sweep(cfg: dict) -> None:
+    """A workload's sweep points: bandwidths > 0 Mbit/s, RTTs >= 0 ms (ConfigError otherwise)."""
+    bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
+    if bad:
+        raise ConfigError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
+
+
+def check_edge_share(cfg: dict) -> None:
+    """The edge device's cgroup share: a fraction in (0, 1] of a 1..1000 ms period."""
+    if not 0.0 < cfg["edge_cpu_fraction"] <= 1.0 or not 1.0 <= cfg["cgroup_period_ms"] <= 1000.0:
+        raise ConfigError("--edge-cpu-fraction must be in (0, 1] and --cgroup-period-ms in 1..1000")
+
+
 def _config(a: argparse.Namespace) -> dict:
     q = a.quick
     cfg = {
@@ -126,15 +139,12 @@ def _config(a: argparse.Namespace) -> dict:
         "cgroup_period_ms": a.cgroup_period_ms if a.cgroup_period_ms is not None else DEFAULT_CGROUP_PERIOD_MS,
         "seed": a.seed,
     }
-    bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
-    if bad:
-        raise ConfigError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
+    check_sweep(cfg)
     if any(not 1 <= c <= 15 for c in cfg["candidate_cuts"]) or (a.cut is not None and not 1 <= a.cut <= 15):
         raise ConfigError("cuts must be in 1..15 (blocks on the edge)")
     if cfg["requests"] < 1 or cfg["crops"] < 1 or cfg["profile_crops"] < 1 or cfg["fisher_samples"] < 1:
         raise ConfigError("--requests, --crops, --profile-crops and --fisher-samples must be >= 1")
-    if not 0.0 < cfg["edge_cpu_fraction"] <= 1.0 or not 1.0 <= cfg["cgroup_period_ms"] <= 1000.0:
-        raise ConfigError("--edge-cpu-fraction must be in (0, 1] and --cgroup-period-ms in 1..1000")
+    check_edge_share(cfg)
     if not 0.0 <= cfg["fidelity_floor"] <= 1.0 or not 1 <= cfg["jpeg_quality"] <= 100:
         raise ConfigError("--fidelity-floor must be in [0, 1] and --jpeg-quality in 1..100")
     return cfg

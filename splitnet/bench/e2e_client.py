@@ -118,7 +118,6 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from splitnet.bench import photos as P
-    from splitnet.errors import SplitnetError
     from splitnet.model.efficientnet import to_pixel_values
 
     torch.set_num_threads(1)
@@ -127,30 +126,44 @@ def main(argv: list[str] | None = None) -> int:
     pixels = [np.ascontiguousarray(to_pixel_values(x), dtype=np.float32) for x in rgbs]
     client = OPTIONS[a.option](a)
     print("READY", len(crops), flush=True)
+    out_fields = ("latency_ms", "crop", "top1", "payload_bytes")
+
+    def one(i: int, out: dict) -> None:
+        t0 = time.perf_counter()
+        logits, nbytes = client.infer(rgbs[i], pixels[i])
+        out["latency_ms"].append(round((time.perf_counter() - t0) * 1e3, 3))
+        out["crop"].append(i)
+        out["top1"].append(int(np.asarray(logits)[0].argmax()))
+        out["payload_bytes"].append(nbytes)
+
+    return serve_commands(client, len(crops), out_fields, one)
+
+
+def serve_commands(client, items: int, out_fields: tuple[str, ...], one) -> int:
+    """The clients' stdin protocol: ``run N`` calls ``one(i, out)`` for the next N items in
+    turn (``i`` modulo ``items``) and prints ``out`` (a list per field of ``out_fields``, and
+    ``error`` when a typed error stopped the run) as one JSON line; ``quit`` or end of input
+    closes ``client`` and returns 0."""
+    from splitnet.errors import SplitnetError
+
     turn = 0
     try:
         for line in sys.stdin:
             cmd = line.split()
             if not cmd or cmd[0] == "quit":
                 break
-            out: dict = {"latency_ms": [], "crop": [], "top1": [], "payload_bytes": []}
+            out: dict = {k: [] for k in out_fields}
             try:
                 for _ in range(int(cmd[1])):
-                    i = turn % len(crops)
-                    turn += 1
-                    t0 = time.perf_counter()
-                    logits, nbytes = client.infer(rgbs[i], pixels[i])
-                    out["latency_ms"].append(round((time.perf_counter() - t0) * 1e3, 3))
-                    out["crop"].append(i)
-                    out["top1"].append(int(np.asarray(logits)[0].argmax()))
-                    out["payload_bytes"].append(nbytes)
+                    i = turn % items
+                    turn += 1  # a request that fails is not retried: the next run takes the next item
+                    one(i, out)
             except SplitnetError as e:
                 out["error"] = f"{type(e).__name__}: {e}"
             print(json.dumps(out), flush=True)
     finally:
         client.close()
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

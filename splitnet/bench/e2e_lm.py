@@ -111,9 +111,7 @@ def config(a: argparse.Namespace) -> dict:
         "cgroup_period_ms": a.cgroup_period_ms if a.cgroup_period_ms is not None else LM_CGROUP_PERIOD_MS,
         "seed": a.seed,
     }
-    bad = [b for b in cfg["bandwidths_mbit_s"] if b <= 0] + [r for r in cfg["rtts_ms"] if r < 0]
-    if bad:
-        raise ConfigError(f"bandwidths must be > 0 and RTTs >= 0, got {bad}")
+    e2e.check_sweep(cfg)
     for k in ("requests", "prompts", "profile_prompts", "prompt_tokens", "calibration_windows", "max_train"):
         if cfg[k] < 1:
             raise ConfigError(f"--{k.replace('_', '-')} must be >= 1")
@@ -121,8 +119,7 @@ def config(a: argparse.Namespace) -> dict:
         raise ConfigError("--new-tokens must be >= 2 (a prefill and at least one decode step)")
     if cfg["prompt_tokens"] < 2:
         raise ConfigError("--prompt-tokens must be >= 2")
-    if not 0.0 < cfg["edge_cpu_fraction"] <= 1.0 or not 1.0 <= cfg["cgroup_period_ms"] <= 1000.0:
-        raise ConfigError("--edge-cpu-fraction must be in (0, 1] and --cgroup-period-ms in 1..1000")
+    e2e.check_edge_share(cfg)
     if not 0.0 <= cfg["fidelity_floor"] <= 1.0:
         raise ConfigError("--fidelity-floor must be in [0, 1]")
     if cfg["edge_cpu_fraction"] < 1.0 and cfg["edge_cpu_fraction"] * cfg["cgroup_period_ms"] < MIN_QUOTA_MS:

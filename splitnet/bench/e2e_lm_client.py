@@ -24,7 +24,6 @@ which is not on the link).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -122,49 +121,35 @@ def main(argv: list[str] | None = None) -> int:
         os.sched_setaffinity(0, {int(c) for c in a.cpus.split(",")})
     import torch
 
-    from splitnet.errors import SplitnetError
+    from splitnet.bench.e2e_client import serve_commands
 
     torch.set_num_threads(1)
     prompts = np.load(a.prompts)
     client = OPTIONS[a.option](a)
     print("READY", len(prompts), flush=True)
-    turn = 0
-    try:
-        for line in sys.stdin:
-            cmd = line.split()
-            if not cmd or cmd[0] == "quit":
-                break
-            out: dict = {"ttft_ms": [], "total_ms": [], "prompt": [], "tokens": [], "link_prefill_bytes": [],
-                         "link_decode_bytes": [], "sdk_bytes": []}
-            try:
-                for _ in range(int(cmd[1])):
-                    i = turn % len(prompts)
-                    turn += 1
-                    mark: dict = {}
+    out_fields = ("ttft_ms", "total_ms", "prompt", "tokens", "link_prefill_bytes", "link_decode_bytes", "sdk_bytes")
 
-                    def first(mark=mark):
-                        mark["t"] = time.perf_counter()
-                        mark["b"] = veth_bytes(a.veth)
+    def one(i: int, out: dict) -> None:
+        mark: dict = {}
 
-                    b0 = veth_bytes(a.veth)
-                    t0 = time.perf_counter()
-                    toks, nbytes = client.generate(prompts[i], a.new_tokens, first)
-                    t1 = time.perf_counter()
-                    b1 = veth_bytes(a.veth)
-                    out["ttft_ms"].append(round((mark["t"] - t0) * 1e3, 3))
-                    out["total_ms"].append(round((t1 - t0) * 1e3, 3))
-                    out["prompt"].append(i)
-                    out["tokens"].append(toks)
-                    out["link_prefill_bytes"].append(mark["b"] - b0)
-                    out["link_decode_bytes"].append(b1 - mark["b"])
-                    out["sdk_bytes"].append(nbytes)
-            except SplitnetError as e:
-                out["error"] = f"{type(e).__name__}: {e}"
-            print(json.dumps(out), flush=True)
-    finally:
-        client.close()
-    return 0
+        def first() -> None:
+            mark["t"] = time.perf_counter()
+            mark["b"] = veth_bytes(a.veth)
 
+        b0 = veth_bytes(a.veth)
+        t0 = time.perf_counter()
+        toks, nbytes = client.generate(prompts[i], a.new_tokens, first)
+        t1 = time.perf_counter()
+        b1 = veth_bytes(a.veth)
+        out["ttft_ms"].append(round((mark["t"] - t0) * 1e3, 3))
+        out["total_ms"].append(round((t1 - t0) * 1e3, 3))
+        out["prompt"].append(i)
+        out["tokens"].append(toks)
+        out["link_prefill_bytes"].append(mark["b"] - b0)
+        out["link_decode_bytes"].append(b1 - mark["b"])
+        out["sdk_bytes"].append(nbytes)
+
+    return serve_commands(client, len(prompts), out_fields, one)
 
 if __name__ == "__main__":
     sys.exit(main())
