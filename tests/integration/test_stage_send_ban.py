@@ -13,11 +13,21 @@ from splitnet.runtime.worker import StageWorker
 from splitnet.wire.message import Message, decode_message
 
 
-def _router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _router(ctx: zmq.Context, endpoint: str, timeout_s: float = 5.0) -> zmq.Socket:
+    """Bind a ROUTER on `endpoint`, retrying while a socket closed just before still holds the port:
+    zmq closes a listener on its I/O thread, after `close()` has returned."""
     r = ctx.socket(zmq.ROUTER)
     r.setsockopt(zmq.LINGER, 0)
-    r.bind(endpoint)
-    return r
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            r.bind(endpoint)
+            return r
+        except zmq.ZMQError as e:
+            if e.errno != zmq.EADDRINUSE or time.monotonic() > deadline:
+                r.close(linger=0)
+                raise
+            time.sleep(0.02)
 
 
 def _received(r: zmq.Socket, timeout_ms: int) -> Message | None:
