@@ -501,6 +501,13 @@ class StageLinks:
             link.restart_at = now - float(up_s) if isinstance(up_s, (int, float)) and 0 <= up_s else now
         link.pid = pid
 
+    def accept_process(self, i: int, pid: object) -> None:
+        """Take ``pid`` as stage ``i``'s process from now on (a recovery has dealt with its
+        restart): a pong from it is no restart, and one already seen is forgotten."""
+        if type(pid) is int:
+            link = self._links[i]
+            link.pid, link.restarted = pid, None
+
     def restarted_since(self, since_s: float, opened_s: float = 0.0) -> tuple[int, int, int] | None:
         """(stage, old pid, new pid) of a stage whose process was restarted in place after
         ``since_s`` (monotonic): replies it owed for work sent before are lost. None when none.

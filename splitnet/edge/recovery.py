@@ -4,7 +4,9 @@
 most; those already known down count at once), call the user's hook for each of them in
 parallel (``recovery(stage_index) -> endpoint``, e.g.
 :meth:`splitnet.runtime.launcher.LocalPipeline.respawn_stage`), connect to the new endpoints,
-start a new epoch and re-run the ``info`` handshake. A fault inside it (a hook that raises,
+start a new epoch and re-run the ``info`` handshake. A stage that nobody replaced but that answers
+the handshake from another process than before (restarted in place, on its own endpoint) has
+lost its caches too: the record names it (``restarted_in_place``), so the requests refill it. A fault inside it (a hook that raises,
 a new process that dies before the handshake, a handshake timeout) does not end the
 recovery: it tries again, each try spending one unit of the generation's
 :class:`~splitnet.edge.generation.RecoveryBudget`, with an exponential back-off between tries;
@@ -16,8 +18,8 @@ from __future__ import annotations
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 from splitnet.edge.generation import RecoveryBudget
 from splitnet.errors import AuthError, PlanMismatch, StageUnavailable, UnknownRequest
@@ -42,6 +44,12 @@ class RecoveryRecord:
     probe_ms: float = 0.0
     hook_ms: float = 0.0
     handshake_ms: float = 0.0
+    restarted_in_place: list[int] = field(default_factory=list)  # not replaced, but a new process answered its handshake
+
+    @property
+    def caches_lost(self) -> list[int]:
+        """The stages whose caches this recovery found gone: replaced, or restarted in place."""
+        return sorted(set(self.replaced) | set(self.restarted_in_place))
 
 
 def replace_in_parallel(hook: RecoveryHook, stages: list[int]) -> dict[int, str]:
@@ -75,7 +83,7 @@ class StageRecovery:
         silent_stages: Callable[..., list[int]],
         replace: Callable[[int, str], None],
         new_epoch: Callable[[], int],
-        handshake: Callable[[], None],
+        handshake: Callable[[], Sequence[int] | None],
         backoff_s: float = 0.1,
         max_backoff_s: float = 2.0,
     ):
@@ -114,7 +122,7 @@ class StageRecovery:
                 for i, endpoint in replacements.items():
                     self._replace(i, endpoint)
                 epoch = self._new_epoch()  # replies of the old pipeline generation are dropped from here on
-                self._handshake()
+                changed = self._handshake() or ()  # the stages a new process answered for
                 t_done = time.perf_counter()
             except (AuthError, PlanMismatch):
                 raise  # a replacement that serves another model or refuses our key: no retry helps
@@ -130,7 +138,8 @@ class StageRecovery:
                 continue
             self.records.append(RecoveryRecord(str(cause)[:300], dead, epoch, round((t_done - t0) * 1e3, 1), attempts,
                                                probe_ms=round((t_hook - t_probe) * 1e3, 1), hook_ms=round((t_handshake - t_hook) * 1e3, 1),
-                                               handshake_ms=round((t_done - t_handshake) * 1e3, 1)))
+                                               handshake_ms=round((t_done - t_handshake) * 1e3, 1),
+                                               restarted_in_place=sorted(set(changed) - set(dead))))
             return
 
 

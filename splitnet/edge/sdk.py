@@ -116,7 +116,7 @@ class Session:
         # windows at most, so a replacement lost inside the recovery is retried soon
         recovery_handshake_s = min(self.config.connect_timeout_s, max(2 * self.links.window_s, 1.0))
         self._recovery = StageRecovery(recovery, self.links.silent_stages, self._replace_stage, self._new_epoch,
-                                       lambda: self._handshake(recovery_handshake_s))
+                                       lambda: self._recovery_handshake(recovery_handshake_s))
         try:
             self._handshake(self.config.connect_timeout_s)
         except BaseException:
@@ -190,6 +190,19 @@ class Session:
         if expected != ordered[0]["num_blocks"]:
             raise PlanMismatch(f"stages cover blocks 0:{expected} of {ordered[0]['num_blocks']}; the last stage must end at the head")
         self._infos = ordered
+
+    def _recovery_handshake(self, timeout_s: float) -> list[int]:
+        """The handshake at the end of a recovery; returns the stages that answered from another
+        process than at the previous handshake. A stage restarted on its own endpoint is found
+        here, however far its pongs are behind: a peer's "could not reach the next stage" starts
+        the recovery, no stage is silent by then, and its empty caches would fail the resume.
+        Its new pid is taken as known, so its next pong starts no second recovery."""
+        before = [info.get("pid") for info in self._infos]
+        self._handshake(timeout_s)
+        changed = [i for i, info in enumerate(self._infos) if i < len(before) and before[i] is not None and info.get("pid") != before[i]]
+        for i in changed:
+            self.links.accept_process(i, self._infos[i].get("pid"))
+        return changed
 
     def refresh(self, timeout_s: float | None = None) -> list[dict]:
         """Ask every stage again what it serves and how it is doing (``info``: blocks, cached
@@ -300,7 +313,7 @@ class Session:
     def last_replaced(self) -> tuple[int, ...] | None:
         """The stages the last recovery replaced (new processes: their caches are empty), or None."""
         recs = self.recovery_records
-        return tuple(sorted(set(recs[-1].replaced))) if recs else None
+        return tuple(recs[-1].caches_lost) if recs else None
 
     def _run_local(self, req: str, tensors: Mapping[str, Any], pos: int | None, cache: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
         """What crosses the first cut for model inputs ``tensors``: the local stage's outputs,
@@ -382,7 +395,8 @@ class Session:
             if reply is not None:
                 got.append(reply)
                 return True
-            restarted = self.links.restarted_since(since, min((self._replies.opened_s(k[0]) for k in keys), default=0.0))
+            opened = [t for t in (self._replies.opened_s(k[0]) for k in keys) if t > 0.0]  # 0.0: not open (released)
+            restarted = self.links.restarted_since(since, min(opened, default=0.0))
             if restarted is not None:  # a new process answers on the old endpoint: what the old one owed will never come
                 i, old_pid, new_pid = restarted
                 raise CachesLost(f"stage {i} at {self.endpoints[i]} was restarted in place (pid {old_pid} -> {new_pid}) "

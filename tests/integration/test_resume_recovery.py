@@ -156,3 +156,38 @@ def test_a_stage_restarted_in_place_is_refilled_not_replayed(kill_leftovers):
         assert tokens == want
         assert replays and replays[-1]["resumed"] and replays[-1]["refill"] == [1], replays
         assert stats[0]["refills"] >= 1
+
+
+def test_a_last_stage_restarted_in_place_is_refilled_in_one_recovery(kill_leftovers):
+    """The last stage is killed while the one before it sends there, and restarted on its own
+    endpoint: the client hears first that stage 1 could not reach it, when no stage is silent.
+    The recovery's handshake sees stage 2 answer from a new process, so the request resumes
+    with stage 2 refilled in that one recovery: no failed resume, no second recovery when the
+    new pid shows in a pong (a storm seen in the chaos bench: 2-3 recoveries a tenant)."""
+    import threading
+
+    with launch_pipeline("tiny-gpt2", num_stages=3) as pipe:
+        with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=lambda i: pipe.stages[i].endpoint) as s:
+            want = s.generate(PROMPT, 12).tokens
+            old = pipe.stages[2]
+
+            def restart() -> None:
+                old.popen.kill()
+                old.popen.wait(timeout=10)
+                pipe.stages[2] = pipe.start_stage(2, old.blocks, bind=old.endpoint)
+
+            tokens: list[int] = []
+            replays: list[dict] = []
+            restarter = threading.Thread(target=restart)
+            for ev in s.stream(PROMPT, 12):
+                if hasattr(ev, "token"):
+                    tokens.append(ev.token)
+                    if len(tokens) == 4:
+                        restarter.start()
+                else:
+                    replays = ev.stats["replays"]
+            restarter.join()
+            records = s.recovery_records
+        assert tokens == want
+        assert len(replays) == 1 and replays[0]["resumed"] and replays[0]["refill"] == [2], (replays, records)
+        assert [r.caches_lost for r in records] in ([[2]], []), records
