@@ -75,6 +75,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default="",
                    help=f"only these fault kinds, comma-separated, drawn with their usual weights (default all: {', '.join(FAULT_KINDS)})")
     p.add_argument("--no-relays", action="store_true", help="clients and stages connect directly (no link faults, no --impair)")
+    p.add_argument("--device", default="cpu",
+                   help="torch device of every stage process, standbys and restarts included: cpu, cuda, cuda:N "
+                        "(CUDA stages start as fresh interpreters, not forks)")
     p.add_argument("--impair", default="", help="no faults: every link through a relay with delay=MS,jitter=MS,loss=FRACTION")
 
 
@@ -316,7 +319,7 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
 
     history = History()
     relays = not args.no_relays
-    with launch_pipeline(model, num_stages=3) as pipe:
+    with launch_pipeline(model, num_stages=3, extra_args=("--device", args.device)) as pipe:
         pool = StandbyPool(pipe, args.standbys, relays=relays, start_workers=args.start_workers, refill_delay_s=args.standby_refill_delay_s)
         try:
             t_pool = time.monotonic()
@@ -369,7 +372,7 @@ def _impaired(model: str, rng: random.Random, args: argparse.Namespace, deadline
 
     history = History()
     imp = parse_impair(args.impair)
-    with launch_pipeline(model, num_stages=3) as pipe:
+    with launch_pipeline(model, num_stages=3, extra_args=("--device", args.device)) as pipe:
         pool = StandbyPool(pipe, 0, relays=True, impairment=imp, start_workers=1)
         try:
             t0 = time.monotonic()
@@ -649,6 +652,26 @@ def _schedule(rng: random.Random, n: int, quick: bool, only: "list[str] | None" 
     return rng.choices(kinds, weights=[WEIGHTS[k] for k in kinds], k=n)
 
 
+def check_device(device: str) -> dict:
+    """``--device``: ``cpu`` or ``cuda[:N]`` with that GPU present, before any work; what the
+    run records of it (the GPU's name and memory on CUDA)."""
+    from splitnet.errors import ConfigError
+
+    if device == "cpu":
+        return {"device": "cpu"}
+    head, _, index = device.partition(":")
+    if head != "cuda" or (index and not index.isdigit()):
+        raise ConfigError(f"--device: expected cpu, cuda or cuda:N, got {device!r}")
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    k = int(index or 0)
+    if k >= n:
+        raise ConfigError(f"--device {device}: this machine has {n} CUDA device(s); use --device cpu or a present index")
+    props = torch.cuda.get_device_properties(k)
+    return {"device": device, "gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1)}
+
+
 def parse_kinds(text: str) -> list[str]:
     """``--kinds``: known fault kinds, in order, or a ConfigError naming the known ones."""
     from splitnet.errors import ConfigError
@@ -686,6 +709,7 @@ def run(args: argparse.Namespace) -> dict:
 
         raise ConfigError("--impair runs every link through a relay; drop --no-relays")
     only = parse_kinds(args.kinds)
+    device = check_device(args.device)
     if only and args.no_relays and all(k in LINK_KINDS for k in only):
         from splitnet.errors import ConfigError
 
@@ -729,7 +753,7 @@ def run(args: argparse.Namespace) -> dict:
         "config": {"quick": quick, "one_fault_per_request": bool(args.one_fault_per_request), "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants, "kinds": only or list(FAULT_KINDS),
                    "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "standby_refill_delay_s": args.standby_refill_delay_s, "relays": not args.no_relays,
                    "impair": args.impair, "concurrent_models": bool(args.concurrent_models), "time_budget_s": args.time_budget_s,
-                   "cpus_usable": len(os.sched_getaffinity(0)),
+                   "cpus_usable": len(os.sched_getaffinity(0)), **device,
                    "client_config": {"heartbeat_interval_s": config.heartbeat_interval_s, "heartbeat_liveness": config.heartbeat_liveness, "max_rtt_slack_s": config.max_rtt_slack_s,
                                      "disconnect_grace_s": config.disconnect_grace_s, "compute_stall_s": config.compute_stall_s,
                                      "max_recoveries": config.max_recoveries, "prefill_chunk_tokens": config.prefill_chunk_tokens},
