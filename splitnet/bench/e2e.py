@@ -64,6 +64,8 @@ EDGE_CORE, CLOUD_CORE = 0, 1
 #: the edge device: this share of core 0 (a cgroup CPU quota), so the planner has a real choice
 DEFAULT_EDGE_CPU_FRACTION = 0.25
 DEFAULT_CGROUP_PERIOD_MS = 20.0
+#: the smallest CFS quota a CpuGroup sets (ms a period): e2e_profile.CpuGroup.quota_us
+MIN_QUOTA_MS = 1.0
 #: cpu.shares of the bench's cgroups (root tasks weigh 1024 each): on the shared 2-core VM the edge
 #: (capped by its quota) and the cloud stage take their core first while they compute
 CGROUP_SHARES = 8192
@@ -113,9 +115,14 @@ def check_sweep(cfg: dict) -> None:
 
 
 def check_edge_share(cfg: dict) -> None:
-    """The edge device's cgroup share: a fraction in (0, 1] of a 1..1000 ms period."""
+    """The edge device's cgroup share: a fraction in (0, 1] of a 1..1000 ms period, whose quota
+    is at least the 1 ms that :class:`~splitnet.bench.e2e_profile.CpuGroup` sets (a smaller
+    fraction would silently serve a faster edge than asked for)."""
     if not 0.0 < cfg["edge_cpu_fraction"] <= 1.0 or not 1.0 <= cfg["cgroup_period_ms"] <= 1000.0:
         raise ConfigError("--edge-cpu-fraction must be in (0, 1] and --cgroup-period-ms in 1..1000")
+    if cfg["edge_cpu_fraction"] < 1.0 and cfg["edge_cpu_fraction"] * cfg["cgroup_period_ms"] < MIN_QUOTA_MS:
+        raise ConfigError(f"--edge-cpu-fraction {cfg['edge_cpu_fraction']:g} of a {cfg['cgroup_period_ms']:g} ms period is under the "
+                          f"{MIN_QUOTA_MS:g} ms smallest quota; give --cgroup-period-ms >= {MIN_QUOTA_MS / cfg['edge_cpu_fraction']:g}")
 
 
 def _config(a: argparse.Namespace) -> dict:

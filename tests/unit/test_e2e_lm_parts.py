@@ -145,10 +145,16 @@ def test_config_defaults_and_refusals():
 
 def test_a_small_fraction_needs_a_longer_period():
     cfg = LM.config(_args("--edge-cpu-fraction", "0.1", "--cgroup-period-ms", "10"))
-    assert cfg["edge_cpu_fraction"] * cfg["cgroup_period_ms"] >= LM.MIN_QUOTA_MS
+    assert cfg["edge_cpu_fraction"] * cfg["cgroup_period_ms"] >= e2e.MIN_QUOTA_MS
     from splitnet.bench.e2e_profile import CpuGroup
 
     assert CpuGroup.quota_us.fget(type("G", (), {"fraction": 0.1, "period_us": 10_000})()) == 1000
+
+
+def test_vision_refuses_a_quota_under_a_millisecond_too():
+    with pytest.raises(ConfigError, match="smallest quota"):
+        e2e._config(_args("--edge-cpu-fraction", "0.02"))  # 0.4 ms of the vision default's 20 ms period
+    assert e2e._config(_args("--edge-cpu-fraction", "0.05"))["edge_cpu_fraction"] == 0.05  # 1 ms of 20 ms
 
 
 def test_unknown_codec_refused_before_any_work():
