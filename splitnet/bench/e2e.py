@@ -39,6 +39,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
@@ -240,6 +241,26 @@ def _relay(lab, endpoint: str, delay_ms: float, group=None):
     p, line = lab.spawn("edge", cmd, ready_prefix="RELAY", timeout_s=30)
     _join(group, p)
     return p, "tcp://" + line.split()[1]
+
+
+def sweep_option(lab, cfg: dict, name: str, target: str, group, procs: list, measured: dict,
+                 endpoints: Callable[[str], str], open_client: Callable[[str], Any], point: Callable[[Any], dict]) -> None:
+    """One option across the sweep: per RTT one relay (none for edge-only: ``target`` empty) and
+    one client, the link's rate changed under them at each bandwidth; ``measured[(bw, rtt)][name]``
+    gets ``point(client)``. ``endpoints(far)``: what the client connects to, given the relay's
+    endpoint; ``procs`` holds the relay while it runs (stopped on error by the caller)."""
+    for rtt in cfg["rtts_ms"]:
+        relay, ep_far = _relay(lab, target, rtt / 2.0, group) if target else (None, "")
+        procs.append(relay)
+        client = open_client(endpoints(ep_far))
+        try:
+            for bw in cfg["bandwidths_mbit_s"]:
+                lab.set_link("edge", "cloud", shaped(bw))
+                measured.setdefault((bw, rtt), {})[name] = point(client)
+        finally:
+            client.close()
+        lab.stop([relay])
+        procs.remove(relay)
 
 
 def _measure(lab, client: _Client, requests: int) -> dict:
@@ -503,19 +524,10 @@ def _run(args: argparse.Namespace, cfg: dict, codecs: list, t_start: float, load
                         calib[o["kind"]] = {"option": name, **_stats(_measure(lab, client, n_cal), ref_top1, confident)}
                     finally:
                         client.close()
-                for rtt in cfg["rtts_ms"]:  # one relay and one client per RTT; the rate changes under them
-                    relay, ep_far = _relay(lab, target, rtt / 2.0, g_full) if target else (None, "")
-                    procs.append(relay)
-                    ep = f"{ep_edge},{ep_far}" if o["kind"] == "split" else ep_far
-                    client = _Client(lab, o["kind"], ep, cfg, client_cpus, g_edge)
-                    try:
-                        for bw in cfg["bandwidths_mbit_s"]:
-                            lab.set_link("edge", "cloud", shaped(bw))
-                            measured.setdefault((bw, rtt), {})[name] = _stats(_measure(lab, client, cfg["requests"]), ref_top1, confident)
-                    finally:
-                        client.close()
-                    lab.stop([relay])
-                    procs.remove(relay)
+                sweep_option(lab, cfg, name, target, g_full, procs, measured,
+                             lambda far: f"{ep_edge},{far}" if o["kind"] == "split" else far,
+                             lambda ep: _Client(lab, o["kind"], ep, cfg, client_cpus, g_edge),
+                             lambda c: _stats(_measure(lab, c, cfg["requests"]), ref_top1, confident))
             finally:
                 lab.stop(procs)
 

@@ -553,19 +553,10 @@ def _run(args, cfg: dict, t_start: float, load: dict, g_full, g_edge) -> dict:
                         calib[o["kind"]] = {"option": name, **lm_stats(_measure(lab, client, n_cal), ref_tokens, P, N)}
                     finally:
                         client.close()
-                for rtt in cfg["rtts_ms"]:
-                    relay, ep_far = E._relay(lab, target, rtt / 2.0, g_full) if target else (None, "")
-                    procs.append(relay)
-                    ep = f"{ep_edge},{ep_far}" if o["kind"] == "split" else ep_far
-                    client = _LMClient(lab, o["kind"], ep, cfg, prompts_file, g_edge)
-                    try:
-                        for bw in cfg["bandwidths_mbit_s"]:
-                            lab.set_link("edge", "cloud", E.shaped(bw))
-                            measured.setdefault((bw, rtt), {})[name] = lm_stats(_measure(lab, client, cfg["requests"]), ref_tokens, P, N)
-                    finally:
-                        client.close()
-                    lab.stop([relay])
-                    procs.remove(relay)
+                E.sweep_option(lab, cfg, name, target, g_full, procs, measured,
+                               lambda far: f"{ep_edge},{far}" if o["kind"] == "split" else far,
+                               lambda ep: _LMClient(lab, o["kind"], ep, cfg, prompts_file, g_edge),
+                               lambda c: lm_stats(_measure(lab, c, cfg["requests"]), ref_tokens, P, N))
             finally:
                 lab.stop(procs)
     load["loadavg_1_5_15_after_sweep"] = [round(x, 2) for x in os.getloadavg()]
