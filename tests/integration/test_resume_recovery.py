@@ -123,6 +123,17 @@ def test_refill_is_sent_once_per_resume_not_on_request(kill_leftovers):
             assert [_stats(e)["refills"] for e in pipe.endpoints] == [0, 0, 0]
 
 
+def _restart_in_place(pipe, i: int):
+    """Stage ``i``'s process, and a function that kills it and starts it again on its endpoint."""
+    old = pipe.stages[i]
+
+    def restart() -> None:
+        old.popen.kill()
+        old.popen.wait(timeout=10)
+        pipe.stages[i] = pipe.start_stage(i, old.blocks, bind=old.endpoint)
+    return old, restart
+
+
 def test_a_stage_restarted_in_place_is_refilled_not_replayed(kill_leftovers):
     """Stage 1 is stopped while a step waits there, then killed and restarted on its endpoint:
     the client learns it from the new process's pong (CachesLost naming stage 1) or from the
@@ -133,12 +144,7 @@ def test_a_stage_restarted_in_place_is_refilled_not_replayed(kill_leftovers):
     with launch_pipeline("tiny-gpt2", num_stages=3) as pipe:
         with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=lambda i: pipe.stages[i].endpoint) as s:
             want = s.generate(PROMPT, 12).tokens
-            old = pipe.stages[1]
-
-            def restart() -> None:
-                old.popen.kill()
-                old.popen.wait(timeout=10)
-                pipe.stages[1] = pipe.start_stage(1, old.blocks, bind=old.endpoint)
+            old, restart = _restart_in_place(pipe, 1)
 
             tokens: list[int] = []
             replays: list[dict] = []
@@ -169,12 +175,7 @@ def test_a_last_stage_restarted_in_place_is_refilled_in_one_recovery(kill_leftov
     with launch_pipeline("tiny-gpt2", num_stages=3) as pipe:
         with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=lambda i: pipe.stages[i].endpoint) as s:
             want = s.generate(PROMPT, 12).tokens
-            old = pipe.stages[2]
-
-            def restart() -> None:
-                old.popen.kill()
-                old.popen.wait(timeout=10)
-                pipe.stages[2] = pipe.start_stage(2, old.blocks, bind=old.endpoint)
+            old, restart = _restart_in_place(pipe, 2)
 
             tokens: list[int] = []
             replays: list[dict] = []
