@@ -165,5 +165,6 @@ def serve_commands(client, items: int, out_fields: tuple[str, ...], one) -> int:
         client.close()
     return 0
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -151,5 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
     return serve_commands(client, len(prompts), out_fields, one)
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -199,7 +199,7 @@ class Session:
         Its new pid is taken as known, so its next pong starts no second recovery."""
         before = [info.get("pid") for info in self._infos]
         self._handshake(timeout_s)
-        changed = [i for i, info in enumerate(self._infos) if i < len(before) and before[i] is not None and info.get("pid") != before[i]]
+        changed = [i for i, (pid, info) in enumerate(zip(before, self._infos)) if pid is not None and info.get("pid") != pid]
         for i in changed:
             self.links.accept_process(i, self._infos[i].get("pid"))
         return changed

@@ -36,14 +36,23 @@ def _stream_killing(s, pipe, lost: list[int], after: int, n: int) -> tuple[list[
     """Stream ``n`` tokens of PROMPT, SIGKILLing the stages ``lost`` once ``after`` tokens came:
     the tokens, and the result's record of its replays."""
     victims = [pipe.stages[k].pid for k in lost]
+
+    def kill() -> None:
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    return _stream_faulting(s, after, n, kill)
+
+
+def _stream_faulting(s, after: int, n: int, fault) -> tuple[list[int], list[dict]]:
+    """Stream ``n`` tokens of PROMPT, calling ``fault()`` once ``after`` tokens came: the
+    tokens, and the result's record of its replays."""
     tokens: list[int] = []
     replays: list[dict] = []
     for ev in s.stream(PROMPT, n):
         if hasattr(ev, "token"):
             tokens.append(ev.token)
             if len(tokens) == after:
-                for pid in victims:
-                    os.kill(pid, signal.SIGKILL)
+                fault()
         else:
             replays = ev.stats["replays"]
     return tokens, replays
@@ -145,18 +154,12 @@ def test_a_stage_restarted_in_place_is_refilled_not_replayed(kill_leftovers):
         with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=lambda i: pipe.stages[i].endpoint) as s:
             want = s.generate(PROMPT, 12).tokens
             old, restart = _restart_in_place(pipe, 1)
-
-            tokens: list[int] = []
-            replays: list[dict] = []
             restarter = threading.Timer(0.3, restart)
-            for ev in s.stream(PROMPT, 12):
-                if hasattr(ev, "token"):
-                    tokens.append(ev.token)
-                    if len(tokens) == 4:
-                        os.kill(old.pid, signal.SIGSTOP)  # the next step waits at stage 1 when the restart comes
-                        restarter.start()
-                else:
-                    replays = ev.stats["replays"]
+
+            def stop_then_restart() -> None:
+                os.kill(old.pid, signal.SIGSTOP)  # the next step waits at stage 1 when the restart comes
+                restarter.start()
+            tokens, replays = _stream_faulting(s, 4, 12, stop_then_restart)
             restarter.join()
             stats = [_stats(e) for e in s.endpoints]
         assert tokens == want
@@ -175,18 +178,9 @@ def test_a_last_stage_restarted_in_place_is_refilled_in_one_recovery(kill_leftov
     with launch_pipeline("tiny-gpt2", num_stages=3) as pipe:
         with splitnet.connect(pipe.endpoints, config=CONFIG, recovery=lambda i: pipe.stages[i].endpoint) as s:
             want = s.generate(PROMPT, 12).tokens
-            old, restart = _restart_in_place(pipe, 2)
-
-            tokens: list[int] = []
-            replays: list[dict] = []
+            _, restart = _restart_in_place(pipe, 2)
             restarter = threading.Thread(target=restart)
-            for ev in s.stream(PROMPT, 12):
-                if hasattr(ev, "token"):
-                    tokens.append(ev.token)
-                    if len(tokens) == 4:
-                        restarter.start()
-                else:
-                    replays = ev.stats["replays"]
+            tokens, replays = _stream_faulting(s, 4, 12, restarter.start)
             restarter.join()
             records = s.recovery_records
         assert tokens == want
