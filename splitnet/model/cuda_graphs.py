@@ -88,14 +88,8 @@ class DecodeGraphs:
         if len({c.slot for c in caches}) != B:
             raise ValueError("a batch holds each request at most once")
         Bb = _bucket(B, 1)
-        Lb = _bucket(max(c.length for c in caches) + 1, self.min_length)
-        if self.pool.max_positions is not None:
-            Lb = min(Lb, self.pool.max_positions)
-        self.pool.reserve(rows=max(c.slot for c in caches) + 1, positions=Lb)  # grow first: graphs hold the tensors by address
-        if (self.pool.rows, self.pool.capacity) != self._pool_shape:
-            self.graphs.clear()  # the pool's tensors moved
-            self._mempool = torch.cuda.graph_pool_handle()  # a freed graph pool must not be captured into again
-            self._pool_shape = (self.pool.rows, self.pool.capacity)
+        Lb = self._length_bucket(max(c.length for c in caches) + 1)
+        self._fit(rows=max(c.slot for c in caches) + 1, positions=Lb)
         g = self.graphs.get((Bb, Lb))
         if g is None:
             g = self.graphs[(Bb, Lb)] = self._capture(Bb, Lb, x)
@@ -108,6 +102,34 @@ class DecodeGraphs:
         for c in caches:
             c.advance(1)
         return g.out[:B].clone()
+
+    def prepare(self, batches: list[int], lengths: list[int], like: torch.Tensor) -> int:
+        """Capture the graphs of ``batches`` x ``lengths`` (each rounded up to its bucket, the
+        lengths capped by the pool) now, instead of on a request's first step; ``like`` is one
+        member's (1, 1) ids or (1, 1, C) hidden. The pool is grown once to the longest length
+        first, so no capture here is dropped by a later one. Returns the graphs captured."""
+        buckets = sorted({self._length_bucket(n) for n in lengths})
+        if not buckets:
+            return 0
+        self._fit(rows=self.scratch.slot + 1, positions=buckets[-1])
+        before = self.captures
+        for Bb in sorted({_bucket(b, 1) for b in batches if 1 <= b <= self.max_batch}):
+            for Lb in buckets:
+                if (Bb, Lb) not in self.graphs:
+                    self.graphs[(Bb, Lb)] = self._capture(Bb, Lb, like)
+        return self.captures - before
+
+    def _length_bucket(self, n: int) -> int:
+        Lb = _bucket(n, self.min_length)
+        return Lb if self.pool.max_positions is None else min(Lb, self.pool.max_positions)
+
+    def _fit(self, rows: int, positions: int) -> None:
+        """Grow the pool first (graphs hold its tensors by address); when it moved, drop the graphs."""
+        self.pool.reserve(rows=rows, positions=positions)
+        if (self.pool.rows, self.pool.capacity) != self._pool_shape:
+            self.graphs.clear()  # the pool's tensors moved
+            self._mempool = torch.cuda.graph_pool_handle()  # a freed graph pool must not be captured into again
+            self._pool_shape = (self.pool.rows, self.pool.capacity)
 
     def _body(self, x: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor, read_len: int) -> torch.Tensor:
         st = self.stage

@@ -59,7 +59,10 @@ class StageWorkerConfig:
         warm_up: run a few dummy forwards before announcing READY (a chunk and a batched decode
             step through a scratch cache slot), so that the first real request, often a replay
             onto a freshly started replacement, does not pay the first forward's one-time costs
-            (tens of milliseconds on a CPU: thread pools, allocator, kernel selection).
+            (tens of milliseconds on a CPU: thread pools, allocator, kernel selection). On CUDA
+            it also runs prompt chunks and refills of 16-512 tokens and captures the decode
+            graphs of batches 1, 2, 4 at 128-512 positions (a fraction of a second at start;
+            each would cost a replay 20-60 ms).
         sent_log_bytes: memory for what this stage sent on per cached request (the hidden
             states it forwarded), from which a replacement of the next stage is refilled when
             that one is lost, instead of every stage recomputing a full replay

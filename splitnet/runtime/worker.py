@@ -40,7 +40,7 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import zmq
@@ -88,6 +88,12 @@ TRACE_CLOCK_ENV = "SPLITNET_TRACE_CLOCK"
 _BAN_S = 10.0  # after a send times out, sends to that endpoint fail at once for this long
 _GONE_WAIT_MS = 250  # a peer that took messages before and cannot take one for this long has lost its connection
 _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected to send its next one
+#: What a CUDA stage runs once before READY (:meth:`StageWorker._warm_up_shapes`): prompt chunks
+#: and refills of these many tokens (a refill message carries up to FILL_CHUNK_TOKENS), and the
+#: decode graphs of these batch sizes and context lengths (each rounded up to its graph bucket).
+WARM_CHUNK_TOKENS = (16, 64, 256, FILL_CHUNK_TOKENS)
+WARM_GRAPH_BATCHES = (1, 2, 4)
+WARM_GRAPH_POSITIONS = (128, 256, 512)
 _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
@@ -354,10 +360,42 @@ class StageWorker:
             self.stage.forward_batch([inputs(8)], slots[1:])
             self.stage.forward_batch([inputs(1), inputs(1)], slots)
             if self.device.type == "cuda":
+                self._warm_up_shapes(inputs, slots)  # on a CPU the ladder costs seconds at real sizes and saved nothing measurable
                 torch.cuda.synchronize(self.device)
         finally:
             for c in slots:
                 c.close()
+
+    def _warm_up_shapes(self, inputs: Callable[[int], dict], slots: list) -> None:
+        """On CUDA, the shapes a replacement's first requests bring, before READY: prompt chunks
+        and refills of :data:`WARM_CHUNK_TOKENS` tokens (alone, and beside a shorter one as a
+        ragged pair), and the decode graphs of :data:`WARM_GRAPH_BATCHES` x
+        :data:`WARM_GRAPH_POSITIONS`. A CUDA process pays each new shape's first forward (kernels
+        loaded on first use, a graph captured per batch and length bucket: 20-60 ms a stage,
+        measured at real sizes) and the first work of a warm standby is a resume that three
+        requests wait for. Stops at the stage's limits (batch tokens, positions, cache bytes)."""
+        for n in WARM_CHUNK_TOKENS:
+            if n > self.config.max_batch_tokens:
+                break
+            try:
+                for pair in (slots[:1], slots):
+                    for c in slots:
+                        c.truncate(0)
+                    self.stage.forward_batch([inputs(n), inputs(max(1, n // 2))][: len(pair)], pair)
+            except (LimitExceeded, StageError) as e:
+                log.debug("stage %d: warm-up stops at %d-token chunks (%s)", self.config.stage_index, n, e)
+                break
+        for c in slots:
+            c.truncate(0)
+        graphs = self.stage.__dict__.get("_graphs")
+        if graphs is None:
+            return
+        one = inputs(1)
+        like = {k: v.to(self.device) for k, v in one.items()}.popitem()[1]  # a first stage's ids live on the host
+        try:
+            graphs.prepare([b for b in WARM_GRAPH_BATCHES if b <= self.config.max_batch_size], list(WARM_GRAPH_POSITIONS), like)
+        except (LimitExceeded, StageError) as e:
+            log.debug("stage %d: decode graphs not all captured before READY (%s)", self.config.stage_index, e)
 
     # ---------------------------------------------------------------- I/O thread -----------
     def run(self) -> None:

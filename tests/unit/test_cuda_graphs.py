@@ -79,3 +79,27 @@ def test_graphs_survive_pool_growth_and_long_sequences(tmp_path_factory):
     x = [{"input_ids": torch.tensor([[1]], device="cuda")} for _ in more]
     st.forward_batch(x, more)
     assert pool.rows >= 8 and a.length == 123
+
+
+def test_prepared_graphs_serve_the_first_steps_without_a_capture(tmp_path_factory):
+    """``DecodeGraphs.prepare`` (a stage's warm-up): the buckets it captured serve later steps
+    with no capture of their own, and their logits equal the eager step's."""
+    d = _checkpoint(tmp_path_factory, "llama", {})
+    st = load_model(str(d)).full().to("cuda")
+    ref = load_model(str(d)).full().to("cuda")
+    pool, ref_pool = st.cache_pool(8), ref.cache_pool(8)
+    st.enable_cuda_graphs(pool, 8)
+    assert st._graphs.prepare([1, 2, 3, 4], [100, 200], torch.zeros(1, 1, dtype=torch.long, device="cuda")) == 6  # buckets 1, 2, 4 x 128, 256
+    captured = st._graphs.captures
+    prompts = [torch.randint(0, 97, (1, n), generator=torch.Generator().manual_seed(n)).cuda() for n in (30, 150, 90)]
+    cs, rs = [pool.acquire() for _ in prompts], [ref_pool.acquire() for _ in prompts]
+    for p, c, r in zip(prompts, cs, rs):
+        st.forward_batch([{"input_ids": p}], [c])
+        ref.forward_batch([{"input_ids": p}], [r])
+    for members in ([0], [0, 2], [0, 1, 2], [1]):
+        xs = [{"input_ids": torch.tensor([[5 + i]], device="cuda")} for i in members]
+        got = st.forward_batch(xs, [cs[i] for i in members])
+        want = ref.forward_batch(xs, [rs[i] for i in members])
+        for g, w in zip(got, want):
+            assert (g["logits"].float() - w["logits"].float()).abs().max().item() <= 1e-3
+    assert st._graphs.captures == captured  # every step above fell in a prepared bucket
