@@ -92,6 +92,7 @@ def main() -> int:
     p.add_argument("--blocks", default="4:8", help="START:END of the probed stage")
     p.add_argument("--device", default="cuda")
     p.add_argument("--variant", choices=("none", "ready", "shapes"), help="run one variant in this process (internal)")
+    p.add_argument("--variants", default="none,ready,shapes", help="which variants to run, comma-separated")
     p.add_argument("--timeout-s", type=float, default=300.0, help="per variant")
     args = p.parse_args()
     a, b = (int(x) for x in args.blocks.split(":"))
@@ -99,7 +100,7 @@ def main() -> int:
         print(json.dumps(_one(args.model, (a, b), args.device, args.variant)))
         return 0
     out = {"model": args.model, "blocks": [a, b], "device": args.device, "sequence": [w for w, _ in SEQUENCE], "variants": []}
-    for v in ("none", "ready", "shapes"):
+    for v in args.variants.split(","):
         r = subprocess.run([sys.executable, __file__, "--model", args.model, "--blocks", args.blocks, "--device", args.device, "--variant", v],
                            capture_output=True, text=True, timeout=args.timeout_s)
         if r.returncode != 0:

@@ -94,6 +94,7 @@ _ACTIVE_S = 1.0  # a request that ran a step here within this long is expected t
 WARM_CHUNK_TOKENS = (16, 64, 256, FILL_CHUNK_TOKENS)
 WARM_GRAPH_BATCHES = (1, 2, 4)
 WARM_GRAPH_POSITIONS = (128, 256, 512)
+WARM_POOL_ROWS = 16  # cache slots reserved before the graphs are captured (the pool's limits permitting)
 _Z85_KEY = re.compile(r"[0-9A-Za-z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
@@ -370,10 +371,12 @@ class StageWorker:
         """On CUDA, the shapes a replacement's first requests bring, before READY: prompt chunks
         and refills of :data:`WARM_CHUNK_TOKENS` tokens (alone, and beside a shorter one as a
         ragged pair), and the decode graphs of :data:`WARM_GRAPH_BATCHES` x
-        :data:`WARM_GRAPH_POSITIONS`. A CUDA process pays each new shape's first forward (kernels
-        loaded on first use, a graph captured per batch and length bucket: 20-60 ms a stage,
-        measured at real sizes) and the first work of a warm standby is a resume that three
-        requests wait for. Stops at the stage's limits (batch tokens, positions, cache bytes)."""
+        :data:`WARM_GRAPH_POSITIONS` over a cache pool of :data:`WARM_POOL_ROWS` slots. A CUDA
+        process pays each new shape's first forward (kernels loaded on first use, a graph
+        captured per batch and length bucket, captured again when the pool grows: 20-60 ms a
+        stage at real sizes, ``benchmarks/warm_up_probe.py``), and the first work of a warm
+        standby is a resume that several requests wait for. Stops at the stage's limits (batch
+        tokens, positions, cache bytes)."""
         for n in WARM_CHUNK_TOKENS:
             if n > self.config.max_batch_tokens:
                 break
@@ -390,6 +393,10 @@ class StageWorker:
         graphs = self.stage.__dict__.get("_graphs")
         if graphs is None:
             return
+        try:  # rows for several requests now: a pool that grows later moves its tensors, and the graphs are captured again
+            self.pool.reserve(rows=min(self.pool.max_slots, WARM_POOL_ROWS), positions=0)
+        except LimitExceeded as e:
+            log.debug("stage %d: cache pool not grown before READY (%s)", self.config.stage_index, e)
         one = inputs(1)
         like = {k: v.to(self.device) for k, v in one.items()}.popitem()[1]  # a first stage's ids live on the host
         try:

@@ -84,7 +84,7 @@ def test_graphs_survive_pool_growth_and_long_sequences(tmp_path_factory):
 def test_prepared_graphs_serve_the_first_steps_without_a_capture(tmp_path_factory):
     """``DecodeGraphs.prepare`` (a stage's warm-up): the buckets it captured serve later steps
     with no capture of their own, and their logits equal the eager step's."""
-    d = _checkpoint(tmp_path_factory, "llama", {})
+    d = _checkpoint(tmp_path_factory, "llama", {"max_position_embeddings": 512})
     st = load_model(str(d)).full().to("cuda")
     ref = load_model(str(d)).full().to("cuda")
     pool, ref_pool = st.cache_pool(8), ref.cache_pool(8)
