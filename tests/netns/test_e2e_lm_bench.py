@@ -13,7 +13,16 @@ pytestmark = [pytest.mark.netns, pytest.mark.slow, pytest.mark.timeout(900)]
 
 
 @pytest.fixture(scope="module")
-def doc(tmp_path_factory):
+def stdlib_gpt():
+    """The workload's model, trained here on first use (3-4 min on one core; a no-op once cached):
+    a fresh machine has no trained stdlib-gpt, and the bench refuses to start without it."""
+    from splitnet.model.train_lm import materialize_trained
+
+    return materialize_trained("stdlib-gpt", progress=False)[0]
+
+
+@pytest.fixture(scope="module")
+def doc(tmp_path_factory, stdlib_gpt):
     from splitnet.bench import e2e
 
     p = argparse.ArgumentParser()
