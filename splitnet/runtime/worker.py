@@ -397,8 +397,7 @@ class StageWorker:
             self.pool.reserve(rows=min(self.pool.max_slots, WARM_POOL_ROWS), positions=0)
         except LimitExceeded as e:
             log.debug("stage %d: cache pool not grown before READY (%s)", self.config.stage_index, e)
-        one = inputs(1)
-        like = {k: v.to(self.device) for k, v in one.items()}.popitem()[1]  # a first stage's ids live on the host
+        like = next(iter(inputs(1).values())).to(self.device)  # a first stage's ids live on the host
         try:
             graphs.prepare([b for b in WARM_GRAPH_BATCHES if b <= self.config.max_batch_size], list(WARM_GRAPH_POSITIONS), like)
         except (LimitExceeded, StageError) as e:
