@@ -44,6 +44,7 @@ from typing import Any, Callable
 import numpy as np
 
 from splitnet.bench.codec_specs import parse_codec_spec, split_codec_specs
+from splitnet.bench.e2e_profile import MIN_QUOTA_US
 from splitnet.errors import ConfigError
 from splitnet.lab.netns import LinkSpec
 
@@ -65,8 +66,8 @@ EDGE_CORE, CLOUD_CORE = 0, 1
 #: the edge device: this share of core 0 (a cgroup CPU quota), so the planner has a real choice
 DEFAULT_EDGE_CPU_FRACTION = 0.25
 DEFAULT_CGROUP_PERIOD_MS = 20.0
-#: the smallest CFS quota a CpuGroup sets (ms a period): e2e_profile.CpuGroup.quota_us
-MIN_QUOTA_MS = 1.0
+#: the smallest CFS quota a CpuGroup sets (ms a period)
+MIN_QUOTA_MS = MIN_QUOTA_US / 1000
 #: cpu.shares of the bench's cgroups (root tasks weigh 1024 each): on the shared 2-core VM the edge
 #: (capped by its quota) and the cloud stage take their core first while they compute
 CGROUP_SHARES = 8192

@@ -34,6 +34,8 @@ from splitnet.planner.profiler import median_ms
 
 #: TCP/IPv4 payload per Ethernet frame on the veth: 1448 of 1514 bytes (timestamps on); tbf counts frames
 GOODPUT_FRACTION = 1448.0 / 1514.0
+#: the smallest CFS quota a CpuGroup sets per period (a smaller fraction is raised to it)
+MIN_QUOTA_US = 1000
 #: bytes of one logits reply (1, 1000) float32
 LOGITS_BYTES = 4000.0
 EDGE, CLOUD = "edge", "cloud"
@@ -110,7 +112,7 @@ class CpuGroup:
 
     @property
     def quota_us(self) -> int | None:
-        return None if self.fraction is None else max(1000, int(self.fraction * self.period_us))
+        return None if self.fraction is None else max(MIN_QUOTA_US, int(self.fraction * self.period_us))
 
     def join(self, pid: int) -> None:
         _write(os.path.join(self.path, "cgroup.procs"), pid)
