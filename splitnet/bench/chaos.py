@@ -67,6 +67,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--standbys", type=int, default=1, help="warm standby processes kept per stage")
     p.add_argument("--standby-refill-delay-s", type=float, default=0.0,
                    help="start the next standby this long after one was handed out (0: at once)")
+    p.add_argument("--retire-delay-s", type=float, default=0.0,
+                   help="a condemned stage process is stopped (SIGSTOP) when replaced and killed this long after (0: killed at once); "
+                        "on a one-GPU host its CUDA teardown then falls after the replay")
     p.add_argument("--start-workers", type=int, default=2, help="standby processes started at once per pipeline")
     p.add_argument("--one-fault-per-request", action="store_true",
                    help="before each scheduled fault, wait until every tenant runs a request started after the last one "
@@ -320,7 +323,8 @@ def _campaign(model: str, kinds: list[str], rng: random.Random, args: argparse.N
     history = History()
     relays = not args.no_relays
     with launch_pipeline(model, num_stages=3, extra_args=("--device", args.device)) as pipe:
-        pool = StandbyPool(pipe, args.standbys, relays=relays, start_workers=args.start_workers, refill_delay_s=args.standby_refill_delay_s)
+        pool = StandbyPool(pipe, args.standbys, relays=relays, start_workers=args.start_workers, refill_delay_s=args.standby_refill_delay_s,
+                           retire_delay_s=args.retire_delay_s)
         try:
             t_pool = time.monotonic()
             pool.start()
@@ -708,6 +712,10 @@ def run(args: argparse.Namespace) -> dict:
         from splitnet.errors import ConfigError
 
         raise ConfigError("--impair runs every link through a relay; drop --no-relays")
+    if args.retire_delay_s < 0 or args.standby_refill_delay_s < 0:
+        from splitnet.errors import ConfigError
+
+        raise ConfigError("--retire-delay-s and --standby-refill-delay-s are seconds >= 0")
     only = parse_kinds(args.kinds)
     device = check_device(args.device)
     if only and args.no_relays and all(k in LINK_KINDS for k in only):
@@ -751,7 +759,7 @@ def run(args: argparse.Namespace) -> dict:
           and not any(r["outcomes_not_ok"] for r in runs))
     return {
         "config": {"quick": quick, "one_fault_per_request": bool(args.one_fault_per_request), "faults_requested": n_faults, "seed": args.seed, "models": models, "tenants": args.tenants, "kinds": only or list(FAULT_KINDS),
-                   "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "standby_refill_delay_s": args.standby_refill_delay_s, "relays": not args.no_relays,
+                   "stages": 3, "standbys_per_stage": args.standbys, "start_workers": args.start_workers, "standby_refill_delay_s": args.standby_refill_delay_s, "retire_delay_s": args.retire_delay_s, "relays": not args.no_relays,
                    "impair": args.impair, "concurrent_models": bool(args.concurrent_models), "time_budget_s": args.time_budget_s,
                    "cpus_usable": len(os.sched_getaffinity(0)), **device,
                    "client_config": {"heartbeat_interval_s": config.heartbeat_interval_s, "heartbeat_liveness": config.heartbeat_liveness, "max_rtt_slack_s": config.max_rtt_slack_s,

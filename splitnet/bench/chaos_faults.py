@@ -391,7 +391,8 @@ def breakdown(t_fault: float, start: Event, end: Event, first: Event, evs: list[
             "recovery_other_s": round(max(0.0, rec_s - sum(parts.values())), 3),
             "replay_send_s": round(last_send - end.t, 3), "replay_wait_s": round(first.t - last_send, 3),
             "replay_chunks": len(sends), "replay_queue_ms": trace.get("queue_ms"), "replay_compute_ms": trace.get("compute_ms"),
-            "replay_stage_queue_ms": trace.get("stage_queue_ms"), "replay_batch": trace.get("batch"), "attempts": d.get("attempts")}
+            "replay_stage_queue_ms": trace.get("stage_queue_ms"), "replay_batch": trace.get("batch"),
+            "replay_stage_ahead": trace.get("stage_ahead"), "attempts": d.get("attempts")}
 
 
 PARTS = ("detect_s", "probe_s", "hook_s", "handshake_s", "recovery_other_s", "replay_send_s", "replay_wait_s", "replay_queue_ms", "replay_compute_ms")

@@ -87,7 +87,9 @@ def _trace_summary(trace: tuple) -> dict:
     entries = [t for t in trace if isinstance(t, dict)]
     return {"queue_ms": round(sum(float(t.get("queue_ms") or 0) for t in entries), 1),
             "compute_ms": round(sum(float(t.get("compute_ms") or 0) for t in entries), 1),
-            "stage_queue_ms": [t.get("queue_ms") for t in entries], "batch": [t.get("batch") for t in entries]}
+            "stage_queue_ms": [t.get("queue_ms") for t in entries], "batch": [t.get("batch") for t in entries],
+            # per stage, what ran there while this step was queued: [rounds, compute ms, straggler wait ms, send ms]
+            "stage_ahead": [[t.get("ahead_rounds"), t.get("ahead_busy_ms"), t.get("ahead_wait_ms"), t.get("ahead_send_ms")] for t in entries]}
 
 
 def check_history(events: list[Event]) -> dict:

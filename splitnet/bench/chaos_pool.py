@@ -16,6 +16,7 @@ killed, its relay closed, and a standby takes its place.
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +37,15 @@ class Served:
     def endpoint(self) -> str:
         return self.relay.endpoint if self.relay is not None else self.stage.endpoint
 
-    def close(self) -> None:
+    def close(self, delay_s: float = 0.0) -> None:
+        """Stop the process and its relay; with ``delay_s``, the relay is closed and the process
+        stopped (SIGSTOP) at once, and killed ``delay_s`` later."""
+        if delay_s > 0 and self.stage.popen.poll() is None:
+            if self.relay is not None:
+                self.relay.close()
+                self.relay = None
+            self.stage.popen.send_signal(signal.SIGSTOP)
+            time.sleep(delay_s)
         if self.stage.popen.poll() is None:
             self.stage.popen.kill()
             self.stage.popen.wait(timeout=10)
@@ -52,8 +61,9 @@ class StandbyPool:
     """Warm standbys per stage, relays in front of every stage, and the tenants' recovery hooks."""
 
     def __init__(self, pipe: Any, per_stage: int, *, relays: bool = False, impairment: Any = None, start_workers: int = 2,
-                 refill_delay_s: float = 0.0):
+                 refill_delay_s: float = 0.0, retire_delay_s: float = 0.0):
         self.pipe = pipe
+        self.retire_delay_s = retire_delay_s
         self.refill_delay_s = refill_delay_s
         self._last_replace = 0.0  # monotonic time of the last standby handed out
         self.per_stage = per_stage
@@ -173,7 +183,7 @@ class StandbyPool:
             # condemned (dead, frozen or cut off): the replacement takes its blocks now, and the old
             # process and relay are stopped beside it (a real hook hands out a warm standby at once;
             # stopping a frozen process or a cut relay is the fleet's business, not the client's wait)
-            retire = threading.Thread(target=old.close, name=f"chaos-retire-{i}", daemon=True)
+            retire = threading.Thread(target=old.close, args=(self.retire_delay_s,), name=f"chaos-retire-{i}", daemon=True)
             retire.start()
             self._retiring.append(retire)
             self.current[i] = served

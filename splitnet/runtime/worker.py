@@ -175,6 +175,23 @@ class _Work:
     decode_ms: float = 0.0
     batch: "tuple[_BatchInputs, int] | None" = None  # split off a forward_batch: its tensors, and this member's place in it
     decoded: dict | None = None  # its inputs, decoded already (looked at to be merged into an earlier chunk, and not)
+    seen: "_Progress | None" = None  # the compute thread's progress when it was queued
+    ahead: "_Progress | None" = None  # what the compute thread did between then and its start
+
+
+@dataclass(frozen=True)
+class _Progress:
+    """The compute thread's cumulative work: rounds run, and seconds computing, waiting for a
+    batch's stragglers and sending. The difference of two readings says where an item's time in
+    the queue went (the trace's ``ahead_*`` fields)."""
+
+    rounds: int = 0
+    busy_s: float = 0.0
+    wait_s: float = 0.0
+    send_s: float = 0.0
+
+    def __sub__(self, other: "_Progress") -> "_Progress":
+        return _Progress(self.rounds - other.rounds, self.busy_s - other.busy_s, self.wait_s - other.wait_s, self.send_s - other.send_s)
 
 
 class _BatchInputs:
@@ -310,6 +327,7 @@ class StageWorker:
         self._send_since = 0.0  # when the compute thread's send in progress began (0: none): a bounded wait, not a stall
         self._send_to = ""  # that send's target, a forward's: hop_digest(endpoint, key) ("": a reply, or none)
         self._last_forward_s = 0.0
+        self._progress = _Progress()  # replaced (never mutated) by the compute thread; read by the I/O thread
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
         self.pool = self.stage.cache_pool(config.max_requests, config.max_cache_bytes) if self.stage.arch.uses_kv_cache else None
@@ -642,6 +660,9 @@ class StageWorker:
             if self._queued_members + members > self.config.queue_depth:
                 return False
             self._queued_members += members
+        seen = self._progress
+        for w in item if type(item) is list else (item,):
+            w.seen = seen
         self.work.put_nowait(item)
         return True
 
@@ -726,6 +747,14 @@ class StageWorker:
         Only the first stage waits for requests; stages that all did would wait for each other."""
         if not backlog or self.batch_limits.max_batch_size == 1:
             return True
+        t0 = time.monotonic()
+        try:
+            return self._wait_for_stragglers(backlog, peers)
+        finally:
+            p = self._progress
+            self._progress = dataclasses.replace(p, wait_s=p.wait_s + time.monotonic() - t0)
+
+    def _wait_for_stragglers(self, backlog: deque, peers: dict) -> bool:
         if self.stage.is_first:
             expected = self._rhythms.expected(time.monotonic())
             if len(expected) <= 1 or _oldest_is_chunk(backlog):
@@ -827,6 +856,8 @@ class StageWorker:
             inputs = self._decode(item)
         item.decode_ms += (time.perf_counter() - t0) * 1e3
         item.started_at = t0
+        if item.seen is not None:
+            item.ahead = self._progress - item.seen
         cache, ckey = None, cache_key(item.origin, msg.req)
         if meta.get("cache") and self.stage.arch.uses_kv_cache:
             resumed, took_over = meta.get("resume_from"), False
@@ -941,7 +972,7 @@ class StageWorker:
         meta = dict(last.msg.meta)
         meta["pos"] = pos0
         work = _Work(last.msg._replace(meta=meta), sum(w.wire_bytes for w, _ in merged), head.received_at, head.origin,
-                     started_at=head.started_at, decode_ms=sum(w.decode_ms for w, _ in merged))
+                     started_at=head.started_at, decode_ms=sum(w.decode_ms for w, _ in merged), ahead=head.ahead)
         options = _step_options(meta)  # no all_logits, the same route as m: checked above
         return Member(work, inputs, m.cache, m.cache_key, signature(inputs, True, options), tokens, options)
 
@@ -996,6 +1027,8 @@ class StageWorker:
                 else:
                     self._rhythms.note(m.cache_key, now)
         self.stats["busy_s"] += compute_ms / 1e3
+        p = self._progress
+        self._progress = dataclasses.replace(p, rounds=p.rounds + 1, busy_s=p.busy_s + compute_ms / 1e3)
         self.stats["batches"] += 1
         self._batch_id = (self._batch_id + 1) % (1 << 31)
         self.stats["batched_requests"] += len(group)
@@ -1023,7 +1056,12 @@ class StageWorker:
                 continue
             if lv is not None:
                 leaving.append(lv)
-        self._send_on(peers, leaving, whole, compute_ms, len(group))
+        t3 = time.monotonic()
+        try:
+            self._send_on(peers, leaving, whole, compute_ms, len(group))
+        finally:
+            p = self._progress
+            self._progress = dataclasses.replace(p, send_s=p.send_s + time.monotonic() - t3)
 
     def _forward_members(self, group: list[Member], cached: bool) -> list[dict]:
         inputs, opts = [m.inputs for m in group], group[0].options  # options are shared by the group (its signature)
@@ -1100,6 +1138,10 @@ class StageWorker:
             "tokens_computed": lv.tokens_computed,
             "held_ms": round((now - item.received_at) * 1e3, 3),  # received by the I/O thread -> sent on
         }
+        if item.ahead is not None:  # where its queue time went: other rounds' forwards, waits for stragglers, sends
+            a = item.ahead
+            entry.update(ahead_rounds=a.rounds, ahead_busy_ms=round(a.busy_s * 1e3, 3), ahead_wait_ms=round(a.wait_s * 1e3, 3),
+                         ahead_send_ms=round(a.send_s * 1e3, 3))
         if self._trace_clock:  # host-local CLOCK_MONOTONIC stamps, comparable between processes of one host (hop timing)
             entry["clock_s"] = [round(item.received_at, 6), round(now, 6)]
         trace.append(entry)

@@ -117,6 +117,26 @@ def test_one_step_per_request_per_round_in_arrival_order(bench):
     assert (torch.from_numpy(np.array(second[("x", 1)].tensors["logits"][0])) - expected).abs().max() <= 1e-4
 
 
+def test_the_trace_says_what_ran_ahead_of_a_queued_step(bench):
+    """A step queued behind another round's forward names that round in its trace (rounds,
+    compute, straggler wait, sends), so a slow reply's queue time can be taken apart."""
+    prompt = [3, 1, 4, 1, 5, 9, 2, 6]
+    bench.put("x", 0, prompt[:4], 0)
+    bench.put("x", 1, prompt[4:], 4)  # the same request's next chunk: it waits a round
+    for w in list(bench.backlog):  # through the worker's queue, as the I/O thread queues them
+        assert bench.worker._enqueue(w, 1)
+    bench.backlog.clear()
+    bench.backlog.extend([bench.worker._take(None), bench.worker._take(None)])
+    bench.round()
+    bench.round()
+    got = bench.replies(2)
+    first, second = got[("x", 0)].meta["trace"][0], got[("x", 1)].meta["trace"][0]
+    assert first["ahead_rounds"] == 0 and first["ahead_busy_ms"] == 0
+    assert second["ahead_rounds"] == 1
+    assert second["ahead_busy_ms"] == pytest.approx(first["compute_ms"], abs=1e-3)  # the round ahead was the first chunk's
+    assert second["ahead_wait_ms"] == 0 and second["ahead_send_ms"] > 0  # no straggler wait by hand; the first reply was sent
+
+
 def test_a_chunk_without_a_result_fills_the_cache_and_skips_the_head(bench):
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     calls = []
