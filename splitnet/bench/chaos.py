@@ -49,6 +49,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from splitnet.bench.chaos_faults import FAULT_KINDS, LINK_KINDS, PARTS, QUICK_SCHEDULE, REPLACES, WEIGHTS, FaultRecord, inject, settle
+from splitnet.runtime.retire import RETIRE_AFTER_S
 from splitnet.bench.chaos_history import History, check_history, instrument
 from splitnet.bench.chaos_pool import StandbyPool
 
@@ -67,9 +68,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--standbys", type=int, default=1, help="warm standby processes kept per stage")
     p.add_argument("--standby-refill-delay-s", type=float, default=0.0,
                    help="start the next standby this long after one was handed out (0: at once)")
-    p.add_argument("--retire-delay-s", type=float, default=0.0,
-                   help="a condemned stage process is stopped (SIGSTOP) when replaced and killed this long after (0: killed at once); "
-                        "on a one-GPU host its CUDA teardown then falls after the replay")
+    p.add_argument("--retire-delay-s", type=float, default=RETIRE_AFTER_S,
+                   help="a condemned stage process is stopped (SIGSTOP) when replaced and killed this long after, as "
+                        "splitnet.runtime.fleet.local_starter does (0: killed at once, its CUDA teardown beside the replay)")
     p.add_argument("--start-workers", type=int, default=2, help="standby processes started at once per pipeline")
     p.add_argument("--one-fault-per-request", action="store_true",
                    help="before each scheduled fault, wait until every tenant runs a request started after the last one "

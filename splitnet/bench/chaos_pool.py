@@ -16,7 +16,6 @@ killed, its relay closed, and a standby takes its place.
 
 from __future__ import annotations
 
-import signal
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -37,20 +36,17 @@ class Served:
     def endpoint(self) -> str:
         return self.relay.endpoint if self.relay is not None else self.stage.endpoint
 
-    def close(self, delay_s: float = 0.0) -> None:
-        """Stop the process and its relay; with ``delay_s``, the relay is closed and the process
-        stopped (SIGSTOP) at once, and killed ``delay_s`` later."""
-        if delay_s > 0 and self.stage.popen.poll() is None:
-            if self.relay is not None:
-                self.relay.close()
-                self.relay = None
-            self.stage.popen.send_signal(signal.SIGSTOP)
-            time.sleep(delay_s)
-        if self.stage.popen.poll() is None:
-            self.stage.popen.kill()
-            self.stage.popen.wait(timeout=10)
+    def close(self, after_s: float = 0.0) -> None:
+        """Close the relay and stop the process: killed now (``after_s`` 0, and waited for), or
+        stopped now and killed ``after_s`` later (:func:`splitnet.runtime.retire.retire`)."""
+        from splitnet.runtime.retire import retire
+
         if self.relay is not None:
             self.relay.close()
+            self.relay = None
+        killer = retire(self.stage.popen, after_s)
+        if killer is not None:
+            killer.join()
 
 
 class NoStandby(StageUnavailable):

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 from splitnet.errors import ConfigError, StageUnavailable
 from splitnet.planner.cost import Assignment, Workload, evaluate
 from splitnet.planner.profiles import Fleet, ModelProfile
+from splitnet.runtime.retire import retire
 
 log = logging.getLogger("splitnet.fleet")
 
@@ -212,14 +213,12 @@ class FleetCoordinator:
 def local_starter(pipe: Any) -> StartStage:
     """``start_stage`` for a :class:`~splitnet.runtime.launcher.LocalPipeline`: every device is
     this host; a new ``serve-stage`` process loads exactly the placement's blocks and takes the
-    stage's place in ``pipe.stages`` (the old process, if still running, is killed)."""
+    stage's place in ``pipe.stages`` (the old process, if still running, is stopped at once and
+    killed :data:`~splitnet.runtime.retire.RETIRE_AFTER_S` later)."""
 
     def start(p: StagePlacement) -> str:
         new = pipe.start_stage(p.index, p.blocks)
-        old = pipe.stages[p.index]
-        if old.popen.poll() is None:
-            old.popen.kill()
-            old.popen.wait(timeout=10)
+        retire(pipe.stages[p.index].popen)  # stopped now, killed after the replay (splitnet.runtime.retire)
         pipe.stages[p.index] = new
         return new.endpoint
 
