@@ -507,8 +507,10 @@ def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict 
             ratios.append(replay_s / prefill_s)
             kept.append(([w.rstrip(":") for w in detail.split()[:2]], t_cause, replay_s / prefill_s, context, replay_s))
         if samples is not None:
+            trace = (evs[nxt_k].detail or {}).get("trace") or {}
             samples["left_out" if left_out else "replays"].append([context, round(replay_s, 4), round(prefill_s, 4), e.tenant,
-                                                                   detail[:120], sent])
+                                                                   detail[:120], sent, trace.get("stage_queue_ms"),
+                                                                   trace.get("stage_ahead"), trace.get("batch")])
     if samples is not None:
         samples["by_requests_rebuilt_together"] = _by_requests_rebuilt_together(kept, window_s)
         samples["replays_with_together"] = [[n, [x[3], x[4]]] for n, x in zip(_together_counts(kept, window_s), kept)]
@@ -619,7 +621,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "fresh_over_fresh_median": replay_samples.get("fresh_over_fresh_median"),  # the same ratio for fresh prefills: its noise floor
         "replay_over_prefill_by_requests_rebuilt_together": replay_samples.get("by_requests_rebuilt_together"),
         "restart_burst": _burst_figures(burst, burst_k, replay_samples),
-        "replay_samples": replay_samples,  # [chunks, replay s, fresh s, tenant, cause] per replay; fresh [median s, n] by chunks
+        "replay_samples": replay_samples,  # per replay [context, replay s, fresh s, tenant, cause, forwards sent, and its reply's
+        # queue ms / what ran ahead [rounds, compute ms, wait ms, send ms] / batch at each stage]; fresh [median s, n] by prompt tokens
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
         "tenant_failures": [v["failed"] for v in sessions.values() if "failed" in v],
