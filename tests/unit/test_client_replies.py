@@ -149,6 +149,26 @@ def test_a_hook_that_keeps_failing_ends_when_the_budget_does():
     assert "3 attempts" in str(info.value) and fake.replaced == []
 
 
+def test_recoveries_that_change_nothing_are_spaced_out(monkeypatch):
+    """A hop that is reconnecting (every stage answers, none replaced) fails a resume at once
+    again: the second such recovery in a row waits, the next twice as long; one that replaces
+    a stage starts the count again."""
+    import splitnet.edge.recovery as recovery
+
+    slept: list[float] = []
+    monkeypatch.setattr(recovery.time, "sleep", slept.append)
+    fake = _FakeSession(silent=[[], [], [], [1], []], handshakes=[])
+    rec = StageRecovery(lambda i: "tcp://127.0.0.1:7100", fake.silent_stages, fake.replace, fake.new_epoch, fake.handshake,
+                        backoff_s=0.1, max_backoff_s=2.0)
+    hop = StageUnavailable("stage 1: stage 0 could not reach the next stage")
+    for _ in range(3):
+        rec(hop, RecoveryBudget(10))
+    assert slept == [0.1, 0.2]  # the first at once: the hop may be back already
+    rec(StageUnavailable("stage 1 silent"), RecoveryBudget(10))  # replaced: no wait, and the count restarts
+    rec(hop, RecoveryBudget(10))
+    assert slept == [0.1, 0.2] and fake.replaced == [(1, "tcp://127.0.0.1:7100")]
+
+
 def test_without_a_hook_a_lost_stage_is_raised_and_a_lost_cache_only_spends():
     fake = _FakeSession(silent=[], handshakes=[])
     rec = _recovery(fake, None)
