@@ -95,7 +95,7 @@ class StageRecovery:
         self.backoff_s = backoff_s
         self.max_backoff_s = max_backoff_s
         self.records: list[RecoveryRecord] = []
-        self._idle_streak = 0  # recoveries in a row that found nothing to replace or refill
+        self._idle_streak = 0  # recoveries in a row that found nothing to replace
         self._idle_at = 0.0  # when the last of them ended (monotonic)
 
     def __call__(self, cause: StageUnavailable | UnknownRequest, budget: RecoveryBudget) -> None:
@@ -142,21 +142,21 @@ class StageRecovery:
                                                probe_ms=round((t_hook - t_probe) * 1e3, 1), hook_ms=round((t_handshake - t_hook) * 1e3, 1),
                                                handshake_ms=round((t_done - t_handshake) * 1e3, 1),
                                                restarted_in_place=sorted(set(changed) - set(dead))))
-            self._pace_idle(bool(dead) or bool(changed))
+            self._pace_idle(bool(dead))  # a restart in place found again is no progress: the hop to it may still be reconnecting
             return
 
-    def _pace_idle(self, changed: bool) -> None:
-        """Space out recoveries that change nothing. Every stage answers, none was replaced or
-        restarted, yet a stage reported its next one unreachable: that hop is reconnecting (a
-        stage restarted on its own endpoint, a link healing), and a resume at once fails at the
-        same hop. Without a pause, a request spent its whole budget in 60 ms on such a hop
-        (chaos campaign, session 20). The second such recovery in a row waits ``backoff_s``, the
-        next twice that, up to ``max_backoff_s``; a recovery that changes something, or one
-        more than ``max_backoff_s`` after the last, starts the count again."""
+    def _pace_idle(self, replaced: bool) -> None:
+        """Space out recoveries that replace nothing. Every stage answers and none was replaced
+        (one may have been restarted on its own endpoint), yet a stage reported its next one
+        unreachable: that hop is reconnecting (to the restarted process, over a healing link),
+        and a resume at once fails at the same hop. Without a pause, a request spent its whole
+        budget in 60 ms on such a hop (chaos campaign, session 20). The second such recovery in
+        a row waits ``backoff_s``, the next twice that, up to ``max_backoff_s``; a recovery that
+        replaces a stage, or one more than ``max_backoff_s`` after the last, starts the count again."""
         now = time.monotonic()
-        if changed or now - self._idle_at > max(self.max_backoff_s, self.backoff_s):
+        if replaced or now - self._idle_at > max(self.max_backoff_s, self.backoff_s):
             self._idle_streak = 0
-        if not changed:
+        if not replaced:
             if self._idle_streak:
                 time.sleep(min(self.backoff_s * 2 ** (self._idle_streak - 1), self.max_backoff_s))
             self._idle_streak += 1

@@ -150,15 +150,16 @@ def test_a_hook_that_keeps_failing_ends_when_the_budget_does():
 
 
 def test_recoveries_that_change_nothing_are_spaced_out(monkeypatch):
-    """A hop that is reconnecting (every stage answers, none replaced) fails a resume at once
-    again: the second such recovery in a row waits, the next twice as long; one that replaces
+    """A hop that is reconnecting (every stage answers, none replaced; the one behind it maybe
+    restarted in place) fails a resume at once again: the second such recovery in a row waits, the next twice as long; one that replaces
     a stage starts the count again."""
     import splitnet.edge.recovery as recovery
 
     slept: list[float] = []
     monkeypatch.setattr(recovery.time, "sleep", slept.append)
     fake = _FakeSession(silent=[[], [], [], [1], []], handshakes=[])
-    rec = StageRecovery(lambda i: "tcp://127.0.0.1:7100", fake.silent_stages, fake.replace, fake.new_epoch, fake.handshake,
+    # stage 1 answers from a new process each time (restarted in place): not a replacement, so no progress
+    rec = StageRecovery(lambda i: "tcp://127.0.0.1:7100", fake.silent_stages, fake.replace, fake.new_epoch, lambda: [1],
                         backoff_s=0.1, max_backoff_s=2.0)
     hop = StageUnavailable("stage 1: stage 0 could not reach the next stage")
     for _ in range(3):
