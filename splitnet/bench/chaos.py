@@ -510,11 +510,34 @@ def _replay_ratios(outcomes: list, history: History, specs: list, samples: dict 
             trace = (evs[nxt_k].detail or {}).get("trace") or {}
             samples["left_out" if left_out else "replays"].append([context, round(replay_s, 4), round(prefill_s, 4), e.tenant,
                                                                    detail[:120], sent, trace.get("stage_queue_ms"),
-                                                                   trace.get("stage_ahead"), trace.get("batch")])
+                                                                   trace.get("stage_ahead"), trace.get("batch"), trace.get("stage_compute_ms"),
+                                                                   trace.get("stage_tokens"), trace.get("stage_graph_captures"),
+                                                                   _replay_timeline(evs, k, nxt_k, trace.get("stage_clock_s"))])
     if samples is not None:
         samples["by_requests_rebuilt_together"] = _by_requests_rebuilt_together(kept, window_s)
         samples["replays_with_together"] = [[n, [x[3], x[4]]] for n, x in zip(_together_counts(kept, window_s), kept)]
     return ratios
+
+
+def _replay_timeline(evs: list, k: int, take_k: int, clocks: "list | None") -> "list[float] | None":
+    """Where one replay's time went, in ms, from the recovery's end (``evs[k]``) to the reply
+    used (``evs[take_k]``): to the client's first send, first to last send (fills before the
+    step), then per stage the hop to it and its time held (received -> sent on), the hop back
+    to the client, and the client's time from receiving the reply to using it. Needs the
+    stages' clock stamps (``SPLITNET_TRACE_CLOCK=1``, one host); None without them."""
+    if not clocks or any(not c for c in clocks):
+        return None
+    tenant, take = evs[k].tenant, evs[take_k]
+    sends = [e.t for e in evs[k + 1:take_k] if e.tenant == tenant and e.what == "send" and e.kind == "forward"]
+    recv = next((e.t for e in evs[k + 1:take_k + 1] if e.tenant == tenant and e.what == "recv" and e.req == take.req and e.seq == take.seq), take.t)
+    if not sends:
+        return None
+    out, t = [sends[0] - evs[k].t, sends[-1] - sends[0]], sends[-1]
+    for received, sent_on in clocks:
+        out += [received - t, sent_on - received]
+        t = sent_on
+    out += [recv - t, take.t - recv]
+    return [round(x * 1e3, 2) for x in out]
 
 
 def _together_counts(kept: list, window_s: float) -> list[int]:
@@ -622,7 +645,8 @@ def _figures(model, specs, reference, tenants, faults, history, hung, cached, po
         "replay_over_prefill_by_requests_rebuilt_together": replay_samples.get("by_requests_rebuilt_together"),
         "restart_burst": _burst_figures(burst, burst_k, replay_samples),
         "replay_samples": replay_samples,  # per replay [context, replay s, fresh s, tenant, cause, forwards sent, and its reply's
-        # queue ms / what ran ahead [rounds, compute ms, wait ms, send ms] / batch at each stage]; fresh [median s, n] by prompt tokens
+        # queue ms / what ran ahead [rounds, compute ms, wait ms, send ms] / batch / compute ms / tokens computed / decode
+        # graphs captured, at each stage, and the timeline of _replay_timeline]; fresh [median s, n] by prompt tokens
         "pending_max": max((v["pending_max"] or 0 for v in sessions.values()), default=None),
         "sessions": list(sessions.values()),
         "tenant_failures": [v["failed"] for v in sessions.values() if "failed" in v],
@@ -707,6 +731,9 @@ def run(args: argparse.Namespace) -> dict:
 
     from splitnet.edge.config import ClientConfig
 
+    from splitnet.runtime.worker import TRACE_CLOCK_ENV
+
+    os.environ.setdefault(TRACE_CLOCK_ENV, "1")  # the stages (one host) stamp their traces: each replay's timeline
     quick = bool(args.quick)
     n_faults = args.faults if not quick or args.faults != 200 else len(QUICK_SCHEDULE)
     models = ["tiny-gpt2"] if quick else [m for m in args.models.split(",") if m]

@@ -88,6 +88,10 @@ def _trace_summary(trace: tuple) -> dict:
     return {"queue_ms": round(sum(float(t.get("queue_ms") or 0) for t in entries), 1),
             "compute_ms": round(sum(float(t.get("compute_ms") or 0) for t in entries), 1),
             "stage_queue_ms": [t.get("queue_ms") for t in entries], "batch": [t.get("batch") for t in entries],
+            "stage_compute_ms": [t.get("compute_ms") for t in entries], "stage_tokens": [t.get("tokens_computed") for t in entries],
+            "stage_graph_captures": [t.get("graph_captures", 0) for t in entries],
+            # [received, sent on] per stage, CLOCK_MONOTONIC (only when the stages run with SPLITNET_TRACE_CLOCK=1)
+            "stage_clock_s": [t.get("clock_s") for t in entries],
             # per stage, what ran there while this step was queued: [rounds, compute ms, straggler wait ms, send ms]
             "stage_ahead": [[t.get("ahead_rounds"), t.get("ahead_busy_ms"), t.get("ahead_wait_ms"), t.get("ahead_send_ms")] for t in entries]}
 

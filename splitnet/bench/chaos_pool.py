@@ -10,8 +10,9 @@ an :class:`~splitnet.lab.relay.Impairment` on every relay adds delay, jitter and
 
 Each tenant gets its own hook (:meth:`StandbyPool.hook_for`): when the tenant's liveness declares
 stage ``i`` lost, the hook trusts it, unless another tenant already replaced that stage since
-this tenant last got it (then the live replacement is handed out): the condemned process is
-killed, its relay closed, and a standby takes its place.
+this tenant last got it, within :data:`SAME_LOSS_S` (then the live replacement is handed out):
+the condemned process is killed, its relay closed, and a standby takes its place. A stage the
+campaign refuses (a recovery-impossible fault) raises :class:`NoStandby` for every tenant.
 """
 
 from __future__ import annotations
@@ -49,6 +50,12 @@ class Served:
             killer.join()
 
 
+#: how long after a stage's replacement another tenant's hook call for it is taken to be about
+#: the same loss (the tenants' detections of one loss spread over about a window, <= 3 s at
+#: defaults, and a hook waits for a restart in place under way): it is handed that replacement
+SAME_LOSS_S = 6.0
+
+
 class NoStandby(StageUnavailable):
     """The campaign refuses to replace a stage (a fault with no recovery possible)."""
 
@@ -57,8 +64,9 @@ class StandbyPool:
     """Warm standbys per stage, relays in front of every stage, and the tenants' recovery hooks."""
 
     def __init__(self, pipe: Any, per_stage: int, *, relays: bool = False, impairment: Any = None, start_workers: int = 2,
-                 refill_delay_s: float = 0.0, retire_delay_s: float = 0.0):
+                 refill_delay_s: float = 0.0, retire_delay_s: float = 0.0, same_loss_s: float = SAME_LOSS_S):
         self.pipe = pipe
+        self.same_loss_s = same_loss_s
         self.retire_delay_s = retire_delay_s
         self.refill_delay_s = refill_delay_s
         self._last_replace = 0.0  # monotonic time of the last standby handed out
@@ -69,6 +77,7 @@ class StandbyPool:
         self.ready: dict[int, list[Served]] = {i: [] for i in range(len(pipe.stages))}
         self.locks = {i: threading.Lock() for i in self.ready}
         self.gen = {i: 0 for i in self.ready}  # replacements of each stage so far (a restart in place counts)
+        self.gen_at = {i: 0.0 for i in self.ready}  # when each stage's current generation began (monotonic)
         self._seen: dict[tuple[int, int], int] = {}  # (tenant, stage) -> the generation that tenant was last given
         self.kill_next: dict[int, int] = {}  # stage -> replacements to kill right after handing them out
         self.refuse: set[int] = set()  # stages no replacement may take (recovery impossible)
@@ -164,11 +173,14 @@ class StandbyPool:
             waiting = self.in_place.get(i)
             if waiting is not None and not self.ready[i]:
                 waiting.wait(120)  # a restart on the same endpoint is under way and no standby is ready: that is the replacement
+            if i in self.refuse:  # before the check below: a generation this tenant missed is no way round a refusal
+                raise NoStandby(f"no device may take stage {i}'s blocks now (the campaign's recovery-impossible fault)")
             if self.gen[i] > self._seen.get((tenant, i), 0):
                 self._seen[(tenant, i)] = self.gen[i]
-                return self.current[i].endpoint  # another tenant replaced it since this one got it
-            if i in self.refuse:
-                raise NoStandby(f"no device may take stage {i}'s blocks now (the campaign's recovery-impossible fault)")
+                if time.monotonic() - self.gen_at[i] <= self.same_loss_s:
+                    return self.current[i].endpoint  # another tenant replaced it since this one got it (the same loss)
+                # a generation this tenant never asked for (a restart in place its session simply
+                # reconnected to) and long enough ago that this call is about a new loss: replace
             old = self.current[i]
             with self._pool_lock:
                 served = self.ready[i].pop(0) if self.ready[i] else None
@@ -185,6 +197,7 @@ class StandbyPool:
             self.current[i] = served
             self.pipe.stages[i] = served.stage
             self.gen[i] += 1
+            self.gen_at[i] = time.monotonic()
             self._seen[(tenant, i)] = self.gen[i]
             self.replacements += 1
             if self.kill_next.get(i, 0) > 0:
@@ -202,6 +215,7 @@ class StandbyPool:
                 self.current[i] = Served(new, self.current[i].relay)
                 self.pipe.stages[i] = new
                 self.gen[i] += 1
+                self.gen_at[i] = time.monotonic()
                 return
         served = Served(new, self._relay(new.endpoint))
         with self._pool_lock:

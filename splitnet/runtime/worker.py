@@ -327,6 +327,7 @@ class StageWorker:
         self._send_since = 0.0  # when the compute thread's send in progress began (0: none): a bounded wait, not a stall
         self._send_to = ""  # that send's target, a forward's: hop_digest(endpoint, key) ("": a reply, or none)
         self._last_forward_s = 0.0
+        self._round_captures = 0  # decode graphs the last forward captured (a trace field when not 0)
         self._progress = _Progress()  # replaced (never mutated) by the compute thread; read by the I/O thread
         self._batch_id = 0  # numbers this stage's forwards (meta.upstream_batch of what it sends on)
         # decoder stages keep every request's KV cache in one slot pool, so steps of many requests batch
@@ -351,7 +352,7 @@ class StageWorker:
         self.stats = {"forwards": 0, "errors": 0, "bytes_in": 0, "bytes_out": 0, "replies_refused": 0,
                       "busy_s": 0.0, "batches": 0, "batched_requests": 0, "max_batch": 0, "cancelled_steps": 0,
                       "batch_messages_in": 0, "batch_messages_out": 0, "merged_chunks": 0,
-                      "ragged_batches": 0, "resumed": 0, "refills": 0, "refill_tokens": 0}
+                      "ragged_batches": 0, "resumed": 0, "refills": 0, "refill_tokens": 0, "graph_captures": 0}
         self.peer_replies = PeerReplies(hold_s=max(1.0, config.send_timeout_ms / 1000))
         # replies to a client over its own connection ("peer:" reply_to) leave through the ROUTER,
         # which belongs to the I/O thread: the compute thread hands them over on this inproc pipe
@@ -1002,6 +1003,7 @@ class StageWorker:
         if cached and self.pool is not None:
             group.sort(key=lambda m: m.cache.slot)  # consecutive slots read as one view, not a gather
         lengths = [m.cache.length if m.cache is not None else 0 for m in group]
+        captured = self._graph_captures()
         t1 = time.perf_counter()
         try:
             outputs = self._forward_members(group, cached)
@@ -1019,6 +1021,8 @@ class StageWorker:
             return
         compute_ms = (time.perf_counter() - t1) * 1e3
         self._last_forward_s = compute_ms / 1e3
+        self._round_captures = self._graph_captures() - captured  # decode graphs this forward captured (a first-use shape)
+        self.stats["graph_captures"] += self._round_captures
         if cached and self.stage.is_first:
             now = time.monotonic()
             for m in group:
@@ -1123,7 +1127,15 @@ class StageWorker:
 
     def _trace_common(self, compute_ms: float, encode_ms: float, batch: int) -> dict:
         """The fields of this stage's trace entry that every member sent on at once shares."""
-        return {"stage": self.config.stage_index, "pid": os.getpid(), "compute_ms": round(compute_ms, 3), "encode_ms": round(encode_ms, 3), "batch": batch}
+        common = {"stage": self.config.stage_index, "pid": os.getpid(), "compute_ms": round(compute_ms, 3), "encode_ms": round(encode_ms, 3), "batch": batch}
+        if self._round_captures:
+            common["graph_captures"] = self._round_captures
+        return common
+
+    def _graph_captures(self) -> int:
+        """Decode graphs this stage has captured so far (0 without CUDA graphs)."""
+        graphs = self.stage.__dict__.get("_graphs")
+        return int(getattr(graphs, "captures", 0) or 0)
 
     def _trace(self, lv: "_Leaving", common: dict, now: float) -> list:
         """The member's trace with this stage's entry appended (``common``: :meth:`_trace_common`;
