@@ -730,7 +730,6 @@ def run(args: argparse.Namespace) -> dict:
     from concurrent.futures import ThreadPoolExecutor
 
     from splitnet.edge.config import ClientConfig
-
     from splitnet.runtime.worker import TRACE_CLOCK_ENV
 
     os.environ.setdefault(TRACE_CLOCK_ENV, "1")  # the stages (one host) stamp their traces: each replay's timeline
